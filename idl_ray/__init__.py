@@ -1,0 +1,93 @@
+"""idl_ray: implicit deep learning and state-driven implicit modelling (SIM) on Ray.
+
+An implicit model finds its state by solving ``X = phi(A X + B U)`` and predicts ``Y = C X + D U``;
+it is well-posed when ``||A||_inf <= kappa < 1``.
+
+Public names are importable from here directly; they are loaded on first use so that
+``import idl_ray`` stays light (no torch, cvxpy or Ray import until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from idl_ray._version import __version__
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # implicit models
+    "ImplicitModel": "idl_ray.implicit.model",
+    "ImplicitRNN": "idl_ray.implicit.rnn",
+    "project_onto_kappa_ball": "idl_ray.implicit.projection",
+    "project_rows_onto_l1_ball": "idl_ray.implicit.projection",
+    # SIM
+    "SIM": "idl_ray.sim.estimator",
+    "SIMProblem": "idl_ray.sim.problem",
+    "extract_states": "idl_ray.sim.extraction",
+    "BaseSolver": "idl_ray.sim.solvers",
+    "LeastSquareSolver": "idl_ray.sim.solvers",
+    "CVXSolver": "idl_ray.sim.solvers",
+    "ADMMSolver": "idl_ray.sim.solvers",
+    "ProjectedGDLowRankSolver": "idl_ray.sim.solvers",
+    # Ray
+    "RayADMMSolver": "idl_ray.distributed",
+    "RayProjectedGDSolver": "idl_ray.distributed",
+    "RayCVXSolver": "idl_ray.distributed",
+    "ADMMMultiGPUSolver": "idl_ray.distributed",
+    # errors
+    "IDLError": "idl_ray.errors",
+    "ConfigError": "idl_ray.errors",
+    "ShapeError": "idl_ray.errors",
+    "WellPosednessError": "idl_ray.errors",
+    "UnsupportedLayerError": "idl_ray.errors",
+    "SolverError": "idl_ray.errors",
+    "NotFittedError": "idl_ray.errors",
+    "DistributedError": "idl_ray.errors",
+    "ConvergenceWarning": "idl_ray.errors",
+    "WellPosednessWarning": "idl_ray.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'idl_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from idl_ray.distributed import ADMMMultiGPUSolver, RayADMMSolver, RayCVXSolver, RayProjectedGDSolver
+    from idl_ray.errors import (
+        ConfigError,
+        ConvergenceWarning,
+        DistributedError,
+        IDLError,
+        NotFittedError,
+        ShapeError,
+        SolverError,
+        UnsupportedLayerError,
+        WellPosednessError,
+        WellPosednessWarning,
+    )
+    from idl_ray.implicit.model import ImplicitModel
+    from idl_ray.implicit.projection import project_onto_kappa_ball, project_rows_onto_l1_ball
+    from idl_ray.implicit.rnn import ImplicitRNN
+    from idl_ray.sim.estimator import SIM
+    from idl_ray.sim.extraction import extract_states
+    from idl_ray.sim.problem import SIMProblem
+    from idl_ray.sim.solvers import (
+        ADMMSolver,
+        BaseSolver,
+        CVXSolver,
+        LeastSquareSolver,
+        ProjectedGDLowRankSolver,
+    )

@@ -1,0 +1,148 @@
+"""Argument validation shared by every public entry point.
+
+One message template for every bad argument::
+
+    The 'kappa' parameter of ImplicitModel must be a float in [0, 1). Got 1.5 instead. <fix>
+
+and one base for settings dataclasses (:class:`Options`) whose ``from_dict`` rejects unknown keys and
+names the valid ones, so the CLI, config files and Python calls are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from idl_ray.errors import ConfigError, ConfigTypeError, ShapeError
+
+T = TypeVar("T", bound="Options")
+
+
+def bad_parameter(name: str, owner: str, expected: str, got: Any, fix: str = "") -> ConfigError:
+    """Build the standard error for a parameter with an invalid value."""
+    message = f"The '{name}' parameter of {owner} must be {expected}. Got {got!r} instead."
+    if fix:
+        message += f" {fix}"
+    return ConfigError(message)
+
+
+def check_kappa(kappa: Any, owner: str) -> float:
+    """Return ``kappa`` as a float after checking 0 <= kappa < 1."""
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa):
+        raise bad_parameter("kappa", owner, "a finite float in [0, 1)", kappa)
+    if not 0.0 <= kappa < 1.0:
+        raise bad_parameter(
+            "kappa",
+            owner,
+            "a float in [0, 1)",
+            kappa,
+            "The well-posedness bound ||A||_inf <= kappa needs kappa < 1 for a unique, convergent fixed "
+            "point; 0.95 or 0.99 are usual choices.",
+        )
+    return float(kappa)
+
+
+def check_positive_int(value: Any, name: str, owner: str, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` after checking it is an integer >= 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_parameter(name, owner, "a positive integer" + (" or None" if allow_none else ""), value)
+    return value
+
+
+def check_positive_float(value: Any, name: str, owner: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float after checking it is finite and > 0 (or >= 0)."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        raise bad_parameter(name, owner, "a finite float " + (">= 0" if allow_zero else "> 0"), value)
+    return float(value)
+
+
+def check_choice(value: Any, name: str, owner: str, choices: Iterable[str]) -> str:
+    """Return ``value`` after checking it is one of ``choices``; the error lists them."""
+    options = sorted(choices)
+    if not isinstance(value, str) or value not in options:
+        raise bad_parameter(name, owner, f"one of {options}", value)
+    return value
+
+
+def check_finite(tensor: torch.Tensor, name: str, owner: str) -> None:
+    """Raise if ``tensor`` holds NaN or Inf, saying how many entries are bad."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            count = int(bad.sum())
+            raise ConfigError(
+                f"The '{name}' argument of {owner} contains {count} NaN or Inf value(s) out of "
+                f"{tensor.numel()}. Clean or impute the data before passing it."
+            )
+
+
+def check_width(tensor: torch.Tensor, expected: int, name: str, owner: str) -> None:
+    """Raise a :class:`ShapeError` if the last dimension of ``tensor`` is not ``expected``."""
+    if tensor.dim() == 0 or tensor.shape[-1] != expected:
+        raise ShapeError(
+            f"The '{name}' argument of {owner} must have {expected} features in its last dimension. "
+            f"Got shape {tuple(tensor.shape)} instead."
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of settings dataclasses: frozen, keyword-only, validated, built from dicts strictly.
+
+    Subclasses validate their fields in ``__post_init__`` (via :meth:`_validate`).
+    """
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:  # pragma: no cover - overridden
+        """Check every field; raise :class:`ConfigError` on the first bad one."""
+
+    @classmethod
+    def from_dict(cls: type[T], values: Mapping[str, Any] | None) -> T:
+        """Build from a mapping, rejecting unknown keys and naming the valid ones."""
+        if values is None:
+            return cls()
+        if not isinstance(values, Mapping):
+            raise ConfigTypeError(f"{cls.__name__}.from_dict expects a mapping. Got {type(values).__name__}.")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(
+                f"Unknown option(s) {unknown} for {cls.__name__}. Valid options are {sorted(valid)}."
+            )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (JSON-friendly when the fields are)."""
+        return dataclasses.asdict(self)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some fields changed (validated again); unknown names are rejected."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise ConfigError(
+                f"Unknown option(s) {unknown} for {type(self).__name__}. Valid options are {sorted(valid)}."
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def reject_unknown_kwargs(kwargs: Mapping[str, Any], owner: str, valid: Iterable[str]) -> None:
+    """Raise for keyword arguments that ``owner`` does not know (never swallow them)."""
+    if kwargs:
+        raise ConfigError(
+            f"Unknown keyword argument(s) {sorted(kwargs)} for {owner}. Valid ones are {sorted(valid)}."
+        )

@@ -1,0 +1,34 @@
+"""Package-level checks: light import, version, CLI entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import idl_ray
+from idl_ray.cli import main
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, idl_ray; "
+        "heavy = [m for m in ('torch', 'ray', 'cvxpy') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_version_and_help(capsys) -> None:
+    assert idl_ray.__version__.count(".") == 2
+    assert main([]) == 0
+    assert "idl-ray" in capsys.readouterr().out
+
+
+def test_unknown_attribute() -> None:
+    try:
+        idl_ray.DoesNotExist  # noqa: B018
+    except AttributeError as err:
+        assert "DoesNotExist" in str(err)
+    else:
+        raise AssertionError("expected AttributeError")
