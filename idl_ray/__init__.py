@@ -10,7 +10,7 @@ Public names are importable from here directly; they are loaded on first use so 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from idl_ray._version import __version__
 
@@ -63,31 +63,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-if TYPE_CHECKING:  # pragma: no cover
-    from idl_ray.distributed import ADMMMultiGPUSolver, RayADMMSolver, RayCVXSolver, RayProjectedGDSolver
-    from idl_ray.errors import (
-        ConfigError,
-        ConvergenceWarning,
-        DistributedError,
-        IDLError,
-        NotFittedError,
-        ShapeError,
-        SolverError,
-        UnsupportedLayerError,
-        WellPosednessError,
-        WellPosednessWarning,
-    )
-    from idl_ray.implicit.model import ImplicitModel
-    from idl_ray.implicit.projection import project_onto_kappa_ball, project_rows_onto_l1_ball
-    from idl_ray.implicit.rnn import ImplicitRNN
-    from idl_ray.sim.estimator import SIM
-    from idl_ray.sim.extraction import extract_states
-    from idl_ray.sim.problem import SIMProblem
-    from idl_ray.sim.solvers import (
-        ADMMSolver,
-        BaseSolver,
-        CVXSolver,
-        LeastSquareSolver,
-        ProjectedGDLowRankSolver,
-    )
