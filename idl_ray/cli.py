@@ -1,35 +1,129 @@
 """The ``idl-ray`` command (also ``python -m idl_ray``).
 
-Usable locally or as a Ray job: ``ray job submit --working-dir . -- idl-ray <command> ...``.
+Every sub-command is a job: a settings dataclass (``idl_ray.jobs.*Config``) plus a ``run`` function.
+The flags of a sub-command are generated from its dataclass fields, so the CLI, JSON config files
+(``--config file.json``) and Python calls are validated by the same code. Usable locally or as a Ray job::
+
+    idl-ray sim --solver ray-admm --workers 2
+    ray job submit --working-dir . -- idl-ray sim --address auto
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from idl_ray._version import __version__
 
 
+def _field_parser(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
+    """(converter from a command-line string, is_flag) for a dataclass field's type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _field_parser(inner[0])
+    if annotation is bool:
+        return None, True
+    if origin is tuple:
+        item = typing.get_args(annotation)[0]
+        return (lambda text: tuple(item(part) for part in text.split(",") if part)), False
+    return annotation, False
+
+
+def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
+    """Add one ``--flag`` per field of ``options_class`` (defaults come from the dataclass)."""
+    hints = typing.get_type_hints(options_class)
+    for field in dataclasses.fields(options_class):
+        flag = "--" + field.name.replace("_", "-")
+        converter, is_flag = _field_parser(hints[field.name])
+        default = field.default
+        help_text = f"default: {default}"
+        if is_flag:
+            parser.add_argument(
+                flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=field.name, type=converter, default=None, help=help_text)
+
+
+def options_from_args(options_class: type, args: argparse.Namespace) -> Any:
+    """Merge ``--config`` (JSON) with explicit flags (flags win) and validate via ``from_dict``."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        with open(args.config) as handle:
+            values.update(json.load(handle))
+    for field in dataclasses.fields(options_class):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            values[field.name] = value
+    return options_class.from_dict(values)
+
+
+def _jobs() -> dict[str, tuple[str, str, str]]:
+    """sub-command -> (module, config class, run function), imported only when used."""
+    return {
+        "sim": ("idl_ray.jobs.sim_job", "SimJobConfig", "run_sim_job"),
+        "train": ("idl_ray.jobs.train_job", "TrainJobConfig", "run_train_job"),
+    }
+
+
+_HELP = {
+    "sim": "fit a SIM implicit model to a trained teacher network (default job)",
+    "train": "train an ImplicitModel by gradient descent",
+    "info": "print versions, devices and Ray resources",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="idl-ray",
         description="Implicit deep learning and state-driven implicit modelling (SIM) on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"idl-ray {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, config_name, _) in _jobs().items():
+        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
+        sub.add_argument("--config", help="JSON file of settings (command-line flags override it)")
+        add_options_arguments(sub, getattr(importlib.import_module(module), config_name))
+    info = commands.add_parser("info", help=_HELP["info"], description=_HELP["info"])
+    info.add_argument("--ray", action="store_true", help="also start/connect to Ray and list its resources")
+    info.add_argument("--address", default=None, help="Ray address (default: local)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``idl-ray`` console script; returns the process exit code."""
+    import importlib
+
+    from idl_ray.errors import IDLError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stdout)
         return 0
+    try:
+        if args.command == "info":
+            from idl_ray.jobs.info_job import run_info_job
+
+            run_info_job(with_ray=args.ray, address=args.address)
+            return 0
+        module, config_name, run_name = _jobs()[args.command]
+        job = importlib.import_module(module)
+        config = options_from_args(getattr(job, config_name), args)
+        getattr(job, run_name)(config)
+    except IDLError as error:
+        print(f"idl-ray {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

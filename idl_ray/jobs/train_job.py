@@ -64,7 +64,7 @@ def run_train_job(config: TrainJobConfig, *, log=print) -> dict[str, Any]:
             loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(x)
+            total += loss.item() * len(x)
         log(f"epoch {epoch + 1}/{config.epochs}  loss {total / len(split.x_train):.4f}")
     train_time = time.perf_counter() - start
     model.eval()
