@@ -18,6 +18,18 @@ import torch
 from idl_ray._validation import bad_parameter, check_kappa
 
 
+def _radius_column(radius: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The radius as a (rows, 1) or scalar tensor of ``like``'s dtype, rounded *down* so that a bound
+    met in that dtype is also met against the radius the user gave (0.8 in float32 is above 0.8)."""
+    if not torch.is_tensor(radius):
+        r = torch.tensor(radius, dtype=like.dtype)  # on the host: no device sync for the check below
+        if float(r) > radius:
+            r = torch.nextafter(r, torch.zeros_like(r))
+        return r.to(like.device)
+    r = radius.to(dtype=like.dtype, device=like.device)
+    return r.reshape(-1, 1) if r.dim() > 0 else r
+
+
 def l1_ball_thresholds(V: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
     """Per-row soft-threshold ``theta`` such that ``soft(V, theta)`` is V's projection on the l1 ball.
 
@@ -31,8 +43,7 @@ def l1_ball_thresholds(V: torch.Tensor, radius: float | torch.Tensor) -> torch.T
     Tensor, shape (rows, 1): 0 for rows already inside the ball.
     """
     absV = V.abs()
-    r = torch.as_tensor(radius, dtype=V.dtype, device=V.device)
-    r = r.reshape(-1, 1) if r.dim() > 0 else r.expand(V.shape[0]).reshape(-1, 1)
+    r = _radius_column(radius, V)
     if V.shape[1] == 0:
         return torch.zeros(V.shape[0], 1, dtype=V.dtype, device=V.device)
     u, _ = torch.sort(absV, dim=1, descending=True)
@@ -80,8 +91,7 @@ def _clip_rounding(W: torch.Tensor, radius: float | torch.Tensor) -> torch.Tenso
     so ``W.abs().sum(1) <= radius`` holds exactly in floating point on any device; the change is a few
     ulps relative, far below any solver tolerance.
     """
-    r = torch.as_tensor(radius, dtype=W.dtype, device=W.device)
-    r = r.reshape(-1, 1) if r.dim() > 0 else r
+    r = _radius_column(radius, W)
     sums = W.abs().sum(dim=1, keepdim=True)
     over = sums > r
     eps = torch.finfo(W.dtype).eps

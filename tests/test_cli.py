@@ -1,0 +1,64 @@
+"""The idl-ray command: flags generated from job configs, JSON configs, errors, the train job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from idl_ray.cli import build_parser, main, options_from_args
+from idl_ray.errors import ConfigError
+from idl_ray.jobs.sim_job import SimJobConfig
+from idl_ray.jobs.train_job import TrainJobConfig, run_train_job
+
+
+def test_flags_parse_into_validated_config() -> None:
+    args = build_parser().parse_args(["sim", "--hidden", "16,8", "--kappa", "0.5", "--no-use-gpu"])
+    config = options_from_args(SimJobConfig, args)
+    assert config.hidden == (16, 8)
+    assert config.kappa == 0.5
+    assert config.use_gpu is False
+    assert config.solver == SimJobConfig().solver
+
+
+def test_json_config_is_merged_and_flags_win(tmp_path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"kappa": 0.7, "lam": 0.01}))
+    args = build_parser().parse_args(["sim", "--config", str(path), "--kappa", "0.6"])
+    config = options_from_args(SimJobConfig, args)
+    assert (config.kappa, config.lam) == (0.6, 0.01)
+
+
+def test_unknown_key_in_json_config_is_rejected(tmp_path, capsys) -> None:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"kapa": 0.7}))
+    assert main(["sim", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "kapa" in err and "kappa" in err
+
+
+def test_bad_value_exits_2_with_message(capsys) -> None:
+    assert main(["train", "--kappa", "1.5"]) == 2
+    assert "'kappa' parameter" in capsys.readouterr().err
+
+
+def test_config_validation_names_the_argument() -> None:
+    with pytest.raises(ConfigError, match="hidden"):
+        SimJobConfig(hidden=(16, 0))
+    with pytest.raises(ConfigError, match="solver"):
+        SimJobConfig(solver="mosek")
+
+
+def test_train_job_learns_and_respects_kappa() -> None:
+    report = run_train_job(TrainJobConfig(epochs=3, hidden_dim=40, kappa=0.8), log=lambda _: None)
+    assert report["test_accuracy"] > 0.85
+    assert report["A_inf_norm"] <= 0.8
+
+
+def test_console_entry_point_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "idl_ray", "info"], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "torch" in out.stdout and "cuda_available" in out.stdout
