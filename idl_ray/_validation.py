@@ -123,7 +123,13 @@ class Options:
             raise ConfigError(
                 f"Unknown option(s) {unknown} for {cls.__name__}. Valid options are {sorted(valid)}."
             )
-        return cls(**dict(values))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        # JSON and YAML have no tuples: accept a list where the field holds a tuple
+        converted = {
+            key: tuple(value) if isinstance(value, list) and isinstance(fields[key].default, tuple) else value
+            for key, value in values.items()
+        }
+        return cls(**converted)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (JSON-friendly when the fields are)."""

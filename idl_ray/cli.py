@@ -2,7 +2,7 @@
 
 Every sub-command is a job: a settings dataclass (``idl_ray.jobs.*Config``) plus a ``run`` function.
 The flags of a sub-command are generated from its dataclass fields, so the CLI, JSON config files
-(``--config file.json``) and Python calls are validated by the same code. Usable locally or as a Ray job::
+(``--config file.json`` or ``.yaml``) and Python calls are validated by the same code. Usable locally or as a Ray job::
 
     idl-ray sim --solver ray-admm --workers 2
     ray job submit --working-dir . -- idl-ray sim --address auto
@@ -52,12 +52,29 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) 
             parser.add_argument(flag, dest=field.name, type=converter, default=None, help=help_text)
 
 
+def load_config_file(path: str) -> dict[str, Any]:
+    """Settings from a JSON file, or YAML for ``.yaml``/``.yml`` (PyYAML comes with Ray)."""
+    from idl_ray.errors import ConfigError
+
+    with open(path) as handle:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(handle)
+        else:
+            values = json.load(handle)
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"The config file {path!r} must hold a mapping of settings. Got {type(values).__name__}."
+        )
+    return values
+
+
 def options_from_args(options_class: type, args: argparse.Namespace) -> Any:
     """Merge ``--config`` (JSON) with explicit flags (flags win) and validate via ``from_dict``."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        with open(args.config) as handle:
-            values.update(json.load(handle))
+        values.update(load_config_file(args.config))
     for field in dataclasses.fields(options_class):
         value = getattr(args, field.name, None)
         if value is not None:
@@ -92,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, config_name, _) in _jobs().items():
         sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
-        sub.add_argument("--config", help="JSON file of settings (command-line flags override it)")
+        sub.add_argument("--config", help="JSON or YAML file of settings (command-line flags override it)")
         add_options_arguments(sub, getattr(importlib.import_module(module), config_name))
     info = commands.add_parser("info", help=_HELP["info"], description=_HELP["info"])
     info.add_argument("--ray", action="store_true", help="also start/connect to Ray and list its resources")

@@ -62,3 +62,8 @@ def test_console_entry_point_runs() -> None:
         [sys.executable, "-m", "idl_ray", "info"], capture_output=True, text=True, check=True, timeout=120
     )
     assert "torch" in out.stdout and "cuda_available" in out.stdout
+
+
+def test_yaml_config_in_clusters_folder_is_valid() -> None:
+    args = build_parser().parse_args(["sim", "--config", "clusters/local.yaml"])
+    assert options_from_args(SimJobConfig, args) == SimJobConfig()
