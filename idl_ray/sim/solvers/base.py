@@ -1,0 +1,216 @@
+"""The solver interface: ``BaseSolver.solve(problem) -> SolveResult(weights, stats)``, and a registry.
+
+Every SIM solver takes a :class:`~idl_ray.sim.problem.SIMProblem` and returns the weights W (rows x d) with
+typed telemetry (:class:`SolverStats`). The objective and the constraint violation in the stats are always
+evaluated by the problem itself, so numbers from different solvers are comparable.
+
+Writing your own solver: subclass :class:`BaseSolver`, set ``name`` (and ``needs_samples`` /
+``variants`` if relevant) and implement ``_solve(problem) -> (W, info)`` where ``info`` is a dict with any
+of ``iterations``, ``converged``, ``status``, ``history``, ``extra``. Register it with
+:func:`register_solver` to make it available by name.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib.util
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from idl_ray._validation import bad_parameter
+from idl_ray.errors import ConfigError, ConfigTypeError
+from idl_ray.sim.problem import VARIANTS, SIMProblem
+
+__all__ = [
+    "SOLVERS",
+    "BaseSolver",
+    "SolveResult",
+    "SolverStats",
+    "available_solvers",
+    "get_solver",
+    "register_solver",
+    "resolve_device",
+]
+
+
+@dataclasses.dataclass
+class SolverStats:
+    """Telemetry of one solve (missing values are None).
+
+    Attributes
+    ----------
+    solver : str, the solver's registered name
+    iterations : int or None, iterations (ADMM, gradient) or programs solved (CVX: rows)
+    converged : bool or None, whether the solver's own stopping test was met
+    objective : float or None, ``problem.objective(W)`` of the returned weights
+    constraint_violation : float or None, ``problem.constraint_violation(W)`` (0.0 means the bound holds)
+    constraint_norm : float or None, max_i ||W[i, :n_constrained]||_1 (||A||_inf for stage 1)
+    time_s : float, wall-clock time of ``solve``
+    status : str, "optimal", "max_iter", "optimal_inaccurate", ...
+    history : list of dict, per-check records (residuals, objective, rho, ...)
+    extra : dict, solver-specific numbers (factor time, rho, rank, ...)
+    """
+
+    solver: str
+    iterations: int | None = None
+    converged: bool | None = None
+    objective: float | None = None
+    constraint_violation: float | None = None
+    constraint_norm: float | None = None
+    time_s: float = 0.0
+    status: str = "optimal"
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (the history is kept; tensors never appear here)."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        parts = [f"{self.solver}: {self.status}", f"{self.time_s:.3g} s"]
+        if self.iterations is not None:
+            parts.append(f"{self.iterations} it")
+        if self.objective is not None:
+            parts.append(f"objective {self.objective:.6g}")
+        if self.constraint_norm is not None:
+            parts.append(f"||A||_inf {self.constraint_norm:.6g}")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class SolveResult:
+    """What ``solve`` returns: the weights W (rows x d, float64 unless the solver says otherwise) and stats."""
+
+    weights: torch.Tensor
+    stats: SolverStats
+
+    def __iter__(self):  # allows ``W, stats = solver.solve(problem)``
+        yield self.weights
+        yield self.stats
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """None or "auto": CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise bad_parameter("device", "solver", "a torch device, 'auto' or None", device) from exc
+
+
+def check_dtype(dtype: Any, owner: str) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise bad_parameter("dtype", owner, "torch.float32 or torch.float64", dtype)
+    return dtype
+
+
+class BaseSolver(abc.ABC):
+    """Base class of SIM solvers.
+
+    Class attributes
+    ----------------
+    name : str, the registry name
+    needs_samples : bool, True if the solver needs ``problem.samples`` (the raw features and targets)
+    variants : frozenset of str, the problem variants it solves
+    """
+
+    name: ClassVar[str] = "base"
+    needs_samples: ClassVar[bool] = False
+    variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
+
+    def solve(self, problem: SIMProblem) -> SolveResult:
+        """Solve ``problem``; the stats' objective and constraint numbers come from the problem."""
+        if not isinstance(problem, SIMProblem):
+            raise ConfigTypeError(
+                f"{type(self).__name__}.solve expects a SIMProblem. Got {type(problem).__name__}."
+            )
+        if problem.variant not in self.variants:
+            raise ConfigError(
+                f"{type(self).__name__} does not solve the '{problem.variant}' variant; it solves "
+                f"{sorted(self.variants)}. Use a solver that does (CVXSolver solves all of {list(VARIANTS)})."
+            )
+        if self.needs_samples and problem.samples is None:
+            raise ConfigError(
+                f"{type(self).__name__} works on the raw samples, but this problem holds only the Gram "
+                "statistics. Build it with SIMProblem.from_samples(..., keep_samples=True) (SIM does this "
+                "automatically for solvers that need samples)."
+            )
+        start = time.perf_counter()
+        W, info = self._solve(problem)
+        elapsed = time.perf_counter() - start
+        stats = SolverStats(
+            solver=self.name,
+            iterations=info.get("iterations"),
+            converged=info.get("converged"),
+            objective=problem.objective(W),
+            constraint_violation=problem.constraint_violation(W),
+            constraint_norm=problem.constraint_norm(W) if problem.n_constrained else None,
+            time_s=elapsed,
+            status=info.get("status", "optimal"),
+            history=info.get("history", []),
+            extra=info.get("extra", {}),
+        )
+        return SolveResult(weights=W, stats=stats)
+
+    @abc.abstractmethod
+    def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Return W (rows x d) and an info dict (iterations, converged, status, history, extra)."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor settings (sklearn-style), used for repr and for saving."""
+        return dict(self._params)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in getattr(self, "_params", {}).items())
+        return f"{type(self).__name__}({params})"
+
+
+S = TypeVar("S", bound=type[BaseSolver])
+
+#: name -> solver class
+SOLVERS: dict[str, type[BaseSolver]] = {}
+_OPTIONAL_BACKENDS: dict[str, str] = {"cvx": "cvxpy"}
+
+
+def register_solver(name: str, *, overwrite: bool = False) -> Callable[[S], S]:
+    """Class decorator registering a :class:`BaseSolver` subclass under ``name``."""
+
+    def decorate(cls: S) -> S:
+        if not (isinstance(cls, type) and issubclass(cls, BaseSolver)):
+            raise ConfigTypeError(f"register_solver expects a BaseSolver subclass. Got {cls!r}.")
+        if name in SOLVERS and not overwrite and SOLVERS[name] is not cls:
+            raise ConfigError(f"A solver named {name!r} is already registered; pass overwrite=True.")
+        SOLVERS[name] = cls
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def available_solvers() -> dict[str, bool]:
+    """Registered solver names and whether their backend is installed (no heavy import)."""
+    return {
+        name: _OPTIONAL_BACKENDS.get(name) is None
+        or importlib.util.find_spec(_OPTIONAL_BACKENDS[name]) is not None
+        for name in sorted(SOLVERS)
+    }
+
+
+def get_solver(solver: str | BaseSolver | None = None, **kwargs: Any) -> BaseSolver:
+    """A solver instance from a name (unknown names list the known ones), an instance, or None (ADMM)."""
+    if solver is None:
+        solver = "admm"
+    if isinstance(solver, BaseSolver):
+        if kwargs:
+            raise ConfigError("get_solver: keyword arguments apply only when the solver is given by name.")
+        return solver
+    if isinstance(solver, type) and issubclass(solver, BaseSolver):
+        return solver(**kwargs)
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise bad_parameter("solver", "SIM", f"a BaseSolver instance or one of {sorted(SOLVERS)}", solver)
+    return SOLVERS[solver.lower()](**kwargs)
