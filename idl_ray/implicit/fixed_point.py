@@ -13,7 +13,7 @@ so one engine solves both. Stopping rule, per sample ``i``::
 
     ||f(x_i) - x_i||_2 <= tol * ||f(x_i)||_2
 
-A sample that meets it is written to the result and leaves the active set, so it stops costing work
+(plus ``atol`` when an absolute floor is set). A sample that meets it is written to the result and leaves the active set, so it stops costing work
 ("active-set shrinking"); the others go on until ``max_iter``. The returned state of each sample is its
 last ``f(x_i)``. Samples still above the tolerance at the cap trigger a :class:`ConvergenceWarning` that
 states the residual, the tolerance and what to try.
@@ -61,7 +61,9 @@ class FixedPointOptions(Options):
     Parameters
     ----------
     tol : float, default 1e-5
-        Per-sample relative residual ``||f(x) - x|| / ||f(x)||`` at which a sample stops.
+        Relative tolerance: sample ``i`` stops once ``||f(x_i) - x_i||_2 <= atol + tol * ||f(x_i)||_2``.
+    atol : float, default 0.0
+        Absolute tolerance of the same test (``tol=0, atol=a`` stops on ``||f(x_i) - x_i||_2 <= a``).
     max_iter : int, default 300
         Iteration cap (each iteration is one evaluation of the map).
     method : str, default "picard"
@@ -77,6 +79,7 @@ class FixedPointOptions(Options):
     """
 
     tol: float = 1e-5
+    atol: float = 0.0
     max_iter: int = 300
     method: str = "picard"
     anderson_memory: int = 5
@@ -86,7 +89,10 @@ class FixedPointOptions(Options):
 
     def _validate(self) -> None:
         owner = type(self).__name__
-        check_positive_float(self.tol, "tol", owner)
+        check_positive_float(self.tol, "tol", owner, allow_zero=True)
+        check_positive_float(self.atol, "atol", owner, allow_zero=True)
+        if self.tol == 0 and self.atol == 0:
+            raise bad_parameter("tol", owner, "> 0 when atol is 0", self.tol, "Set tol > 0 or atol > 0.")
         check_positive_int(self.max_iter, "max_iter", owner)
         if not isinstance(self.method, str) or self.method not in FIXED_POINT_METHODS:
             raise bad_parameter(
@@ -115,7 +121,10 @@ class FixedPointStats:
     iterations : int
         Iterations run (the largest over samples).
     max_residual, mean_residual : float
-        Final per-sample relative residuals, largest and mean (0.0 for an empty batch).
+        Final per-sample relative residuals ``||f(x_i) - x_i|| / ||f(x_i)||``, largest and mean
+        (0.0 for an empty batch).
+    max_abs_residual : float
+        Largest final ``||f(x_i) - x_i||_2``.
     num_converged, num_samples : int
     converged : Tensor of bool, shape (batch,)
     sample_iterations : Tensor of int64, shape (batch,)
@@ -123,7 +132,7 @@ class FixedPointStats:
     work : int
         Sample-iterations actually computed (``sample_iterations.sum()``); ``iterations * num_samples``
         would be the cost without active-set shrinking.
-    tol : float
+    tol, atol : float
     max_iter : int
     time_s : float
         Wall-clock time of the solve.
@@ -133,12 +142,14 @@ class FixedPointStats:
     iterations: int
     max_residual: float
     mean_residual: float
+    max_abs_residual: float
     num_converged: int
     num_samples: int
     converged: torch.Tensor
     sample_iterations: torch.Tensor
     work: int
     tol: float
+    atol: float
     max_iter: int
     time_s: float
 
@@ -149,7 +160,8 @@ class FixedPointStats:
     def summary(self) -> str:
         return (
             f"{self.method}: {self.iterations} iterations, {self.num_converged}/{self.num_samples} converged, "
-            f"max residual {self.max_residual:.3g} (tol {self.tol:g}), {self.time_s * 1e3:.2f} ms"
+            f"max relative residual {self.max_residual:.3g} (tol {self.tol:g}, atol {self.atol:g}), "
+            f"{self.time_s * 1e3:.2f} ms"
         )
 
 
@@ -203,42 +215,55 @@ class _Recorder:
         batch = x0.shape[0]
         self.result = torch.empty_like(x0)
         self.residual = torch.full((batch,), math.inf, dtype=x0.dtype, device=x0.device)
+        self.abs_residual = torch.full((batch,), math.inf, dtype=x0.dtype, device=x0.device)
+        self.converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
         self.iters = torch.zeros(batch, dtype=torch.int64, device=x0.device)
         self.options = options
         self.method = method
         self.start = time.perf_counter()
         self.iterations = 0
+        self.tiny = torch.finfo(x0.dtype).tiny
 
-    def finish(self, rows: torch.Tensor, fx: torch.Tensor, res: torch.Tensor, k: int) -> None:
+    def check(self, fx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``(||f(x) - x||, ||f(x)||)``."""
+        return torch.linalg.vector_norm(fx - x, dim=1), torch.linalg.vector_norm(fx, dim=1)
+
+    def done(self, dist: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        if o.tol == 0:
+            return dist <= o.atol
+        return dist <= size.mul(o.tol).add_(o.atol)
+
+    def finish(
+        self, rows: torch.Tensor, fx: torch.Tensor, dist: torch.Tensor, size: torch.Tensor,
+        done: torch.Tensor, k: int,
+    ) -> None:  # fmt: skip
         self.result[rows] = fx
-        self.residual[rows] = res
+        self.abs_residual[rows] = dist
+        self.residual[rows] = dist / size.clamp_min(self.tiny)
+        self.converged[rows] = done
         self.iters[rows] = k
         self.iterations = max(self.iterations, k)
 
     def stats(self) -> FixedPointStats:
-        tol = self.options.tol
-        converged = self.residual <= tol
+        o = self.options
         n = int(self.residual.numel())
         return FixedPointStats(
             method=self.method,
             iterations=self.iterations,
             max_residual=float(self.residual.max()) if n else 0.0,
             mean_residual=float(self.residual.mean()) if n else 0.0,
-            num_converged=int(converged.sum()),
+            max_abs_residual=float(self.abs_residual.max()) if n else 0.0,
+            num_converged=int(self.converged.sum()),
             num_samples=n,
-            converged=converged,
+            converged=self.converged,
             sample_iterations=self.iters,
             work=int(self.iters.sum()),
-            tol=tol,
-            max_iter=self.options.max_iter,
+            tol=o.tol,
+            atol=o.atol,
+            max_iter=o.max_iter,
             time_s=time.perf_counter() - self.start,
         )
-
-
-def _residuals(fx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    diff = torch.linalg.vector_norm(fx - x, dim=1)
-    size = torch.linalg.vector_norm(fx, dim=1).clamp_min_(torch.finfo(fx.dtype).tiny)
-    return diff.div_(size)
 
 
 def picard(
@@ -250,19 +275,17 @@ def picard(
         return rec.result, rec.stats()
     rows = torch.arange(x0.shape[0], device=x0.device)
     x = x0
-    tol = options.tol
     for k in range(1, options.max_iter + 1):
         fx = fmap(x)
-        res = _residuals(fx, x)
-        done = res <= tol
-        if k == options.max_iter:
-            done = torch.ones_like(done)
-        n_done = int(done.sum())
+        dist, size = rec.check(fx, x)
+        done = rec.done(dist, size)
+        last = k == options.max_iter
+        n_done = rows.numel() if last else int(done.sum())
         if n_done == rows.numel():
-            rec.finish(rows, fx, res, k)
+            rec.finish(rows, fx, dist, size, done, k)
             break
         if n_done:
-            rec.finish(rows[done], fx[done], res[done], k)
+            rec.finish(rows[done], fx[done], dist[done], size[done], done[done], k)
             keep = ~done
             rows, fx, fmap = rows[keep], fx[keep], fmap.restrict(keep)
         x = fx
@@ -285,23 +308,21 @@ def anderson(
         return rec.result, rec.stats()
     m = options.anderson_memory
     beta = options.anderson_beta
-    tol = options.tol
     rows = torch.arange(batch, device=x0.device)
     xs = x0.new_zeros(batch, m, n)  # past iterates
     fs = x0.new_zeros(batch, m, n)  # their images
     x = x0
     for k in range(1, options.max_iter + 1):
         fx = fmap(x)
-        res = _residuals(fx, x)
-        done = res <= tol
-        if k == options.max_iter:
-            done = torch.ones_like(done)
-        n_done = int(done.sum())
+        dist, size = rec.check(fx, x)
+        done = rec.done(dist, size)
+        last = k == options.max_iter
+        n_done = rows.numel() if last else int(done.sum())
         if n_done == rows.numel():
-            rec.finish(rows, fx, res, k)
+            rec.finish(rows, fx, dist, size, done, k)
             break
         if n_done:
-            rec.finish(rows[done], fx[done], res[done], k)
+            rec.finish(rows[done], fx[done], dist[done], size[done], done[done], k)
             keep = ~done
             rows, x, fx, fmap = rows[keep], x[keep], fx[keep], fmap.restrict(keep)
             xs, fs = xs[keep], fs[keep]
@@ -359,7 +380,8 @@ def _warn(stats: FixedPointStats, what: str, stacklevel: int) -> None:
     warnings.warn(
         f"{what} did not converge: {stats.num_samples - stats.num_converged} of {stats.num_samples} "
         f"sample(s) stopped at max_iter={stats.max_iter} with relative residual up to "
-        f"{stats.max_residual:.3g} > tol={stats.tol:g} (method {stats.method!r}). Try a larger max_iter, "
+        f"{stats.max_residual:.3g} (absolute {stats.max_abs_residual:.3g}) above tol={stats.tol:g}, "
+        f"atol={stats.atol:g} (method {stats.method!r}). Try a larger max_iter, "
         "fixed_point='anderson', a looser tol, or a smaller kappa.",
         ConvergenceWarning,
         stacklevel=stacklevel,

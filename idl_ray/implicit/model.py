@@ -98,7 +98,10 @@ class ImplicitModel(nn.Module):
         rank: if given, ``A = L R^T`` with ``L, R`` of shape (n, rank), ``1 <= rank <= n``.
         fixed_point: ``"picard"`` (default) or ``"anderson"``, for forward and backward solves.
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
-        backward_tol, backward_max_iter: the same for the adjoint solve. Defaults 1e-5, 300.
+            Sample ``i`` stops once ``||f(x_i) - x_i||_2 <= atol + tol * ||f(x_i)||_2``.
+        atol: absolute part of that test. Default 0.
+        backward_tol, backward_max_iter, backward_atol: the same for the adjoint solve; default to the
+            forward values.
         anderson_memory: Anderson history size. Default 5.
         negative_slope: slope of ``"leaky_relu"`` (default 0.01).
         device, dtype: where and how parameters are allocated.
@@ -145,6 +148,8 @@ class ImplicitModel(nn.Module):
         max_iter: int = 300,
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,
+        atol: float = 0.0,
+        backward_atol: float | None = None,
         anderson_memory: int = 5,
         negative_slope: float | None = None,
         device: torch.device | str | None = None,
@@ -178,10 +183,11 @@ class ImplicitModel(nn.Module):
         if fixed_point not in FIXED_POINT_METHODS:
             raise bad_parameter("fixed_point", _OWNER, f"one of {sorted(FIXED_POINT_METHODS)}", fixed_point)
         self.forward_options = FixedPointOptions(
-            tol=tol, max_iter=max_iter, method=fixed_point, anderson_memory=anderson_memory
+            tol=tol, atol=atol, max_iter=max_iter, method=fixed_point, anderson_memory=anderson_memory
         )
         self.backward_options = FixedPointOptions(
             tol=tol if backward_tol is None else backward_tol,
+            atol=atol if backward_atol is None else backward_atol,
             max_iter=max_iter if backward_max_iter is None else backward_max_iter,
             method=fixed_point,
             anderson_memory=anderson_memory,
@@ -440,5 +446,5 @@ class ImplicitModel(nn.Module):
 
 _VALID_KWARGS = (
     "activation", "kappa", "bias", "no_D", "rank", "fixed_point", "tol", "max_iter", "backward_tol",
-    "backward_max_iter", "anderson_memory", "negative_slope", "device", "dtype",
+    "backward_max_iter", "atol", "backward_atol", "anderson_memory", "negative_slope", "device", "dtype",
 )  # fmt: skip

@@ -1,0 +1,240 @@
+"""Training-step benchmark: idl_ray.ImplicitModel vs torchidl.ImplicitModel, side by side in one process.
+
+Both models train on the same batches (scikit-learn digits; 8x8 = 64 features, or upsampled to
+28x28 = 784 features) with the same optimiser, batch size, hidden size and tolerance. Steps alternate
+between the two models so machine noise hits both alike. Reported per shape:
+
+- median wall time of one training step (forward + backward + optimiser step) and the ratio;
+- fixed-point iterations per step (forward and backward) for both;
+- the fixed-point residual each model actually reached, measured the same way for both
+  (max_i ||x_i - phi(A x_i + B u_i)||_inf on a test batch), so "same tolerance" can be checked;
+- test accuracy of both after the same number of epochs.
+
+torchidl stops on an absolute max-norm change (``tol``), idl_ray on a per-sample relative 2-norm residual
+(``tol``); the same number is passed to both and the achieved residuals are printed.
+
+Usage::
+
+    python benchmarks/bench_implicit.py                 # CPU, 2 threads
+    python benchmarks/bench_implicit.py --device cuda   # on a GPU
+    python benchmarks/bench_implicit.py --inputs 64 --epochs 10 --fixed-point picard
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import types
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import idl_ray
+from idl_ray.implicit.projection import inf_norm
+
+
+def load_digits_tensors(side: int, device: torch.device, seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    if side != 8:
+        X = F.interpolate(X.reshape(-1, 1, 8, 8), size=(side, side), mode="bilinear", align_corners=False)
+        X = X.reshape(len(X), -1)
+    Xtr, Xte, ytr, yte = train_test_split(X.numpy(), y, test_size=0.25, random_state=seed, stratify=y)
+    as_t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    return as_t(Xtr, torch.float32), as_t(ytr, torch.long), as_t(Xte, torch.float32), as_t(yte, torch.long)
+
+
+class TorchidlCounter:
+    """Counts torchidl's fixed-point iterations: one ``torch.norm`` per iteration in both of its loops,
+    one ``phi`` per forward iteration. Implemented as a proxy for the ``torch`` name inside
+    ``torchidl.implicit_function`` (overhead: one Python attribute lookup per call)."""
+
+    def __init__(self) -> None:
+        import torchidl.implicit_function as tif
+
+        self.module = tif
+        self.norm_calls = 0
+        self.phi_calls = 0
+        counter = self
+
+        class _Proxy(types.ModuleType):
+            def __getattr__(self, name):
+                return getattr(torch, name)
+
+            @staticmethod
+            def norm(*args, **kwargs):
+                counter.norm_calls += 1
+                return torch.norm(*args, **kwargs)
+
+        tif.torch = _Proxy("torch_proxy")
+        original_phi = tif.ImplicitFunction.phi
+
+        def phi(X):
+            counter.phi_calls += 1
+            return original_phi(X)
+
+        tif.ImplicitFunction.phi = staticmethod(phi)
+
+    def take(self) -> tuple[int, int]:
+        fwd, bwd = self.phi_calls, self.norm_calls - self.phi_calls
+        self.norm_calls = self.phi_calls = 0
+        return fwd, bwd
+
+
+def torchidl_residual(model, U: torch.Tensor) -> float:
+    """max_i ||x_i - relu(A x_i + B u_i)||_inf of torchidl's returned state (A as torchidl uses it)."""
+    from torchidl.implicit_function import project_onto_Linf_ball
+
+    with torch.no_grad():
+        Ut = U.T
+        A = project_onto_Linf_ball(model.A, model.f.kappa)
+        X, _, _ = model.f.inn_pred(A, model.B @ Ut, torch.zeros(model.hidden_dim, U.shape[0], device=U.device),
+                                   model.f.mitr, model.f.tol)  # fmt: skip
+        return float((X - torch.relu(A @ X + model.B @ Ut)).abs().max())
+
+
+def ours_residual(model, U: torch.Tensor) -> float:
+    with torch.no_grad():
+        _, X = model(U, return_state=True)
+        Uf = model.prepare_input(U)
+        return float((X - model.activation(X @ model.A.T + Uf @ model.B.T)).abs().max())
+
+
+def accuracy(model, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> dict:
+    import torchidl
+
+    side = int(round(p**0.5)) if p != 64 else 8
+    Xtr, ytr, Xte, yte = load_digits_tensors(side, device)
+    assert Xtr.shape[1] == p, Xtr.shape
+    torch.manual_seed(args.seed)
+    ours = idl_ray.ImplicitModel(
+        p, 10, args.hidden, kappa=args.kappa, tol=args.tol, max_iter=args.max_iter,
+        fixed_point=args.fixed_point, device=device,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    theirs = torchidl.ImplicitModel(
+        p, 10, args.hidden, kappa=args.kappa, tol=args.tol, grad_tol=args.tol, mitr=args.max_iter,
+        grad_mitr=args.max_iter,
+    ).to(device)  # fmt: skip
+    opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
+    opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
+
+    def step(model, opt, xb, yb):
+        sync(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    times_o, times_t, it_o, it_t = [], [], [], []
+    gen = torch.Generator().manual_seed(args.seed)
+    n_steps = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # non-convergence is counted, not printed per step
+        for _epoch in range(args.epochs):
+            perm = torch.randperm(len(Xtr), generator=gen).to(device)
+            for s in range(0, len(Xtr) - args.batch + 1, args.batch):
+                idx = perm[s : s + args.batch]
+                xb, yb = Xtr[idx], ytr[idx]
+                pair = [("o", ours, opt_o), ("t", theirs, opt_t)]
+                if n_steps % 2:
+                    pair.reverse()
+                for tag, model, opt in pair:
+                    counter.take()
+                    dt = step(model, opt, xb, yb)
+                    if tag == "o":
+                        fs, bs = ours.last_forward_stats, ours.last_backward_stats
+                        if n_steps >= args.warmup:
+                            times_o.append(dt)
+                            it_o.append((fs.iterations, bs.iterations))
+                    else:
+                        fwd, bwd = counter.take()
+                        if n_steps >= args.warmup:
+                            times_t.append(dt)
+                            it_t.append((fwd, bwd))
+                n_steps += 1
+    med_o, med_t = statistics.median(times_o), statistics.median(times_t)
+    probe = Xte[: args.batch]
+    return {
+        "input_dim": p,
+        "steps_timed": len(times_o),
+        "ours_ms": med_o * 1e3,
+        "torchidl_ms": med_t * 1e3,
+        "speedup": med_t / med_o,
+        "ours_iters": tuple(np.mean(it_o, axis=0)),
+        "torchidl_iters": tuple(np.mean(it_t, axis=0)),
+        "ours_residual": ours_residual(ours, probe),
+        "torchidl_residual": torchidl_residual(theirs, probe),
+        "ours_acc": accuracy(ours, Xte, yte),
+        "torchidl_acc": accuracy(theirs, Xte, yte),
+        "ours_inf_norm": inf_norm(ours.A.detach()),
+        "torchidl_stored_inf_norm": inf_norm(theirs.A.detach()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--inputs", type=int, nargs="+", default=[64, 784])
+    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--kappa", type=float, default=0.99)
+    parser.add_argument("--tol", type=float, default=3e-6, help="passed to both (torchidl's default)")
+    parser.add_argument("--max-iter", type=int, default=300, help="passed to both (torchidl's default)")
+    parser.add_argument("--fixed-point", default="anderson", choices=sorted(idl_ray.implicit.FIXED_POINT_METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    counter = TorchidlCounter()
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"hidden {args.hidden}, tol {args.tol:g}, max_iter {args.max_iter}, kappa {args.kappa}, "
+        f"epochs {args.epochs}, ours fixed_point={args.fixed_point!r}"
+    )
+    header = (
+        f"{'input':>5} {'ours ms':>8} {'tidl ms':>8} {'speedup':>7} {'ours it f/b':>12} {'tidl it f/b':>12} "
+        f"{'ours res':>9} {'tidl res':>9} {'ours acc':>8} {'tidl acc':>8}"
+    )
+    print(header)
+    for p in args.inputs:
+        r = run_shape(p, args, device, counter)
+        print(
+            f"{p:>5} {r['ours_ms']:>8.2f} {r['torchidl_ms']:>8.2f} {r['speedup']:>6.2f}x "
+            f"{r['ours_iters'][0]:>5.1f}/{r['ours_iters'][1]:<6.1f} "
+            f"{r['torchidl_iters'][0]:>5.1f}/{r['torchidl_iters'][1]:<6.1f} "
+            f"{r['ours_residual']:>9.2e} {r['torchidl_residual']:>9.2e} {r['ours_acc']:>8.4f} {r['torchidl_acc']:>8.4f}"
+        )
+        print(
+            f"      timed steps {r['steps_timed']}; ||A||_inf used by ours {r['ours_inf_norm']:.4f}, "
+            f"torchidl's stored A {r['torchidl_stored_inf_norm']:.4f} (it rescales a copy to kappa)"
+        )
+
+
+if __name__ == "__main__":
+    main()
