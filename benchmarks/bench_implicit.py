@@ -120,7 +120,7 @@ def sync(device: torch.device) -> None:
 def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> dict:
     import torchidl
 
-    side = int(round(p**0.5)) if p != 64 else 8
+    side = round(p**0.5)
     Xtr, ytr, Xte, yte = load_digits_tensors(side, device)
     assert Xtr.shape[1] == p, Xtr.shape
     torch.manual_seed(args.seed)
@@ -193,7 +193,9 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--inputs", type=int, nargs="+", default=[64, 784])
@@ -205,7 +207,9 @@ def main() -> None:
     parser.add_argument("--kappa", type=float, default=0.99)
     parser.add_argument("--tol", type=float, default=3e-6, help="passed to both (torchidl's default)")
     parser.add_argument("--max-iter", type=int, default=300, help="passed to both (torchidl's default)")
-    parser.add_argument("--fixed-point", default="anderson", choices=sorted(idl_ray.implicit.FIXED_POINT_METHODS))
+    parser.add_argument(
+        "--fixed-point", default="anderson", choices=sorted(idl_ray.implicit.FIXED_POINT_METHODS)
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
