@@ -1,0 +1,50 @@
+"""Ray-distributed SIM solvers: actors holding state shards, pinned to GPUs, coordinated by a driver.
+
+Ray is imported only under this package. Names are loaded on first use.
+
+- :class:`RayADMMSolver` (strategies ``"gram"`` and ``"consensus"``), :class:`ADMMMultiGPUSolver`,
+  :class:`RayProjectedGDSolver`, :class:`RayCVXSolver`: ``BaseSolver`` s usable with ``SIM.fit``.
+- :class:`ShardedProblem` and the shard sources (object store, Parquet, Ray Dataset).
+- :class:`RayRunConfig`: workers, GPUs, CPUs per worker, restarts, placement, checkpoints, time limits.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "RayADMMSolver": "idl_ray.distributed.solvers",
+    "ADMMMultiGPUSolver": "idl_ray.distributed.solvers",
+    "RayProjectedGDSolver": "idl_ray.distributed.projected_gd",
+    "RayCVXSolver": "idl_ray.distributed.cvx",
+    "RayRunConfig": "idl_ray.distributed.config",
+    "ShardedProblem": "idl_ray.distributed.sharded",
+    "ShardSource": "idl_ray.distributed.shards",
+    "ObjectRefShard": "idl_ray.distributed.shards",
+    "ParquetShard": "idl_ray.distributed.shards",
+    "DatasetShard": "idl_ray.distributed.shards",
+    "StatsShard": "idl_ray.distributed.shards",
+    "write_parquet_shards": "idl_ray.distributed.shards",
+    "SolveCheckpoint": "idl_ray.distributed.checkpoint",
+    "load_checkpoint": "idl_ray.distributed.checkpoint",
+    "ProgressEvent": "idl_ray.distributed.progress",
+    "plot_convergence": "idl_ray.distributed.progress",
+    "device_from_assignment": "idl_ray.distributed.device",
+    "actor_device": "idl_ray.distributed.device",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'idl_ray.distributed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,244 @@
+"""The solver actor: holds one shard and runs the single-process kernels on it.
+
+One class, :class:`SolverWorker`, serves every strategy:
+
+- it loads its shard sources once, inside itself (object store, Parquet, Ray Dataset), into its additive
+  statistics (G_k, Rt_k, ||t_k||^2, m_k) on the device Ray assigned;
+- *rows* mode (gram strategy): it holds a block of rows of W, the factor of the global H = G/m + l2 I, and
+  runs :func:`~idl_ray.sim.solvers.admm_kernels.admm_iterations` on them, reporting additive residual sums;
+- *consensus* mode: it factors its own H_k = G_k/m + (l2/K) I and performs the local step of
+  global-variable consensus ADMM;
+- it evaluates its part of the objective and of the gradient (for the projected-gradient solver).
+
+Every method returns its own compute time, so the driver can tell computation from communication.
+Construction arguments are only descriptions (sources, threads), so a restarted actor (by Ray's
+``max_restarts`` or by the driver) rebuilds itself the same way; its solver state is then restored by the
+driver from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from idl_ray.distributed.device import actor_device, assigned_gpu_ids
+from idl_ray.distributed.shards import ShardSource, load_sources
+from idl_ray.errors import DistributedError
+from idl_ray.sim.problem import GramStats
+from idl_ray.sim.solvers.admm_kernels import ADMMState, GramFactor, ResidualSums, admm_iterations
+
+DTYPE = torch.float64
+
+
+@dataclasses.dataclass
+class ConsensusLocalState:
+    """The local variables of one consensus worker: W_k (None before the first step), U_k, rho."""
+
+    W: torch.Tensor | None
+    U: torch.Tensor
+    rho: float
+
+    def to(self, device: torch.device | str) -> ConsensusLocalState:
+        return ConsensusLocalState(
+            W=None if self.W is None else self.W.to(device), U=self.U.to(device), rho=self.rho
+        )
+
+
+class SolverWorker:
+    """A solver actor (wrap with ``ray.remote``; see :func:`idl_ray.distributed.pool.WorkerPool`).
+
+    Parameters
+    ----------
+    rank : int
+        Position of the worker in its pool.
+    threads : int
+        Torch intra-op threads in this actor.
+    """
+
+    def __init__(self, rank: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.rank = rank
+        self.device = actor_device()
+        self.sources: list[ShardSource] = []
+        self.stats: GramStats | None = None
+        self.load_s = self.gram_s = 0.0
+        self.mode: str | None = None
+        # rows mode
+        self.factor: GramFactor | None = None
+        self.Rt: torch.Tensor | None = None
+        self.state: ADMMState | None = None
+        self.settings: dict[str, Any] = {}
+        # consensus mode
+        self.local: ConsensusLocalState | None = None
+        self.Hk: torch.Tensor | None = None
+        self.Rtk: torch.Tensor | None = None
+
+    def load(self, sources: Sequence[ShardSource]) -> dict[str, Any]:
+        """Load sample shards (replacing any held), streaming them into this worker's statistics."""
+        self.sources = list(sources)
+        self.stats, self.load_s, self.gram_s = load_sources(self.sources, self.device)
+        self.mode = "loaded"
+        return self.info()
+
+    def reset(self) -> None:
+        """Drop the shard and the solver state (the pool is reused for another solve)."""
+        self.__init__(self.rank, torch.get_num_threads())
+
+    # ------------------------------------------------------------------ information
+    def info(self) -> dict[str, Any]:
+        """Who and where this worker is, and whether it is configured (False after a restart)."""
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "gpu_ids": assigned_gpu_ids(),
+            "mode": self.mode,
+            "num_samples": 0 if self.stats is None else self.stats.num_samples,
+            "load_s": self.load_s,
+            "gram_s": self.gram_s,
+            "threads": torch.get_num_threads(),
+        }
+
+    def gram_stats(self) -> GramStats:
+        """This shard's statistics (on CPU, for the reduction)."""
+        return self._require_stats().to("cpu")
+
+    def shard_summary(self) -> dict[str, Any]:
+        """m_k and the trace of G_k (for the consensus rho), without shipping G_k."""
+        stats = self._require_stats()
+        return {
+            "num_samples": stats.num_samples,
+            "trace": float(torch.diagonal(stats.G).sum()),
+            "dim": stats.dim,
+            "rows": stats.rows,
+        }
+
+    def _require_stats(self) -> GramStats:
+        if self.stats is None:
+            raise DistributedError(f"Solver worker {self.rank} holds no sample shard.")
+        return self.stats
+
+    # ------------------------------------------------------------------ rows mode (gram strategy)
+    def setup_rows(
+        self,
+        H: torch.Tensor,
+        Rt: torch.Tensor,
+        state: ADMMState,
+        *,
+        lam: float,
+        kappa: float | None,
+        n_constrained: int,
+    ) -> float:
+        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d) and the ADMM state."""
+        start = time.perf_counter()
+        self.factor = GramFactor(H.to(self.device, DTYPE))
+        self.Rt = Rt.to(self.device, DTYPE)
+        self.state = state.to(self.device, DTYPE)
+        self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+        self.mode = "rows"
+        return time.perf_counter() - start
+
+    def iterate(self, num_iter: int) -> tuple[ResidualSums, float]:
+        """Run ``num_iter`` ADMM iterations on the rows held; residual sums of the last one."""
+        start = time.perf_counter()
+        if self.mode != "rows" or self.state is None or self.factor is None or self.Rt is None:
+            raise DistributedError(f"Solver worker {self.rank} was not set up for row ADMM.")
+        self.state, sums = admm_iterations(
+            self.factor, self.Rt, self.state, num_iter=num_iter, **self.settings
+        )
+        return sums, time.perf_counter() - start
+
+    def set_rho(self, rho: float) -> None:
+        """Change rho, rescaling the scaled dual U so that y = rho U is unchanged."""
+        if self.state is None:
+            raise DistributedError(f"Solver worker {self.rank} holds no ADMM state.")
+        scale = rho / self.state.rho
+        self.state = dataclasses.replace(self.state, rho=float(rho), U=self.state.U / scale)
+
+    def get_state(self) -> ADMMState:
+        if self.state is None:
+            raise DistributedError(f"Solver worker {self.rank} holds no ADMM state.")
+        return self.state.to("cpu")
+
+    def set_state(self, state: ADMMState) -> None:
+        self.state = state.to(self.device, DTYPE)
+
+    def weights(self) -> torch.Tensor:
+        """The rows' current Z (the feasible iterate), on CPU."""
+        return self.get_state().Z
+
+    # ------------------------------------------------------------------ consensus mode
+    def setup_consensus(self, total_samples: int, l2_share: float, state: ConsensusLocalState) -> float:
+        """Factor H_k = G_k / m + l2_share I (m: all shards' samples) and hold Rt_k / m."""
+        start = time.perf_counter()
+        stats = self._require_stats()
+        m = float(total_samples)
+        H = stats.G / m
+        if l2_share:
+            H = H + l2_share * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        self.Hk = H
+        self.Rtk = stats.Rt / m
+        self.factor = GramFactor(H)
+        self.local = state.to(self.device)
+        self.mode = "consensus"
+        return time.perf_counter() - start
+
+    def consensus_step(self, Zc: torch.Tensor, rho: float) -> tuple[torch.Tensor, dict[str, float], float]:
+        """Dual update with the new consensus, then the local step; returns W_k + U_k and residual parts.
+
+        With the consensus Z of iteration t (and this worker's W_k of iteration t)::
+
+            U_k <- U_k + W_k - Z                          (residual parts of iteration t)
+            U_k <- U_k * rho_old / rho                    (when the driver changed rho)
+            W_k <- (Rt_k + rho (Z - U_k)) (H_k + rho I)^{-1}
+        """
+        start = time.perf_counter()
+        if self.mode != "consensus" or self.local is None or self.factor is None or self.Rtk is None:
+            raise DistributedError(f"Solver worker {self.rank} was not set up for consensus ADMM.")
+        Z = Zc.to(self.device, DTYPE)
+        local = self.local
+        parts = {"primal_sq": 0.0, "w_sq": 0.0, "y_sq": 0.0, "rho": local.rho}
+        if local.W is not None:
+            D = local.W - Z
+            local.U = local.U + D
+            parts["primal_sq"] = float(torch.sum(D * D))
+            parts["w_sq"] = float(torch.sum(local.W * local.W))
+            parts["y_sq"] = local.rho * local.rho * float(torch.sum(local.U * local.U))
+        if rho != local.rho:
+            local.U = local.U * (local.rho / rho)
+            local.rho = float(rho)
+        local.W = self.factor.solve(self.Rtk + rho * (Z - local.U), rho)
+        V = (local.W + local.U).to("cpu")
+        return V, parts, time.perf_counter() - start
+
+    def get_consensus_state(self) -> ConsensusLocalState:
+        if self.local is None:
+            raise DistributedError(f"Solver worker {self.rank} holds no consensus state.")
+        return self.local.to("cpu")
+
+    def set_consensus_state(self, state: ConsensusLocalState) -> None:
+        self.local = state.to(self.device)
+
+    # ------------------------------------------------------------------ objective and gradient parts
+    def quadratic_part(self, W: torch.Tensor) -> float:
+        """tr(W G_k W^T) - 2 tr(W Rt_k^T) + ||T_k||^2 (this shard's residual sum of squares)."""
+        stats = self._require_stats()
+        Wd = W.to(self.device, DTYPE)
+        value = ((Wd @ stats.G) * Wd).sum() - 2.0 * (Wd * stats.Rt).sum() + stats.target_sq.sum()
+        return float(value)
+
+    def gradient_part(self, W: torch.Tensor, total_samples: int) -> tuple[torch.Tensor, float]:
+        """(W G_k - Rt_k) / m: this shard's part of the gradient of the averaged quadratic loss."""
+        start = time.perf_counter()
+        stats = self._require_stats()
+        Wd = W.to(self.device, DTYPE)
+        grad = (Wd @ stats.G - stats.Rt) / float(total_samples)
+        return grad.to("cpu"), time.perf_counter() - start
+
+
+__all__ = ["ConsensusLocalState", "SolverWorker"]

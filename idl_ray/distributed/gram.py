@@ -1,0 +1,203 @@
+"""The gram strategy: reduce the Gram once, shard the rows of W, iterate with no data per iteration.
+
+Rows of W are independent given H = G/m + l2 I, so after one reduction of the shards' statistics (a sum
+tree of Ray tasks: log2(K) levels, no actor waits on the driver), H is broadcast once through the object
+store, every worker factors it once and runs :func:`~idl_ray.sim.solvers.admm_kernels.admm_iterations` on
+its block of rows. Per ``check_every`` iterations only the additive :class:`ResidualSums` (six numbers)
+travel to the driver, which applies the same stopping test and residual balancing as the single-process
+:func:`~idl_ray.sim.solvers.admm_kernels.admm_solve`, so the iterates are those of the single-process run
+(up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import ray
+import torch
+
+from idl_ray.distributed import resources
+from idl_ray.distributed.checkpoint import Checkpointer, SolveCheckpoint
+from idl_ray.distributed.pool import WorkerPool
+from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
+from idl_ray.distributed.shards import split_rows
+from idl_ray.sim.problem import GramStats
+from idl_ray.sim.solvers.admm_kernels import (
+    ADMMOptions,
+    ADMMState,
+    ResidualSums,
+    balance_rho,
+    check_convergence,
+    initial_rho,
+)
+
+
+@ray.remote(num_cpus=0)
+def _merge(a: GramStats, b: GramStats) -> GramStats:
+    return a.merge(b)
+
+
+def reduce_stats(pool: WorkerPool, timings: Timings) -> GramStats:
+    """Sum the workers' shard statistics with a tree of merge tasks; the driver fetches only the total."""
+    start = time.perf_counter()
+    refs = [actor.gram_stats.remote() for actor in pool.actors]
+    while len(refs) > 1:
+        merged = [_merge.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
+        refs = merged + ([refs[-1]] if len(refs) % 2 else [])
+    total = resources.get(refs[0], pool.config.timeout_s, "the Gram reduction")
+    timings.add("communication", time.perf_counter() - start)
+    return total
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What a distributed ADMM run reports besides the weights."""
+
+    iterations: int
+    converged: bool
+    primal: float | None
+    dual: float | None
+    eps_primal: float | None
+    eps_dual: float | None
+    rho: float
+    history: list[dict[str, float]]
+    restarts: int
+    checkpoints: int
+
+
+def _rho_after_balance(rho: float, d: int, sums: ResidualSums, options: ADMMOptions) -> float:
+    """The rho that :func:`balance_rho` picks for these global sums (applied by every worker)."""
+    empty = torch.zeros(0, d, dtype=torch.float64)
+    return balance_rho(ADMMState(W=empty, Z=empty, U=empty, rho=rho), sums, options).rho
+
+
+def run_gram(
+    pool: WorkerPool,
+    H: torch.Tensor,
+    Rt: torch.Tensor,
+    *,
+    lam: float,
+    kappa: float | None,
+    n_constrained: int,
+    options: ADMMOptions,
+    checkpointer: Checkpointer,
+    reporter: ProgressReporter,
+    timings: Timings,
+) -> tuple[torch.Tensor, RunInfo]:
+    """Row-sharded ADMM on ``1/2 tr(W H W^T) - tr(W Rt^T) + lam ||W||_1`` with the kappa bound.
+
+    Parameters
+    ----------
+    pool : WorkerPool (its workers need no samples here)
+    H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64
+
+    Returns
+    -------
+    W : Tensor (rows, d), the feasible iterate Z gathered from the workers
+    info : RunInfo
+    """
+    rows, d = Rt.shape
+    blocks = split_rows(rows, pool.size)
+    rho0 = initial_rho(H, options)
+    start = time.perf_counter()
+    H_ref = ray.put(H.contiguous())
+    Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
+    timings.add("communication", time.perf_counter() - start)
+    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+
+    def setup(ranks: list[int], states: list[ADMMState]) -> None:
+        begin = time.perf_counter()
+        refs = [pool.actors[k].setup_rows.remote(H_ref, Rt_refs[k], states[k], **settings) for k in ranks]
+        factor_s = resources.get(refs, pool.config.timeout_s, "the workers to factor H")
+        timings.round_trip(time.perf_counter() - begin, factor_s, phase="factor")
+
+    zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
+    setup(list(range(pool.size)), zero_states)
+    checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
+
+    iteration, rho, pending = 0, rho0, rho0
+    history: list[dict[str, float]] = []
+    converged = False
+    sums: ResidualSums | None = None
+    eps_pri = eps_dual = None
+    while iteration < options.max_iter:
+        steps = min(options.check_every, options.max_iter - iteration)
+        begin = time.perf_counter()
+        try:
+            if pending != rho:
+                resources.get(
+                    [a.set_rho.remote(pending) for a in pool.actors], pool.config.timeout_s, "a rho update"
+                )
+                rho = pending
+            results = pool.call("iterate", steps, what="ADMM iterations on the workers")
+        except Exception as exc:
+            if not resources.is_actor_failure(exc):
+                raise
+            with timings.phase("recovery"):
+                needs_setup = pool.recover(exc)
+                checkpoint = checkpointer.restore()
+                if needs_setup:
+                    setup(needs_setup, checkpoint.worker_states)
+                others = [k for k in range(pool.size) if k not in needs_setup]
+                resources.get(
+                    [pool.actors[k].set_state.remote(checkpoint.worker_states[k]) for k in others],
+                    pool.config.timeout_s,
+                    "restoring the checkpoint",
+                )
+                iteration, rho, pending = checkpoint.iteration, checkpoint.rho, checkpoint.pending_rho
+                history = list(checkpoint.history)
+            continue
+        timings.round_trip(time.perf_counter() - begin, [r[1] for r in results])
+        sums = results[0][0]
+        for part, _ in results[1:]:
+            sums = sums + part
+        iteration += steps
+        converged, eps_pri, eps_dual = check_convergence(sums, options)
+        history.append({"iteration": iteration, "primal": sums.primal, "dual": sums.dual, "rho": rho})
+        reporter.update(
+            ProgressEvent(
+                "gram", iteration, sums.primal, sums.dual, eps_pri, eps_dual, rho, list(pool.actors)
+            )
+        )
+        if converged:
+            break
+        pending = _rho_after_balance(rho, d, sums, options)
+        if checkpointer.due(iteration):
+            with timings.phase("checkpoint"):
+                try:
+                    states = pool.call("get_state", what="a checkpoint of the workers' states")
+                except Exception as exc:
+                    if not resources.is_actor_failure(exc):
+                        raise
+                    continue  # the next iterate call fails the same way and recovers
+                checkpointer.save(
+                    SolveCheckpoint("gram", iteration, rho, pending, states, history=list(history))
+                )
+    begin = time.perf_counter()
+    W = torch.cat(pool.call("weights", what="gathering the weights"))
+    timings.add("communication", time.perf_counter() - begin)
+    info = RunInfo(
+        iterations=iteration,
+        converged=converged,
+        primal=None if sums is None else sums.primal,
+        dual=None if sums is None else sums.dual,
+        eps_primal=eps_pri,
+        eps_dual=eps_dual,
+        rho=rho,
+        history=history,
+        restarts=pool.restarts,
+        checkpoints=checkpointer.count,
+    )
+    return W, info
+
+
+def fetch(value: Any, timeout_s: float) -> Any:
+    """Resolve an ObjectRef (with a time limit) or return the value."""
+    if isinstance(value, ray.ObjectRef):
+        return resources.get(value, timeout_s, "an object from the object store")
+    return value
+
+
+__all__ = ["RunInfo", "reduce_stats", "run_gram"]

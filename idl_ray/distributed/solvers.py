@@ -1,0 +1,459 @@
+"""Ray-distributed SIM solvers: drop-in :class:`~idl_ray.sim.solvers.base.BaseSolver` s.
+
+``SIM(...).fit(teacher, data, solver=RayADMMSolver(num_workers=2))`` works like the single-process
+``ADMMSolver`` and returns the same answer; ``solver.solve(ShardedProblem(...))`` solves a stage whose
+samples stay in shards (object store, Parquet files, Ray Dataset) loaded inside the actors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+
+from idl_ray._validation import check_choice
+from idl_ray.distributed import resources
+from idl_ray.distributed.checkpoint import Checkpointer
+from idl_ray.distributed.config import RayRunConfig
+from idl_ray.distributed.consensus import run_consensus
+from idl_ray.distributed.gram import RunInfo, reduce_stats, run_gram
+from idl_ray.distributed.pool import WorkerPool
+from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings, plot_convergence
+from idl_ray.distributed.sharded import ShardedProblem
+from idl_ray.distributed.shards import ShardSource, StatsShard, assign, split_rows, tensor_sources
+from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning
+from idl_ray.sim.problem import GramStats, SIMProblem
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions
+from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
+
+STRATEGIES = ("gram", "consensus")
+
+
+def _split_settings(
+    owner: str, options: Any, run_config: Any, kwargs: dict[str, Any], option_type: type
+) -> tuple[Any, RayRunConfig]:
+    """Sort keyword arguments into algorithm options and the run config; unknown names are rejected."""
+    option_names = {f.name for f in dataclasses.fields(option_type)}
+    run_names = {f.name for f in dataclasses.fields(RayRunConfig)}
+    unknown = sorted(set(kwargs) - option_names - run_names)
+    if unknown:
+        raise ConfigError(
+            f"Unknown keyword argument(s) {unknown} for {owner}. Valid ones are "
+            f"{sorted(option_names | run_names | {'options', 'run_config', 'strategy', 'callback'})}."
+        )
+    option_values = {k: v for k, v in kwargs.items() if k in option_names}
+    run_values = {k: v for k, v in kwargs.items() if k in run_names}
+    if options is not None and option_values:
+        raise ConfigError(
+            f"{owner}: pass either options=... or option keywords {sorted(option_values)}, not both."
+        )
+    if run_config is not None and run_values:
+        raise ConfigError(
+            f"{owner}: pass either run_config=... or run keywords {sorted(run_values)}, not both."
+        )
+    if isinstance(options, dict):
+        options = option_type.from_dict(options)
+    if options is None:
+        options = option_type.from_dict(option_values)
+    if not isinstance(options, option_type):
+        raise ConfigTypeError(f"{owner}: options must be a {option_type.__name__} or a dict.")
+    if isinstance(run_config, dict):
+        run_config = RayRunConfig.from_dict(run_config)
+    if run_config is None:
+        run_config = RayRunConfig.from_dict(run_values)
+    if not isinstance(run_config, RayRunConfig):
+        raise ConfigTypeError(f"{owner}: run_config must be a RayRunConfig or a dict.")
+    return options, run_config
+
+
+def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
+    """Split a problem's statistics into ``parts`` weighted pieces that sum to it (consensus without samples)."""
+    sizes = [s.stop - s.start for s in split_rows(problem.num_samples, parts)]
+    sources: list[ShardSource] = []
+    for size in sizes:
+        w = size / problem.num_samples
+        piece = GramStats(
+            G=problem.G * w, Rt=problem.Rt * w, target_sq=problem.target_sq * w, num_samples=size
+        )
+        sources.append(StatsShard(ray.put(piece)))
+    return sources
+
+
+class _RaySolverMixin:
+    """Shared plumbing: the run config, telemetry, plotting."""
+
+    run_config: RayRunConfig
+    last_timings_: dict[str, float]
+    _pool: WorkerPool | None = None
+
+    def _acquire_pool(self) -> WorkerPool:
+        """A started pool: the kept one (emptied) when ``keep_workers``, else a new one."""
+        if self._pool is not None:
+            try:
+                self._pool.release_data()
+                self._pool.restarts = 0
+                return self._pool
+            except Exception:  # a kept actor died between solves: start afresh
+                self.close()
+        pool = WorkerPool(self.run_config)
+        if self.run_config.keep_workers:
+            self._pool = pool
+        return pool
+
+    def _release_pool(self, pool: WorkerPool) -> None:
+        if pool is not self._pool:
+            pool.shutdown()
+
+    def close(self) -> None:
+        """Stop kept actors and free their resources (no-op without ``keep_workers``)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pool"] = None  # actor handles do not travel with a pickled solver
+        state["callback"] = None
+        return state
+
+    def _stats_extra(self, pool: WorkerPool, timings: Timings, info: RunInfo | None) -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "num_workers": pool.size,
+            "use_gpu": pool.use_gpu,
+            "devices": [i.get("device") for i in pool.infos],
+            "timings": timings.as_dict(),
+        }
+        if info is not None:
+            extra.update(
+                {
+                    "rho": info.rho,
+                    "primal_residual": info.primal,
+                    "dual_residual": info.dual,
+                    "eps_primal": info.eps_primal,
+                    "eps_dual": info.eps_dual,
+                    "restarts": info.restarts,
+                    "checkpoints": info.checkpoints,
+                }
+            )
+        return extra
+
+    @staticmethod
+    def plot(stats: SolverStats, path: str | None = None) -> Any:
+        """Convergence plot (primal/dual residuals) of a solve's ``stats.history`` (matplotlib, lazy)."""
+        return plot_convergence(stats.history, path, title=f"{stats.solver} convergence")
+
+
+@register_solver("ray_admm")
+class RayADMMSolver(_RaySolverMixin, BaseSolver):
+    """ADMM for a SIM stage on Ray actors, with the single-process answer and telemetry.
+
+    Minimises ``1/(2m) ||T - W Phi||^2 + lam ||W||_1 + l2/2 ||W||^2`` subject to
+    ``||W[i, :n_constrained]||_1 <= kappa`` (see :class:`~idl_ray.sim.problem.SIMProblem`).
+
+    Parameters
+    ----------
+    num_workers : int, default 2
+        Solver actors (one per GPU on GPU clusters).
+    use_gpu : bool or None, default None
+        See :class:`~idl_ray.distributed.config.RayRunConfig`.
+    strategy : {"gram", "consensus"}, default "gram"
+        ``"gram"``: the workers' statistics are reduced once, H = G/m + l2 I is broadcast once, rows of W
+        are sharded across workers, and each runs cached-factor ADMM on its rows; only six residual sums
+        travel per check. ``"consensus"``: global-variable consensus ADMM across sample shards; each
+        worker factors its own H_k, the driver forms the consensus, applies the prox and the kappa
+        projection, and tests the residuals; (rows x d) values travel per iteration, no d x d ever
+        leaves a worker. See ``docs/distributed.md`` for when to use which.
+    options : ADMMOptions or dict, optional
+        Algorithm settings (or pass them as keywords: ``rho``, ``max_iter``, ``abs_tol``, ``rel_tol``,
+        ``adaptive_rho``, ``check_every``, ``mu``, ``tau``).
+    run_config : RayRunConfig or dict, optional
+        Ray settings (or pass them as keywords: ``cpus_per_worker``, ``max_restarts``,
+        ``placement_strategy``, ``checkpoint_every``, ``checkpoint_dir``, ``timeout_s``, ``progress``, ...).
+    callback : callable, optional
+        Called with a :class:`~idl_ray.distributed.progress.ProgressEvent` after every stopping test.
+    warn : bool, default True
+        Emit a :class:`~idl_ray.errors.ConvergenceWarning` when ``max_iter`` is reached.
+
+    Attributes
+    ----------
+    last_timings_ : dict, seconds per phase of the last solve (startup, load, gram, factor, iterations,
+        communication, checkpoint, recovery); also in ``stats.extra["timings"]``.
+
+    Examples
+    --------
+    >>> import ray, torch
+    >>> from idl_ray.sim.problem import SIMProblem
+    >>> ray.init(num_cpus=2, include_dashboard=False)  # doctest: +SKIP
+    >>> Phi = torch.randn(500, 8, dtype=torch.float64); T = torch.randn(500, 4, dtype=torch.float64)
+    >>> problem = SIMProblem.from_samples(Phi, T, n_constrained=4, lam=1e-3, kappa=0.5)
+    >>> result = RayADMMSolver(num_workers=2, cpus_per_worker=0.5).solve(problem)  # doctest: +SKIP
+    >>> result.stats.constraint_violation  # doctest: +SKIP
+    0.0
+    """
+
+    variants = frozenset({"lasso", "elastic_net", "least_squares"})
+
+    def __init__(
+        self,
+        *,
+        num_workers: int | None = None,
+        use_gpu: bool | None = None,
+        strategy: str = "gram",
+        options: ADMMOptions | dict[str, Any] | None = None,
+        run_config: RayRunConfig | dict[str, Any] | None = None,
+        callback: Callable[[ProgressEvent], None] | None = None,
+        warn: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.strategy = check_choice(strategy, "strategy", type(self).__name__, STRATEGIES)
+        if num_workers is not None:
+            kwargs["num_workers"] = num_workers
+        if use_gpu is not None:
+            kwargs["use_gpu"] = use_gpu
+        self.options, self.run_config = _split_settings(
+            type(self).__name__, options, run_config, kwargs, ADMMOptions
+        )
+        self.callback = callback
+        self.warn = bool(warn)
+        self.last_timings_: dict[str, float] = {}
+        self._params = {"strategy": self.strategy, **self.options.to_dict(), **self.run_config.to_dict()}
+
+    # ------------------------------------------------------------------ public entry points
+    def solve(self, problem: SIMProblem | ShardedProblem) -> SolveResult:  # type: ignore[override]
+        """Solve a :class:`SIMProblem` (like ``ADMMSolver``) or a :class:`ShardedProblem` (shards in actors)."""
+        if isinstance(problem, ShardedProblem):
+            return self._solve_sharded(problem)
+        return super().solve(problem)
+
+    def reduce(self, problem: ShardedProblem) -> SIMProblem:
+        """Load the shards inside the actors and return the summed single-process problem (no solve)."""
+        pool = self._acquire_pool()
+        try:
+            pool.load(assign(problem.sources, self.run_config.num_workers))
+            return problem.with_stats(reduce_stats(pool, Timings()))
+        finally:
+            self._release_pool(pool)
+
+    # ------------------------------------------------------------------ BaseSolver hook (SIMProblem)
+    def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
+        timings = Timings()
+        lam, kappa, n_constrained = self._penalties(problem)
+        if self.strategy == "gram":
+            H, R = problem.scaled(dtype=torch.float64)
+            with timings.phase("startup"):
+                pool = self._acquire_pool()
+            try:
+                W, info = run_gram(
+                    pool,
+                    H,
+                    R,
+                    lam=lam,
+                    kappa=kappa,
+                    n_constrained=n_constrained,
+                    options=self.options,
+                    checkpointer=self._checkpointer(),
+                    reporter=self._reporter(),
+                    timings=timings,
+                )
+                return W, self._info(pool, timings, info)
+            finally:
+                self._release_pool(pool)
+        K = self.run_config.num_workers
+        if problem.samples is not None:
+            sources = tensor_sources(problem.samples.features, problem.samples.targets, K)
+        else:
+            sources = _even_stats_split(problem, K)
+        with timings.phase("startup"):
+            pool = self._acquire_pool()
+        try:
+            pool.load([[s] for s in sources])
+            self._record_load(pool, timings)
+            W, info = self._consensus(pool, problem.num_samples, problem, timings)
+            return W, self._info(pool, timings, info)
+        finally:
+            self._release_pool(pool)
+
+    # ------------------------------------------------------------------ ShardedProblem
+    def _solve_sharded(self, sharded: ShardedProblem) -> SolveResult:
+        start = time.perf_counter()
+        timings = Timings()
+        with timings.phase("startup"):
+            pool = self._acquire_pool()
+        try:
+            pool.load(assign(sharded.sources, self.run_config.num_workers))
+            self._record_load(pool, timings)
+            if self.strategy == "gram":
+                problem = sharded.with_stats(reduce_stats(pool, timings))
+                lam, kappa, n_constrained = self._penalties(problem)
+                H, R = problem.scaled(dtype=torch.float64)
+                W, info = run_gram(
+                    pool,
+                    H,
+                    R,
+                    lam=lam,
+                    kappa=kappa,
+                    n_constrained=n_constrained,
+                    options=self.options,
+                    checkpointer=self._checkpointer(),
+                    reporter=self._reporter(),
+                    timings=timings,
+                )
+                objective = problem.objective(W)
+                violation = problem.constraint_violation(W)
+                norm = problem.constraint_norm(W) if problem.n_constrained else None
+            else:
+                W, info = self._consensus(pool, None, sharded, timings)
+                objective, violation, norm = self._sharded_objective(pool, sharded, W)
+            info_dict = self._info(pool, timings, info)
+        finally:
+            self._release_pool(pool)
+        stats = SolverStats(
+            solver=self.name,
+            iterations=info_dict["iterations"],
+            converged=info_dict["converged"],
+            objective=objective,
+            constraint_violation=violation,
+            constraint_norm=norm,
+            time_s=time.perf_counter() - start,
+            status=info_dict["status"],
+            history=info_dict["history"],
+            extra=info_dict["extra"],
+        )
+        return SolveResult(weights=W, stats=stats)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _penalties(problem: Any) -> tuple[float, float | None, int]:
+        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+        kappa = problem.kappa
+        return lam, kappa, problem.n_constrained if kappa is not None else 0
+
+    def _consensus(self, pool: WorkerPool, m: int | None, problem: Any, timings: Timings):
+        """Consensus ADMM on the pool's shards; ``m`` (all samples) defaults to the sum of the shards'."""
+        lam, kappa, n_constrained = self._penalties(problem)
+        l2 = 0.0 if problem.variant == "least_squares" else problem.l2
+        summaries = resources.get(
+            [a.shard_summary.remote() for a in pool.actors], self.run_config.timeout_s, "the shard summaries"
+        )
+        d, rows = summaries[0]["dim"], summaries[0]["rows"]
+        m = sum(s["num_samples"] for s in summaries) if m is None else m
+        trace_G = sum(s["trace"] for s in summaries)
+        self._last_m = m
+        return run_consensus(
+            pool,
+            rows=rows,
+            d=d,
+            total_samples=m,
+            trace_G=trace_G,
+            lam=lam,
+            l2=l2,
+            kappa=kappa,
+            n_constrained=n_constrained,
+            options=self.options,
+            checkpointer=self._checkpointer(),
+            reporter=self._reporter(),
+            timings=timings,
+        )
+
+    def _sharded_objective(self, pool: WorkerPool, sharded: ShardedProblem, W: torch.Tensor):
+        m = self._last_m
+        parts = resources.get(
+            [a.quadratic_part.remote(W) for a in pool.actors],
+            self.run_config.timeout_s,
+            "the objective parts",
+        )
+        objective = 0.5 * max(sum(parts), 0.0) / m
+        if sharded.variant != "least_squares":
+            objective += sharded.lam * float(W.abs().sum()) + 0.5 * sharded.l2 * float((W * W).sum())
+        if sharded.kappa is not None and sharded.n_constrained:
+            norm = float(W[:, : sharded.n_constrained].abs().sum(dim=1).max())
+            violation = max(0.0, norm - sharded.kappa)
+        else:
+            norm = None
+            violation = 0.0
+        return objective, violation, norm
+
+    @staticmethod
+    def _record_load(pool: WorkerPool, timings: Timings) -> None:
+        # shards load in parallel inside the actors' constructors: the slowest one is what the solve waits for
+        timings.add("load", max((i.get("load_s", 0.0) for i in pool.infos), default=0.0))
+        timings.add("gram", max((i.get("gram_s", 0.0) for i in pool.infos), default=0.0))
+
+    def _checkpointer(self) -> Checkpointer:
+        return Checkpointer(
+            self.run_config.checkpoint_every, self.run_config.checkpoint_dir, name=f"ray-admm-{self.strategy}"
+        )
+
+    def _reporter(self) -> ProgressReporter:
+        return ProgressReporter(
+            self.strategy,
+            self.options.max_iter,
+            progress=self.run_config.progress,
+            log_every=self.run_config.log_every,
+            callback=self.callback,
+        )
+
+    def _info(self, pool: WorkerPool, timings: Timings, info: RunInfo) -> dict[str, Any]:
+        self.last_timings_ = timings.as_dict()
+        if not info.converged and self.warn:
+            warnings.warn(
+                f"{type(self).__name__} ({self.strategy}) stopped at max_iter={self.options.max_iter} with "
+                f"primal residual {info.primal:.3g} (tolerance {info.eps_primal:.3g}) and dual residual "
+                f"{info.dual:.3g} (tolerance {info.eps_dual:.3g}). The weights satisfy the kappa bound but "
+                "may be suboptimal: raise max_iter or loosen abs_tol/rel_tol.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        return {
+            "iterations": info.iterations,
+            "converged": info.converged,
+            "status": "optimal" if info.converged else "max_iter",
+            "history": info.history,
+            "extra": {"strategy": self.strategy, **self._stats_extra(pool, timings, info)},
+        }
+
+
+@register_solver("admm_multi_gpu")
+class ADMMMultiGPUSolver(RayADMMSolver):
+    """torchidl's ``ADMMMultiGPUSolver(gpu_ids=...)``, working: one GPU actor per listed GPU.
+
+    Built on :class:`RayADMMSolver` (gram strategy by default) with ``num_workers = len(gpu_ids)`` and
+    ``use_gpu=True``. Ray, not the caller, decides which physical GPU each actor gets (each actor reads its
+    device from its assignment), so ``gpu_ids`` fixes how many GPUs are used; to pin physical devices,
+    start Ray with ``CUDA_VISIBLE_DEVICES`` set to them. Asking for more GPUs than the cluster has fails at
+    once with :class:`~idl_ray.errors.DistributedError`.
+
+    Parameters
+    ----------
+    gpu_ids : sequence of int, default (0,)
+    **kwargs : as :class:`RayADMMSolver` (not ``num_workers`` / ``use_gpu``)
+    """
+
+    def __init__(self, gpu_ids: Any = (0,), **kwargs: Any) -> None:
+        if isinstance(gpu_ids, int):
+            gpu_ids = [gpu_ids]
+        ids = list(gpu_ids)
+        if not ids or len(set(ids)) != len(ids):
+            raise ConfigError(
+                f"ADMMMultiGPUSolver needs a non-empty list of distinct gpu_ids. Got {gpu_ids!r}."
+            )
+        for key in ("num_workers", "use_gpu"):
+            if key in kwargs:
+                raise ConfigError(f"ADMMMultiGPUSolver sets {key} from gpu_ids; do not pass it.")
+        super().__init__(num_workers=len(ids), use_gpu=True, **kwargs)
+        self.gpu_ids = ids
+        self._params["gpu_ids"] = ids
+
+
+__all__ = ["STRATEGIES", "ADMMMultiGPUSolver", "RayADMMSolver"]
