@@ -1,0 +1,738 @@
+"""The SIM estimator: fit a well-posed implicit model to a teacher network's states (scikit-learn style).
+
+``SIM(...).fit(teacher, data)`` records the teacher's states in one streaming pass (the Gram G = Phi Phi^T
+and the right-hand sides of both stages are accumulated batch by batch; Phi is kept only when the solver
+needs samples), then solves
+
+* stage 1: ``[A B]`` from ``Z ~ A X + B U`` with ``||A||_inf <= kappa`` (rows: hidden units),
+* stage 2: ``[C D]`` from ``Y ~ C X + D U`` (no bound), optionally on the implicit model's own
+  equilibrium states (``regenerate_states=True``),
+
+both with the same solver and the objective of :class:`~idl_ray.sim.problem.SIMProblem`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from idl_ray._validation import (
+    bad_parameter,
+    check_choice,
+    check_kappa,
+    check_positive_float,
+    check_positive_int,
+)
+from idl_ray.errors import ConfigError, NotFittedError, ShapeError
+from idl_ray.implicit.projection import inf_norm, project_rows_onto_l1_ball
+from idl_ray.sim.extraction import (
+    StateRecorder,
+    TeacherStructure,
+    _num_batches,
+    iter_batches,
+    progress_bar,
+)
+from idl_ray.sim.problem import VARIANTS, GramStats, SampleData, SIMProblem
+from idl_ray.sim.rescale import HOMOGENEOUS_ACTIVATIONS, layer_scales
+from idl_ray.sim.solvers.base import BaseSolver, SolverStats, get_solver, resolve_device
+
+__all__ = ["SIM", "SIMSummary"]
+
+_OWNER = "SIM"
+_PARAMS = (
+    "activation",
+    "kappa",
+    "lam",
+    "lam_out",
+    "l2",
+    "variant",
+    "rescale",
+    "regenerate_states",
+    "batch_size",
+    "dtype",
+    "device",
+    "fixed_point",
+    "progress",
+)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclasses.dataclass
+class SIMSummary:
+    """What a fitted SIM looks like: sparsity, well-posedness, costs."""
+
+    hidden: int
+    inputs: int
+    outputs: int
+    bias: bool
+    activation: str
+    kappa: float
+    a_inf_norm: float
+    sparsity: dict[str, float]
+    nonzeros: dict[str, int]
+    solver: str
+    solve_time_s: dict[str, float]
+    iterations: dict[str, int | None]
+    objective: dict[str, float | None]
+    extraction_time_s: float
+    scales: dict[str, float] | None
+    inference_iterations: dict[str, float] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"SIM: n={self.hidden} hidden, p={self.inputs} inputs{' (incl. bias)' if self.bias else ''}, "
+            f"q={self.outputs} outputs, activation={self.activation}",
+            f"  ||A||_inf = {self.a_inf_norm:.6g} (kappa = {self.kappa:g})",
+            "  sparsity (fraction of zeros): " + ", ".join(f"{k} {v:.1%}" for k, v in self.sparsity.items()),
+            f"  solver {self.solver}: stage 1 {self.solve_time_s.get('stage1', 0):.3g} s "
+            f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
+            f"({self.iterations.get('stage2')} it); extraction {self.extraction_time_s:.3g} s",
+        ]
+        if self.scales:
+            lines.append(f"  state rescaling: min {self.scales['min']:.3g}, max {self.scales['max']:.3g}")
+        if self.inference_iterations:
+            lines.append(
+                "  fixed point at inference: "
+                f"max {self.inference_iterations['max']:.0f}, mean {self.inference_iterations['mean']:.1f} "
+                "iterations per sample"
+            )
+        return "\n".join(lines)
+
+
+class SIM:
+    """State-driven implicit modelling: distil a trained network into a well-posed implicit model.
+
+    The fitted model is ``X = phi(A X + B U)``, ``Y = C X + D U`` with ``||A||_inf <= kappa``.
+
+    Parameters
+    ----------
+    activation : str, nn.Module or "auto", default "relu"
+        The implicit model's activation; must match the teacher's ("auto": take the teacher's).
+    kappa : float in [0, 1), default 0.99
+        Well-posedness bound on ``||A||_inf``.
+    lam : float >= 0, default 1e-4
+        l1 weight of stage 1 (the loss is averaged over samples, so lam does not depend on m).
+    lam_out : float >= 0 or None, default None
+        l1 weight of stage 2 (None: same as lam).
+    l2 : float >= 0, default 0.0
+        l2 weight (elastic net; requires ``variant="elastic_net"``).
+    variant : {"lasso", "elastic_net", "exact", "least_squares"}, default "lasso"
+        "exact" imposes the teacher's states as equality constraints (up to ``CVXSolver.exact_tol``),
+        "least_squares" is unregularised and unconstrained (no well-posedness guarantee).
+    rescale : {"auto", "none"}, default "auto"
+        "auto": for ReLU / leaky ReLU teachers, rescale each hidden layer's states by a positive factor
+        so that the teacher's own A satisfies the kappa bound (see :mod:`idl_ray.sim.rescale`); for other
+        activations nothing is rescaled.
+    regenerate_states : bool, default False
+        Refit (C, D) on the fitted implicit model's own equilibrium states instead of the teacher's.
+    batch_size : int, default 256
+        Batch size for tensor/array data (a DataLoader keeps its own), for extraction and prediction.
+    dtype : torch.float32 (default) or torch.float64
+        Precision of the recorded states and of prediction (the solves and the Gram are float64).
+    device : None/"auto" (CUDA when available) or a device
+        Where the default solver runs and where prediction runs.
+    fixed_point : dict or FixedPointOptions, optional
+        Options of the fixed-point solve at prediction (tol, max_iter, method, ...).
+    progress : bool, default False
+        Show progress bars.
+
+    Attributes
+    ----------
+    A_, B_, C_, D_ : Tensor (float64), the fitted weights (B_ and D_ include the bias column last when
+        ``bias_``)
+    bias_ : bool, whether U carries a constant 1 as its last feature
+    structure_ : TeacherStructure, the teacher's shapes, activation and exact (A*, B*, C*, D*)
+    scales_ : Tensor (n,) or None, the positive state scales used (None: no rescaling)
+    stats_ : dict "stage1"/"stage2" -> SolverStats
+    problems_ : dict "stage1"/"stage2" -> SIMProblem (the solved problems; kept for inspection)
+
+    Examples
+    --------
+    >>> import torch
+    >>> teacher = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> X = torch.randn(500, 4)
+    >>> sim = SIM(kappa=0.9, lam=1e-5).fit(teacher, X)
+    >>> float((sim.predict(X) - teacher(X)).abs().max()) < 1e-2
+    True
+    """
+
+    def __init__(
+        self,
+        activation: Any = "relu",
+        kappa: float = 0.99,
+        lam: float = 1e-4,
+        lam_out: float | None = None,
+        l2: float = 0.0,
+        variant: str = "lasso",
+        rescale: str = "auto",
+        regenerate_states: bool = False,
+        batch_size: int = 256,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        fixed_point: Any = None,
+        progress: bool = False,
+    ) -> None:
+        self.activation = activation
+        self.kappa = kappa
+        self.lam = lam
+        self.lam_out = lam_out
+        self.l2 = l2
+        self.variant = variant
+        self.rescale = rescale
+        self.regenerate_states = regenerate_states
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.device = device
+        self.fixed_point = fixed_point
+        self.progress = progress
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _PARAMS}
+
+    def set_params(self, **params: Any) -> SIM:
+        unknown = sorted(set(params) - set(_PARAMS))
+        if unknown:
+            raise ConfigError(f"Unknown parameter(s) {unknown} for SIM. Valid ones are {sorted(_PARAMS)}.")
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = SIM().get_params()
+        changed = {k: v for k, v in self.get_params().items() if v is not defaults[k] and v != defaults[k]}
+        return f"SIM({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    def _validated(self) -> dict[str, Any]:
+        """Every parameter checked in one place (called by fit/predict); returns resolved values."""
+        kappa = check_kappa(self.kappa, _OWNER)
+        lam = check_positive_float(self.lam, "lam", _OWNER, allow_zero=True)
+        lam_out = (
+            lam
+            if self.lam_out is None
+            else check_positive_float(self.lam_out, "lam_out", _OWNER, allow_zero=True)
+        )
+        l2 = check_positive_float(self.l2, "l2", _OWNER, allow_zero=True)
+        variant = check_choice(self.variant, "variant", _OWNER, VARIANTS)
+        if variant == "elastic_net" and l2 == 0:
+            raise bad_parameter("l2", _OWNER, "> 0 with variant='elastic_net'", self.l2)
+        if variant != "elastic_net" and l2 > 0:
+            raise bad_parameter("l2", _OWNER, "0 unless variant='elastic_net'", self.l2)
+        rescale = check_choice(self.rescale, "rescale", _OWNER, ("auto", "none"))
+        if not isinstance(self.regenerate_states, bool):
+            raise bad_parameter("regenerate_states", _OWNER, "a bool", self.regenerate_states)
+        batch_size = check_positive_int(self.batch_size, "batch_size", _OWNER)
+        dtype = _DTYPES.get(self.dtype, self.dtype) if isinstance(self.dtype, str) else self.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise bad_parameter("dtype", _OWNER, "torch.float32 or torch.float64", self.dtype)
+        device = resolve_device(self.device)
+        from idl_ray.implicit.fixed_point import FixedPointOptions
+
+        if self.fixed_point is None:
+            fp = FixedPointOptions(tol=1e-6, max_iter=1000)
+        elif isinstance(self.fixed_point, FixedPointOptions):
+            fp = self.fixed_point
+        elif isinstance(self.fixed_point, dict):
+            fp = FixedPointOptions.from_dict(self.fixed_point)
+        else:
+            raise bad_parameter("fixed_point", _OWNER, "a dict or FixedPointOptions", self.fixed_point)
+        if not isinstance(self.progress, bool):
+            raise bad_parameter("progress", _OWNER, "a bool", self.progress)
+        activation = self._activation_spec(self.activation)
+        return {
+            "kappa": kappa,
+            "lam": lam,
+            "lam_out": lam_out,
+            "l2": l2,
+            "variant": variant,
+            "rescale": rescale,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "device": device,
+            "fixed_point": fp,
+            "activation": activation,
+        }
+
+    @staticmethod
+    def _activation_spec(activation: Any) -> tuple[str, float | None] | None:
+        """(name, negative_slope) or None for "auto"."""
+        if activation == "auto" or activation is None:
+            return None
+        from idl_ray.implicit.activations import activation_from_module, resolve_activation
+
+        try:
+            if isinstance(activation, str):
+                act = resolve_activation(activation, owner=_OWNER)
+            else:
+                act = activation_from_module(activation)
+        except Exception as exc:
+            raise bad_parameter(
+                "activation",
+                _OWNER,
+                "'auto', an activation name (relu, leaky_relu, tanh, sigmoid) or module",
+                activation,
+            ) from exc
+        return (act.name, act.negative_slope)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, teacher: nn.Module, data: Any, solver: str | BaseSolver | None = None) -> SIM:
+        """Record the teacher's states on ``data`` and fit (A, B) then (C, D).
+
+        Parameters
+        ----------
+        teacher : nn.Module, see :mod:`idl_ray.sim.extraction` for the supported layers
+        data : DataLoader (its transforms apply), iterable of batches, tensor/array of inputs, or
+            (inputs, targets); targets are not needed to fit
+        solver : BaseSolver instance, a registered name ("admm", "cvx", "projected_gd", "least_squares")
+            or None (ADMMSolver on ``device``)
+
+        Returns
+        -------
+        self
+        """
+        cfg = self._validated()
+        solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        keep_samples = solver_obj.needs_samples or cfg["variant"] == "exact"
+        start = time.perf_counter()
+        recorder = StateRecorder(teacher, dtype=cfg["dtype"])
+        stats: GramStats | None = None
+        feats: list[torch.Tensor] = []
+        targs: list[torch.Tensor] = []
+        inputs_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        scales: torch.Tensor | None = None
+        structure: TeacherStructure | None = None
+        batches = iter_batches(data, cfg["batch_size"])
+        total = _num_batches(data, cfg["batch_size"])
+        for x, _ in progress_bar(batches, total=total, desc="SIM states", enabled=self.progress):
+            if x.shape[0] == 0:
+                continue
+            states = recorder.record(x)
+            if structure is None:
+                structure = states.structure
+                self._check_activation(structure, cfg["activation"])
+                scales = self._scales(structure, cfg)
+            Z, X = states.Z.T, states.X.T
+            if scales is not None:
+                s = scales.to(device=Z.device, dtype=Z.dtype)
+                Z, X = Z * s, X * s
+            U = states.U.T
+            features = torch.cat([X, U], dim=1)
+            targets = torch.cat([Z, states.Y.T], dim=1)
+            if stats is None:
+                stats = GramStats.from_batch(features, targets)
+            else:
+                stats.add(features, targets)
+            if keep_samples:
+                feats.append(features.cpu())
+                targs.append(targets.cpu())
+            if self.regenerate_states:
+                inputs_cache.append((U.cpu(), states.Y.T.cpu()))
+        if stats is None or structure is None:
+            raise ConfigError("SIM.fit got no samples: the data is empty. Pass at least one batch of inputs.")
+        extraction_time = time.perf_counter() - start
+        n = structure.num_hidden
+        samples = SampleData(torch.cat(feats), torch.cat(targs)) if keep_samples else None
+        variant = cfg["variant"]
+        kappa = None if variant == "least_squares" else cfg["kappa"]
+        lam = 0.0 if variant == "least_squares" else cfg["lam"]
+        lam_out = 0.0 if variant == "least_squares" else cfg["lam_out"]
+        stage1 = SIMProblem(
+            stats=stats.row_block(slice(0, n)),
+            n_constrained=n,
+            lam=lam,
+            l2=cfg["l2"],
+            kappa=kappa,
+            variant=variant,
+            samples=None if samples is None else samples.row_block(slice(0, n)),
+        )
+        result1 = solver_obj.solve(stage1)
+        W1 = result1.weights.detach().to("cpu", torch.float64)
+        A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
+        if kappa is not None:
+            A = project_rows_onto_l1_ball(A, kappa)  # no-op for constrained solvers; guards rounding
+        if self.regenerate_states:
+            stats2, samples2 = self._regenerated(A, B, inputs_cache, structure, cfg, keep_samples)
+        else:
+            stats2 = stats.row_block(slice(n, None))
+            samples2 = None if samples is None else samples.row_block(slice(n, None))
+        stage2 = SIMProblem(
+            stats=stats2,
+            n_constrained=0,
+            lam=lam_out,
+            l2=cfg["l2"],
+            kappa=None,
+            variant=variant,
+            samples=samples2,
+        )
+        result2 = solver_obj.solve(stage2)
+        W2 = result2.weights.detach().to("cpu", torch.float64)
+        self.A_, self.B_ = A, B
+        self.C_, self.D_ = W2[:, :n].contiguous(), W2[:, n:].contiguous()
+        self.bias_ = structure.bias
+        self.structure_ = structure
+        self.scales_ = scales
+        self.activation_ = (structure.activation, structure.negative_slope)
+        self.kappa_ = cfg["kappa"]
+        self.stats_: dict[str, SolverStats] = {"stage1": result1.stats, "stage2": result2.stats}
+        self.problems_ = {"stage1": stage1, "stage2": stage2}
+        self.solver_ = solver_obj
+        self.extraction_time_s_ = extraction_time
+        self.n_samples_ = stats.num_samples
+        self.inference_stats_ = None
+        self._module_cache = None
+        return self
+
+    def _check_activation(self, structure: TeacherStructure, wanted: tuple[str, float | None] | None) -> None:
+        have = (structure.activation, structure.negative_slope)
+        if wanted is not None and wanted != have:
+            raise ConfigError(
+                f"SIM was built with activation {wanted[0]!r}"
+                + (f" (slope {wanted[1]})" if wanted[1] is not None else "")
+                + f" but the teacher uses {have[0]!r}"
+                + (f" (slope {have[1]})" if have[1] is not None else "")
+                + "; the implicit model must use the teacher's activation. Pass activation='auto' or "
+                f"activation={have[0]!r}."
+            )
+
+    @staticmethod
+    def _scales(structure: TeacherStructure, cfg: dict[str, Any]) -> torch.Tensor | None:
+        if cfg["rescale"] == "none" or structure.activation not in HOMOGENEOUS_ACTIVATIONS:
+            return None
+        if cfg["variant"] == "least_squares" or cfg["kappa"] == 0:
+            return None
+        scales = layer_scales(structure, cfg["kappa"])
+        return None if bool((scales == 1).all()) else scales
+
+    def _regenerated(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        structure: TeacherStructure,
+        cfg: dict[str, Any],
+        keep_samples: bool,
+    ) -> tuple[GramStats, SampleData | None]:
+        """Stage-2 statistics on the fitted model's own equilibrium states: [X_hat; U] -> Y."""
+        from idl_ray.implicit.fixed_point import solve_fixed_point
+
+        act = self._activation_object(structure)
+        device, dtype = cfg["device"], cfg["dtype"]
+        Ad = A.to(device=device, dtype=dtype)
+        if dtype != torch.float64:
+            Ad = project_rows_onto_l1_ball(Ad, cfg["kappa"])
+        Bd = B.to(device=device, dtype=dtype)
+        out: GramStats | None = None
+        feats: list[torch.Tensor] = []
+        targs: list[torch.Tensor] = []
+        for U, Y in cache:
+            Ud = U.to(device=device, dtype=dtype)
+            X, _ = solve_fixed_point(Ad, Ud @ Bd.T, act, cfg["fixed_point"])
+            features = torch.cat([X, Ud], dim=1)
+            if out is None:
+                out = GramStats.from_batch(features, Y)
+            else:
+                out.add(features, Y)
+            if keep_samples:
+                feats.append(features.cpu())
+                targs.append(Y.cpu())
+        assert out is not None
+        samples = SampleData(torch.cat(feats), torch.cat(targs)) if keep_samples else None
+        return out, samples
+
+    # ------------------------------------------------------------------ inference
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "A_"):
+            raise NotFittedError(
+                "This SIM instance is not fitted yet. Call fit(teacher, data) (or train(...)) first."
+            )
+
+    def _activation_object(self, structure: TeacherStructure | None = None):
+        from idl_ray.implicit.activations import resolve_activation
+
+        name, slope = (
+            (structure.activation, structure.negative_slope) if structure is not None else self.activation_
+        )
+        kwargs = {} if slope is None else {"negative_slope": slope}
+        return resolve_activation(name, owner=_OWNER, **kwargs)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The fitted ``{'A', 'B', 'C', 'D'}`` (torchidl layout); NotFittedError before fit."""
+        self._check_fitted()
+        return {"A": self.A_, "B": self.B_, "C": self.C_, "D": self.D_}
+
+    @property
+    def input_dim(self) -> int:
+        """Input features per sample (without the bias feature)."""
+        self._check_fitted()
+        return self.B_.shape[1] - int(self.bias_)
+
+    def _prepare(self, inputs: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+        if x.dim() < 2:
+            raise ShapeError(
+                f"SIM.predict expects batch-first inputs of shape (batch, {self.input_dim}) or (batch, "
+                f"*{self.structure_.input_shape}). Got shape {tuple(x.shape)}."
+            )
+        U = x.reshape(x.shape[0], -1).to(device=device, dtype=dtype)
+        if U.shape[1] != self.input_dim:
+            raise ShapeError(
+                f"SIM.predict expects {self.input_dim} input features per sample (the teacher's input "
+                f"{self.structure_.input_shape} flattened). Got shape {tuple(x.shape)}."
+            )
+        if self.bias_:
+            U = torch.cat([U, torch.ones(U.shape[0], 1, dtype=dtype, device=device)], dim=1)
+        return U
+
+    def _device_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        A = self.A_.to(device=device, dtype=dtype)
+        if dtype != torch.float64:
+            A = project_rows_onto_l1_ball(A, self.kappa_)  # rounding to float32 must not break the bound
+        return A, self.B_.to(device, dtype), self.C_.to(device, dtype), self.D_.to(device, dtype)
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: Any, *, return_states: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Outputs Y = C X + D U of the fitted implicit model, X the fixed point of X = phi(A X + B U).
+
+        Parameters
+        ----------
+        inputs : tensor/array (batch, *input_shape) or (batch, p); or a DataLoader / iterable of batches
+        return_states : also return X (batch, n)
+
+        Returns
+        -------
+        Y : Tensor (batch, q) on the SIM's device, in its dtype (and X with ``return_states``)
+        """
+        self._check_fitted()
+        cfg = self._validated()
+        from idl_ray.implicit.fixed_point import solve_fixed_point
+
+        dtype, device = cfg["dtype"], cfg["device"]
+        A, B, C, D = self._device_weights(dtype, device)
+        act = self._activation_object()
+        outputs, states, iters = [], [], []
+        if isinstance(inputs, (torch.Tensor, np.ndarray)):
+            batches = (
+                inputs[i : i + cfg["batch_size"]] for i in range(0, inputs.shape[0], cfg["batch_size"])
+            )
+        else:
+            batches = (x for x, _ in iter_batches(inputs, cfg["batch_size"]))
+        for x in batches:
+            U = self._prepare(x, dtype, device)
+            X, fp_stats = solve_fixed_point(A, U @ B.T, act, cfg["fixed_point"])
+            outputs.append(X @ C.T + U @ D.T)
+            iters.append(fp_stats.sample_iterations.to(torch.float64).cpu())
+            if return_states:
+                states.append(X)
+        if not outputs:
+            raise ConfigError("SIM.predict got no inputs; pass at least one sample.")
+        it = torch.cat(iters)
+        self.inference_stats_ = {"max": float(it.max()), "mean": float(it.mean())}
+        Y = torch.cat(outputs)
+        return (Y, torch.cat(states)) if return_states else Y
+
+    def score(self, data: Any, targets: Any = None, *, metric: str = "auto") -> float:
+        """Accuracy (classification: integer labels) or R^2 (regression) of the predictions.
+
+        Parameters
+        ----------
+        data : DataLoader / iterable of (inputs, targets) batches, or inputs with ``targets``
+        targets : labels (m,) or regression targets (m, q) when ``data`` holds inputs only
+        metric : "auto" (accuracy for integer labels, else "r2"), "accuracy", "r2" or "mse"
+        """
+        self._check_fitted()
+        check_choice(metric, "metric", "SIM.score", ("auto", "accuracy", "r2", "mse"))
+        preds, labels = [], []
+        if targets is not None:
+            pairs = iter_batches((_tensor(data), _tensor(targets)), self._validated()["batch_size"])
+        else:
+            pairs = iter_batches(data, self._validated()["batch_size"])
+        for x, y in pairs:
+            if y is None:
+                raise ConfigError("SIM.score needs targets: pass (inputs, targets) batches or targets=...")
+            preds.append(self.predict(x).cpu())
+            labels.append(y.cpu())
+        if not preds:
+            raise ConfigError("SIM.score got no data.")
+        P, Y = torch.cat(preds), torch.cat(labels)
+        if metric == "auto":
+            metric = "accuracy" if (not Y.is_floating_point() and Y.dim() == 1) else "r2"
+        if metric == "accuracy":
+            return float((P.argmax(dim=1) == Y.long()).double().mean())
+        Yf = Y.to(P.dtype).reshape(P.shape)
+        mse = float(((P - Yf) ** 2).mean())
+        if metric == "mse":
+            return mse
+        var = float(((Yf - Yf.mean(dim=0)) ** 2).mean())
+        return 1.0 - mse / var if var > 0 else (1.0 if mse == 0 else -math.inf)
+
+    def to_module(self, **options: Any) -> nn.Module:
+        """An :class:`~idl_ray.implicit.model.ImplicitModel` holding the fitted weights (in ``dtype``)."""
+        self._check_fitted()
+        from idl_ray.implicit.model import ImplicitModel
+
+        cfg = self._validated()
+        A, B, C, D = self._device_weights(cfg["dtype"], torch.device("cpu"))
+        return ImplicitModel.from_weights(
+            A, B, C, D, activation=self._activation_object(), kappa=self.kappa_, bias=self.bias_, **options
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> SIMSummary:
+        """Sparsity per matrix, ||A||_inf, solve times and iterations, fixed-point iterations at inference."""
+        self._check_fitted()
+        mats = self.weights
+        s1, s2 = self.stats_["stage1"], self.stats_["stage2"]
+        return SIMSummary(
+            hidden=self.A_.shape[0],
+            inputs=self.B_.shape[1],
+            outputs=self.C_.shape[0],
+            bias=self.bias_,
+            activation=self.activation_[0],
+            kappa=self.kappa_,
+            a_inf_norm=inf_norm(self.A_),
+            sparsity={k: float((v == 0).double().mean()) if v.numel() else 0.0 for k, v in mats.items()},
+            nonzeros={k: int((v != 0).sum()) for k, v in mats.items()},
+            solver=s1.solver,
+            solve_time_s={"stage1": s1.time_s, "stage2": s2.time_s},
+            iterations={"stage1": s1.iterations, "stage2": s2.iterations},
+            objective={"stage1": s1.objective, "stage2": s2.objective},
+            extraction_time_s=self.extraction_time_s_,
+            scales=None
+            if self.scales_ is None
+            else {"min": float(self.scales_.min()), "max": float(self.scales_.max())},
+            inference_iterations=self.inference_stats_,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/weights.safetensors`` (A, B, C, D, scales) and ``path/sim.json`` (settings)."""
+        self._check_fitted()
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.weights.items()}
+        if self.scales_ is not None:
+            tensors["scales"] = self.scales_.contiguous()
+        save_file(tensors, str(folder / "weights.safetensors"))
+        params = self.get_params()
+        params["dtype"] = str(self._validated()["dtype"]).replace("torch.", "")
+        params["device"] = None if self.device is None else str(self.device)
+        if not isinstance(params["activation"], str):
+            params["activation"] = "auto"
+        if params["fixed_point"] is not None and not isinstance(params["fixed_point"], dict):
+            params["fixed_point"] = params["fixed_point"].to_dict()
+        s = self.structure_
+        meta = {
+            "format": "idl_ray.SIM/1",
+            "params": params,
+            "fitted": {
+                "bias": self.bias_,
+                "activation": list(self.activation_),
+                "kappa": self.kappa_,
+                "input_shape": list(s.input_shape),
+                "layer_sizes": s.layer_sizes,
+                "n_samples": self.n_samples_,
+                "stats": {k: {**v.to_dict(), "history": []} for k, v in self.stats_.items()},
+            },
+        }
+        (folder / "sim.json").write_text(json.dumps(meta, indent=2, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> SIM:
+        """Load a SIM saved with :meth:`save` (ready to predict; the teacher is not needed)."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        try:
+            meta = json.loads((folder / "sim.json").read_text())
+            tensors = load_file(str(folder / "weights.safetensors"))
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"SIM.load: {folder} does not hold a saved SIM (sim.json + weights.safetensors)."
+            ) from exc
+        if meta.get("format") != "idl_ray.SIM/1":
+            raise ConfigError(f"SIM.load: unknown format {meta.get('format')!r} in {folder / 'sim.json'}.")
+        params = dict(meta["params"])
+        params["dtype"] = _DTYPES[params["dtype"]]
+        sim = cls(**params)
+        fitted = meta["fitted"]
+        sim.A_, sim.B_, sim.C_, sim.D_ = (tensors[k].to(torch.float64) for k in ("A", "B", "C", "D"))
+        sim.scales_ = tensors.get("scales")
+        sim.bias_ = bool(fitted["bias"])
+        sim.activation_ = (fitted["activation"][0], fitted["activation"][1])
+        sim.kappa_ = float(fitted["kappa"])
+        sim.n_samples_ = fitted["n_samples"]
+        n = sim.A_.shape[0]
+        sim.structure_ = TeacherStructure(
+            input_shape=tuple(fitted["input_shape"]),
+            num_inputs=sim.B_.shape[1],
+            layer_sizes=list(fitted["layer_sizes"]),
+            layer_shapes=[(k,) for k in fitted["layer_sizes"]],
+            num_outputs=sim.C_.shape[0],
+            activation=sim.activation_[0],
+            negative_slope=sim.activation_[1],
+            bias=sim.bias_,
+            A=torch.zeros(n, n),
+            B=torch.zeros(0),
+            C=torch.zeros(0),
+            D=torch.zeros(0),
+        )
+        sim.stats_ = {k: SolverStats(**v) for k, v in fitted["stats"].items()}
+        sim.problems_ = {}
+        sim.solver_ = None
+        sim.extraction_time_s_ = 0.0
+        sim.inference_stats_ = None
+        return sim
+
+    # ------------------------------------------------------------------ torchidl compatibility
+    def train(
+        self,
+        solver: str | BaseSolver | None = None,
+        model: nn.Module | None = None,
+        dataloader: Any = None,
+        states_data_path: str | None = None,
+        save_states_path: str | None = None,
+    ) -> SIM:
+        """torchidl-style alias of :meth:`fit`: ``SIM(...).train(solver=..., model=..., dataloader=...)``.
+
+        ``states_data_path`` / ``save_states_path`` (torchidl's saved numpy states) are not supported:
+        states stream straight into the Gram; pass the teacher and a dataloader.
+        """
+        if states_data_path is not None or save_states_path is not None:
+            raise ConfigError(
+                "SIM.train: states_data_path/save_states_path are not supported (states stream into the Gram); "
+                "pass model=<teacher> and dataloader=<DataLoader>. To keep states, use extract_states()."
+            )
+        if model is None or dataloader is None:
+            raise ConfigError("SIM.train needs model=<teacher nn.Module> and dataloader=<DataLoader>.")
+        return self.fit(model, dataloader, solver=solver)
+
+    def evaluate(self, dataloader: Any) -> float:
+        """torchidl-style test accuracy through the dataloader (its transforms apply)."""
+        return self.score(dataloader, metric="accuracy")
+
+
+def ADMM_default(device: torch.device) -> BaseSolver:
+    from idl_ray.sim.solvers.admm import ADMMSolver
+
+    return ADMMSolver(device=device)
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))

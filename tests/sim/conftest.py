@@ -1,0 +1,83 @@
+"""Session-wide teachers and data for the SIM tests: digits (8x8), small MLP and CNN teachers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class Digits:
+    X_train: torch.Tensor  # (m, 64) float32 in [0, 1]
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def images(self, X: torch.Tensor) -> torch.Tensor:
+        return X.reshape(-1, 1, 8, 8)
+
+
+def train_classifier(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0
+) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        perm = torch.randperm(X.shape[0], generator=gen)
+        for i in range(0, X.shape[0], 128):
+            idx = perm[i : i + 128]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(dim=1) == y).double().mean())
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1300], perm[1300:]
+    return Digits(X[train], y[train], X[test], y[test])
+
+
+@pytest.fixture(scope="session")
+def mlp_teacher(digits: Digits) -> nn.Module:
+    """A 64-48-24-10 ReLU MLP with biases, trained on digits."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 10))
+    return train_classifier(model, digits.X_train, digits.y_train, epochs=25)
+
+
+class SmallCNN(nn.Module):
+    """Conv2d(1->4, 3x3) + ReLU, flatten, Linear + ReLU, Linear: a tiny CNN for 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(4 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        x = x.flatten(1)
+        x = nn.functional.relu(self.fc1(x), inplace=True)
+        return self.fc2(x)
+
+
+@pytest.fixture(scope="session")
+def cnn_teacher(digits: Digits) -> nn.Module:
+    torch.manual_seed(2)
+    model = SmallCNN()
+    return train_classifier(model, digits.images(digits.X_train), digits.y_train, epochs=15)
