@@ -18,7 +18,7 @@ def _data(m: int = 120, d: int = 7, rows: int = 3) -> tuple[torch.Tensor, torch.
 def test_batches_and_shards_give_the_full_gram() -> None:
     F, T = _data()
     full = GramStats.from_batch(F, T)
-    streamed = SIMProblem.from_batches(((F[i : i + 25], T[i : i + 25]) for i in range(0, 120, 25)))
+    streamed = SIMProblem.from_batches((F[i : i + 25], T[i : i + 25]) for i in range(0, 120, 25))
     shards = SIMProblem.combine([GramStats.from_batch(F[:50], T[:50]), GramStats.from_batch(F[50:], T[50:])])
     for problem in (streamed, shards):
         assert problem.num_samples == 120
