@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "RayProjectedGDSolver": "idl_ray.distributed.projected_gd",
     "RayCVXSolver": "idl_ray.distributed.cvx",
     "RayRunConfig": "idl_ray.distributed.config",
+    "WorkerPool": "idl_ray.distributed.pool",
     "ShardedProblem": "idl_ray.distributed.sharded",
     "ShardSource": "idl_ray.distributed.shards",
     "ObjectRefShard": "idl_ray.distributed.shards",

@@ -90,9 +90,16 @@ class _RaySolverMixin:
     run_config: RayRunConfig
     last_timings_: dict[str, float]
     _pool: WorkerPool | None = None
+    _shared_pool: WorkerPool | None = None
 
     def _acquire_pool(self) -> WorkerPool:
-        """A started pool: the kept one (emptied) when ``keep_workers``, else a new one."""
+        """A started pool: the caller's (``workers=``), the kept one (``keep_workers``), or a new one."""
+        if self._shared_pool is not None:
+            if not self._shared_pool.actors:
+                raise ConfigError("The WorkerPool passed as workers= was shut down; start a new one.")
+            self._shared_pool.release_data()
+            self._shared_pool.restarts = 0
+            return self._shared_pool
         if self._pool is not None:
             try:
                 self._pool.release_data()
@@ -106,7 +113,7 @@ class _RaySolverMixin:
         return pool
 
     def _release_pool(self, pool: WorkerPool) -> None:
-        if pool is not self._pool:
+        if pool is not self._pool and pool is not self._shared_pool:
             pool.shutdown()
 
     def close(self) -> None:
@@ -123,7 +130,7 @@ class _RaySolverMixin:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_pool"] = None  # actor handles do not travel with a pickled solver
+        state["_pool"] = state["_shared_pool"] = None  # actor handles do not travel with a pickled solver
         state["callback"] = None
         return state
 
@@ -184,6 +191,9 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         Called with a :class:`~idl_ray.distributed.progress.ProgressEvent` after every stopping test.
     warn : bool, default True
         Emit a :class:`~idl_ray.errors.ConvergenceWarning` when ``max_iter`` is reached.
+    workers : WorkerPool, optional
+        Started actors to use (shared between solvers, never stopped by them); their resources come from
+        the pool's own config, which then replaces ``num_workers``, ``use_gpu`` and ``cpus_per_worker``.
 
     Attributes
     ----------
@@ -214,8 +224,12 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         run_config: RayRunConfig | dict[str, Any] | None = None,
         callback: Callable[[ProgressEvent], None] | None = None,
         warn: bool = True,
+        workers: WorkerPool | None = None,
         **kwargs: Any,
     ) -> None:
+        if workers is not None and not isinstance(workers, WorkerPool):
+            raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
+        self._shared_pool = workers
         self.strategy = check_choice(strategy, "strategy", type(self).__name__, STRATEGIES)
         if num_workers is not None:
             kwargs["num_workers"] = num_workers
@@ -240,7 +254,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """Load the shards inside the actors and return the summed single-process problem (no solve)."""
         pool = self._acquire_pool()
         try:
-            pool.load(assign(problem.sources, self.run_config.num_workers))
+            pool.load(assign(problem.sources, pool.size))
             return problem.with_stats(reduce_stats(pool, Timings()))
         finally:
             self._release_pool(pool)
@@ -269,14 +283,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
                 return W, self._info(pool, timings, info)
             finally:
                 self._release_pool(pool)
-        K = self.run_config.num_workers
-        if problem.samples is not None:
-            sources = tensor_sources(problem.samples.features, problem.samples.targets, K)
-        else:
-            sources = _even_stats_split(problem, K)
         with timings.phase("startup"):
             pool = self._acquire_pool()
         try:
+            if problem.samples is not None:
+                sources = tensor_sources(problem.samples.features, problem.samples.targets, pool.size)
+            else:
+                sources = _even_stats_split(problem, pool.size)
             pool.load([[s] for s in sources])
             self._record_load(pool, timings)
             W, info = self._consensus(pool, problem.num_samples, problem, timings)
@@ -291,7 +304,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         with timings.phase("startup"):
             pool = self._acquire_pool()
         try:
-            pool.load(assign(sharded.sources, self.run_config.num_workers))
+            pool.load(assign(sharded.sources, pool.size))
             self._record_load(pool, timings)
             if self.strategy == "gram":
                 problem = sharded.with_stats(reduce_stats(pool, timings))

@@ -1,0 +1,118 @@
+"""Both strategies give the single-process ADMM answer, whatever the number of workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
+
+from idl_ray.distributed import RayADMMSolver, ShardedProblem
+from idl_ray.sim.solvers.admm import ADMMSolver
+
+TOL = dict(abs_tol=1e-10, rel_tol=1e-8, max_iter=20_000)
+
+
+@pytest.fixture
+def ray_solver(worker_pools):
+    """A RayADMMSolver on a shared, already started pool of ``workers`` actors."""
+
+    def make(strategy: str, workers: int, **kwargs) -> RayADMMSolver:
+        return RayADMMSolver(
+            strategy=strategy, workers=worker_pools(workers), timeout_s=TIMEOUT_S, **{**TOL, **kwargs}
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return random_problem()
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    return ADMMSolver(device="cpu", **TOL).solve(problem)
+
+
+def check_same_answer(result, reference, problem):
+    assert result.stats.converged
+    assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+    assert result.stats.constraint_violation == 0.0
+    assert problem.constraint_norm(result.weights) <= problem.kappa
+    assert torch.allclose(result.weights, reference.weights, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["gram", "consensus"])
+def test_one_two_three_workers_match_single_process(strategy, problem, reference, ray_solver):
+    answers = []
+    for workers in (1, 2, 3):
+        result = ray_solver(strategy, workers).solve(problem)
+        check_same_answer(result, reference, problem)
+        answers.append(result.weights)
+        extra = result.stats.extra
+        assert extra["num_workers"] == workers and extra["devices"] == ["cpu"] * workers
+        assert set(extra["timings"]) >= {"load", "gram", "factor", "iterations", "communication"}
+    assert torch.allclose(answers[0], answers[1], atol=1e-5)
+    assert torch.allclose(answers[0], answers[2], atol=1e-5)
+
+
+def test_gram_strategy_replays_the_single_process_iterations(problem, reference, ray_solver):
+    result = ray_solver("gram", 2).solve(problem)
+    # same stopping test on the same additive sums: the same number of iterations and residual history
+    assert result.stats.iterations == reference.stats.iterations
+    assert [h["iteration"] for h in result.stats.history] == [h["iteration"] for h in reference.stats.history]
+    assert torch.allclose(result.weights, reference.weights, atol=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["gram", "consensus"])
+def test_elastic_net_and_no_constraint(strategy, ray_solver):
+    for problem in (random_problem(l2=0.05, seed=1), random_problem(kappa=None, seed=2, keep_samples=False)):
+        reference = ADMMSolver(device="cpu", **TOL).solve(problem)
+        result = ray_solver(strategy, 2).solve(problem)
+        assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+        assert result.stats.constraint_violation == 0.0
+
+
+def test_more_workers_than_rows(ray_solver):
+    problem = random_problem(m=300, n=2, p=4)
+    reference = ADMMSolver(device="cpu", **TOL).solve(problem)
+    result = ray_solver("gram", 3).solve(problem)
+    assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["gram", "consensus"])
+def test_sharded_problem_from_the_object_store(strategy, problem, reference, ray_solver):
+    sharded = ShardedProblem.from_tensors(
+        problem.samples.features,
+        problem.samples.targets,
+        num_shards=4,
+        n_constrained=problem.n_constrained,
+        lam=problem.lam,
+        kappa=problem.kappa,
+    )
+    result = ray_solver(strategy, 2).solve(sharded)  # 4 shards dealt to 2 workers
+    check_same_answer(result, reference, problem)
+    assert result.stats.extra["timings"]["gram"] > 0
+
+
+def test_kept_workers_serve_several_solves(problem, reference):
+    solver = RayADMMSolver(
+        num_workers=2, use_gpu=False, cpus_per_worker=0.2, keep_workers=True, timeout_s=TIMEOUT_S, **TOL
+    )
+    with solver:
+        first = solver.solve(problem)
+        pool = solver._pool
+        second = solver.solve(random_problem(seed=3))
+        assert solver._pool is pool
+        check_same_answer(first, reference, problem)
+        assert second.stats.converged
+    assert solver._pool is None
+
+
+def test_reduce_returns_the_single_process_problem(problem, ray_solver):
+    sharded = ShardedProblem.from_tensors(
+        problem.samples.features, problem.samples.targets, num_shards=2, n_constrained=problem.n_constrained
+    )
+    reduced = ray_solver("gram", 2).reduce(sharded)
+    assert reduced.num_samples == problem.num_samples
+    assert torch.allclose(reduced.G, problem.G) and torch.allclose(reduced.Rt, problem.Rt)
