@@ -109,7 +109,7 @@ def run_consensus(
     while iteration < options.max_iter:
         try:
             if V is None:  # first local step (or after a restore): W_k from the current Z and U_k
-                V, _ = _first_step(pool, step, Z, rho, timeout)
+                V, _ = step(Z, rho)
             begin = time.perf_counter()
             mean = torch.stack(V).mean(dim=0)
             Z_next = prox(mean, lam / (K * rho), kappa, n_constrained)
@@ -189,10 +189,6 @@ def run_consensus(
         checkpoints=checkpointer.count,
     )
     return Z, info
-
-
-def _first_step(pool: WorkerPool, step, Z: torch.Tensor, rho: float, timeout: float):
-    return step(Z, rho)
 
 
 def _values(states: list[ConsensusLocalState]) -> list[torch.Tensor] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import ray
 import torch
@@ -117,7 +116,25 @@ def run_gram(
     setup(list(range(pool.size)), zero_states)
     checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
 
+    def recover(exc: BaseException) -> tuple[int, float, float, list[dict[str, float]]]:
+        """Recreate dead actors, roll every worker back to the last checkpoint, return the loop state."""
+        if not resources.is_actor_failure(exc):
+            raise exc
+        with timings.phase("recovery"):
+            needs_setup = pool.recover(exc)
+            checkpoint = checkpointer.restore()
+            if needs_setup:
+                setup(needs_setup, checkpoint.worker_states)
+            others = [k for k in range(pool.size) if k not in needs_setup]
+            resources.get(
+                [pool.actors[k].set_state.remote(checkpoint.worker_states[k]) for k in others],
+                pool.config.timeout_s,
+                "restoring the checkpoint",
+            )
+        return checkpoint.iteration, checkpoint.rho, checkpoint.pending_rho, list(checkpoint.history)
+
     iteration, rho, pending = 0, rho0, rho0
+    W: torch.Tensor | None = None
     history: list[dict[str, float]] = []
     converged = False
     sums: ResidualSums | None = None
@@ -133,21 +150,7 @@ def run_gram(
                 rho = pending
             results = pool.call("iterate", steps, what="ADMM iterations on the workers")
         except Exception as exc:
-            if not resources.is_actor_failure(exc):
-                raise
-            with timings.phase("recovery"):
-                needs_setup = pool.recover(exc)
-                checkpoint = checkpointer.restore()
-                if needs_setup:
-                    setup(needs_setup, checkpoint.worker_states)
-                others = [k for k in range(pool.size) if k not in needs_setup]
-                resources.get(
-                    [pool.actors[k].set_state.remote(checkpoint.worker_states[k]) for k in others],
-                    pool.config.timeout_s,
-                    "restoring the checkpoint",
-                )
-                iteration, rho, pending = checkpoint.iteration, checkpoint.rho, checkpoint.pending_rho
-                history = list(checkpoint.history)
+            iteration, rho, pending, history = recover(exc)
             continue
         timings.round_trip(time.perf_counter() - begin, [r[1] for r in results])
         sums = results[0][0]
@@ -162,6 +165,14 @@ def run_gram(
             )
         )
         if converged:
+            begin = time.perf_counter()
+            try:
+                W = torch.cat(pool.call("weights", what="gathering the weights"))
+            except Exception as exc:  # a worker died after the last check: replay from the checkpoint
+                iteration, rho, pending, history = recover(exc)
+                converged = False
+                continue
+            timings.add("communication", time.perf_counter() - begin)
             break
         pending = _rho_after_balance(rho, d, sums, options)
         if checkpointer.due(iteration):
@@ -175,9 +186,10 @@ def run_gram(
                 checkpointer.save(
                     SolveCheckpoint("gram", iteration, rho, pending, states, history=list(history))
                 )
-    begin = time.perf_counter()
-    W = torch.cat(pool.call("weights", what="gathering the weights"))
-    timings.add("communication", time.perf_counter() - begin)
+    if W is None:  # max_iter reached
+        begin = time.perf_counter()
+        W = torch.cat(pool.call("weights", what="gathering the weights"))
+        timings.add("communication", time.perf_counter() - begin)
     info = RunInfo(
         iterations=iteration,
         converged=converged,
@@ -191,13 +203,6 @@ def run_gram(
         checkpoints=checkpointer.count,
     )
     return W, info
-
-
-def fetch(value: Any, timeout_s: float) -> Any:
-    """Resolve an ObjectRef (with a time limit) or return the value."""
-    if isinstance(value, ray.ObjectRef):
-        return resources.get(value, timeout_s, "an object from the object store")
-    return value
 
 
 __all__ = ["RunInfo", "reduce_stats", "run_gram"]

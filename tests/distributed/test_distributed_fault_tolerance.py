@@ -1,0 +1,121 @@
+"""An actor killed with ray.kill in the middle of a solve is recreated; the solve ends with the same answer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import torch
+from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
+
+from idl_ray.distributed import RayADMMSolver, ShardedProblem, load_checkpoint
+from idl_ray.errors import DistributedError
+from idl_ray.sim.solvers.admm import ADMMSolver
+
+TOL = dict(abs_tol=1e-10, rel_tol=1e-8)
+
+
+class KillOnce:
+    """A progress callback that kills worker ``rank`` once the solve passes ``at`` iterations."""
+
+    def __init__(self, at: int, rank: int = 1) -> None:
+        self.at, self.rank, self.killed_pid = at, rank, None
+
+    def __call__(self, event) -> None:
+        if self.killed_pid is None and event.iteration >= self.at:
+            victim = event.workers[self.rank]
+            self.killed_pid = ray.get(victim.info.remote(), timeout=TIMEOUT_S)["pid"]
+            ray.kill(victim)  # no_restart=True: the driver has to recreate it
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return random_problem(seed=4)
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    return ADMMSolver(device="cpu", **TOL).solve(problem)
+
+
+@pytest.mark.parametrize("strategy", ["gram", "consensus"])
+def test_killed_actor_is_survived_with_the_same_answer(strategy, problem, reference, tmp_path):
+    killer = KillOnce(at=15)
+    solver = RayADMMSolver(
+        num_workers=2,
+        use_gpu=False,
+        cpus_per_worker=0.2,
+        strategy=strategy,
+        checkpoint_every=10,
+        checkpoint_dir=str(tmp_path),
+        callback=killer,
+        timeout_s=TIMEOUT_S,
+        **TOL,
+    )
+    result = solver.solve(problem)
+    assert killer.killed_pid is not None
+    stats = result.stats
+    assert stats.converged and stats.extra["restarts"] == 1
+    assert stats.extra["timings"]["recovery"] > 0
+    assert relative_gap(stats.objective, reference.stats.objective) < 1e-5
+    assert stats.constraint_violation == 0.0
+    assert torch.allclose(result.weights, reference.weights, atol=1e-4)
+    checkpoint = load_checkpoint(os.path.join(tmp_path, f"ray-admm-{strategy}.pt"))
+    assert checkpoint.strategy == strategy and checkpoint.iteration >= 10
+    assert len(checkpoint.worker_states) == 2
+
+
+def test_gram_recovery_replays_exactly(problem):
+    plain = RayADMMSolver(num_workers=2, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
+    killed = RayADMMSolver(
+        num_workers=2,
+        use_gpu=False,
+        cpus_per_worker=0.2,
+        checkpoint_every=10,
+        callback=KillOnce(at=20, rank=0),
+        timeout_s=TIMEOUT_S,
+        **TOL,
+    )
+    a, b = plain.solve(problem), killed.solve(problem)
+    # rollback to the checkpoint and replay: the same iterations, the same weights
+    assert a.stats.iterations == b.stats.iterations
+    assert torch.allclose(a.weights, b.weights, atol=1e-12)
+
+
+def test_sharded_shard_is_reloaded_by_the_recreated_actor(problem, reference):
+    sharded = ShardedProblem.from_tensors(
+        problem.samples.features,
+        problem.samples.targets,
+        num_shards=2,
+        n_constrained=problem.n_constrained,
+        lam=problem.lam,
+        kappa=problem.kappa,
+    )
+    solver = RayADMMSolver(
+        num_workers=2,
+        use_gpu=False,
+        cpus_per_worker=0.2,
+        strategy="consensus",
+        checkpoint_every=5,
+        callback=KillOnce(at=12, rank=0),
+        timeout_s=TIMEOUT_S,
+        **TOL,
+    )
+    result = solver.solve(sharded)
+    assert result.stats.extra["restarts"] == 1
+    assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+
+
+def test_without_restart_budget_the_failure_is_reported(problem):
+    solver = RayADMMSolver(
+        num_workers=2,
+        use_gpu=False,
+        cpus_per_worker=0.2,
+        max_restarts=0,
+        callback=KillOnce(at=10),
+        timeout_s=TIMEOUT_S,
+        **TOL,
+    )
+    with pytest.raises(DistributedError, match="restart budget"):
+        solver.solve(problem)
