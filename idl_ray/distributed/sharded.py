@@ -95,7 +95,7 @@ class ShardedProblem:
             if os.path.isdir(root):
                 files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet"))
             else:
-                files = [root]
+                files = [root] if os.path.exists(root) else []
         else:
             files = [os.fspath(p) for p in paths]
         if not files:
@@ -124,9 +124,14 @@ class ShardedProblem:
         batch_size: int = DEFAULT_BATCH,
         **settings: Any,
     ) -> ShardedProblem:
-        """A Ray Dataset split into ``num_shards`` materialised parts, each read inside one actor."""
+        """A Ray Dataset split into ``num_shards`` materialised parts of nearly equal rows (none dropped)."""
         check_positive_int(num_shards, "num_shards", "from_dataset")
-        parts = dataset.split(num_shards)
+        dataset = dataset.materialize()
+        count = dataset.count()
+        if count < num_shards:
+            raise ConfigError(f"The dataset has {count} row(s), fewer than num_shards={num_shards}.")
+        bounds = [s.stop for s in split_rows(count, num_shards)][:-1]
+        parts = dataset.split_at_indices(bounds)
         sources: list[ShardSource] = [
             DatasetShard(part, tuple(feature_columns), tuple(target_columns), batch_size) for part in parts
         ]

@@ -131,6 +131,12 @@ class ParquetShard(ShardSource):
             if not os.path.exists(path):
                 raise ConfigError(f"Parquet shard {path!r} does not exist (seen from the actor's node).")
             parquet = pq.ParquetFile(path)
+            missing = [c for c in columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise ConfigError(
+                    f"Parquet shard {path!r} has no column(s) {missing}; its columns are "
+                    f"{parquet.schema_arrow.names}. Set feature_columns / target_columns to match."
+                )
             for record_batch in parquet.iter_batches(batch_size=self.batch_size, columns=columns):
                 arrays = {name: _arrow_column(record_batch.column(name)) for name in columns}
                 yield _batch(arrays, self.feature_columns), _batch(arrays, self.target_columns)
