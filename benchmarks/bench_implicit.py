@@ -124,9 +124,13 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
     Xtr, ytr, Xte, yte = load_digits_tensors(side, device)
     assert Xtr.shape[1] == p, Xtr.shape
     torch.manual_seed(args.seed)
+    if args.criterion == "absolute":  # torchidl's test max|f(x) - x| < tol, applied per sample
+        tols = {"tol": 0.0, "atol": args.tol, "residual_norm": "inf"}
+    else:
+        tols = {"tol": args.tol, "atol": 0.0}
     ours = idl_ray.ImplicitModel(
-        p, 10, args.hidden, kappa=args.kappa, tol=args.tol, max_iter=args.max_iter,
-        fixed_point=args.fixed_point, device=device,
+        p, 10, args.hidden, kappa=args.kappa, max_iter=args.max_iter, fixed_point=args.fixed_point,
+        device=device, **tols,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     theirs = torchidl.ImplicitModel(
@@ -175,7 +179,18 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
                 n_steps += 1
     med_o, med_t = statistics.median(times_o), statistics.median(times_t)
     probe = Xte[: args.batch]
+    quality = {  # before same_problem(), which copies our weights into torchidl's model
+        "ours_residual": ours_residual(ours, probe),
+        "torchidl_residual": torchidl_residual(theirs, probe),
+        "ours_acc": accuracy(ours, Xte, yte),
+        "torchidl_acc": accuracy(theirs, Xte, yte),
+        "ours_inf_norm": inf_norm(ours.A.detach()),
+        "torchidl_stored_inf_norm": inf_norm(theirs.A.detach()),
+    }
+    same = same_problem(ours, theirs, Xtr, ytr, args, device, counter)
     return {
+        **quality,
+        **same,
         "input_dim": p,
         "steps_timed": len(times_o),
         "ours_ms": med_o * 1e3,
@@ -183,12 +198,49 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
         "speedup": med_t / med_o,
         "ours_iters": tuple(np.mean(it_o, axis=0)),
         "torchidl_iters": tuple(np.mean(it_t, axis=0)),
-        "ours_residual": ours_residual(ours, probe),
-        "torchidl_residual": torchidl_residual(theirs, probe),
-        "ours_acc": accuracy(ours, Xte, yte),
-        "torchidl_acc": accuracy(theirs, Xte, yte),
-        "ours_inf_norm": inf_norm(ours.A.detach()),
-        "torchidl_stored_inf_norm": inf_norm(theirs.A.detach()),
+    }
+
+
+def same_problem(ours, theirs, Xtr, ytr, args, device, counter: TorchidlCounter) -> dict:
+    """Forward + backward of both models holding the *same* weights (ours, copied into torchidl's), on
+    the same batches: the same fixed-point problems, so this isolates the solvers' efficiency from the
+    training trajectories (torchidl rescales all of A by one factor; our exact projection leaves many
+    rows of A at the bound, which makes its fixed points slower to reach)."""
+    ours.project_()  # the last optimiser step may have left A outside the bound: use the A ours uses
+    with torch.no_grad():
+        for name in ("A", "B", "C", "D"):
+            getattr(theirs, name).copy_(getattr(ours, name))
+    times_o, times_t, it_o, it_t = [], [], [], []
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rep in range(args.same_repeats):
+            idx = torch.randperm(len(Xtr), generator=gen)[: args.batch].to(device)
+            xb, yb = Xtr[idx], ytr[idx]
+            pair = [("o", ours), ("t", theirs)]
+            if rep % 2:
+                pair.reverse()
+            for tag, model in pair:
+                model.zero_grad(set_to_none=True)
+                counter.take()
+                sync(device)
+                t0 = time.perf_counter()
+                F.cross_entropy(model(xb), yb).backward()
+                sync(device)
+                dt = time.perf_counter() - t0
+                if tag == "o":
+                    times_o.append(dt)
+                    it_o.append((ours.last_forward_stats.iterations, ours.last_backward_stats.iterations))
+                else:
+                    times_t.append(dt)
+                    it_t.append(counter.take())
+    med_o, med_t = statistics.median(times_o), statistics.median(times_t)
+    return {
+        "same_ours_ms": med_o * 1e3,
+        "same_torchidl_ms": med_t * 1e3,
+        "same_speedup": med_t / med_o,
+        "same_ours_iters": tuple(np.mean(it_o, axis=0)),
+        "same_torchidl_iters": tuple(np.mean(it_t, axis=0)),
     }
 
 
@@ -197,7 +249,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both models")
     parser.add_argument("--inputs", type=int, nargs="+", default=[64, 784])
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--batch", type=int, default=256)
@@ -208,8 +260,16 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=3e-6, help="passed to both (torchidl's default)")
     parser.add_argument("--max-iter", type=int, default=300, help="passed to both (torchidl's default)")
     parser.add_argument(
-        "--fixed-point", default="anderson", choices=sorted(idl_ray.implicit.FIXED_POINT_METHODS)
+        "--fixed-point", default="picard", choices=sorted(idl_ray.implicit.FIXED_POINT_METHODS)
     )
+    parser.add_argument(
+        "--criterion",
+        default="absolute",
+        choices=["absolute", "relative"],
+        help="ours stops on max|f(x_i)-x_i| <= tol (absolute: torchidl's test, applied per sample) or on "
+        "||f(x_i)-x_i||_2 <= tol*||f(x_i)||_2 (relative, our default kind of test)",
+    )
+    parser.add_argument("--same-repeats", type=int, default=30, help="repeats of the same-weights timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -219,7 +279,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
         f"hidden {args.hidden}, tol {args.tol:g}, max_iter {args.max_iter}, kappa {args.kappa}, "
-        f"epochs {args.epochs}, ours fixed_point={args.fixed_point!r}"
+        f"epochs {args.epochs}, ours fixed_point={args.fixed_point!r}, criterion {args.criterion}"
     )
     header = (
         f"{'input':>5} {'ours ms':>8} {'tidl ms':>8} {'speedup':>7} {'ours it f/b':>12} {'tidl it f/b':>12} "
@@ -233,6 +293,12 @@ def main() -> None:
             f"{r['ours_iters'][0]:>5.1f}/{r['ours_iters'][1]:<6.1f} "
             f"{r['torchidl_iters'][0]:>5.1f}/{r['torchidl_iters'][1]:<6.1f} "
             f"{r['ours_residual']:>9.2e} {r['torchidl_residual']:>9.2e} {r['ours_acc']:>8.4f} {r['torchidl_acc']:>8.4f}"
+        )
+        print(
+            f"      same weights, forward+backward only: ours {r['same_ours_ms']:.2f} ms, torchidl "
+            f"{r['same_torchidl_ms']:.2f} ms, speedup {r['same_speedup']:.2f}x, iterations f/b ours "
+            f"{r['same_ours_iters'][0]:.1f}/{r['same_ours_iters'][1]:.1f}, torchidl "
+            f"{r['same_torchidl_iters'][0]:.1f}/{r['same_torchidl_iters'][1]:.1f}"
         )
         print(
             f"      timed steps {r['steps_timed']}; ||A||_inf used by ours {r['ours_inf_norm']:.4f}, "

@@ -11,9 +11,9 @@ and the adjoint problem of the backward pass (same contraction, ``J = phi'(Z)`` 
 Both are maps ``x -> fn(x W + c)`` with a row-wise offset ``c`` (and, for the adjoint, a row-wise scale),
 so one engine solves both. Stopping rule, per sample ``i``::
 
-    ||f(x_i) - x_i||_2 <= tol * ||f(x_i)||_2
+    ||f(x_i) - x_i|| <= atol + tol * ||f(x_i)||        (2-norm by default, or the max-norm)
 
-(plus ``atol`` when an absolute floor is set). A sample that meets it is written to the result and leaves the active set, so it stops costing work
+A sample that meets it is written to the result and leaves the active set, so it stops costing work
 ("active-set shrinking"); the others go on until ``max_iter``. The returned state of each sample is its
 last ``f(x_i)``. Samples still above the tolerance at the cap trigger a :class:`ConvergenceWarning` that
 states the residual, the tolerance and what to try.
@@ -63,7 +63,9 @@ class FixedPointOptions(Options):
     tol : float, default 1e-5
         Relative tolerance: sample ``i`` stops once ``||f(x_i) - x_i||_2 <= atol + tol * ||f(x_i)||_2``.
     atol : float, default 0.0
-        Absolute tolerance of the same test (``tol=0, atol=a`` stops on ``||f(x_i) - x_i||_2 <= a``).
+        Absolute tolerance of the same test (``tol=0, atol=a`` stops on ``||f(x_i) - x_i|| <= a``).
+    norm : {"l2", "inf"}, default "l2"
+        The per-sample norm of the test (and of the reported residuals).
     max_iter : int, default 300
         Iteration cap (each iteration is one evaluation of the map).
     method : str, default "picard"
@@ -74,17 +76,28 @@ class FixedPointOptions(Options):
         Anderson damping in (0, 1]; 1 is undamped.
     anderson_reg : float, default 1e-10
         Tikhonov regularisation of Anderson's least-squares problem, relative to its scale.
+    shrink_fraction : float in [0, 1], default 0.25
+        The active set is compacted (converged samples removed, their results written) once at least
+        this fraction of the active samples has met the tolerance; 0 compacts at every convergence.
+        Samples waiting for a compaction keep iterating, which only refines them; compacting less often
+        saves the indexing cost, which dominates on small problems.
+    max_check_skip : int >= 0, default 8
+        Picard only: once the linear rate is measured, up to this many iterations may run between two
+        convergence checks (half the predicted remaining count). 0 checks at every iteration.
     warn : bool, default True
         Emit a :class:`ConvergenceWarning` when samples hit the cap above tolerance.
     """
 
     tol: float = 1e-5
     atol: float = 0.0
+    norm: str = "l2"
     max_iter: int = 300
     method: str = "picard"
     anderson_memory: int = 5
     anderson_beta: float = 1.0
     anderson_reg: float = 1e-10
+    shrink_fraction: float = 0.25
+    max_check_skip: int = 8
     warn: bool = True
 
     def _validate(self) -> None:
@@ -107,6 +120,17 @@ class FixedPointOptions(Options):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
             raise bad_parameter("anderson_beta", owner, "a float in (0, 1]", beta)
         check_positive_float(self.anderson_reg, "anderson_reg", owner, allow_zero=True)
+        if (
+            isinstance(self.max_check_skip, bool)
+            or not isinstance(self.max_check_skip, int)
+            or self.max_check_skip < 0
+        ):
+            raise bad_parameter("max_check_skip", owner, "an integer >= 0", self.max_check_skip)
+        if self.norm not in _NORMS:
+            raise bad_parameter("norm", owner, f"one of {sorted(_NORMS)}", self.norm)
+        frac = self.shrink_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise bad_parameter("shrink_fraction", owner, "a float in [0, 1]", frac)
         if not isinstance(self.warn, bool):
             raise bad_parameter("warn", owner, "a bool", self.warn)
 
@@ -203,93 +227,161 @@ class RowMap:
         return z
 
     def restrict(self, keep: torch.Tensor) -> RowMap:
-        """The same map on the rows selected by the boolean mask ``keep``."""
-        scale = None if self.scale is None else self.scale[keep]
-        return RowMap(self.weight, self.offset[keep], self.fn, scale)
+        """The same map on the rows whose indices are in the int64 tensor ``keep``."""
+        scale = None if self.scale is None else self.scale.index_select(0, keep)
+        return RowMap(self.weight, self.offset.index_select(0, keep), self.fn, scale)
+
+
+_NORMS = {"l2": 2.0, "inf": math.inf}
 
 
 class _Recorder:
-    """Collects finished samples of a solve and builds its :class:`FixedPointStats`."""
+    """Collects finished samples of a solve (in chunks, assembled once) and builds the stats."""
 
     def __init__(self, x0: torch.Tensor, options: FixedPointOptions, method: str) -> None:
-        batch = x0.shape[0]
-        self.result = torch.empty_like(x0)
-        self.residual = torch.full((batch,), math.inf, dtype=x0.dtype, device=x0.device)
-        self.abs_residual = torch.full((batch,), math.inf, dtype=x0.dtype, device=x0.device)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
-        self.iters = torch.zeros(batch, dtype=torch.int64, device=x0.device)
+        self.x0 = x0
         self.options = options
         self.method = method
         self.start = time.perf_counter()
         self.iterations = 0
-        self.tiny = torch.finfo(x0.dtype).tiny
+        self.chunks: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.rows: torch.Tensor | None = None  # original indices of the active rows; None = all, in order
 
-    def check(self, fx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row ``(||f(x) - x||, ||f(x)||)``."""
-        return torch.linalg.vector_norm(fx - x, dim=1), torch.linalg.vector_norm(fx, dim=1)
-
-    def done(self, dist: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    def residuals(self, fx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row residual ``||f(x) - x||`` and its ratio to the row's threshold (done when <= 1)."""
         o = self.options
+        diff = fx - x
+        # abs().amax() is several times faster than vector_norm(ord=inf) on CPU
+        dist = diff.abs_().amax(dim=1) if o.norm == "inf" else torch.linalg.vector_norm(diff, dim=1)
         if o.tol == 0:
-            return dist <= o.atol
-        return dist <= size.mul(o.tol).add_(o.atol)
+            return dist, dist / o.atol
+        size = fx.abs().amax(dim=1) if o.norm == "inf" else torch.linalg.vector_norm(fx, dim=1)
+        thr = size.mul_(o.tol).add_(o.atol).clamp_min_(torch.finfo(fx.dtype).tiny)
+        return dist, dist / thr
 
-    def finish(
-        self, rows: torch.Tensor, fx: torch.Tensor, dist: torch.Tensor, size: torch.Tensor,
-        done: torch.Tensor, k: int,
-    ) -> None:  # fmt: skip
-        self.result[rows] = fx
-        self.abs_residual[rows] = dist
-        self.residual[rows] = dist / size.clamp_min(self.tiny)
-        self.converged[rows] = done
-        self.iters[rows] = k
+    def step(self, k: int, fx: torch.Tensor, dist: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor | None:
+        """Record finished rows; return None when every row is finished, else the mask of rows to keep
+        as int64 indices (:data:`_KEEP_ALL` when no compaction is due). Sets ``self.worst`` = largest ratio."""
+        active = fx.shape[0]
+        self.worst = worst = float(ratio.max())
+        if k == self.options.max_iter or worst <= 1.0:
+            self._finish(self.rows, fx, dist, ratio <= 1.0, k)
+            return None
+        done = ratio <= 1.0
+        n_done = int(done.sum())
+        if n_done == 0 or n_done < self.options.shrink_fraction * active:
+            return _KEEP_ALL
+        # one nonzero per mask, then index_select: cheaper than repeated boolean indexing
+        rows = self.rows if self.rows is not None else torch.arange(active, device=fx.device)
+        finished = done.nonzero().squeeze(1)
+        keep = (~done).nonzero().squeeze(1)
+        self._finish(
+            rows.index_select(0, finished),
+            fx.index_select(0, finished),
+            dist.index_select(0, finished),
+            torch.ones_like(finished, dtype=torch.bool),
+            k,
+        )
+        self.rows = rows.index_select(0, keep)
+        return keep
+
+    def _finish(self, rows, fx, dist, done, k) -> None:
+        self.chunks.append((rows, fx, dist, done, k))
         self.iterations = max(self.iterations, k)
 
-    def stats(self) -> FixedPointStats:
+    def result(self) -> tuple[torch.Tensor, FixedPointStats]:
+        x0 = self.x0
+        batch = x0.shape[0]
+        if len(self.chunks) == 1 and self.chunks[0][0] is None:
+            _, X, dist, converged, k = self.chunks[0]
+            iters = torch.full((batch,), k, dtype=torch.int64, device=x0.device)
+        else:
+            X = torch.empty_like(x0)
+            dist = torch.empty(batch, dtype=x0.dtype, device=x0.device)
+            converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+            iters = torch.zeros(batch, dtype=torch.int64, device=x0.device)
+            for rows, fx, d, c, k in self.chunks:
+                X[rows] = fx
+                dist[rows] = d
+                converged[rows] = c
+                iters[rows] = k
+        size = X.abs().amax(dim=1) if self.options.norm == "inf" else torch.linalg.vector_norm(X, dim=1)
+        size = size.clamp_min_(torch.finfo(X.dtype).tiny)
+        rel = dist / size
         o = self.options
-        n = int(self.residual.numel())
-        return FixedPointStats(
+        stats = FixedPointStats(
             method=self.method,
             iterations=self.iterations,
-            max_residual=float(self.residual.max()) if n else 0.0,
-            mean_residual=float(self.residual.mean()) if n else 0.0,
-            max_abs_residual=float(self.abs_residual.max()) if n else 0.0,
-            num_converged=int(self.converged.sum()),
-            num_samples=n,
-            converged=self.converged,
-            sample_iterations=self.iters,
-            work=int(self.iters.sum()),
+            max_residual=float(rel.max()) if batch else 0.0,
+            mean_residual=float(rel.mean()) if batch else 0.0,
+            max_abs_residual=float(dist.max()) if batch else 0.0,
+            num_converged=int(converged.sum()),
+            num_samples=batch,
+            converged=converged,
+            sample_iterations=iters,
+            work=int(iters.sum()),
             tol=o.tol,
             atol=o.atol,
             max_iter=o.max_iter,
             time_s=time.perf_counter() - self.start,
         )
+        return X, stats
+
+
+_KEEP_ALL = torch.ones(0, dtype=torch.int64)  # sentinel: nothing to compact
+
+
+def _empty(x0: torch.Tensor, options: FixedPointOptions, method: str) -> tuple[torch.Tensor, FixedPointStats]:
+    rec = _Recorder(x0, options, method)
+    return rec.result()
+
+
+def _checks_to_skip(previous: tuple[int, float] | None, k: int, worst: float, cap: int) -> int:
+    """Iterations to run before the next convergence check, from the observed linear rate.
+
+    With residual ratios ``q_j`` (iteration j) and ``q_k`` (iteration k) the rate is
+    ``rho = (q_k / q_j)^(1 / (k - j))`` and ``log(q_k) / -log(rho)`` more iterations should reach the
+    tolerance; we skip half of that (at most ``cap``), so a wrong estimate costs little.
+    """
+    if previous is None or cap == 0 or not math.isfinite(worst):
+        return 0
+    j, q_j = previous
+    if not 0.0 < worst < q_j:
+        return 0
+    log_rate = math.log(worst / q_j) / (k - j)
+    return max(0, min(cap, int(0.5 * math.log(worst) / -log_rate)))
 
 
 def picard(
     fmap: RowMap, x0: torch.Tensor, options: FixedPointOptions
 ) -> tuple[torch.Tensor, FixedPointStats]:
-    """Picard iteration ``x <- f(x)`` with per-sample stopping and active-set shrinking."""
-    rec = _Recorder(x0, options, "picard")
+    """Picard iteration ``x <- f(x)`` with per-sample stopping and active-set shrinking.
+
+    Convergence is checked at every iteration until two checks give a linear rate; then checks are
+    spaced by :func:`_checks_to_skip` (at most ``options.max_check_skip`` iterations apart), which
+    saves the residual computation and the host synchronisation on most iterations.
+    """
     if x0.shape[0] == 0:
-        return rec.result, rec.stats()
-    rows = torch.arange(x0.shape[0], device=x0.device)
+        return _empty(x0, options, "picard")
+    rec = _Recorder(x0, options, "picard")
     x = x0
+    next_check = 1
+    previous: tuple[int, float] | None = None
     for k in range(1, options.max_iter + 1):
         fx = fmap(x)
-        dist, size = rec.check(fx, x)
-        done = rec.done(dist, size)
-        last = k == options.max_iter
-        n_done = rows.numel() if last else int(done.sum())
-        if n_done == rows.numel():
-            rec.finish(rows, fx, dist, size, done, k)
+        if k < next_check and k < options.max_iter:
+            x = fx
+            continue
+        dist, ratio = rec.residuals(fx, x)
+        keep = rec.step(k, fx, dist, ratio)
+        if keep is None:
             break
-        if n_done:
-            rec.finish(rows[done], fx[done], dist[done], size[done], done[done], k)
-            keep = ~done
-            rows, fx, fmap = rows[keep], fx[keep], fmap.restrict(keep)
+        if keep is not _KEEP_ALL:
+            fx, fmap = fx.index_select(0, keep), fmap.restrict(keep)
+        next_check = k + 1 + _checks_to_skip(previous, k, rec.worst, options.max_check_skip)
+        previous = (k, rec.worst)
         x = fx
-    return rec.result, rec.stats()
+    return rec.result()
 
 
 def anderson(
@@ -302,30 +394,24 @@ def anderson(
     steps to ``beta * sum alpha_j f(x_j) + (1 - beta) * sum alpha_j x_j``. A sample whose least-squares
     system is singular or non-finite takes a plain Picard step instead.
     """
-    rec = _Recorder(x0, options, "anderson")
     batch, n = x0.shape
     if batch == 0:
-        return rec.result, rec.stats()
+        return _empty(x0, options, "anderson")
+    rec = _Recorder(x0, options, "anderson")
     m = options.anderson_memory
     beta = options.anderson_beta
-    rows = torch.arange(batch, device=x0.device)
     xs = x0.new_zeros(batch, m, n)  # past iterates
     fs = x0.new_zeros(batch, m, n)  # their images
     x = x0
     for k in range(1, options.max_iter + 1):
         fx = fmap(x)
-        dist, size = rec.check(fx, x)
-        done = rec.done(dist, size)
-        last = k == options.max_iter
-        n_done = rows.numel() if last else int(done.sum())
-        if n_done == rows.numel():
-            rec.finish(rows, fx, dist, size, done, k)
+        dist, ratio = rec.residuals(fx, x)
+        keep = rec.step(k, fx, dist, ratio)
+        if keep is None:
             break
-        if n_done:
-            rec.finish(rows[done], fx[done], dist[done], size[done], done[done], k)
-            keep = ~done
-            rows, x, fx, fmap = rows[keep], x[keep], fx[keep], fmap.restrict(keep)
-            xs, fs = xs[keep], fs[keep]
+        if keep is not _KEEP_ALL:
+            x, fx, fmap = x.index_select(0, keep), fx.index_select(0, keep), fmap.restrict(keep)
+            xs, fs = xs.index_select(0, keep), fs.index_select(0, keep)
         slot = (k - 1) % m
         xs[:, slot] = x
         fs[:, slot] = fx
@@ -347,7 +433,7 @@ def anderson(
         if beta != 1.0:
             mixed = beta * mixed + (1.0 - beta) * torch.bmm(alpha[:, None, :], xs[:, :used])[:, 0]
         x = torch.where(bad[:, None], fx, mixed)
-    return rec.result, rec.stats()
+    return rec.result()
 
 
 FixedPointMethod = Callable[[RowMap, torch.Tensor, FixedPointOptions], "tuple[torch.Tensor, FixedPointStats]"]

@@ -100,6 +100,7 @@ class ImplicitModel(nn.Module):
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
             Sample ``i`` stops once ``||f(x_i) - x_i||_2 <= atol + tol * ||f(x_i)||_2``.
         atol: absolute part of that test. Default 0.
+        residual_norm: ``"l2"`` (default) or ``"inf"``, the per-sample norm of that test.
         backward_tol, backward_max_iter, backward_atol: the same for the adjoint solve; default to the
             forward values.
         anderson_memory: Anderson history size. Default 5.
@@ -150,6 +151,7 @@ class ImplicitModel(nn.Module):
         backward_max_iter: int | None = None,
         atol: float = 0.0,
         backward_atol: float | None = None,
+        residual_norm: str = "l2",
         anderson_memory: int = 5,
         negative_slope: float | None = None,
         device: torch.device | str | None = None,
@@ -183,11 +185,17 @@ class ImplicitModel(nn.Module):
         if fixed_point not in FIXED_POINT_METHODS:
             raise bad_parameter("fixed_point", _OWNER, f"one of {sorted(FIXED_POINT_METHODS)}", fixed_point)
         self.forward_options = FixedPointOptions(
-            tol=tol, atol=atol, max_iter=max_iter, method=fixed_point, anderson_memory=anderson_memory
+            tol=tol,
+            atol=atol,
+            norm=residual_norm,
+            max_iter=max_iter,
+            method=fixed_point,
+            anderson_memory=anderson_memory,
         )
         self.backward_options = FixedPointOptions(
             tol=tol if backward_tol is None else backward_tol,
             atol=atol if backward_atol is None else backward_atol,
+            norm=residual_norm,
             max_iter=max_iter if backward_max_iter is None else backward_max_iter,
             method=fixed_point,
             anderson_memory=anderson_memory,
@@ -375,7 +383,7 @@ class ImplicitModel(nn.Module):
         self.last_backward_stats = None
 
     def prepare_input(self, input: torch.Tensor) -> torch.Tensor:
-        """Flatten ``input`` to (batch, p), check it, and append the bias column when ``bias=True``."""
+        """Flatten ``input`` to (batch, p), check its shape, and append the bias column when ``bias=True``."""
         if not torch.is_tensor(input):
             raise ConfigTypeError(
                 f"The 'input' argument of {_OWNER} must be a tensor. Got {type(input).__name__}."
@@ -391,7 +399,6 @@ class ImplicitModel(nn.Module):
                 f"The 'input' argument of {_OWNER} must have {self.input_dim} features per sample (after "
                 f"flattening from dim 1). Got shape {tuple(input.shape)} -> {U.shape[1]} features."
             )
-        check_finite(U, "input", _OWNER)
         if self.bias:
             U = torch.cat([U, U.new_ones(U.shape[0], 1)], dim=1)
         return U
@@ -408,11 +415,13 @@ class ImplicitModel(nn.Module):
                     f"The 'x0' argument of {_OWNER} must have shape ({U.shape[0]}, {self.hidden_dim}). "
                     f"Got {tuple(x0.shape)}."
                 )
+        BU = F.linear(U, self.B)
+        self._check_finite(U, BU)
         if self.project_():
             self.telemetry.projections += 1
         X = implicit_fixed_point(
             self._stored_A(),
-            F.linear(U, self.B),
+            BU,
             self.activation,
             x0=x0,
             forward_options=self.forward_options,
@@ -421,6 +430,17 @@ class ImplicitModel(nn.Module):
         )
         Y = F.linear(X, self.C) if self.D is None else torch.addmm(F.linear(U, self.D), X, self.C.t())
         return (Y, X) if return_state else Y
+
+    @staticmethod
+    def _check_finite(U: torch.Tensor, BU: torch.Tensor) -> None:
+        # NaN/Inf in U always reaches U B^T, which is (hidden/input) times smaller to scan
+        if bool(torch.isfinite(BU).all()):
+            return
+        check_finite(U, "input", _OWNER)
+        raise ConfigError(
+            f"The input term U B^T of {_OWNER} overflowed to Inf although the input is finite. Scale the "
+            "inputs (e.g. standardise features) or use float64."
+        )
 
     def well_posedness_margin(self) -> float:
         """``kappa - ||A||_inf`` of the current A (>= 0 after any forward or :meth:`project_`)."""
@@ -446,5 +466,5 @@ class ImplicitModel(nn.Module):
 
 _VALID_KWARGS = (
     "activation", "kappa", "bias", "no_D", "rank", "fixed_point", "tol", "max_iter", "backward_tol",
-    "backward_max_iter", "atol", "backward_atol", "anderson_memory", "negative_slope", "device", "dtype",
+    "backward_max_iter", "atol", "backward_atol", "residual_norm", "anderson_memory", "negative_slope", "device", "dtype",
 )  # fmt: skip
