@@ -67,3 +67,16 @@ def test_console_entry_point_runs() -> None:
 def test_yaml_config_in_clusters_folder_is_valid() -> None:
     args = build_parser().parse_args(["sim", "--config", "clusters/local.yaml"])
     assert options_from_args(SimJobConfig, args) == SimJobConfig()
+
+
+def test_sim_job_writes_model_and_report(tmp_path) -> None:
+    from idl_ray.jobs.sim_job import run_sim_job
+    from idl_ray.sim import SIM
+
+    config = SimJobConfig(hidden=(32,), teacher_epochs=10, solver="admm", kappa=0.9, output_dir=str(tmp_path))
+    report = run_sim_job(config, log=lambda _: None)
+    assert report["sim_accuracy"] >= report["teacher_accuracy"] - 0.03
+    saved = json.loads((tmp_path / "sim_report.json").read_text())
+    assert saved["sim_accuracy"] == report["sim_accuracy"]
+    loaded = SIM.load(tmp_path / "sim_model")
+    assert float(loaded.A_.abs().sum(dim=1).max()) <= 0.9

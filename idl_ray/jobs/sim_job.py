@@ -121,7 +121,7 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
         "teacher_accuracy": teacher_accuracy,
         "sim_accuracy": sim_accuracy,
         "fit_time_s": fit_time,
-        "summary": summary if isinstance(summary, dict) else str(summary),
+        "summary": summary.to_dict(),
     }
     if config.output_dir:
         import pathlib
