@@ -96,7 +96,8 @@ class ImplicitModel(nn.Module):
             (q, p+1). Default False.
         no_D: drop the direct term ``D U`` (``D`` is registered as ``None``). Default False.
         rank: if given, ``A = L R^T`` with ``L, R`` of shape (n, rank), ``1 <= rank <= n``.
-        fixed_point: ``"picard"`` (default) or ``"anderson"``, for forward and backward solves.
+        fixed_point: ``"picard"`` (default), ``"anderson"`` or ``"anderson_batch"``, for forward and
+            backward solves (see :mod:`idl_ray.implicit.fixed_point`).
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
             Sample ``i`` stops once ``||f(x_i) - x_i||_2 <= atol + tol * ||f(x_i)||_2``.
         atol: absolute part of that test. Default 0.

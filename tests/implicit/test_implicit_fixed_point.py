@@ -30,9 +30,11 @@ def test_picard_and_anderson_reach_the_same_fixed_point(activation):
     A, BU = problem()
     opts = {"tol": 1e-12, "max_iter": 2000}
     Xp, sp = solve_fixed_point(A, BU, activation, opts | {"method": "picard"})
-    Xa, sa = solve_fixed_point(A, BU, activation, opts | {"method": "anderson"})
-    assert sp.all_converged and sa.all_converged
-    assert float((Xp - Xa).abs().max()) < 1e-9
+    assert sp.all_converged
+    for method in ("anderson", "anderson_batch"):
+        Xa, sa = solve_fixed_point(A, BU, activation, opts | {"method": method})
+        assert sa.all_converged and sa.method == method
+        assert float((Xp - Xa).abs().max()) < 1e-9
     phi = getattr(torch, activation) if activation in ("relu", "tanh", "sigmoid") else None
     if phi is not None:
         assert float((Xp - phi(Xp @ A.T + BU)).abs().max()) < 1e-10
@@ -43,13 +45,15 @@ def test_anderson_needs_fewer_iterations_near_kappa_one():
     opts = {"tol": 1e-10, "max_iter": 5000}
     _, sp = solve_fixed_point(A, BU, "tanh", opts | {"method": "picard"})
     _, sa = solve_fixed_point(A, BU, "tanh", opts | {"method": "anderson"})
-    assert sa.iterations < sp.iterations
+    _, sb = solve_fixed_point(A, BU, "tanh", opts | {"method": "anderson_batch"})
+    assert sa.iterations < sp.iterations and sb.iterations < sp.iterations
 
 
-def test_converged_samples_stop_costing_work():
+@pytest.mark.parametrize("method", sorted(FIXED_POINT_METHODS))
+def test_converged_samples_stop_costing_work(method):
     A, BU = problem(batch=50)
     BU[:25] = 0.0  # half the batch has the trivial fixed point 0: converged after one step
-    X, stats = solve_fixed_point(A, BU, "relu", {"tol": 1e-10})
+    X, stats = solve_fixed_point(A, BU, "relu", {"tol": 1e-10, "method": method})
     assert stats.all_converged
     assert torch.all(stats.sample_iterations[:25] == 1)
     assert int(stats.sample_iterations[25:].min()) > 1

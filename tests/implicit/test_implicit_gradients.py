@@ -25,7 +25,7 @@ TIGHT = {"tol": 1e-13, "max_iter": 3000}
 ACTIVATIONS = ["relu", "leaky_relu", "tanh", "sigmoid", "softplus"]
 
 
-@pytest.mark.parametrize("method", ["picard", "anderson"])
+@pytest.mark.parametrize("method", ["picard", "anderson", "anderson_batch"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_functional(activation, method):
     g = torch.Generator().manual_seed(0)
