@@ -12,6 +12,7 @@ from torch import nn
 
 from idl_ray._validation import (
     bad_parameter,
+    check_choice,
     check_finite,
     check_kappa,
     check_positive_int,
@@ -96,6 +97,11 @@ class ImplicitModel(nn.Module):
             (q, p+1). Default False.
         no_D: drop the direct term ``D U`` (``D`` is registered as ``None``). Default False.
         rank: if given, ``A = L R^T`` with ``L, R`` of shape (n, rank), ``1 <= rank <= n``.
+        constraint: how ``||A||_inf <= kappa`` is kept. ``"project"`` (default): projected gradient, see
+            above. ``"rescale"``: the trained parameter is ``W`` (or ``L, R``) and
+            ``A = W * min(1, kappa / ||W||_inf)``, differentiated exactly through the scaling; ``model.A``
+            returns that product. Only the largest row sits at the bound, which often makes the fixed
+            points faster to reach, but the scale of ``W`` is free (its gradient shrinks as it grows).
         fixed_point: ``"picard"`` (default), ``"anderson"`` or ``"anderson_batch"``, for forward and
             backward solves (see :mod:`idl_ray.implicit.fixed_point`).
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
@@ -145,6 +151,7 @@ class ImplicitModel(nn.Module):
         bias: bool = False,
         no_D: bool = False,
         rank: int | None = None,
+        constraint: str = "project",
         fixed_point: str = "picard",
         tol: float = 1e-5,
         max_iter: int = 300,
@@ -181,6 +188,7 @@ class ImplicitModel(nn.Module):
                 rank,
                 "Use rank=None for a dense A.",
             )
+        self.constraint = check_choice(constraint, "constraint", _OWNER, ("project", "rescale"))
         act_kwargs = {} if negative_slope is None else {"negative_slope": negative_slope}
         self.activation: Activation = resolve_activation(activation, owner=_OWNER, **act_kwargs)
         if fixed_point not in FIXED_POINT_METHODS:
@@ -205,7 +213,10 @@ class ImplicitModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         n, p, q = self.hidden_dim, self.input_dim + int(bias), self.output_dim
         if self.rank is None:
-            self.A = nn.Parameter(torch.empty(n, n, **factory))
+            # "rescale" trains W and derives A from it; "project" trains A itself
+            self.register_parameter(
+                "W" if self.constraint == "rescale" else "A", nn.Parameter(torch.empty(n, n, **factory))
+            )
             self.register_parameter("L", None)
             self.register_parameter("R", None)
         else:
@@ -228,7 +239,7 @@ class ImplicitModel(nn.Module):
         n = self.hidden_dim
         with torch.no_grad():
             if self.rank is None:
-                nn.init.uniform_(self.A, -1.0 / n, 1.0 / n)
+                nn.init.uniform_(self._raw_A(), -1.0 / n, 1.0 / n)
             else:
                 nn.init.uniform_(self.L, -1.0, 1.0)
                 nn.init.uniform_(self.R, -1.0, 1.0)
@@ -240,10 +251,23 @@ class ImplicitModel(nn.Module):
                     nn.init.uniform_(W, -bound, bound)
         self.project_()
 
+    def _raw_A(self) -> torch.Tensor:
+        params = self._parameters
+        if self.rank is not None:
+            return params["L"] @ params["R"].t()
+        return params["W" if self.constraint == "rescale" else "A"]
+
     def _stored_A(self) -> torch.Tensor:
-        if self.rank is None:
-            return self.A
-        return self.L @ self.R.t()
+        """The A the forward uses (with autograd to the trained parameters)."""
+        raw = self._raw_A()
+        if self.constraint == "project":
+            return raw
+        # A = W * min(1, kappa' / ||W||_inf), differentiated exactly (no straight-through); kappa' is
+        # kappa less a few ulps so that the bound also holds for the rounded product
+        n = self.hidden_dim
+        kappa = self.kappa * (1.0 - 4.0 * (n + 2) * torch.finfo(raw.dtype).eps)
+        norm = raw.abs().sum(dim=1).max().clamp_min(torch.finfo(raw.dtype).tiny)
+        return raw * (kappa / norm).clamp(max=1.0)
 
     @torch.no_grad()
     def project_(self) -> bool:
@@ -253,6 +277,8 @@ class ImplicitModel(nn.Module):
         ``A = L R^T`` is too large. Call it after ``optimizer.step()`` (forward also calls it).
         """
         kappa = self.kappa
+        if self.constraint == "rescale":
+            return False  # the bound holds by construction
         if self.rank is None:
             if inf_norm(self.A) <= kappa:
                 return False
@@ -275,11 +301,12 @@ class ImplicitModel(nn.Module):
         return True
 
     def __getattr__(self, name: str) -> Any:
-        # low rank: ``model.A`` is the product the forward uses (dense: the registered parameter)
+        # low rank or "rescale": ``model.A`` is the matrix the forward uses, computed from the trained
+        # parameters (dense "project": the registered parameter itself)
         if name == "A":
             params = self.__dict__.get("_parameters", {})
-            if "A" not in params and params.get("L") is not None:
-                return params["L"] @ params["R"].t()
+            if "A" not in params and ("L" in params or "W" in params):
+                return self._stored_A()
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ construction from weights
@@ -339,8 +366,12 @@ class ImplicitModel(nn.Module):
         p = B.shape[1] - int(bool(bias))
         if p < 1:
             raise ShapeError(f"{owner}: B has {B.shape[1]} column(s); with bias={bias} that leaves no input.")
-        if "rank" in options:
-            raise ConfigError(f"{owner} builds a dense model; 'rank' is not accepted.")
+        for name in ("rank", "constraint"):
+            if name in options:
+                raise ConfigError(
+                    f"{owner} builds a dense model whose parameter A is the given matrix; '{name}' is not "
+                    "accepted."
+                )
         model = cls(
             p,
             C.shape[0],
@@ -460,12 +491,14 @@ class ImplicitModel(nn.Module):
         ]
         if self.rank is not None:
             parts.append(f"rank={self.rank}")
+        if self.constraint != "project":
+            parts.append(f"constraint={self.constraint!r}")
         fo = self.forward_options
         parts.append(f"fixed_point={fo.method!r}, tol={fo.tol:g}, max_iter={fo.max_iter}")
         return ", ".join(parts)
 
 
 _VALID_KWARGS = (
-    "activation", "kappa", "bias", "no_D", "rank", "fixed_point", "tol", "max_iter", "backward_tol",
+    "activation", "kappa", "bias", "no_D", "rank", "constraint", "fixed_point", "tol", "max_iter", "backward_tol",
     "backward_max_iter", "atol", "backward_atol", "residual_norm", "anderson_memory", "negative_slope", "device", "dtype",
 )  # fmt: skip

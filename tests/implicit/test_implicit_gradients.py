@@ -40,7 +40,14 @@ def test_gradcheck_functional(activation, method):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"bias": True}, {"rank": 3}, {"no_D": True, "activation": "tanh"}, {"fixed_point": "anderson"}],
+    [
+        {},
+        {"bias": True},
+        {"rank": 3},
+        {"no_D": True, "activation": "tanh"},
+        {"fixed_point": "anderson"},
+        {"constraint": "rescale"},
+    ],
 )
 def test_gradcheck_model(kwargs):
     model = ImplicitModel(4, 3, 6, kappa=0.8, tol=1e-13, max_iter=3000, dtype=torch.float64, **kwargs)
@@ -70,6 +77,8 @@ def _unrolled_loss(model, U, target, steps=300):
         {"bias": True},
         {"bias": True, "rank": 2, "no_D": True, "activation": "tanh"},
         {"fixed_point": "anderson", "activation": "leaky_relu", "negative_slope": 0.2},
+        {"constraint": "rescale"},
+        {"constraint": "rescale", "rank": 3, "fixed_point": "anderson_batch"},
     ],
 )
 def test_gradients_match_unrolled_autograd(kwargs):
@@ -77,10 +86,8 @@ def test_gradients_match_unrolled_autograd(kwargs):
     model = ImplicitModel(5, 3, 12, kappa=0.6, tol=1e-14, max_iter=5000, dtype=torch.float64, **kwargs)
     # make A substantial: inside the bound, rows with mass, so the fixed point is non-trivial
     with torch.no_grad():
-        if model.rank is None:
-            model.A.mul_(5.0)
-        else:
-            model.L.mul_(5.0)
+        # for "rescale" this pushes W outside the ball, so the gradient flows through the scaling
+        (model.L if model.rank is not None else model._raw_A()).mul_(5.0)
     model.project_()
     assert model.well_posedness_margin() >= 0
     U = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)

@@ -15,7 +15,9 @@ from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning, Sha
 from idl_ray.implicit.projection import inf_norm
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rank": 5}, {"bias": True, "activation": "tanh"}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"rank": 5}, {"bias": True, "activation": "tanh"}, {"constraint": "rescale"}]
+)
 def test_bound_holds_after_many_large_adam_steps(kwargs):
     kappa = 0.9
     model = ImplicitModel(8, 3, 20, kappa=kappa, tol=1e-4, **kwargs)
@@ -32,6 +34,9 @@ def test_bound_holds_after_many_large_adam_steps(kwargs):
             loss.backward()
             opt.step()
             projected_before_forward += int(inf_norm(model.A.detach()) > kappa)
+    if model.constraint == "rescale":  # bound by construction: the trained W itself left the ball
+        assert inf_norm(model.W.detach()) > kappa and model.telemetry.projections == 0
+        return
     assert projected_before_forward > 10  # the large steps did leave the ball: the projection was needed
     assert model.telemetry.projections >= projected_before_forward - 1
     model.project_()
@@ -67,6 +72,19 @@ def test_options_are_per_instance():
     assert a.telemetry is not b.telemetry and a.telemetry.forward_calls == b.telemetry.forward_calls == 1
     b(U)
     assert a.telemetry.forward_calls == 1 and b.telemetry.forward_calls == 2
+
+
+def test_rescale_constraint_exposes_the_used_a():
+    model = ImplicitModel(4, 2, 6, constraint="rescale", kappa=0.5, dtype=torch.float64)
+    assert [n for n, _ in model.named_parameters()] == ["W", "B", "C", "D"]
+    with torch.no_grad():
+        model.W.mul_(50.0)
+    A = model.A
+    assert A.requires_grad and float(A.detach().abs().sum(1).max()) <= 0.5
+    assert torch.allclose(A.detach(), model.W.detach() * 0.5 / inf_norm(model.W.detach()), rtol=1e-12)
+    model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    assert model.W.grad is not None and model.W.grad.abs().sum() > 0
+    assert "constraint='rescale'" in repr(model)
 
 
 def test_state_dict_round_trip_and_dtype_conversion():
@@ -147,6 +165,8 @@ def test_from_weights_predicts_with_given_weights():
         ImplicitModel.from_weights(A, B[:4], C)
     with pytest.raises(ConfigError, match="Unknown keyword"):
         ImplicitModel.from_weights(A, B, C, tolerance=1e-3)
+    with pytest.raises(ConfigError, match="'constraint'"):
+        ImplicitModel.from_weights(A, B, C, constraint="rescale")
 
 
 def test_repr_shows_settings():
@@ -170,6 +190,7 @@ def test_repr_shows_settings():
         ({"tol": 0.0}, ConfigError, "'tol'"),
         ({"max_iter": 0}, ConfigError, "'max_iter'"),
         ({"bias": "yes"}, ConfigTypeError, "'bias'"),
+        ({"constraint": "clip"}, ConfigError, r"'constraint'.*\['project', 'rescale'\]"),
         ({"tolerance": 1e-3}, ConfigError, r"Unknown keyword argument\(s\) \['tolerance'\].*Valid ones"),
         ({"mitr": 10}, ConfigError, "Unknown keyword"),
     ],
