@@ -39,6 +39,8 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, check_convergence, prox
 
+_INLINE_BYTES = 64 * 1024
+
 
 def consensus_rho(
     trace_G: float, total_samples: int, d: int, l2: float, K: int, options: ADMMOptions
@@ -89,7 +91,8 @@ def run_consensus(
 
     def step(Z: torch.Tensor, rho: float) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
         begin = time.perf_counter()
-        Z_ref = ray.put(Z)
+        # small Z travels inline with the calls; a large one is put once and fetched by every worker
+        Z_ref = ray.put(Z) if Z.numel() * Z.element_size() > _INLINE_BYTES else Z
         results = resources.get(
             [a.consensus_step.remote(Z_ref, rho) for a in pool.actors], timeout, "a consensus step"
         )

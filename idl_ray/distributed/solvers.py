@@ -231,6 +231,8 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
         self._shared_pool = workers
         self.strategy = check_choice(strategy, "strategy", type(self).__name__, STRATEGIES)
+        # consensus shards samples: ask SIM to keep them (without them the Gram is split evenly instead)
+        self.needs_samples = self.strategy == "consensus"
         if num_workers is not None:
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
@@ -248,6 +250,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """Solve a :class:`SIMProblem` (like ``ADMMSolver``) or a :class:`ShardedProblem` (shards in actors)."""
         if isinstance(problem, ShardedProblem):
             return self._solve_sharded(problem)
+        if isinstance(problem, SIMProblem) and problem.samples is None and self.needs_samples:
+            # BaseSolver.solve would insist on samples; consensus can split the statistics instead
+            self.needs_samples = False
+            try:
+                return super().solve(problem)
+            finally:
+                self.needs_samples = True
         return super().solve(problem)
 
     def reduce(self, problem: ShardedProblem) -> SIMProblem:
