@@ -141,43 +141,67 @@ class FixedPointOptions(Options):
 class FixedPointStats:
     """Telemetry of one fixed-point solve.
 
+    Integer fields are known without reading tensors back from the device; the residual summaries are
+    computed on first access (so a solve adds no host synchronisation for its telemetry).
+
     Attributes
     ----------
     method : str
     iterations : int
         Iterations run (the largest over samples).
-    max_residual, mean_residual : float
-        Final per-sample relative residuals ``||f(x_i) - x_i|| / ||f(x_i)||``, largest and mean
-        (0.0 for an empty batch).
-    max_abs_residual : float
-        Largest final ``||f(x_i) - x_i||_2``.
     num_converged, num_samples : int
-    converged : Tensor of bool, shape (batch,)
-    sample_iterations : Tensor of int64, shape (batch,)
-        Iterations each sample used before it stopped.
     work : int
         Sample-iterations actually computed (``sample_iterations.sum()``); ``iterations * num_samples``
         would be the cost without active-set shrinking.
     tol, atol : float
+    norm : str
+        ``"l2"`` or ``"inf"``, the per-sample norm of the residuals.
     max_iter : int
     time_s : float
-        Wall-clock time of the solve.
+        Wall-clock time of the solve (on a GPU: until the last kernel launch).
+    converged : Tensor of bool, shape (batch,)
+    sample_iterations : Tensor of int64, shape (batch,)
+        Iterations each sample ran before it left the active set.
+    abs_residuals : Tensor, shape (batch,)
+        Final ``||f(x_i) - x_i||`` per sample.
+    residuals : Tensor, shape (batch,) (property)
+        Final relative residuals ``||f(x_i) - x_i|| / ||f(x_i)||``.
+    max_residual, mean_residual, max_abs_residual : float (properties)
+        Largest and mean relative residual, largest absolute one (0.0 for an empty batch).
     """
 
     method: str
     iterations: int
-    max_residual: float
-    mean_residual: float
-    max_abs_residual: float
     num_converged: int
     num_samples: int
-    converged: torch.Tensor
-    sample_iterations: torch.Tensor
     work: int
     tol: float
     atol: float
+    norm: str
     max_iter: int
     time_s: float
+    converged: torch.Tensor
+    sample_iterations: torch.Tensor
+    abs_residuals: torch.Tensor
+    state: torch.Tensor = dataclasses.field(repr=False)
+
+    @property
+    def residuals(self) -> torch.Tensor:
+        X = self.state
+        size = X.abs().amax(dim=1) if self.norm == "inf" else torch.linalg.vector_norm(X, dim=1)
+        return self.abs_residuals / size.clamp_min(torch.finfo(X.dtype).tiny)
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residuals.max()) if self.num_samples else 0.0
+
+    @property
+    def mean_residual(self) -> float:
+        return float(self.residuals.mean()) if self.num_samples else 0.0
+
+    @property
+    def max_abs_residual(self) -> float:
+        return float(self.abs_residuals.max()) if self.num_samples else 0.0
 
     @property
     def all_converged(self) -> bool:
@@ -246,6 +270,8 @@ class _Recorder:
         self.method = method
         self.start = time.perf_counter()
         self.iterations = 0
+        self.work = 0
+        self.num_converged = 0
         self.chunks: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         self.rows: torch.Tensor | None = None  # original indices of the active rows; None = all, in order
 
@@ -271,8 +297,12 @@ class _Recorder:
         as int64 indices (:data:`_KEEP_ALL` when no compaction is due). Sets ``self.worst`` = largest ratio."""
         active = fx.shape[0]
         self.worst = worst = float(ratio.max())
-        if k == self.options.max_iter or worst <= 1.0:
-            self._finish(self.rows, fx, dist, ratio <= 1.0, k)
+        if worst <= 1.0:
+            self._finish(self.rows, fx, dist, ratio <= 1.0, k, active, active)
+            return None
+        if k == self.options.max_iter:
+            done = ratio <= 1.0
+            self._finish(self.rows, fx, dist, done, k, active, int(done.sum()))
             return None
         done = ratio <= 1.0
         n_done = int(done.sum())
@@ -288,13 +318,17 @@ class _Recorder:
             dist.index_select(0, finished),
             torch.ones_like(finished, dtype=torch.bool),
             k,
+            finished.numel(),
+            finished.numel(),
         )
         self.rows = rows.index_select(0, keep)
         return keep
 
-    def _finish(self, rows, fx, dist, done, k) -> None:
+    def _finish(self, rows, fx, dist, done, k, count: int, n_converged: int) -> None:
         self.chunks.append((rows, fx, dist, done, k))
         self.iterations = max(self.iterations, k)
+        self.work += count * k
+        self.num_converged += n_converged
 
     def result(self) -> tuple[torch.Tensor, FixedPointStats]:
         x0 = self.x0
@@ -312,25 +346,22 @@ class _Recorder:
                 dist[rows] = d
                 converged[rows] = c
                 iters[rows] = k
-        size = X.abs().amax(dim=1) if self.options.norm == "inf" else torch.linalg.vector_norm(X, dim=1)
-        size = size.clamp_min_(torch.finfo(X.dtype).tiny)
-        rel = dist / size
         o = self.options
         stats = FixedPointStats(
             method=self.method,
             iterations=self.iterations,
-            max_residual=float(rel.max()) if batch else 0.0,
-            mean_residual=float(rel.mean()) if batch else 0.0,
-            max_abs_residual=float(dist.max()) if batch else 0.0,
-            num_converged=int(converged.sum()),
+            num_converged=self.num_converged,
             num_samples=batch,
-            converged=converged,
-            sample_iterations=iters,
-            work=int(iters.sum()),
+            work=self.work,
             tol=o.tol,
             atol=o.atol,
+            norm=o.norm,
             max_iter=o.max_iter,
             time_s=time.perf_counter() - self.start,
+            converged=converged,
+            sample_iterations=iters,
+            abs_residuals=dist,
+            state=X,
         )
         return X, stats
 
