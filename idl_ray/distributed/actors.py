@@ -232,6 +232,12 @@ class SolverWorker:
         value = ((Wd @ stats.G) * Wd).sum() - 2.0 * (Wd * stats.Rt).sum() + stats.target_sq.sum()
         return float(value)
 
+    def max_eigenvalue(self, total_samples: int) -> float:
+        """lambda_max(G_k / m); their sum over shards bounds the Lipschitz constant of the gradient."""
+        stats = self._require_stats()
+        G = stats.G / float(total_samples)
+        return float(torch.linalg.eigvalsh(0.5 * (G + G.T)).max())
+
     def gradient_part(self, W: torch.Tensor, total_samples: int) -> tuple[torch.Tensor, float]:
         """(W G_k - Rt_k) / m: this shard's part of the gradient of the averaged quadratic loss."""
         start = time.perf_counter()

@@ -71,6 +71,25 @@ def _split_settings(
     return options, run_config
 
 
+def _split_run_config(owner: str, run_config: Any, kwargs: dict[str, Any]) -> RayRunConfig:
+    """The run config from ``run_config=`` or run keywords (not both); unknown keywords are rejected."""
+    run_names = {f.name for f in dataclasses.fields(RayRunConfig)}
+    unknown = sorted(set(kwargs) - run_names)
+    if unknown:
+        raise ConfigError(
+            f"Unknown keyword argument(s) {unknown} for {owner}. Valid run settings are {sorted(run_names)}."
+        )
+    if run_config is not None and kwargs:
+        raise ConfigError(f"{owner}: pass either run_config=... or run keywords {sorted(kwargs)}, not both.")
+    if isinstance(run_config, dict):
+        run_config = RayRunConfig.from_dict(run_config)
+    if run_config is None:
+        run_config = RayRunConfig.from_dict(kwargs)
+    if not isinstance(run_config, RayRunConfig):
+        raise ConfigTypeError(f"{owner}: run_config must be a RayRunConfig or a dict.")
+    return run_config
+
+
 def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
     """Split a problem's statistics into ``parts`` weighted pieces that sum to it (consensus without samples)."""
     sizes = [s.stop - s.start for s in split_rows(problem.num_samples, parts)]

@@ -1,0 +1,340 @@
+"""Data-parallel projected (proximal) gradient across the solver actors.
+
+The gradient of the quadratic part splits over sample shards::
+
+    grad(W) = W H - R = sum_k (W G_k - Rt_k) / m + l2 W,
+
+so each step broadcasts the iterate once, every worker returns its part from its own (G_k, Rt_k), and the
+driver sums the parts and takes the step: FISTA with gradient restart and the exact prox (soft-threshold
+then kappa projection, :func:`~idl_ray.sim.solvers.admm_kernels.prox`) at full rank, or Adam on
+A = L R^T (low rank) through autograd on the driver, with the same final row scaling and B refit as the
+single-process :class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolver`. The step size 1/L uses
+L = sum_k lambda_max(G_k / m) + l2 >= lambda_max(H) (tight for similar shards), so no worker ever ships
+its d x d statistics. The iterate lives on the driver, so a dead worker costs only its recreation: the
+step it was in is retried.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from idl_ray._validation import check_choice, check_positive_float, check_positive_int
+from idl_ray.distributed import resources
+from idl_ray.distributed.config import RayRunConfig
+from idl_ray.distributed.pool import WorkerPool
+from idl_ray.distributed.progress import Timings
+from idl_ray.distributed.sharded import ShardedProblem
+from idl_ray.distributed.shards import assign, tensor_sources
+from idl_ray.distributed.solvers import _even_stats_split, _RaySolverMixin, _split_run_config
+from idl_ray.errors import ConfigError
+from idl_ray.implicit.projection import project_rows_onto_l1_ball
+from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.solvers.admm_kernels import prox
+from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
+
+__all__ = ["RayProjectedGDSolver"]
+
+
+class _DistributedGradient:
+    """grad(W) = sum_k (W G_k - Rt_k)/m + l2 W over a pool, retrying a step when a worker dies."""
+
+    def __init__(self, pool: WorkerPool, total_samples: int, l2: float, timings: Timings) -> None:
+        self.pool, self.m, self.l2, self.timings = pool, total_samples, l2, timings
+        self.calls = 0
+
+    def __call__(self, W: torch.Tensor) -> torch.Tensor:
+        while True:
+            begin = time.perf_counter()
+            try:
+                parts = self.pool.call("gradient_part", W.detach().cpu(), self.m, what="gradient parts")
+            except Exception as exc:
+                if not resources.is_actor_failure(exc):
+                    raise
+                with self.timings.phase("recovery"):
+                    self.pool.recover(exc)  # the recreated worker reloads its shard; the step is retried
+                continue
+            self.timings.round_trip(time.perf_counter() - begin, [p[1] for p in parts])
+            self.calls += 1
+            grad = parts[0][0]
+            for part, _ in parts[1:]:
+                grad = grad + part
+            return grad + self.l2 * W.detach() if self.l2 else grad
+
+    def lipschitz(self) -> float:
+        values = resources.get(
+            [a.max_eigenvalue.remote(self.m) for a in self.pool.actors],
+            self.pool.config.timeout_s,
+            "eigenvalues",
+        )
+        return max(sum(values) + self.l2, 1e-300)
+
+
+def _fista(
+    grad: _DistributedGradient,
+    rows: int,
+    d: int,
+    *,
+    lam: float,
+    kappa: float | None,
+    n_constrained: int,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    W0: torch.Tensor | None = None,
+    lipschitz: float | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """FISTA with gradient restart, as :func:`idl_ray.sim.solvers.projected_gd.fista`, on a distributed gradient."""
+    step = 1.0 / (lipschitz if lipschitz is not None else grad.lipschitz())
+    W = torch.zeros(rows, d, dtype=torch.float64) if W0 is None else W0.clone()
+    Y = W.clone()
+    t = 1.0
+    history: list[dict[str, float]] = []
+    converged, k = False, 0
+    for k in range(1, max_iter + 1):
+        W_prev = W
+        W = prox(Y - step * grad(Y), step * lam, kappa, n_constrained)
+        restart = float(torch.sum((Y - W) * (W - W_prev))) > 0
+        t_next = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
+        momentum = 0.0 if restart else (t - 1.0) / t_next
+        Y = W + momentum * (W - W_prev)
+        t = 1.0 if restart else t_next
+        if k % check_every == 0:
+            change = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-12))
+            history.append({"iteration": k, "relative_change": change})
+            if change <= tol:
+                converged = True
+                break
+    return W, {"iterations": k, "converged": converged, "history": history, "step": step}
+
+
+@register_solver("ray_projected_gd")
+class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
+    """Projected gradient (FISTA, or low-rank A = L R^T with Adam) with the gradient summed over Ray actors.
+
+    Same algorithm and settings as :class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolver`;
+    the samples stay in the workers' shards (from the problem's samples, or a :class:`ShardedProblem`).
+
+    Parameters
+    ----------
+    rank, max_iter, tol, lr, penalty, check_every, method, seed :
+        As in ``ProjectedGDLowRankSolver``.
+    num_workers, use_gpu, run_config, workers, **run keywords :
+        As in :class:`~idl_ray.distributed.solvers.RayADMMSolver`.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int | None = None,
+        max_iter: int = 20_000,
+        tol: float = 1e-9,
+        lr: float = 1e-2,
+        penalty: float = 10.0,
+        check_every: int = 25,
+        method: str = "fista",
+        seed: int = 0,
+        num_workers: int | None = None,
+        use_gpu: bool | None = None,
+        run_config: RayRunConfig | dict[str, Any] | None = None,
+        workers: WorkerPool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        owner = "RayProjectedGDSolver"
+        self.rank = check_positive_int(rank, "rank", owner, allow_none=True)
+        self.max_iter = check_positive_int(max_iter, "max_iter", owner)
+        self.tol = check_positive_float(tol, "tol", owner)
+        self.lr = check_positive_float(lr, "lr", owner)
+        self.penalty = check_positive_float(penalty, "penalty", owner, allow_zero=True)
+        self.check_every = check_positive_int(check_every, "check_every", owner)
+        self.method = check_choice(method, "method", owner, ("fista", "adam"))
+        self.seed = int(seed)
+        if num_workers is not None:
+            kwargs["num_workers"] = num_workers
+        if use_gpu is not None:
+            kwargs["use_gpu"] = use_gpu
+        self.run_config = _split_run_config(owner, run_config, kwargs)
+        if workers is not None and not isinstance(workers, WorkerPool):
+            raise ConfigError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
+        self._shared_pool = workers
+        self.needs_samples = True  # data-parallel over sample shards (the Gram is split evenly without them)
+        self.last_timings_: dict[str, float] = {}
+        self._params = {
+            "rank": rank,
+            "max_iter": max_iter,
+            "tol": tol,
+            "lr": lr,
+            "penalty": penalty,
+            "check_every": check_every,
+            "method": method,
+            "seed": seed,
+            **self.run_config.to_dict(),
+        }
+
+    def solve(self, problem: SIMProblem | ShardedProblem) -> SolveResult:  # type: ignore[override]
+        """Solve a :class:`SIMProblem` or a :class:`ShardedProblem`."""
+        if isinstance(problem, ShardedProblem):
+            start = time.perf_counter()
+            W, info, stats_problem = self._run(problem)
+            result_stats = SolverStats(
+                solver=self.name,
+                iterations=info["iterations"],
+                converged=info["converged"],
+                objective=stats_problem.objective(W),
+                constraint_violation=stats_problem.constraint_violation(W),
+                constraint_norm=stats_problem.constraint_norm(W) if stats_problem.n_constrained else None,
+                time_s=time.perf_counter() - start,
+                status=info["status"],
+                history=info["history"],
+                extra=info["extra"],
+            )
+            return SolveResult(weights=W, stats=result_stats)
+        if isinstance(problem, SIMProblem) and problem.samples is None:
+            self.needs_samples = False
+            try:
+                return super().solve(problem)
+            finally:
+                self.needs_samples = True
+        return super().solve(problem)
+
+    def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
+        W, info, _ = self._run(problem)
+        return W, info
+
+    def _run(self, problem: SIMProblem | ShardedProblem) -> tuple[torch.Tensor, dict[str, Any], SIMProblem]:
+        timings = Timings()
+        with timings.phase("startup"):
+            pool = self._acquire_pool()
+        try:
+            if isinstance(problem, ShardedProblem):
+                pool.load(assign(problem.sources, pool.size))
+            elif problem.samples is not None:
+                pool.load(
+                    [
+                        [s]
+                        for s in tensor_sources(problem.samples.features, problem.samples.targets, pool.size)
+                    ]
+                )
+            else:
+                pool.load([[s] for s in _even_stats_split(problem, pool.size)])
+            timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
+            timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
+            summaries = resources.get(
+                [a.shard_summary.remote() for a in pool.actors], pool.config.timeout_s, "the shard summaries"
+            )
+            d, rows = summaries[0]["dim"], summaries[0]["rows"]
+            m = sum(s["num_samples"] for s in summaries)
+            if isinstance(problem, ShardedProblem):
+                # the objective needs the totals: reduce them once (also what the stats report)
+                from idl_ray.distributed.gram import reduce_stats
+
+                evaluation = problem.with_stats(reduce_stats(pool, timings))
+            else:
+                evaluation = problem
+            lam = 0.0 if problem.variant == "least_squares" else problem.lam
+            l2 = 0.0 if problem.variant == "least_squares" else problem.l2
+            nc = problem.n_constrained if problem.kappa is not None else 0
+            grad = _DistributedGradient(pool, m, l2, timings)
+            start = time.perf_counter()
+            low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
+            if low_rank:
+                W, info = self._low_rank(grad, rows, d, lam, float(problem.kappa), nc)
+            else:
+                W, info = _fista(
+                    grad,
+                    rows,
+                    d,
+                    lam=lam,
+                    kappa=problem.kappa,
+                    n_constrained=nc,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    check_every=self.check_every,
+                )
+                info = {
+                    "iterations": info["iterations"],
+                    "converged": info["converged"],
+                    "status": "optimal" if info["converged"] else "max_iter",
+                    "history": info["history"],
+                    "extra": {"method": "fista", "step": info["step"]},
+                }
+            elapsed = time.perf_counter() - start
+            timings.add(
+                "iterations",
+                max(0.0, elapsed - timings.seconds["communication"] - timings.seconds["iterations"]),
+            )
+            self.last_timings_ = timings.as_dict()
+            info["extra"].update(self._stats_extra(pool, timings, None))
+            info["extra"]["gradient_calls"] = grad.calls
+            info["extra"]["restarts"] = pool.restarts
+            return W, info, evaluation
+        finally:
+            self._release_pool(pool)
+
+    def _low_rank(
+        self, grad: _DistributedGradient, rows: int, d: int, lam: float, kappa: float, nc: int
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Adam on (L, R, B) with A = L R^T; the quadratic part's gradient comes from the workers."""
+        rank = min(self.rank or nc, nc)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        init = 0.1 / rank**0.5
+        dtype = torch.float64
+        Lf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).requires_grad_()
+        Rf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).requires_grad_()
+        Bf = torch.zeros(rows, d - nc, dtype=dtype, requires_grad=True)
+        optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=self.lr)
+        history: list[dict[str, float]] = []
+        for k in range(1, self.max_iter + 1):
+            optimiser.zero_grad(set_to_none=True)
+            A = Lf @ Rf.T
+            W = torch.cat([A, Bf], dim=1)
+            excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
+            local = lam * W.abs().sum() + self.penalty * torch.sum(excess * excess)
+            # d/dW of the quadratic part is the distributed gradient: inject it, autograd does the rest
+            (torch.sum(W * grad(W)) + local).backward()
+            optimiser.step()
+            if k % (self.check_every * 20) == 0:
+                history.append({"iteration": k, "penalty_part": float(local.detach())})
+        with torch.no_grad():
+            A = Lf @ Rf.T
+            sums = A.abs().sum(dim=1, keepdim=True)
+            margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
+            scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
+            A = project_rows_onto_l1_ball(A * scale, kappa)
+        # refit B with A fixed: FISTA on the B block, W = [A, B], gradient restricted to B's columns
+        B, info = _fista(
+            _BlockGradient(grad, A, nc),
+            rows,
+            d - nc,
+            lam=lam,
+            kappa=None,
+            n_constrained=0,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            check_every=self.check_every,
+            W0=Bf.detach(),
+            lipschitz=grad.lipschitz(),
+        )
+        W = torch.cat([A, B], dim=1)
+        return W, {
+            "iterations": self.max_iter + info["iterations"],
+            "converged": info["converged"],
+            "status": "optimal" if info["converged"] else "max_iter",
+            "history": history + info["history"],
+            "extra": {"method": "low_rank_adam", "rank": rank},
+        }
+
+
+class _BlockGradient:
+    """The gradient with respect to the B block of W = [A, B] with A fixed."""
+
+    def __init__(self, grad: _DistributedGradient, A: torch.Tensor, nc: int) -> None:
+        self.grad, self.A, self.nc = grad, A, nc
+
+    def __call__(self, B: torch.Tensor) -> torch.Tensor:
+        return self.grad(torch.cat([self.A, B], dim=1))[:, self.nc :]
+
+    def lipschitz(self) -> float:  # pragma: no cover - the caller passes it
+        return self.grad.lipschitz()
