@@ -72,8 +72,8 @@ def project_rows_onto_l1_ball(V: torch.Tensor, radius: float | torch.Tensor) -> 
     >>> import torch
     >>> W = project_rows_onto_l1_ball(torch.tensor([[3.0, -1.0], [0.1, 0.2]]), 1.0)
     >>> W
-    tensor([[ 1.0000, -0.0000],
-            [ 0.1000,  0.2000]])
+    tensor([[1.0000, -0.0000],
+            [0.1000, 0.2000]])
     """
     if V.dim() != 2:
         raise bad_parameter("V", "project_rows_onto_l1_ball", "a 2-D tensor (rows, d)", tuple(V.shape))
