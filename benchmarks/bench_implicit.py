@@ -288,6 +288,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    try:
+        import torchidl  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "bench_implicit.py compares against torchidl, a benchmark-only dependency: "
+            "pip install --no-deps torchidl==0.0.4 (it needs only torch and numpy at run time)"
+        ) from None
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     counter = TorchidlCounter()
