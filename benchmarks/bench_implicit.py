@@ -293,7 +293,7 @@ def main() -> None:
     except ImportError:
         raise SystemExit(
             "bench_implicit.py compares against torchidl, a benchmark-only dependency: "
-            "pip install --no-deps torchidl==0.0.4 (it needs only torch and numpy at run time)"
+            "pip install --no-deps torchidl==0.0.4 (it imports torch, numpy, scipy, scikit-learn, cvxpy, tqdm and matplotlib)"
         ) from None
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
