@@ -83,9 +83,10 @@ class FixedPointOptions(Options):
         this fraction of the active samples has met the tolerance; 0 compacts at every convergence.
         Samples waiting for a compaction keep iterating, which only refines them; compacting less often
         saves the indexing cost, which dominates on small problems.
-    max_check_skip : int >= 0, default 8
+    max_check_skip : int >= 0, default 16
         Picard only: once the linear rate is measured, up to this many iterations may run between two
-        convergence checks (half the predicted remaining count). 0 checks at every iteration.
+        convergence checks (three quarters of the predicted remaining count). 0 checks at every
+        iteration.
     warn : bool, default True
         Emit a :class:`ConvergenceWarning` when samples hit the cap above tolerance.
     """
@@ -99,7 +100,7 @@ class FixedPointOptions(Options):
     anderson_beta: float = 1.0
     anderson_reg: float = 1e-10
     shrink_fraction: float = 0.25
-    max_check_skip: int = 8
+    max_check_skip: int = 16
     warn: bool = True
 
     def _validate(self) -> None:
@@ -379,7 +380,7 @@ def _checks_to_skip(previous: tuple[int, float] | None, k: int, worst: float, ca
 
     With residual ratios ``q_j`` (iteration j) and ``q_k`` (iteration k) the rate is
     ``rho = (q_k / q_j)^(1 / (k - j))`` and ``log(q_k) / -log(rho)`` more iterations should reach the
-    tolerance; we skip half of that (at most ``cap``), so a wrong estimate costs little.
+    tolerance; we skip three quarters of that (at most ``cap``), so a wrong estimate costs little.
     """
     if previous is None or cap == 0 or not math.isfinite(worst):
         return 0
@@ -387,7 +388,7 @@ def _checks_to_skip(previous: tuple[int, float] | None, k: int, worst: float, ca
     if not 0.0 < worst < q_j:
         return 0
     log_rate = math.log(worst / q_j) / (k - j)
-    return max(0, min(cap, int(0.5 * math.log(worst) / -log_rate)))
+    return max(0, min(cap, int(0.75 * math.log(worst) / -log_rate)))
 
 
 def picard(
