@@ -282,20 +282,37 @@ def markdown(results: list[dict[str, Any]], rates: dict[str, dict[str, float]], 
             f"{s['gram_iter_s'] * 1e3:.1f} ms | {s['gram_iter_bytes']:,} | {s['gram_total_s']:.0f} | "
             f"{s['consensus_iter_s'] * 1e3:.0f} ms | {s['consensus_iter_bytes'] / 1e9:.1f} GB | {s['consensus_total_s']:.0f} |"
         )
-    cpu = rates.get(str(args.cpus_per_worker_threads), next(iter(rates.values())))
+    # check the model against this machine: the measured gram runs, predicted from the 1-thread rates
+    cpu = rates.get("1", next(iter(rates.values())))
     vm = ClusterAssumptions(
         gpu_gemm_tflops=cpu["gemm_gflops"] / 1e3,
         gpu_eigh_tflops=cpu["eigh_gflops"] / 1e3,
-        nvlink_gbs=5.0,
-        network_gbs=5.0,
-        gpus_per_node=2,
+        nvlink_gbs=2.0,
+        network_gbs=2.0,
+        rpc_latency_s=2e-3,
+        gpus_per_node=args.workers,
     )
-    s = scaling_model(2, a=vm)
-    lines.append(
-        f"| this VM (2 CPU workers) | {s['gram_pass_s']:.0f} | {s['reduce_s'] + s['broadcast_s']:.1f} | {s['factor_s']:.0f} | "
-        f"{s['gram_iter_s']:.1f} s | {s['gram_iter_bytes']:,} | {s['gram_total_s']:.0f} | {s['consensus_iter_s']:.0f} s | "
-        f"{s['consensus_iter_bytes'] / 1e9:.1f} GB | {s['consensus_total_s']:.0f} |"
-    )
+    lines += [
+        "",
+        "Model check on this machine (measured 1-thread rates instead of GPU rates, 2 GB/s object store, "
+        "2 ms round trips; the Gram pass uses the Gram-accumulation rate):",
+        "",
+        "| m | n | predicted gram-strategy s (Gram pass + reduce + factor + iterations) | measured s |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        gram_run = next(run for run in r["runs"] if "gram" in run["name"])
+        vm_gram = dataclasses.replace(vm, gpu_gemm_tflops=cpu["gram_gflops"] / 1e3)
+        s_pass = scaling_model(args.workers, n=r["n"], p=P, m=r["m"], iters=gram_run["iterations"], a=vm_gram)
+        s_iter = scaling_model(args.workers, n=r["n"], p=P, m=r["m"], iters=gram_run["iterations"], a=vm)
+        predicted = (
+            s_pass["gram_pass_s"]
+            + s_iter["reduce_s"]
+            + s_iter["broadcast_s"]
+            + s_iter["factor_s"]
+            + gram_run["iterations"] * s_iter["gram_iter_s"]
+        )
+        lines.append(f"| {r['m']:,} | {r['n']} | {predicted:.1f} | {gram_run['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
     args = parser.parse_args(argv)
-    args.cpus_per_worker_threads = str(max(1, round(args.cpus_per_worker)))
 
     import ray
 
@@ -361,9 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     rates = {str(t): measure_rates(t) for t in sorted({1, torch.get_num_threads()})}
     print(json.dumps(rates))
-    machine = f"{platform.machine()} {os.cpu_count()}-core VM, {platform.system()}, torch {torch.__version__}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = (
+        f"{platform.machine()} {os.cpu_count()}-core CPU VM shared with other work (load average {load} at "
+        f"the end), {platform.system()}, torch {torch.__version__}, no GPU"
+    )
     if args.use_gpu and torch.cuda.is_available():
-        machine += f", {torch.cuda.get_device_name(0)}"
+        machine = machine.replace("no GPU", torch.cuda.get_device_name(0))
     report = markdown(results, rates, machine, args)
     print(report)
     if args.write:

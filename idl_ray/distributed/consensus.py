@@ -27,6 +27,7 @@ next hear from the driver). The answer is Z, the output of the prox, so the kapp
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import ray
 import torch
@@ -55,7 +56,7 @@ def consensus_rho(
     return (mean_eigenvalue if mean_eigenvalue > 0 else 1.0) / K
 
 
-def run_consensus(
+def _run_consensus(
     pool: WorkerPool,
     *,
     rows: int,
@@ -199,6 +200,14 @@ def _values(states: list[ConsensusLocalState]) -> list[torch.Tensor] | None:
     if any(s.W is None for s in states):
         return None
     return [s.W + s.U for s in states]
+
+
+def run_consensus(pool: WorkerPool, **kwargs: Any) -> tuple[torch.Tensor, RunInfo]:
+    """See :func:`_run_consensus`; the progress bar is closed however the run ends."""
+    try:
+        return _run_consensus(pool, **kwargs)
+    finally:
+        kwargs["reporter"].close()
 
 
 __all__ = ["consensus_rho", "run_consensus"]

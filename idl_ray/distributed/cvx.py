@@ -77,16 +77,7 @@ class RayCVXSolver(BaseSolver):
         CVXSolver(**self.settings)  # validates the settings here, not in the tasks
         self.num_tasks = check_positive_int(num_tasks, "num_tasks", owner, allow_none=True)
         self.run_config = _split_run_config(owner, run_config, kwargs)
-        self.needs_samples = False
         self._params = {**self.settings, "num_tasks": num_tasks, **self.run_config.to_dict()}
-
-    def solve(self, problem: SIMProblem):  # type: ignore[override]
-        # the exact variant works on samples: ask SIM for them only then
-        self.needs_samples = problem.variant == "exact" if isinstance(problem, SIMProblem) else False
-        try:
-            return super().solve(problem)
-        finally:
-            self.needs_samples = False
 
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         resources.ensure_ray()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import ray
 import torch
@@ -72,7 +73,7 @@ def _rho_after_balance(rho: float, d: int, sums: ResidualSums, options: ADMMOpti
     return balance_rho(ADMMState(W=empty, Z=empty, U=empty, rho=rho), sums, options).rho
 
 
-def run_gram(
+def _run_gram(
     pool: WorkerPool,
     H: torch.Tensor,
     Rt: torch.Tensor,
@@ -203,6 +204,16 @@ def run_gram(
         checkpoints=checkpointer.count,
     )
     return W, info
+
+
+def run_gram(
+    pool: WorkerPool, H: torch.Tensor, Rt: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, RunInfo]:
+    """See :func:`_run_gram`; the progress bar is closed however the run ends."""
+    try:
+        return _run_gram(pool, H, Rt, **kwargs)
+    finally:
+        kwargs["reporter"].close()
 
 
 __all__ = ["RunInfo", "reduce_stats", "run_gram"]
