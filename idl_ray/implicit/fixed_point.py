@@ -13,14 +13,17 @@ so one engine solves both. Stopping rule, per sample ``i``::
 
     ||f(x_i) - x_i|| <= atol + tol * ||f(x_i)||        (2-norm by default, or the max-norm)
 
-A sample that meets it is written to the result and leaves the active set, so it stops costing work
-("active-set shrinking"); the others go on until ``max_iter``. The returned state of each sample is its
+Samples that meet it are written to the result and leave the active set, so they stop costing work
+("active-set shrinking"; to save indexing, the set is compacted once ``shrink_fraction`` of it has
+converged, and samples waiting for that keep iterating, which only refines them). The others go on
+until ``max_iter``. The returned state of each sample is its
 last ``f(x_i)``. Samples still above the tolerance at the cap trigger a :class:`ConvergenceWarning` that
 states the residual, the tolerance and what to try.
 
 Under ``||A||_inf <= kappa < 1`` and a monotone 1-Lipschitz ``phi``, Picard converges linearly with rate
-at most kappa (the map contracts in the infinity norm); Anderson acceleration (Walker & Ni 2011, type II,
-batched per sample) usually needs far fewer iterations when kappa is close to 1.
+at most kappa (the map contracts in the infinity norm). Anderson acceleration (Walker & Ni 2011, type II;
+``"anderson"`` mixes per sample, ``"anderson_batch"`` with coefficients shared by the batch) usually needs
+far fewer iterations when kappa is close to 1, at a higher cost per iteration.
 
 Kernels are pure: tensors and a :class:`FixedPointOptions` in, ``(result, FixedPointStats)`` out. Methods
 are registered by name in :data:`FIXED_POINT_METHODS` (see :func:`register_fixed_point_method`).
@@ -48,6 +51,7 @@ __all__ = [
     "FixedPointStats",
     "RowMap",
     "anderson",
+    "anderson_batch",
     "picard",
     "register_fixed_point_method",
     "solve_adjoint",

@@ -120,8 +120,10 @@ class ImplicitModel(nn.Module):
         - Output: ``(batch, q)``; with ``return_state=True`` also the state ``(batch, n)``.
 
     Attributes:
-        A: (n, n) parameter (dense) or the property ``L @ R.T`` (low rank); ``||A||_inf <= kappa`` at every
-            forward. Initialised uniform in (-1/n, 1/n) (row sums about 0.5), projected if needed.
+        A: (n, n), ``||A||_inf <= kappa`` at every forward: the parameter itself (dense, ``"project"``),
+            else a property computed from ``W`` or ``L, R`` with autograd. Dense A and W are initialised
+            uniform in (-1/n, 1/n) (row sums about 0.5), then projected if needed.
+        W: (n, n) parameter for ``constraint="rescale"`` (dense).
         L, R: (n, rank) parameters when ``rank`` is set (else None).
         B: (n, p[+1]) parameter, ``C``: (q, n), ``D``: (q, p[+1]) or None; initialised like
             ``nn.Linear`` (uniform with bound ``1/sqrt(fan_in)``).
