@@ -580,14 +580,20 @@ class SIM:
         return 1.0 - mse / var if var > 0 else (1.0 if mse == 0 else -math.inf)
 
     def to_module(self, **options: Any) -> nn.Module:
-        """An :class:`~idl_ray.implicit.model.ImplicitModel` holding the fitted weights (in ``dtype``)."""
+        """An :class:`~idl_ray.implicit.model.ImplicitModel` holding the fitted weights (in ``dtype``).
+
+        The model's fixed-point method, tolerance and iteration cap follow ``fixed_point``; ``options``
+        (ImplicitModel keywords) override them.
+        """
         self._check_fitted()
         from idl_ray.implicit.model import ImplicitModel
 
         cfg = self._validated()
         A, B, C, D = self._device_weights(cfg["dtype"], torch.device("cpu"))
+        fp = cfg["fixed_point"]
+        settings = {"fixed_point": fp.method, "tol": fp.tol, "max_iter": fp.max_iter} | options
         return ImplicitModel.from_weights(
-            A, B, C, D, activation=self._activation_object(), kappa=self.kappa_, bias=self.bias_, **options
+            A, B, C, D, activation=self._activation_object(), kappa=self.kappa_, bias=self.bias_, **settings
         )
 
     # ------------------------------------------------------------------ reporting
