@@ -188,7 +188,7 @@ def size_case(p: int, args, device: torch.device) -> dict:
         print(
             f"  p={p} {name:9s} {res['time_s']:9.3f} s  obj1 {out[name]['objective_stage1']:.6e}  "
             f"obj2 {out[name]['objective_stage2']:.6e}  ||A||_inf {out[name]['a_inf_norm']:.6f}  "
-            f"acc {out[name]['accuracy']:.4f}",
+            f"acc {out[name]['accuracy']:.4f}  iterations {res.get('iterations')}",
             flush=True,
         )
 

@@ -9,7 +9,7 @@ import torch
 
 from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.problem import SIMProblem
-from idl_ray.sim.solvers.admm_kernels import ADMMOptions, GramFactor, admm_solve
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor, admm_solve, initial_rho, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 
 __all__ = ["ADMMSolver"]
@@ -33,6 +33,10 @@ class ADMMSolver(BaseSolver):
     device : None/"auto" (CUDA when available), or a device
     dtype : torch.float64 (default) or torch.float32
     warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
+    warm_start : bool, start from the prox of the (minimum-norm) least-squares fit, computed from the
+        cached eigendecomposition for rows * d^2 flops (default True). When the unconstrained fit is nearly
+        feasible (a rescaled teacher, small lam) ADMM then stops after a few iterations instead of
+        crawling along the small eigen-directions of G.
 
     Examples
     --------
@@ -52,6 +56,7 @@ class ADMMSolver(BaseSolver):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
         warn: bool = True,
+        warm_start: bool = True,
         **option_values: Any,
     ) -> None:
         if options is not None and option_values:
@@ -66,10 +71,16 @@ class ADMMSolver(BaseSolver):
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype, "ADMMSolver")
         self.warn = bool(warn)
+        self.warm_start = bool(warm_start)
         self._factor_key: tuple[Any, ...] | None = None
         self._factor_G: torch.Tensor | None = None  # held (not its id) so a freed G cannot alias
         self._factor: GramFactor | None = None
-        self._params = {**self.options.to_dict(), "device": str(self.device), "dtype": str(dtype)}
+        self._params = {
+            **self.options.to_dict(),
+            "device": str(self.device),
+            "dtype": str(dtype),
+            "warm_start": self.warm_start,
+        }
 
     def factor_for(self, problem: SIMProblem, H: torch.Tensor) -> GramFactor:
         """The eigendecomposition of H, reused when the same G (same object, l2 and m) comes back."""
@@ -80,17 +91,41 @@ class ADMMSolver(BaseSolver):
             self._factor_G, self._factor_key = problem.G, key
         return self._factor
 
+    def _warm_state(
+        self,
+        factor: GramFactor,
+        H: torch.Tensor,
+        R: torch.Tensor,
+        *,
+        lam: float,
+        kappa: float | None,
+        n_constrained: int,
+    ) -> ADMMState:
+        """Z0 = prox(W_ls), U0 = 0 with W_ls the minimum-norm least-squares fit R H^+."""
+        s = factor.eigenvalues
+        cut = 1e-10 * float(s.max().clamp_min(torch.finfo(s.dtype).tiny))
+        inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
+        W0 = ((R @ factor.Q) * inv) @ factor.Q.T
+        rho = initial_rho(H, self.options)
+        Z0 = prox(W0, lam / rho, kappa, n_constrained)
+        return ADMMState(W=W0, Z=Z0, U=torch.zeros_like(W0), rho=rho)
+
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         factor = self.factor_for(problem, H)
         lam = 0.0 if problem.variant == "least_squares" else problem.lam
+        nc = problem.n_constrained if problem.kappa is not None else 0
+        state = None
+        if self.warm_start:
+            state = self._warm_state(factor, H, R, lam=lam, kappa=problem.kappa, n_constrained=nc)
         W, stats = admm_solve(
             H,
             R,
             lam=lam,
             kappa=problem.kappa,
-            n_constrained=problem.n_constrained if problem.kappa is not None else 0,
+            n_constrained=nc,
             options=self.options,
+            state=state,
             factor=factor,
         )
         if not stats.converged and self.warn:
