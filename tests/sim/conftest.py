@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+# One intra-op thread: these problems are small, and on a shared 2-core machine OpenMP threads spinning
+# at barriers make small matmuls up to 10x slower than a single thread.
+torch.set_num_threads(1)
+
 
 @dataclasses.dataclass
 class Digits:
