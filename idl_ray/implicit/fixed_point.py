@@ -91,6 +91,13 @@ class FixedPointOptions(Options):
         Picard only: once the linear rate is measured, up to this many iterations may run between two
         convergence checks (three quarters of the predicted remaining count). 0 checks at every
         iteration.
+    compaction : {"auto", "always", "never"}, default "auto"
+        Picard only: whether converged samples may leave the active set. ``"never"`` iterates the whole
+        batch to the end ("dense" path: one fused step per iteration into preallocated buffers, one
+        residual check and one host synchronisation per check, no indexing); every sample still meets
+        the tolerance and its telemetry is exact (all samples report the same iteration count).
+        ``"auto"`` is ``"never"`` on CUDA tensors, where kernel launches and host synchronisations cost
+        more than the saved arithmetic, and ``"always"`` elsewhere (the rule of ``shrink_fraction``).
     warn : bool, default True
         Emit a :class:`ConvergenceWarning` when samples hit the cap above tolerance.
     """
@@ -105,6 +112,7 @@ class FixedPointOptions(Options):
     anderson_reg: float = 1e-10
     shrink_fraction: float = 0.25
     max_check_skip: int = 16
+    compaction: str = "auto"
     warn: bool = True
 
     def _validate(self) -> None:
@@ -138,6 +146,8 @@ class FixedPointOptions(Options):
         frac = self.shrink_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
             raise bad_parameter("shrink_fraction", owner, "a float in [0, 1]", frac)
+        if self.compaction not in _COMPACTION:
+            raise bad_parameter("compaction", owner, f"one of {sorted(_COMPACTION)}", self.compaction)
         if not isinstance(self.warn, bool):
             raise bad_parameter("warn", owner, "a bool", self.warn)
 
@@ -264,6 +274,7 @@ class RowMap:
 
 
 _NORMS = {"l2": 2.0, "inf": math.inf}
+_COMPACTION = ("auto", "always", "never")
 
 
 class _Recorder:
@@ -328,6 +339,26 @@ class _Recorder:
         )
         self.rows = rows.index_select(0, keep)
         return keep
+
+    def check_dense(self, k: int, fx: torch.Tensor, x: torch.Tensor) -> bool:
+        """Convergence check without compaction: True (results recorded) when every row meets the
+        tolerance or ``k`` is the cap. Sets ``self.worst``. One host synchronisation; with the max-norm
+        absolute test, three kernels (sub, abs, max) unless the solve ends here."""
+        o = self.options
+        if o.tol == 0 and o.norm == "inf":
+            self.worst = worst = float((fx - x).abs_().max()) / o.atol
+            if worst > 1.0 and k < o.max_iter:
+                return False
+            dist, ratio = self.residuals(fx, x)
+        else:
+            dist, ratio = self.residuals(fx, x)
+            self.worst = worst = float(ratio.max())
+            if worst > 1.0 and k < o.max_iter:
+                return False
+        active = fx.shape[0]
+        done = ratio <= 1.0
+        self._finish(None, fx, dist, done, k, active, active if worst <= 1.0 else int(done.sum()))
+        return True
 
     def _finish(self, rows, fx, dist, done, k, count: int, n_converged: int) -> None:
         self.chunks.append((rows, fx, dist, done, k))
@@ -395,35 +426,70 @@ def _checks_to_skip(previous: tuple[int, float] | None, k: int, worst: float, ca
     return max(0, min(cap, int(0.75 * math.log(worst) / -log_rate)))
 
 
+_INPLACE: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
+    torch.relu: torch.relu_,
+    torch.tanh: torch.tanh_,
+    torch.sigmoid: torch.sigmoid_,
+}
+
+
+def _compacts(options: FixedPointOptions, x0: torch.Tensor) -> bool:
+    mode = options.compaction
+    return mode == "always" or (mode == "auto" and not x0.is_cuda)
+
+
 def picard(
     fmap: RowMap, x0: torch.Tensor, options: FixedPointOptions
 ) -> tuple[torch.Tensor, FixedPointStats]:
-    """Picard iteration ``x <- f(x)`` with per-sample stopping and active-set shrinking.
+    """Picard iteration ``x <- f(x)`` with per-sample stopping (and active-set shrinking, see
+    ``options.compaction``).
 
     Convergence is checked at every iteration until two checks give a linear rate; then checks are
     spaced by :func:`_checks_to_skip` (at most ``options.max_check_skip`` iterations apart), which
-    saves the residual computation and the host synchronisation on most iterations.
+    saves the residual computation and the host synchronisation on most iterations. Between checks an
+    iteration is one ``addmm`` into one of two preallocated buffers and one in-place activation (or row
+    scale): two kernels, no allocation, no host synchronisation.
     """
     if x0.shape[0] == 0:
         return _empty(x0, options, "picard")
     rec = _Recorder(x0, options, "picard")
-    x = x0
+    compact = _compacts(options, x0)
+    max_iter, cap = options.max_iter, options.max_check_skip
+    weight, offset, scale, fn = fmap.weight, fmap.offset, fmap.scale, fmap.fn
+    fn_inplace = _INPLACE.get(fn) if fn is not None else None
+    addmm = torch.addmm
+    bufs = (torch.empty_like(offset), torch.empty_like(offset))
+    x = prev = x0
+    k = 0
     next_check = 1
     previous: tuple[int, float] | None = None
-    for k in range(1, options.max_iter + 1):
-        fx = fmap(x)
-        if k < next_check and k < options.max_iter:
-            x = fx
-            continue
-        dist, ratio = rec.residuals(fx, x)
-        keep = rec.step(k, fx, dist, ratio)
-        if keep is None:
+    while True:
+        stop = min(next_check, max_iter)
+        while k < stop:  # never writes into x0 nor into the previous iterate
+            out = bufs[k & 1]
+            addmm(offset, x, weight, out=out)
+            if scale is not None:
+                out.mul_(scale)
+            elif fn_inplace is not None:
+                fn_inplace(out)
+            elif fn is not None:
+                out = fn(out)
+            prev, x = x, out
+            k += 1
+        if compact:
+            dist, ratio = rec.residuals(x, prev)
+            keep = rec.step(k, x, dist, ratio)
+            if keep is None:
+                break
+            if keep is not _KEEP_ALL:
+                x = x.index_select(0, keep)  # a fresh tensor: the buffers are replaced below
+                fmap = fmap.restrict(keep)
+                offset, scale = fmap.offset, fmap.scale
+                bufs = (torch.empty_like(offset), torch.empty_like(offset))
+        elif rec.check_dense(k, x, prev):
             break
-        if keep is not _KEEP_ALL:
-            fx, fmap = fx.index_select(0, keep), fmap.restrict(keep)
-        next_check = k + 1 + _checks_to_skip(previous, k, rec.worst, options.max_check_skip)
+        next_check = k + 1 + _checks_to_skip(previous, k, rec.worst, cap)
         previous = (k, rec.worst)
-        x = fx
     return rec.result()
 
 
