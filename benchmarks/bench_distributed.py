@@ -132,6 +132,12 @@ def run_ray(
     )
 
 
+def median_run(runs: list[Run]) -> Run:
+    """The run with the median wall time (its own phase split), so the numbers of a row belong together."""
+    ordered = sorted(runs, key=lambda r: r.wall_s)
+    return ordered[len(ordered) // 2]
+
+
 # ---------------------------------------------------------------------------------------------- rates
 def measure_rates(
     threads: int, d: int = 896, rows: int = 112, chunk: int = 8192, repeats: int = 3
@@ -233,8 +239,8 @@ def markdown(results: list[dict[str, Any]], rates: dict[str, dict[str, float]], 
         "",
         f"Machine: {machine}. Command: `python benchmarks/bench_distributed.py {' '.join(sys.argv[1:])}`.",
         f"Synthetic stage-1 states (p = {P}, lam = {LAM}, kappa = {KAPPA}); float64 solves; ADMM defaults "
-        "(abs_tol 1e-8, rel_tol 1e-6). Wall time from samples in memory to weights (single run per cell: the "
-        "ADMM iteration count is deterministic; medians apply to the kernel rates). Ray workers: "
+        "(abs_tol 1e-8, rel_tol 1e-6). Wall time from samples in memory to weights; each row is the median of "
+        f"{args.repeats} run(s) (by wall time, with that run's phase split). Ray workers: "
         f"{args.workers}, {args.cpus_per_worker} CPU each; single process uses {torch.get_num_threads()} threads.",
         "",
         "| m | n | solver | wall s | ratio | iterations | load | Gram | factor | iterations s | communication | objective gap | ||A||_inf |",
@@ -325,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--max-iter", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the report shows medians")
     parser.add_argument("--skip-consensus", action="store_true")
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
@@ -352,17 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m, n in cases:
             features, targets = synthetic_states(m, n)
-            single, _ = run_single(features, targets, n, device, args.max_iter)
-            runs = [
-                single,
-                run_ray(features, targets, n, "gram", args.workers, args.use_gpu, args.max_iter, pool),
-            ]
-            if not args.skip_consensus:
-                runs.append(
-                    run_ray(
-                        features, targets, n, "consensus", args.workers, args.use_gpu, args.max_iter, pool
+            strategies = ["gram"] + ([] if args.skip_consensus else ["consensus"])
+            trials: list[list[Run]] = []
+            for _ in range(args.repeats):
+                single, _ = run_single(features, targets, n, device, args.max_iter)
+                trial = [single]
+                for strategy in strategies:
+                    trial.append(
+                        run_ray(
+                            features, targets, n, strategy, args.workers, args.use_gpu, args.max_iter, pool
+                        )
                     )
-                )
+                trials.append(trial)
+            runs = [median_run([t[i] for t in trials]) for i in range(len(trials[0]))]
+            single = runs[0]
             for run in runs:
                 print(
                     f"m={m:,} n={n} {run.name}: {run.wall_s:.2f} s ({run.wall_s / single.wall_s:.2f}x), "

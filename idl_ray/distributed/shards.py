@@ -22,12 +22,15 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from idl_ray._validation import bad_parameter, check_positive_int
 from idl_ray.errors import ConfigError, ShapeError
 from idl_ray.sim.problem import GramStats, as_tensor
 
 DEFAULT_BATCH = 8192
+#: limit on an actor's wait for its shard in the object store (the driver's own waits use timeout_s)
+FETCH_TIMEOUT_S = 600.0
 
 
 def _to_2d(values: Any) -> np.ndarray:
@@ -63,6 +66,13 @@ def _arrow_column(column: Any) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).reshape(-1, 1)
 
 
+def _writable(batch: Any) -> Any:
+    """A batch torch can wrap without warnings: numpy views of shared memory are copied to float64."""
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(np.array(batch, dtype=np.float64))
+    return batch
+
+
 def _batch(columns: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
     missing = [n for n in names if n not in columns]
     if missing:
@@ -94,11 +104,12 @@ class ObjectRefShard(ShardSource):
     batch_size: int = DEFAULT_BATCH
 
     def batches(self) -> Iterator[tuple[Any, Any]]:
-        features, targets = ray.get([self.features_ref, self.targets_ref])
-        F = as_tensor(features, "features", "ObjectRefShard")
-        T = as_tensor(targets, "targets", "ObjectRefShard")
-        for start in range(0, F.shape[0], self.batch_size):
-            yield F[start : start + self.batch_size], T[start : start + self.batch_size]
+        # numpy arrays come back from the object store without a copy (read-only views of shared memory);
+        # each batch is copied once, into the float64 the statistics are accumulated in
+        features, targets = ray.get([self.features_ref, self.targets_ref], timeout=FETCH_TIMEOUT_S)
+        for start in range(0, len(features), self.batch_size):
+            stop = start + self.batch_size
+            yield _writable(features[start:stop]), _writable(targets[start:stop])
 
     def describe(self) -> str:
         return "object store"
@@ -139,7 +150,10 @@ class ParquetShard(ShardSource):
                 )
             for record_batch in parquet.iter_batches(batch_size=self.batch_size, columns=columns):
                 arrays = {name: _arrow_column(record_batch.column(name)) for name in columns}
-                yield _batch(arrays, self.feature_columns), _batch(arrays, self.target_columns)
+                yield (
+                    _writable(_batch(arrays, self.feature_columns)),
+                    _writable(_batch(arrays, self.target_columns)),
+                )
 
     def describe(self) -> str:
         return f"parquet x{len(self.paths)}"
@@ -157,7 +171,10 @@ class DatasetShard(ShardSource):
     def batches(self) -> Iterator[tuple[Any, Any]]:
         for batch in self.dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
             arrays = {name: _to_2d(values) for name, values in batch.items()}
-            yield _batch(arrays, self.feature_columns), _batch(arrays, self.target_columns)
+            yield (
+                _writable(_batch(arrays, self.feature_columns)),
+                _writable(_batch(arrays, self.target_columns)),
+            )
 
     def describe(self) -> str:
         return "ray dataset"
@@ -173,7 +190,7 @@ class StatsShard(ShardSource):
         raise NotImplementedError("StatsShard holds statistics, not samples.")
 
     def fetch(self) -> GramStats:
-        return ray.get(self.stats_ref)
+        return ray.get(self.stats_ref, timeout=FETCH_TIMEOUT_S)
 
     def describe(self) -> str:
         return "statistics"
@@ -248,8 +265,9 @@ def tensor_sources(
         )
     if F.shape[0] < num_shards:
         raise bad_parameter("num_shards", "tensor_sources", f"at most the {F.shape[0]} samples", num_shards)
+    # numpy, not torch, in the object store: workers then read the shard in place (zero-copy)
     return [
-        ObjectRefShard(ray.put(F[s].contiguous()), ray.put(T[s].contiguous()), batch_size)
+        ObjectRefShard(ray.put(F[s].cpu().numpy()), ray.put(T[s].cpu().numpy()), batch_size)
         for s in split_rows(F.shape[0], num_shards)
     ]
 
