@@ -32,6 +32,7 @@ are registered by name in :data:`FIXED_POINT_METHODS` (see :func:`register_fixed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -40,10 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from idl_ray._validation import Options, bad_parameter, check_positive_float, check_positive_int
 from idl_ray.errors import ConfigError, ConvergenceWarning, ShapeError
-from idl_ray.implicit.activations import Activation, resolve_activation
+from idl_ray.implicit.activations import Activation, _leaky_relu, resolve_activation
 
 __all__ = [
     "FIXED_POINT_METHODS",
@@ -433,6 +435,17 @@ _INPLACE: dict[Any, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _inplace_of(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], Any] | None:
+    """The in-place form of a known activation (None: unknown, call ``fn`` out of place)."""
+    if fn is None:
+        return None
+    inplace = _INPLACE.get(fn)
+    if inplace is None and isinstance(fn, functools.partial) and fn.func is _leaky_relu and not fn.args:
+        slope = fn.keywords["slope"]
+        return lambda z: F.leaky_relu_(z, slope)
+    return inplace
+
+
 def _compacts(options: FixedPointOptions, x0: torch.Tensor) -> bool:
     mode = options.compaction
     return mode == "always" or (mode == "auto" and not x0.is_cuda)
@@ -456,7 +469,7 @@ def picard(
     compact = _compacts(options, x0)
     max_iter, cap = options.max_iter, options.max_check_skip
     weight, offset, scale, fn = fmap.weight, fmap.offset, fmap.scale, fmap.fn
-    fn_inplace = _INPLACE.get(fn) if fn is not None else None
+    fn_inplace = _inplace_of(fn)
     addmm = torch.addmm
     bufs = (torch.empty_like(offset), torch.empty_like(offset))
     x = prev = x0

@@ -126,3 +126,18 @@ def test_compaction_option():
     assert not _compacts(FixedPointOptions(), cuda) and _compacts(FixedPointOptions(), cpu)
     assert _compacts(FixedPointOptions(compaction="always"), cuda)
     assert not _compacts(FixedPointOptions(compaction="never"), cpu)
+
+
+def test_known_activations_run_in_place():
+    from idl_ray.implicit.activations import resolve_activation
+    from idl_ray.implicit.fixed_point import _inplace_of
+
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    for name in ("relu", "tanh", "sigmoid", "leaky_relu"):
+        act = resolve_activation(name)
+        f = _inplace_of(act.fn)
+        assert f is not None, name
+        y = z.clone()
+        f(y)
+        assert torch.equal(y, act.fn(z)), name
+    assert _inplace_of(resolve_activation("softplus").fn) is None and _inplace_of(None) is None
