@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import types
@@ -138,6 +139,8 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
         p, 10, args.hidden, kappa=args.kappa, tol=args.tol, grad_tol=args.tol, mitr=args.max_iter,
         grad_mitr=args.max_iter,
     ).to(device)  # fmt: skip
+    ours.forward_options = dataclasses.replace(ours.forward_options, compaction=args.compaction)
+    ours.backward_options = dataclasses.replace(ours.backward_options, compaction=args.compaction)
     opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
     opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
 
@@ -284,6 +287,12 @@ def main() -> None:
         help="how ours keeps ||A||_inf <= kappa (projected gradient, or A = W min(1, kappa/||W||_inf) with "
         "the exact gradient: torchidl's modelling choice without its straight-through gradient)",
     )
+    parser.add_argument(
+        "--compaction",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="ours: per-sample active-set compaction in Picard (auto: never on CUDA, always on CPU)",
+    )
     parser.add_argument("--same-repeats", type=int, default=30, help="repeats of the same-weights timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -301,7 +310,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
         f"hidden {args.hidden}, tol {args.tol:g}, max_iter {args.max_iter}, kappa {args.kappa}, "
-        f"epochs {args.epochs}, ours fixed_point={args.fixed_point!r}, criterion {args.criterion}, constraint {args.constraint!r}"
+        f"epochs {args.epochs}, ours fixed_point={args.fixed_point!r}, criterion {args.criterion}, constraint {args.constraint!r}, "
+        f"compaction {args.compaction!r}"
     )
     header = (
         f"{'input':>5} {'ours ms':>8} {'tidl ms':>8} {'speedup':>7} {'ours it f/b':>12} {'tidl it f/b':>12} "
