@@ -37,7 +37,7 @@ def main() -> None:
         teacher_acc = float((teacher(X[test]).argmax(1) == y[test]).float().mean())
 
     start = time.perf_counter()
-    sim = SIM(kappa=0.95, lam=1e-4).fit(teacher, X[train], solver=ADMMSolver(rel_tol=1e-5))
+    sim = SIM(kappa=0.95, lam=1e-4).fit(teacher, X[train], solver=ADMMSolver(abs_tol=1e-6, rel_tol=1e-4))
     fit_time = time.perf_counter() - start
     sim_acc = sim.score(X[test], y[test])
 
