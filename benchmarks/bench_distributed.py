@@ -275,7 +275,7 @@ def markdown(results: list[dict[str, Any]], rates: dict[str, dict[str, float]], 
         f"Assumed (not measured): FP64 GEMM {a.gpu_gemm_tflops} TFLOP/s per GPU, eigh {a.gpu_eigh_tflops} TFLOP/s, "
         f"{a.nvlink_gbs} GB/s within a node of {a.gpus_per_node} GPUs, {a.network_gbs} GB/s between nodes, "
         f"{a.rpc_latency_s * 1e3:.0f} ms per Ray round trip, 300 ADMM iterations (consensus: 3x as many). "
-        "The measured CPU rates above give the same model for this machine (row 'this VM').",
+        "The model check below uses the same formulas with this machine's measured rates.",
         "",
         "| GPUs | Gram pass s | reduce + broadcast s | factor s | gram: s / iteration | gram: bytes / iteration | "
         "gram total s | consensus: s / iteration | consensus: bytes / iteration | consensus total s |",
