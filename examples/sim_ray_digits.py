@@ -28,7 +28,7 @@ def main() -> None:
     torch.manual_seed(0)
     split = load_dataset("digits")
     teacher = mlp_teacher(split.num_features, [32, 16], split.num_classes, bias=True)
-    train_classifier(teacher, split, epochs=15)
+    train_classifier(teacher, split, epochs=8)
     print(f"teacher test accuracy: {accuracy(teacher, split.x_test, split.y_test):.3f}")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
