@@ -439,7 +439,10 @@ def _inplace_of(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[
     """The in-place form of a known activation (None: unknown, call ``fn`` out of place)."""
     if fn is None:
         return None
-    inplace = _INPLACE.get(fn)
+    try:
+        inplace = _INPLACE.get(fn)
+    except TypeError:  # an unhashable user callable
+        return None
     if inplace is None and isinstance(fn, functools.partial) and fn.func is _leaky_relu and not fn.args:
         slope = fn.keywords["slope"]
         return lambda z: F.leaky_relu_(z, slope)
@@ -471,7 +474,8 @@ def picard(
     weight, offset, scale, fn = fmap.weight, fmap.offset, fmap.scale, fmap.fn
     fn_inplace = _inplace_of(fn)
     addmm = torch.addmm
-    bufs = (torch.empty_like(offset), torch.empty_like(offset))
+    shape = (x0.shape[0], weight.shape[1])
+    bufs = (offset.new_empty(shape), offset.new_empty(shape))
     x = prev = x0
     k = 0
     next_check = 1
@@ -498,7 +502,8 @@ def picard(
                 x = x.index_select(0, keep)  # a fresh tensor: the buffers are replaced below
                 fmap = fmap.restrict(keep)
                 offset, scale = fmap.offset, fmap.scale
-                bufs = (torch.empty_like(offset), torch.empty_like(offset))
+                shape = (x.shape[0], weight.shape[1])
+                bufs = (offset.new_empty(shape), offset.new_empty(shape))
         elif rec.check_dense(k, x, prev):
             break
         next_check = k + 1 + _checks_to_skip(previous, k, rec.worst, cap)

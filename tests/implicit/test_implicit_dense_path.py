@@ -141,3 +141,21 @@ def test_known_activations_run_in_place():
         f(y)
         assert torch.equal(y, act.fn(z)), name
     assert _inplace_of(resolve_activation("softplus").fn) is None and _inplace_of(None) is None
+
+
+class _UnhashableTanh:
+    def __eq__(self, other):  # defining __eq__ without __hash__ makes instances unhashable
+        return isinstance(other, _UnhashableTanh)
+
+    def __call__(self, z):
+        return torch.tanh(z)
+
+
+@pytest.mark.parametrize("compaction", ["never", "always"])
+def test_user_activation_out_of_place(compaction):
+    A, BU = problem(batch=8)
+    dphi = lambda z: 1 - torch.tanh(z) ** 2  # noqa: E731
+    opts = {"tol": 1e-12, "compaction": compaction}
+    Xu, su = solve_fixed_point(A, BU, (_UnhashableTanh(), dphi), opts)
+    Xt, _ = solve_fixed_point(A, BU, "tanh", opts)
+    assert su.all_converged and torch.allclose(Xu, Xt, atol=1e-11)
