@@ -19,14 +19,17 @@ TOL = dict(abs_tol=1e-10, rel_tol=1e-8)
 class KillOnce:
     """A progress callback that kills worker ``rank`` once the solve passes ``at`` iterations."""
 
-    def __init__(self, at: int, rank: int = 1) -> None:
+    def __init__(self, at: int, rank: int = 1, *, let_ray_restart: bool = False) -> None:
         self.at, self.rank, self.killed_pid = at, rank, None
+        self.let_ray_restart = let_ray_restart
 
     def __call__(self, event) -> None:
         if self.killed_pid is None and event.iteration >= self.at:
             victim = event.workers[self.rank]
             self.killed_pid = ray.get(victim.info.remote(), timeout=TIMEOUT_S)["pid"]
-            ray.kill(victim)  # no_restart=True: the driver has to recreate it
+            # no_restart=True: the driver recreates the actor; False: Ray restarts it (max_restarts) and
+            # the driver notices the fresh, empty actor and restores it
+            ray.kill(victim, no_restart=not self.let_ray_restart)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,23 @@ def test_killed_actor_is_survived_with_the_same_answer(strategy, problem, refere
     checkpoint = load_checkpoint(os.path.join(tmp_path, f"ray-admm-{strategy}.pt"))
     assert checkpoint.strategy == strategy and checkpoint.iteration >= 10
     assert len(checkpoint.worker_states) == 2
+
+
+def test_actor_restarted_by_ray_is_restored(problem, reference):
+    killer = KillOnce(at=15, let_ray_restart=True)
+    solver = RayADMMSolver(
+        num_workers=2,
+        use_gpu=False,
+        cpus_per_worker=0.2,
+        strategy="consensus",
+        checkpoint_every=10,
+        callback=killer,
+        timeout_s=TIMEOUT_S,
+        **TOL,
+    )
+    result = solver.solve(problem)
+    assert result.stats.extra["restarts"] == 1
+    assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
 
 
 def test_gram_recovery_replays_exactly(problem):
