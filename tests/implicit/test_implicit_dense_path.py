@@ -159,3 +159,22 @@ def test_user_activation_out_of_place(compaction):
     Xu, su = solve_fixed_point(A, BU, (_UnhashableTanh(), dphi), opts)
     Xt, _ = solve_fixed_point(A, BU, "tanh", opts)
     assert su.all_converged and torch.allclose(Xu, Xt, atol=1e-11)
+
+
+def test_check_spacing():
+    from idl_ray.implicit.fixed_point import _checks_to_skip
+
+    assert _checks_to_skip(None, 1, 100.0, 16) == 0
+    # rate 1/2 per iteration: 2^10 needs 10 more iterations; three quarters of them are skipped
+    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 16) == 7
+    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 16, eager=True) == 7
+    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 4) == 4
+    # near the end the dense path checks where the tolerance should be met: 2^3 -> 3 more iterations
+    assert _checks_to_skip((1, 16.0), 2, 8.0, 16) == 2
+    assert _checks_to_skip((1, 16.0), 2, 8.0, 16, eager=True) == 2
+    assert _checks_to_skip((1, 2.0**7), 2, 2.0**6, 16) == 4
+    assert _checks_to_skip((1, 2.0**7), 2, 2.0**6, 16, eager=True) == 5
+    assert _checks_to_skip((1, 2.0), 2, 1.1, 16, eager=True) == 0
+    # no progress or no rate: check at the next iteration
+    assert _checks_to_skip((1, 2.0), 2, 3.0, 16, eager=True) == 0
+    assert _checks_to_skip((1, 2.0), 2, float("nan"), 16, eager=True) == 0
