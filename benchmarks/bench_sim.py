@@ -221,6 +221,7 @@ def size_case(p: int, args, device: torch.device) -> dict:
                     {"X": X.float(), "U": U.float(), "Z": Z.float(), "Y": Y.float(), "kappa": args.kappa},
                     n,
                     device,
+                    args.torchidl_epochs_large if p == 784 else None,
                 ),
             )
         except Exception as exc:  # report exactly why a reference piece could not run
