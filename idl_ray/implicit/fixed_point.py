@@ -349,13 +349,13 @@ class _Recorder:
         o = self.options
         if o.tol == 0 and o.norm == "inf":
             self.worst = worst = float((fx - x).abs_().max()) / o.atol
-            if worst > 1.0 and k < o.max_iter:
+            if not worst <= 1.0 and k < o.max_iter:  # NaN: go on (to the cap), as the compacting path
                 return False
             dist, ratio = self.residuals(fx, x)
         else:
             dist, ratio = self.residuals(fx, x)
             self.worst = worst = float(ratio.max())
-            if worst > 1.0 and k < o.max_iter:
+            if not worst <= 1.0 and k < o.max_iter:  # NaN: go on (to the cap), as the compacting path
                 return False
         active = fx.shape[0]
         done = ratio <= 1.0

@@ -178,3 +178,14 @@ def test_check_spacing():
     # no progress or no rate: check at the next iteration
     assert _checks_to_skip((1, 2.0), 2, 3.0, 16, eager=True) == 0
     assert _checks_to_skip((1, 2.0), 2, float("nan"), 16, eager=True) == 0
+
+
+@pytest.mark.parametrize("crit", [{"tol": 1e-10}, {"tol": 0.0, "atol": 1e-10, "norm": "inf"}])
+def test_dense_path_with_a_nan_sample(crit):
+    A, BU = problem(batch=6)
+    BU[2, 0] = float("nan")
+    with pytest.warns(ConvergenceWarning, match="1 of 6"):
+        X, stats = solve_fixed_point(A, BU, "tanh", crit | {"max_iter": 50, "compaction": "never"})
+    assert stats.iterations == 50 and stats.num_converged == 5
+    assert stats.converged.tolist() == [True, True, False, True, True, True]
+    assert bool(torch.isfinite(X[[0, 1, 3, 4, 5]]).all())
