@@ -26,7 +26,7 @@ def main() -> None:
 
     teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     optimiser = torch.optim.Adam(teacher.parameters(), lr=1e-2)
-    for _ in range(40):
+    for _ in range(25):
         for i in range(0, len(train), 128):
             idx = train[i : i + 128]
             optimiser.zero_grad()
