@@ -16,7 +16,9 @@ so one engine solves both. Stopping rule, per sample ``i``::
 Samples that meet it are written to the result and leave the active set, so they stop costing work
 ("active-set shrinking"; to save indexing, the set is compacted once ``shrink_fraction`` of it has
 converged, and samples waiting for that keep iterating, which only refines them). The others go on
-until ``max_iter``. The returned state of each sample is its
+until ``max_iter``. Picard's dense path (``compaction="never"``, the default on CUDA) skips the
+compaction: the whole batch iterates until every sample meets the test, with one host synchronisation
+per check. The returned state of each sample is its
 last ``f(x_i)``. Samples still above the tolerance at the cap trigger a :class:`ConvergenceWarning` that
 states the residual, the tolerance and what to try.
 
