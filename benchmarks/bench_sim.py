@@ -8,7 +8,7 @@ loss is lam = 1e-6 / m here), the same ||A||_inf and the same fixed-point predic
 
 Usage::
 
-    python benchmarks/bench_sim.py --quick                  # < 2 min on a 2-core CPU: p = 64, m_floor = 20,000
+    python benchmarks/bench_sim.py --quick --threads 1      # ~2 min on a 2-core CPU: p = 64, m_floor = 10,000
     python benchmarks/bench_sim.py                          # p = 64 and 784, m_floor = 60,000 (~10 min)
     python benchmarks/bench_sim.py --device cuda --skip-cvx # GPU run of our solvers (torchidl runs on cuda too)
 """
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m-floor", type=int, default=None, help="samples of the floor case (0 skips it)")
     parser.add_argument("--kappa", type=float, default=0.99)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of our solves (median reported)")
-    parser.add_argument("--quick", action="store_true", help="p = 64 only, m_floor = 20,000 (< 2 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="p = 64 only, m_floor = 10,000 (about 2 min on a 2-core CPU)"
+    )
     parser.add_argument("--skip-torchidl", action="store_true")
     parser.add_argument("--skip-cvx", action="store_true")
     parser.add_argument("--cvx-large", action="store_true", help="also run CVX at p = 784 (slow)")
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([64] if args.quick else [64, 784])
-    m_floor = args.m_floor if args.m_floor is not None else (20_000 if args.quick else 60_000)
+    m_floor = args.m_floor if args.m_floor is not None else (10_000 if args.quick else 60_000)
     info = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
