@@ -35,10 +35,10 @@ import torch
 from idl_ray.distributed import resources
 from idl_ray.distributed.actors import ConsensusLocalState
 from idl_ray.distributed.checkpoint import Checkpointer, SolveCheckpoint
-from idl_ray.distributed.gram import RunInfo, _rho_after_balance
+from idl_ray.distributed.gram import RunInfo
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
-from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, check_convergence, prox
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
 
 _INLINE_BYTES = 64 * 1024
 
@@ -160,7 +160,7 @@ def _run_consensus(
         if converged:
             break
         if iteration % options.check_every == 0:
-            pending = _rho_after_balance(rho, d, sums, options)
+            pending = balanced_rho(rho, sums, options)
         if checkpointer.due(iteration):
             with timings.phase("checkpoint"):
                 try:

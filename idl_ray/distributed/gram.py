@@ -28,7 +28,7 @@ from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
     ADMMState,
     ResidualSums,
-    balance_rho,
+    balanced_rho,
     check_convergence,
     initial_rho,
 )
@@ -65,12 +65,6 @@ class RunInfo:
     history: list[dict[str, float]]
     restarts: int
     checkpoints: int
-
-
-def _rho_after_balance(rho: float, d: int, sums: ResidualSums, options: ADMMOptions) -> float:
-    """The rho that :func:`balance_rho` picks for these global sums (applied by every worker)."""
-    empty = torch.zeros(0, d, dtype=torch.float64)
-    return balance_rho(ADMMState(W=empty, Z=empty, U=empty, rho=rho), sums, options).rho
 
 
 def _run_gram(
@@ -175,7 +169,7 @@ def _run_gram(
                 continue
             timings.add("communication", time.perf_counter() - begin)
             break
-        pending = _rho_after_balance(rho, d, sums, options)
+        pending = balanced_rho(rho, sums, options)
         if checkpointer.due(iteration):
             with timings.phase("checkpoint"):
                 try:

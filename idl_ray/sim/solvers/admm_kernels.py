@@ -50,6 +50,7 @@ __all__ = [
     "admm_iterations",
     "admm_solve",
     "balance_rho",
+    "balanced_rho",
     "check_convergence",
     "initial_rho",
     "prox",
@@ -326,20 +327,27 @@ def check_convergence(sums: ResidualSums, options: ADMMOptions) -> tuple[bool, f
     return (sums.primal <= eps_pri and sums.dual <= eps_dual), eps_pri, eps_dual
 
 
-def balance_rho(state: ADMMState, sums: ResidualSums, options: ADMMOptions) -> ADMMState:
-    """Residual balancing: grow rho when the primal residual dominates, shrink it when the dual does.
+def balanced_rho(rho: float, sums: ResidualSums, options: ADMMOptions) -> float:
+    """Residual balancing (Boyd et al. 2011, s3.4.1): rho * tau when r > mu s, rho / tau when s > mu r.
 
-    U is the scaled dual y / rho, so it is rescaled by old_rho / new_rho to keep y unchanged.
+    A pure function of the global residual sums, so a driver can decide rho once for all row shards.
     """
     if not options.adaptive_rho:
-        return state
+        return rho
     if sums.primal > options.mu * sums.dual:
-        scale = options.tau
-    elif sums.dual > options.mu * sums.primal:
-        scale = 1.0 / options.tau
-    else:
+        return rho * options.tau
+    if sums.dual > options.mu * sums.primal:
+        return rho / options.tau
+    return rho
+
+
+def balance_rho(state: ADMMState, sums: ResidualSums, options: ADMMOptions) -> ADMMState:
+    """The state with rho from :func:`balanced_rho`; U, the scaled dual y / rho, is rescaled by
+    old_rho / new_rho so that y is unchanged."""
+    rho = balanced_rho(state.rho, sums, options)
+    if rho == state.rho:
         return state
-    return dataclasses.replace(state, rho=state.rho * scale, U=state.U / scale)
+    return dataclasses.replace(state, rho=rho, U=state.U * (state.rho / rho))
 
 
 def admm_solve(
