@@ -8,9 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-# One intra-op thread: these problems are small, and on a shared 2-core machine OpenMP threads spinning
-# at barriers make small matmuls up to 10x slower than a single thread.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="package")
+def _one_thread():
+    """One intra-op thread for the SIM tests (restored afterwards, so other folders keep their setting).
+
+    These problems are small, and on a shared 2-core machine OpenMP threads spinning at barriers made small
+    matmuls up to 10x slower than a single thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @dataclasses.dataclass
