@@ -32,8 +32,8 @@ from idl_ray.distributed.solvers import _even_stats_split, _RaySolverMixin, _spl
 from idl_ray.errors import ConfigError
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
-from idl_ray.sim.solvers.admm_kernels import prox
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
+from idl_ray.sim.solvers.projected_gd import fista_loop
 
 __all__ = ["RayProjectedGDSolver"]
 
@@ -86,28 +86,18 @@ def _fista(
     W0: torch.Tensor | None = None,
     lipschitz: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """FISTA with gradient restart, as :func:`idl_ray.sim.solvers.projected_gd.fista`, on a distributed gradient."""
-    step = 1.0 / (lipschitz if lipschitz is not None else grad.lipschitz())
-    W = torch.zeros(rows, d, dtype=torch.float64) if W0 is None else W0.clone()
-    Y = W.clone()
-    t = 1.0
-    history: list[dict[str, float]] = []
-    converged, k = False, 0
-    for k in range(1, max_iter + 1):
-        W_prev = W
-        W = prox(Y - step * grad(Y), step * lam, kappa, n_constrained)
-        restart = float(torch.sum((Y - W) * (W - W_prev))) > 0
-        t_next = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
-        momentum = 0.0 if restart else (t - 1.0) / t_next
-        Y = W + momentum * (W - W_prev)
-        t = 1.0 if restart else t_next
-        if k % check_every == 0:
-            change = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-12))
-            history.append({"iteration": k, "relative_change": change})
-            if change <= tol:
-                converged = True
-                break
-    return W, {"iterations": k, "converged": converged, "history": history, "step": step}
+    """FISTA (:func:`~idl_ray.sim.solvers.projected_gd.fista_loop`) on a gradient summed over the actors."""
+    return fista_loop(
+        grad,
+        torch.zeros(rows, d, dtype=torch.float64) if W0 is None else W0,
+        step=1.0 / (lipschitz if lipschitz is not None else grad.lipschitz()),
+        lam=lam,
+        kappa=kappa,
+        n_constrained=n_constrained,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+    )
 
 
 @register_solver("ray_projected_gd")

@@ -12,6 +12,7 @@ Everything stays on the device; the host reads a scalar only every ``check_every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,12 +44,43 @@ def fista(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """FISTA with gradient restart on ``1/2 tr(W H W^T) - tr(W R^T) + lam ||W||_1`` s.t. the row bound.
 
-    Stops when the relative change ``||W_k - W_{k-1}|| / max(||W_k||, 1e-12)`` falls below ``tol`` (checked
-    every ``check_every`` iterations, one host sync each time).
+    The step is 1/L with L the largest eigenvalue of H; see :func:`fista_loop` for the iteration.
     """
     L = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max().clamp_min(1e-300))
-    step = 1.0 / L
-    W = torch.zeros_like(R) if W0 is None else W0.clone()
+    return fista_loop(
+        lambda W: _quad_grad(W, H, R),
+        torch.zeros_like(R) if W0 is None else W0,
+        step=1.0 / L,
+        lam=lam,
+        kappa=kappa,
+        n_constrained=n_constrained,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+    )
+
+
+def fista_loop(
+    grad: Callable[[torch.Tensor], torch.Tensor],
+    W0: torch.Tensor,
+    *,
+    step: float,
+    lam: float,
+    kappa: float | None,
+    n_constrained: int,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Proximal gradient with Nesterov momentum and gradient restart, for any smooth part's gradient.
+
+    ``W <- prox(Y - step grad(Y))`` with ``prox`` the l1 soft-threshold plus the row-wise kappa
+    projection; momentum is dropped when it points uphill (O'Donoghue & Candes 2015). Stops when the
+    relative change ``||W_k - W_{k-1}|| / max(||W_k||, 1e-12)`` falls below ``tol``, checked every
+    ``check_every`` iterations (one host sync each time). ``grad`` may be local (a Gram product) or a
+    sum over Ray actors: both solvers share this loop.
+    """
+    W = W0.clone()
     Y = W.clone()
     t = torch.ones((), dtype=W.dtype, device=W.device)  # momentum state stays on the device: no sync
     one = torch.ones((), dtype=W.dtype, device=W.device)
@@ -57,8 +89,7 @@ def fista(
     converged, k = False, 0
     for k in range(1, max_iter + 1):
         W_prev = W
-        W = prox(Y - step * _quad_grad(Y, H, R), step * lam, kappa, n_constrained)
-        # gradient-based restart (O'Donoghue & Candes 2015): drop momentum when it points uphill
+        W = prox(Y - step * grad(Y), step * lam, kappa, n_constrained)
         restart = torch.sum((Y - W) * (W - W_prev)) > 0
         t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
         momentum = torch.where(restart, zero, (t - 1.0) / t_next)
