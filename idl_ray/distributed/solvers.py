@@ -290,24 +290,11 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
     # ------------------------------------------------------------------ BaseSolver hook (SIMProblem)
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         timings = Timings()
-        lam, kappa, n_constrained = self._penalties(problem)
         if self.strategy == "gram":
-            H, R = problem.scaled(dtype=torch.float64)
             with timings.phase("startup"):
                 pool = self._acquire_pool()
             try:
-                W, info = run_gram(
-                    pool,
-                    H,
-                    R,
-                    lam=lam,
-                    kappa=kappa,
-                    n_constrained=n_constrained,
-                    options=self.options,
-                    checkpointer=self._checkpointer(),
-                    reporter=self._reporter(),
-                    timings=timings,
-                )
+                W, info = self._gram(pool, problem, timings)
                 return W, self._info(pool, timings, info)
             finally:
                 self._release_pool(pool)
@@ -325,6 +312,23 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         finally:
             self._release_pool(pool)
 
+    def _gram(self, pool: WorkerPool, problem: SIMProblem, timings: Timings) -> tuple[torch.Tensor, RunInfo]:
+        """The gram strategy on started workers: broadcast H once, rows sharded, ADMM on each block."""
+        lam, kappa, n_constrained = self._penalties(problem)
+        H, R = problem.scaled(dtype=torch.float64)
+        return run_gram(
+            pool,
+            H,
+            R,
+            lam=lam,
+            kappa=kappa,
+            n_constrained=n_constrained,
+            options=self.options,
+            checkpointer=self._checkpointer(),
+            reporter=self._reporter(),
+            timings=timings,
+        )
+
     # ------------------------------------------------------------------ ShardedProblem
     def _solve_sharded(self, sharded: ShardedProblem) -> SolveResult:
         start = time.perf_counter()
@@ -336,20 +340,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             self._record_load(pool, timings)
             if self.strategy == "gram":
                 problem = sharded.with_stats(reduce_stats(pool, timings))
-                lam, kappa, n_constrained = self._penalties(problem)
-                H, R = problem.scaled(dtype=torch.float64)
-                W, info = run_gram(
-                    pool,
-                    H,
-                    R,
-                    lam=lam,
-                    kappa=kappa,
-                    n_constrained=n_constrained,
-                    options=self.options,
-                    checkpointer=self._checkpointer(),
-                    reporter=self._reporter(),
-                    timings=timings,
-                )
+                W, info = self._gram(pool, problem, timings)
                 objective = problem.objective(W)
                 violation = problem.constraint_violation(W)
                 norm = problem.constraint_norm(W) if problem.n_constrained else None
