@@ -9,9 +9,7 @@ Public names are importable from here directly; they are loaded on first use so 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from idl_ray._lazy import lazy_exports
 from idl_ray._version import __version__
 
 # public name -> module that defines it
@@ -21,10 +19,16 @@ _EXPORTS: dict[str, str] = {
     "ImplicitRNN": "idl_ray.implicit.rnn",
     "project_onto_kappa_ball": "idl_ray.implicit.projection",
     "project_rows_onto_l1_ball": "idl_ray.implicit.projection",
+    "solve_fixed_point": "idl_ray.implicit.fixed_point",
+    "FixedPointOptions": "idl_ray.implicit.fixed_point",
+    "resolve_activation": "idl_ray.implicit.activations",
+    "activation_from_module": "idl_ray.implicit.activations",
     # SIM
     "SIM": "idl_ray.sim.estimator",
     "SIMProblem": "idl_ray.sim.problem",
     "extract_states": "idl_ray.sim.extraction",
+    "ADMMOptions": "idl_ray.sim.solvers.admm_kernels",
+    "get_solver": "idl_ray.sim.solvers",
     "BaseSolver": "idl_ray.sim.solvers",
     "LeastSquareSolver": "idl_ray.sim.solvers",
     "CVXSolver": "idl_ray.sim.solvers",
@@ -35,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "RayProjectedGDSolver": "idl_ray.distributed",
     "RayCVXSolver": "idl_ray.distributed",
     "ADMMMultiGPUSolver": "idl_ray.distributed",
+    "RayRunConfig": "idl_ray.distributed",
+    "ShardedProblem": "idl_ray.distributed",
     # errors
     "IDLError": "idl_ray.errors",
     "ConfigError": "idl_ray.errors",
@@ -51,15 +57,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'idl_ray' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -32,3 +32,19 @@ def test_unknown_attribute() -> None:
         assert "DoesNotExist" in str(err)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_every_public_name_resolves() -> None:
+    for name in idl_ray.__all__:
+        assert getattr(idl_ray, name) is not None, name
+
+
+def test_ray_solvers_are_found_by_name_without_importing_them_first() -> None:
+    code = (
+        "from idl_ray.sim.solvers import get_solver; "
+        "print(type(get_solver('ray_admm', num_workers=1)).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "RayADMMSolver"

@@ -10,8 +10,7 @@ Ray is imported only under this package. Names are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from idl_ray._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "RayADMMSolver": "idl_ray.distributed.solvers",
@@ -38,14 +37,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'idl_ray.distributed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -5,8 +5,7 @@ Public names are loaded lazily so that ``import idl_ray.sim`` stays light (no cv
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from idl_ray._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "SIM": "idl_ray.sim.estimator",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'idl_ray.sim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

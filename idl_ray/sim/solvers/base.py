@@ -201,6 +201,20 @@ def available_solvers() -> dict[str, bool]:
     }
 
 
+#: modules whose import registers the Ray solvers (``ray_admm``, ``admm_multi_gpu``, ``ray_projected_gd``,
+#: ``ray_cvx``); imported only when such a name is asked for, so Ray stays out of single-process use
+_RAY_SOLVER_MODULES = (
+    "idl_ray.distributed.solvers",
+    "idl_ray.distributed.projected_gd",
+    "idl_ray.distributed.cvx",
+)
+
+
+def _register_ray_solvers() -> None:
+    for module in _RAY_SOLVER_MODULES:
+        importlib.import_module(module)
+
+
 def get_solver(solver: str | BaseSolver | None = None, **kwargs: Any) -> BaseSolver:
     """A solver instance from a name (unknown names list the known ones), an instance, or None (ADMM)."""
     if solver is None:
@@ -211,6 +225,8 @@ def get_solver(solver: str | BaseSolver | None = None, **kwargs: Any) -> BaseSol
         return solver
     if isinstance(solver, type) and issubclass(solver, BaseSolver):
         return solver(**kwargs)
+    if isinstance(solver, str) and solver.lower() not in SOLVERS:
+        _register_ray_solvers()
     if not isinstance(solver, str) or solver.lower() not in SOLVERS:
         raise bad_parameter("solver", "SIM", f"a BaseSolver instance or one of {sorted(SOLVERS)}", solver)
     return SOLVERS[solver.lower()](**kwargs)
