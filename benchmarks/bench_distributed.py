@@ -335,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-consensus", action="store_true")
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here")
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers here")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated m x n cells, e.g. 240000x112,60000x1000 (overrides --quick)",
+    )
     args = parser.parse_args(argv)
 
     import ray
@@ -344,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = (
         [(60_000, 112)] if args.quick else [(60_000, 112), (240_000, 112), (60_000, 1000), (240_000, 1000)]
     )
+    if args.cases:
+        cases = [tuple(int(v) for v in cell.lower().split("x")) for cell in args.cases.split(",")]
     device = "cuda" if args.use_gpu else "cpu"
     ray.init(
         num_cpus=os.cpu_count(),
