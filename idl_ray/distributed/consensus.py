@@ -180,17 +180,16 @@ def _run_consensus(
                         history=list(history),
                     )
                 )
-    info = RunInfo(
-        iterations=iteration,
+    info = RunInfo.of_loop(
+        iteration=iteration,
         converged=converged,
-        primal=None if sums is None else sums.primal,
-        dual=None if sums is None else sums.dual,
+        sums=sums,
         eps_primal=eps_pri,
         eps_dual=eps_dual,
         rho=rho,
         history=history,
-        restarts=pool.restarts,
-        checkpoints=checkpointer.count,
+        pool=pool,
+        checkpointer=checkpointer,
     )
     return Z, info
 

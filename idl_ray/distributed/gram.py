@@ -66,6 +66,34 @@ class RunInfo:
     restarts: int
     checkpoints: int
 
+    @classmethod
+    def of_loop(
+        cls,
+        *,
+        iteration: int,
+        converged: bool,
+        sums: ResidualSums | None,
+        eps_primal: float | None,
+        eps_dual: float | None,
+        rho: float,
+        history: list[dict[str, float]],
+        pool: WorkerPool,
+        checkpointer: Checkpointer,
+    ) -> RunInfo:
+        """The report of a driver loop (gram or consensus) from its final state."""
+        return cls(
+            iterations=iteration,
+            converged=converged,
+            primal=None if sums is None else sums.primal,
+            dual=None if sums is None else sums.dual,
+            eps_primal=eps_primal,
+            eps_dual=eps_dual,
+            rho=rho,
+            history=history,
+            restarts=pool.restarts,
+            checkpoints=checkpointer.count,
+        )
+
 
 def _run_gram(
     pool: WorkerPool,
@@ -185,17 +213,16 @@ def _run_gram(
         begin = time.perf_counter()
         W = torch.cat(pool.call("weights", what="gathering the weights"))
         timings.add("communication", time.perf_counter() - begin)
-    info = RunInfo(
-        iterations=iteration,
+    info = RunInfo.of_loop(
+        iteration=iteration,
         converged=converged,
-        primal=None if sums is None else sums.primal,
-        dual=None if sums is None else sums.dual,
+        sums=sums,
         eps_primal=eps_pri,
         eps_dual=eps_dual,
         rho=rho,
         history=history,
-        restarts=pool.restarts,
-        checkpoints=checkpointer.count,
+        pool=pool,
+        checkpointer=checkpointer,
     )
     return W, info
 

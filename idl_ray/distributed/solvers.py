@@ -34,6 +34,23 @@ from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, regis
 STRATEGIES = ("gram", "consensus")
 
 
+def _resolve_settings(
+    owner: str, argument: str, label: str, given: Any, values: dict[str, Any], settings_type: type
+) -> Any:
+    """A settings object from ``argument=`` (an instance or a dict) or from keywords, never both."""
+    if given is not None and values:
+        raise ConfigError(
+            f"{owner}: pass either {argument}=... or {label} keywords {sorted(values)}, not both."
+        )
+    if isinstance(given, dict):
+        given = settings_type.from_dict(given)
+    if given is None:
+        given = settings_type.from_dict(values)
+    if not isinstance(given, settings_type):
+        raise ConfigTypeError(f"{owner}: {argument} must be a {settings_type.__name__} or a dict.")
+    return given
+
+
 def _split_settings(
     owner: str, options: Any, run_config: Any, kwargs: dict[str, Any], option_type: type
 ) -> tuple[Any, RayRunConfig]:
@@ -48,26 +65,8 @@ def _split_settings(
         )
     option_values = {k: v for k, v in kwargs.items() if k in option_names}
     run_values = {k: v for k, v in kwargs.items() if k in run_names}
-    if options is not None and option_values:
-        raise ConfigError(
-            f"{owner}: pass either options=... or option keywords {sorted(option_values)}, not both."
-        )
-    if run_config is not None and run_values:
-        raise ConfigError(
-            f"{owner}: pass either run_config=... or run keywords {sorted(run_values)}, not both."
-        )
-    if isinstance(options, dict):
-        options = option_type.from_dict(options)
-    if options is None:
-        options = option_type.from_dict(option_values)
-    if not isinstance(options, option_type):
-        raise ConfigTypeError(f"{owner}: options must be a {option_type.__name__} or a dict.")
-    if isinstance(run_config, dict):
-        run_config = RayRunConfig.from_dict(run_config)
-    if run_config is None:
-        run_config = RayRunConfig.from_dict(run_values)
-    if not isinstance(run_config, RayRunConfig):
-        raise ConfigTypeError(f"{owner}: run_config must be a RayRunConfig or a dict.")
+    options = _resolve_settings(owner, "options", "option", options, option_values, option_type)
+    run_config = _resolve_settings(owner, "run_config", "run", run_config, run_values, RayRunConfig)
     return options, run_config
 
 
@@ -79,15 +78,7 @@ def _split_run_config(owner: str, run_config: Any, kwargs: dict[str, Any]) -> Ra
         raise ConfigError(
             f"Unknown keyword argument(s) {unknown} for {owner}. Valid run settings are {sorted(run_names)}."
         )
-    if run_config is not None and kwargs:
-        raise ConfigError(f"{owner}: pass either run_config=... or run keywords {sorted(kwargs)}, not both.")
-    if isinstance(run_config, dict):
-        run_config = RayRunConfig.from_dict(run_config)
-    if run_config is None:
-        run_config = RayRunConfig.from_dict(kwargs)
-    if not isinstance(run_config, RayRunConfig):
-        raise ConfigTypeError(f"{owner}: run_config must be a RayRunConfig or a dict.")
-    return run_config
+    return _resolve_settings(owner, "run_config", "run", run_config, kwargs, RayRunConfig)
 
 
 def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
