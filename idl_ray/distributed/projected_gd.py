@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from idl_ray._validation import check_choice, check_positive_float, check_positive_int
 from idl_ray.distributed import resources
 from idl_ray.distributed.config import RayRunConfig
 from idl_ray.distributed.pool import WorkerPool
@@ -33,7 +32,7 @@ from idl_ray.errors import ConfigError
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
-from idl_ray.sim.solvers.projected_gd import fista_loop
+from idl_ray.sim.solvers.projected_gd import fista_loop, set_gradient_settings
 
 __all__ = ["RayProjectedGDSolver"]
 
@@ -133,13 +132,17 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         **kwargs: Any,
     ) -> None:
         owner = "RayProjectedGDSolver"
-        self.rank = check_positive_int(rank, "rank", owner, allow_none=True)
-        self.max_iter = check_positive_int(max_iter, "max_iter", owner)
-        self.tol = check_positive_float(tol, "tol", owner)
-        self.lr = check_positive_float(lr, "lr", owner)
-        self.penalty = check_positive_float(penalty, "penalty", owner, allow_zero=True)
-        self.check_every = check_positive_int(check_every, "check_every", owner)
-        self.method = check_choice(method, "method", owner, ("fista", "adam"))
+        set_gradient_settings(
+            self,
+            owner,
+            rank=rank,
+            max_iter=max_iter,
+            tol=tol,
+            lr=lr,
+            penalty=penalty,
+            check_every=check_every,
+            method=method,
+        )
         self.seed = int(seed)
         if num_workers is not None:
             kwargs["num_workers"] = num_workers

@@ -104,6 +104,28 @@ def fista_loop(
     return W, {"iterations": k, "converged": converged, "history": history, "step": step}
 
 
+def set_gradient_settings(
+    solver: Any,
+    owner: str,
+    *,
+    rank: int | None,
+    max_iter: int,
+    tol: float,
+    lr: float,
+    penalty: float,
+    check_every: int,
+    method: str,
+) -> None:
+    """Validate the projected-gradient settings and store them on ``solver`` (local and Ray solvers)."""
+    solver.rank = check_positive_int(rank, "rank", owner, allow_none=True)
+    solver.max_iter = check_positive_int(max_iter, "max_iter", owner)
+    solver.tol = check_positive_float(tol, "tol", owner)
+    solver.lr = check_positive_float(lr, "lr", owner)
+    solver.penalty = check_positive_float(penalty, "penalty", owner, allow_zero=True)
+    solver.check_every = check_positive_int(check_every, "check_every", owner)
+    solver.method = check_choice(method, "method", owner, ("fista", "adam"))
+
+
 @register_solver("projected_gd")
 class ProjectedGDLowRankSolver(BaseSolver):
     """Projected (proximal) gradient on the Gram form, optionally with a low-rank A = L R^T.
@@ -138,13 +160,17 @@ class ProjectedGDLowRankSolver(BaseSolver):
         seed: int = 0,
     ) -> None:
         owner = "ProjectedGDLowRankSolver"
-        self.rank = check_positive_int(rank, "rank", owner, allow_none=True)
-        self.max_iter = check_positive_int(max_iter, "max_iter", owner)
-        self.tol = check_positive_float(tol, "tol", owner)
-        self.lr = check_positive_float(lr, "lr", owner)
-        self.penalty = check_positive_float(penalty, "penalty", owner, allow_zero=True)
-        self.check_every = check_positive_int(check_every, "check_every", owner)
-        self.method = check_choice(method, "method", owner, ("fista", "adam"))
+        set_gradient_settings(
+            self,
+            owner,
+            rank=rank,
+            max_iter=max_iter,
+            tol=tol,
+            lr=lr,
+            penalty=penalty,
+            check_every=check_every,
+            method=method,
+        )
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype, owner)
         self.seed = int(seed)
