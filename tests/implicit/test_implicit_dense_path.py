@@ -162,22 +162,30 @@ def test_user_activation_out_of_place(compaction):
 
 
 def test_check_spacing():
-    from idl_ray.implicit.fixed_point import _checks_to_skip
+    from idl_ray.implicit.fixed_point import _checks_to_skip, _remaining_iterations, _worth_compacting
 
-    assert _checks_to_skip(None, 1, 100.0, 16) == 0
+    def skip(previous, k, worst, cap, eager=False):
+        return _checks_to_skip(_remaining_iterations(previous, k, worst), cap, eager)
+
+    assert skip(None, 1, 100.0, 16) == 0
     # rate 1/2 per iteration: 2^10 needs 10 more iterations; three quarters of them are skipped
-    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 16) == 7
-    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 16, eager=True) == 7
-    assert _checks_to_skip((1, 2.0**11), 2, 2.0**10, 4) == 4
+    assert _remaining_iterations((1, 2.0**11), 2, 2.0**10) == pytest.approx(10.0)
+    assert skip((1, 2.0**11), 2, 2.0**10, 16) == 7
+    assert skip((1, 2.0**11), 2, 2.0**10, 16, eager=True) == 7
+    assert skip((1, 2.0**11), 2, 2.0**10, 4) == 4
     # near the end the dense path checks where the tolerance should be met: 2^3 -> 3 more iterations
-    assert _checks_to_skip((1, 16.0), 2, 8.0, 16) == 2
-    assert _checks_to_skip((1, 16.0), 2, 8.0, 16, eager=True) == 2
-    assert _checks_to_skip((1, 2.0**7), 2, 2.0**6, 16) == 4
-    assert _checks_to_skip((1, 2.0**7), 2, 2.0**6, 16, eager=True) == 5
-    assert _checks_to_skip((1, 2.0), 2, 1.1, 16, eager=True) == 0
+    assert skip((1, 16.0), 2, 8.0, 16) == 2
+    assert skip((1, 16.0), 2, 8.0, 16, eager=True) == 2
+    assert skip((1, 2.0**7), 2, 2.0**6, 16) == 4
+    assert skip((1, 2.0**7), 2, 2.0**6, 16, eager=True) == 5
+    assert skip((1, 2.0), 2, 1.1, 16, eager=True) == 0
     # no progress or no rate: check at the next iteration
-    assert _checks_to_skip((1, 2.0), 2, 3.0, 16, eager=True) == 0
-    assert _checks_to_skip((1, 2.0), 2, float("nan"), 16, eager=True) == 0
+    assert skip((1, 2.0), 2, 3.0, 16, eager=True) == 0
+    assert skip((1, 2.0), 2, float("nan"), 16, eager=True) == 0
+    # compaction (about one iteration of work) is only tried while 3 or more iterations remain
+    assert _worth_compacting(None, 1, 100.0)
+    assert _worth_compacting((1, 16.0), 2, 8.0)
+    assert not _worth_compacting((1, 8.0), 2, 4.0)
 
 
 @pytest.mark.parametrize("crit", [{"tol": 1e-10}, {"tol": 0.0, "atol": 1e-10, "norm": "inf"}])
