@@ -61,6 +61,43 @@ def test_converged_samples_stop_costing_work(method):
     assert torch.equal(X[:25], torch.zeros_like(X[:25]))
 
 
+@pytest.mark.parametrize("memory", [1, 2, 5])
+def test_batch_anderson_compacts_its_history_and_matches_picard(memory):
+    # relu is positively homogeneous: inputs scaled by 1e-5 have solutions (and residuals) scaled by
+    # 1e-5, so they meet the absolute tolerance well before the others and leave mid-solve
+    A, BU = problem(batch=40, kappa=0.99, seed=5)
+    BU[:20] *= 1e-5
+    opts = {"tol": 0.0, "atol": 1e-11, "norm": "inf", "max_iter": 3000}
+    Xp, sp = solve_fixed_point(A, BU, "relu", opts | {"method": "picard"})
+    Xb, sb = solve_fixed_point(A, BU, "relu", opts | {"method": "anderson_batch", "anderson_memory": memory})
+    assert sp.all_converged and sb.all_converged
+    assert float((Xp - Xb).abs().max()) < 1e-9
+    residual = (Xb - torch.relu(Xb @ A.T + BU)).abs().amax(dim=1)
+    assert float(residual.max()) <= 1e-11
+    its = sb.sample_iterations.double()
+    assert float(its[:20].mean()) < float(its[20:].mean())
+    assert 1 < int(its.min()) < sb.iterations  # samples left mid-solve, after the history had filled
+    assert sb.work == int(its.sum()) < sb.iterations * 40
+
+
+def test_batch_anderson_gram_bound_is_a_necessary_condition():
+    from idl_ray.implicit.fixed_point import _gram_bound
+
+    g = torch.Generator().manual_seed(0)
+    for norm in ("l2", "inf"):
+        for tol, atol in ((0.0, 1e-3), (1e-2, 0.0), (1e-2, 1e-3)):
+            o = FixedPointOptions(tol=tol, atol=atol, norm=norm)
+            f = torch.randn(8, 6, generator=g, dtype=torch.float64)
+            # residuals that meet every per-sample test exactly (the extreme case)
+            size = f.norm(dim=1) if norm == "l2" else f.abs().amax(dim=1)
+            thr = atol + tol * size
+            gdir = torch.ones(8, 6, dtype=torch.float64)  # for "inf": every entry at the threshold
+            if norm == "l2":
+                gdir = gdir / gdir.norm(dim=1, keepdim=True)
+            g_res = gdir * thr[:, None]
+            assert float(g_res.norm()) <= _gram_bound(o, 8, 6)(f) * (1 + 1e-12)
+
+
 def test_warm_start_from_the_solution_takes_one_iteration():
     A, BU = problem()
     X, s1 = solve_fixed_point(A, BU, "relu", {"tol": 1e-12})
