@@ -47,12 +47,17 @@ class Activation:
         ``phi'`` evaluated at the pre-activation ``Z`` (values in [0, 1]).
     negative_slope : float or None
         The slope for ``leaky_relu``; None otherwise.
+    derivative_from_output : callable or None
+        ``phi'(z)`` computed from ``x = phi(z)`` (known for the built-ins, as torch's own backward
+        formulas use it): the backward pass then needs no extra matmul to recover ``z``. None for
+        user pairs.
     """
 
     name: str
     fn: TensorFn
     derivative: TensorFn
     negative_slope: float | None = None
+    derivative_from_output: TensorFn | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.fn(z)
@@ -79,6 +84,22 @@ def _tanh_derivative(z: torch.Tensor) -> torch.Tensor:
 def _sigmoid_derivative(z: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1.0 - s)
+
+
+def _relu_derivative_from_output(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).to(x.dtype)  # relu(z) > 0 exactly when z > 0
+
+
+def _tanh_derivative_from_output(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - x * x
+
+
+def _sigmoid_derivative_from_output(x: torch.Tensor) -> torch.Tensor:
+    return x * (1.0 - x)
+
+
+def _softplus_derivative_from_output(x: torch.Tensor) -> torch.Tensor:
+    return -torch.expm1(-x)  # x = log(1 + e^z)  =>  sigmoid(z) = 1 - e^-x
 
 
 def _identity(z: torch.Tensor) -> torch.Tensor:
@@ -110,17 +131,23 @@ def _make_leaky_relu(negative_slope: float = 0.01) -> Activation:
         functools.partial(_leaky_relu, slope=slope),
         functools.partial(_leaky_relu_derivative, slope=slope),
         negative_slope=slope,
+        # leaky_relu(z) > 0 exactly when z > 0 (slope >= 0), so the same formula applies to the output
+        derivative_from_output=functools.partial(_leaky_relu_derivative, slope=slope),
     )
 
 
 # name -> factory; factories take the activation's own keyword arguments (only leaky_relu has one)
 ACTIVATIONS: dict[str, Callable[..., Activation]] = {
-    "relu": lambda: Activation("relu", torch.relu, _relu_derivative),
+    "relu": lambda: Activation("relu", torch.relu, _relu_derivative, None, _relu_derivative_from_output),
     "leaky_relu": _make_leaky_relu,
-    "tanh": lambda: Activation("tanh", torch.tanh, _tanh_derivative),
-    "sigmoid": lambda: Activation("sigmoid", torch.sigmoid, _sigmoid_derivative),
-    "softplus": lambda: Activation("softplus", F.softplus, torch.sigmoid),
-    "identity": lambda: Activation("identity", _identity, _ones),
+    "tanh": lambda: Activation("tanh", torch.tanh, _tanh_derivative, None, _tanh_derivative_from_output),
+    "sigmoid": lambda: Activation(
+        "sigmoid", torch.sigmoid, _sigmoid_derivative, None, _sigmoid_derivative_from_output
+    ),
+    "softplus": lambda: Activation(
+        "softplus", F.softplus, torch.sigmoid, None, _softplus_derivative_from_output
+    ),
+    "identity": lambda: Activation("identity", _identity, _ones, None, _ones),
 }
 
 

@@ -292,13 +292,16 @@ class _Recorder:
         self.iterations = 0
         self.work = 0
         self.num_converged = 0
-        self.chunks: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.chunks: list[
+            tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, int]
+        ] = []
         self.rows: torch.Tensor | None = None  # original indices of the active rows; None = all, in order
 
     def residuals(
         self, fx: torch.Tensor, x: torch.Tensor, diff: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row residual ``||f(x) - x||`` and its ratio to the row's threshold (done when <= 1).
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Per-row residual ``dist_i = ||f(x_i) - x_i||`` and the threshold it must not exceed:
+        ``atol + tol ||f(x_i)||`` per row, or the float ``atol`` when ``tol == 0`` (no kernel spent).
 
         ``diff`` is ``f(x) - x`` when the caller has it already (left untouched)."""
         o = self.options
@@ -307,34 +310,41 @@ class _Recorder:
         else:
             dist = torch.linalg.vector_norm(fx - x if diff is None else diff, dim=1)
         if o.tol == 0:
-            return dist, dist / o.atol
+            return dist, o.atol
         size = fx.abs().amax(dim=1) if o.norm == "inf" else torch.linalg.vector_norm(fx, dim=1)
-        thr = size.mul_(o.tol).add_(o.atol).clamp_min_(torch.finfo(fx.dtype).tiny)
-        return dist, dist / thr
+        return dist, size.mul_(o.tol).add_(o.atol).clamp_min_(torch.finfo(fx.dtype).tiny)
+
+    @staticmethod
+    def _worst(dist: torch.Tensor, thr: float | torch.Tensor) -> float:
+        """``max_i dist_i / thr_i`` (one reduction and one host synchronisation)."""
+        if isinstance(thr, float):
+            return float(dist.max()) / thr
+        return float((dist / thr).max())
 
     def step(
         self,
         k: int,
         fx: torch.Tensor,
         dist: torch.Tensor,
-        ratio: torch.Tensor,
+        thr: float | torch.Tensor,
         worth_compacting: Callable[[float], bool] | None = None,
     ) -> torch.Tensor | None:
         """Record finished rows; return None when every row is finished, else the mask of rows to keep
-        as int64 indices (:data:`_KEEP_ALL` when no compaction is due). Sets ``self.worst`` = largest ratio.
-        ``worth_compacting(worst)`` False skips the compaction test (it costs about one iteration)."""
+        as int64 indices (:data:`_KEEP_ALL` when no compaction is due). Sets ``self.worst``, the largest
+        ``dist_i / thr_i``. ``worth_compacting(worst)`` False skips the compaction test (it costs about
+        one iteration). Without a compaction or the end, one reduction and one host synchronisation."""
         active = fx.shape[0]
-        self.worst = worst = float(ratio.max())
+        self.worst = worst = self._worst(dist, thr)
         if worst <= 1.0:
-            self._finish(self.rows, fx, dist, ratio <= 1.0, k, active, active)
+            self._finish(self.rows, fx, dist, None, k, active, active)
             return None
         if k == self.options.max_iter:
-            done = ratio <= 1.0
+            done = dist <= thr
             self._finish(self.rows, fx, dist, done, k, active, int(done.sum()))
             return None
         if worth_compacting is not None and not worth_compacting(worst):
             return _KEEP_ALL
-        done = ratio <= 1.0
+        done = dist <= thr
         n_done = int(done.sum())
         if n_done == 0 or n_done < self.options.shrink_fraction * active:
             return _KEEP_ALL
@@ -346,7 +356,7 @@ class _Recorder:
             rows.index_select(0, finished),
             fx.index_select(0, finished),
             dist.index_select(0, finished),
-            torch.ones_like(finished, dtype=torch.bool),
+            None,
             k,
             finished.numel(),
             finished.numel(),
@@ -363,15 +373,18 @@ class _Recorder:
             self.worst = worst = float((fx - x).abs_().max()) / o.atol
             if not worst <= 1.0 and k < o.max_iter:  # NaN: go on (to the cap), as the compacting path
                 return False
-            dist, ratio = self.residuals(fx, x)
+            dist, thr = self.residuals(fx, x)
         else:
-            dist, ratio = self.residuals(fx, x)
-            self.worst = worst = float(ratio.max())
+            dist, thr = self.residuals(fx, x)
+            self.worst = worst = self._worst(dist, thr)
             if not worst <= 1.0 and k < o.max_iter:  # NaN: go on (to the cap), as the compacting path
                 return False
         active = fx.shape[0]
-        done = ratio <= 1.0
-        self._finish(None, fx, dist, done, k, active, active if worst <= 1.0 else int(done.sum()))
+        if worst <= 1.0:
+            self._finish(None, fx, dist, None, k, active, active)
+        else:
+            done = dist <= thr
+            self._finish(None, fx, dist, done, k, active, int(done.sum()))
         return True
 
     def _finish(self, rows, fx, dist, done, k, count: int, n_converged: int) -> None:
@@ -385,16 +398,18 @@ class _Recorder:
         batch = x0.shape[0]
         if len(self.chunks) == 1 and self.chunks[0][0] is None:
             _, X, dist, converged, k = self.chunks[0]
+            if converged is None:
+                converged = torch.ones(batch, dtype=torch.bool, device=x0.device)
             iters = torch.full((batch,), k, dtype=torch.int64, device=x0.device)
         else:
             X = torch.empty_like(x0)
             dist = torch.empty(batch, dtype=x0.dtype, device=x0.device)
             converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
             iters = torch.zeros(batch, dtype=torch.int64, device=x0.device)
-            for rows, fx, d, c, k in self.chunks:
+            for rows, fx, d, c, k in self.chunks:  # c None: every row of the chunk converged
                 X[rows] = fx
                 dist[rows] = d
-                converged[rows] = c
+                converged[rows] = True if c is None else c
                 iters[rows] = k
         o = self.options
         stats = FixedPointStats(
@@ -529,8 +544,8 @@ def picard(
             prev, x = x, out
             k += 1
         if compact:
-            dist, ratio = rec.residuals(x, prev)
-            keep = rec.step(k, x, dist, ratio, functools.partial(_worth_compacting, previous, k))
+            dist, thr = rec.residuals(x, prev)
+            keep = rec.step(k, x, dist, thr, functools.partial(_worth_compacting, previous, k))
             if keep is None:
                 break
             if keep is not _KEEP_ALL:
@@ -569,8 +584,8 @@ def anderson(
     x = x0
     for k in range(1, options.max_iter + 1):
         fx = fmap(x)
-        dist, ratio = rec.residuals(fx, x)
-        keep = rec.step(k, fx, dist, ratio)
+        dist, thr = rec.residuals(fx, x)
+        keep = rec.step(k, fx, dist, thr)
         if keep is None:
             break
         if keep is not _KEEP_ALL:
@@ -660,8 +675,8 @@ def anderson_batch(
         due = k - last_test >= _ANDERSON_TEST_EVERY  # lets early samples leave while others go on
         if may_be_done or due or k == 1 or k == max_iter or not math.isfinite(norm_g):
             last_test = k
-            dist, ratio = rec.residuals(f, x, diff=g)
-            keep = rec.step(k, f, dist, ratio)
+            dist, thr = rec.residuals(f, x, diff=g)
+            keep = rec.step(k, f, dist, thr)
             if keep is None:
                 break
             if k > 1:  # the first residuals say little about the shape of later ones

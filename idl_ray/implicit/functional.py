@@ -54,14 +54,24 @@ class ImplicitFixedPointFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         A, BU, X = ctx.saved_tensors
-        # phi' at the returned state (one matmul), so the gradient is that of the state we output
-        J = ctx.activation.derivative(torch.addmm(BU, X, A.t()))
+        J = _activation_derivative(ctx.activation, A, BU, X)
         V, stats = solve_adjoint(A, J, G.contiguous(), ctx.backward_options)
         if ctx.callback is not None:
             ctx.callback("backward", stats)
         grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
         grad_BU = V if ctx.needs_input_grad[1] else None
         return grad_A, grad_BU, None, None, None, None, None
+
+
+def _activation_derivative(
+    activation: Activation, A: torch.Tensor, BU: torch.Tensor, X: torch.Tensor
+) -> torch.Tensor:
+    """``J = phi'(Z)`` for the returned state ``X``. Built-in activations read it off ``X = phi(Z)``
+    itself (``Z`` is the pre-activation of the last iteration, within the tolerance of the fixed point);
+    for a user pair, ``Z = X A^T + BU`` costs one matmul."""
+    if activation.derivative_from_output is not None:
+        return activation.derivative_from_output(X)
+    return activation.derivative(torch.addmm(BU, X, A.t()))
 
 
 def implicit_fixed_point(

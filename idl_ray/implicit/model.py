@@ -467,8 +467,10 @@ class ImplicitModel(nn.Module):
 
     @staticmethod
     def _check_finite(U: torch.Tensor, BU: torch.Tensor) -> None:
-        # NaN/Inf in U always reaches U B^T, which is (hidden/input) times smaller to scan
-        if bool(torch.isfinite(BU).all()):
+        # NaN/Inf in U always reaches U B^T, which is (hidden/input) times smaller to scan; a NaN or
+        # an Inf anywhere makes the sum non-finite (one reduction), and finite entries whose sum
+        # overflows pass the exact test
+        if math.isfinite(float(BU.detach().sum())) or bool(torch.isfinite(BU).all()):
             return
         check_finite(U, "input", _OWNER)
         raise ConfigError(
