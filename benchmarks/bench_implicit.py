@@ -255,6 +255,48 @@ def same_problem(ours, theirs, Xtr, ytr, args, device, counter: TorchidlCounter)
     }
 
 
+def fixed_costs(p: int, args, device: torch.device, steps: int = 40) -> dict:
+    """Median training step of both models with tolerances so loose that every solve stops after one
+    iteration (forward and backward): what a step costs besides the fixed-point iterations (input
+    products, read-out, loss, optimiser, checks, Python). With the training-step medians this splits
+    each model's step into ``fixed + per_iteration * (forward + backward iterations - 2)``."""
+    import torchidl
+
+    side = round(p**0.5)
+    Xtr, ytr, _, _ = load_digits_tensors(side, device)
+    loose = 1e30
+    torch.manual_seed(args.seed)
+    ours = idl_ray.ImplicitModel(
+        p, 10, args.hidden, kappa=args.kappa, tol=0.0, atol=loose, backward_tol=0.0, backward_atol=loose,
+        residual_norm="inf", constraint=args.constraint, device=device,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    theirs = torchidl.ImplicitModel(p, 10, args.hidden, kappa=args.kappa, tol=loose, grad_tol=loose).to(
+        device
+    )
+    pair = [(ours, torch.optim.Adam(ours.parameters(), lr=args.lr)),
+            (theirs, torch.optim.Adam(theirs.parameters(), lr=args.lr))]  # fmt: skip
+    times: list[list[float]] = [[], []]
+    for s in range(args.warmup + steps):
+        start = (s * args.batch) % (len(Xtr) - args.batch)
+        xb, yb = Xtr[start : start + args.batch], ytr[start : start + args.batch]
+        for i in (0, 1) if s % 2 else (1, 0):
+            model, opt = pair[i]
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            sync(device)
+            if s >= args.warmup:
+                times[i].append(time.perf_counter() - t0)
+    assert ours.last_forward_stats.iterations == 1 and ours.last_backward_stats.iterations == 1
+    return {
+        "fixed_ours_ms": statistics.median(times[0]) * 1e3,
+        "fixed_torchidl_ms": statistics.median(times[1]) * 1e3,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,6 +362,7 @@ def main() -> None:
     print(header)
     for p in args.inputs:
         r = run_shape(p, args, device, counter)
+        r |= fixed_costs(p, args, device)
         print(
             f"{p:>5} {r['ours_ms']:>8.2f} {r['torchidl_ms']:>8.2f} {r['speedup']:>6.2f}x "
             f"{r['ours_iters'][0]:>5.1f}/{r['ours_iters'][1]:<6.1f} "
@@ -336,6 +379,13 @@ def main() -> None:
         print(
             f"      training step, process CPU time: ours {r['ours_cpu_ms']:.2f} ms, torchidl "
             f"{r['torchidl_cpu_ms']:.2f} ms, speedup {r['cpu_speedup']:.2f}x"
+        )
+        per_o = (r["ours_ms"] - r["fixed_ours_ms"]) / max(sum(r["ours_iters"]) - 2, 1e-9)
+        per_t = (r["torchidl_ms"] - r["fixed_torchidl_ms"]) / max(sum(r["torchidl_iters"]) - 2, 1e-9)
+        print(
+            f"      cost model, step = fixed + per-iteration x (iterations f+b - 2): fixed (one iteration each "
+            f"way) ours {r['fixed_ours_ms']:.2f} ms, torchidl {r['fixed_torchidl_ms']:.2f} ms; per "
+            f"iteration ours {per_o * 1e3:.0f} us, torchidl {per_t * 1e3:.0f} us"
         )
         print(
             f"      timed steps {r['steps_timed']}; ||A||_inf used by ours {r['ours_inf_norm']:.4f}, "

@@ -603,9 +603,11 @@ def anderson(
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
         eye = torch.eye(used, dtype=x.dtype, device=x.device)
         gram = gram + (options.anderson_reg * scale)[:, None, None] * eye
-        ones = x.new_ones(gram.shape[0], used, 1)
+        if gram.dtype not in (torch.float32, torch.float64):  # no LU for (b)float16
+            gram = gram.float()
+        ones = gram.new_ones(gram.shape[0], used, 1)
         sol, info = torch.linalg.solve_ex(gram, ones)
-        alpha = sol[:, :, 0]
+        alpha = sol[:, :, 0].to(x.dtype)
         alpha = alpha / alpha.sum(dim=1, keepdim=True)
         bad = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
         mixed = torch.bmm(alpha[:, None, :], fs[:, :used])[:, 0]
@@ -757,13 +759,21 @@ class _AndersonCoefficients:
         self.reg = reg
         self.eye = np.eye(m)
         self.ones = [np.ones(u) for u in range(m + 1)]
-        self.alpha = torch.empty(m, dtype=like.dtype)  # filled on the host, then moved to the device
+        # filled on the host, then moved to the device (numpy has no bfloat16: float64 then converted)
+        host_dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float64
+        self.alpha = torch.empty(m, dtype=host_dtype)
         self.alpha_np = self.alpha.numpy()
-        self.device = like.device if like.device.type != "cpu" else None
+        self.target = (
+            None if like.device.type == "cpu" and host_dtype == like.dtype else (like.device, like.dtype)
+        )
 
     def add_column(self, slot: int, used: int, column: torch.Tensor) -> float:
         """Store ``<g_j, g_slot>`` for the first ``used`` slots; return ``||g_slot||_2``."""
-        col = column.cpu().numpy()
+        col = (
+            column.cpu().numpy()
+            if column.dtype in (torch.float32, torch.float64)
+            else column.double().cpu().numpy()
+        )
         self.gram[slot, :used] = col
         self.gram[:used, slot] = col
         self.diag[slot] = value = float(col[slot])
@@ -788,7 +798,7 @@ class _AndersonCoefficients:
             return None
         np.divide(alpha, total, out=self.alpha_np[:used], casting="unsafe")
         a = self.alpha[:used]
-        return a if self.device is None else a.to(self.device)
+        return a if self.target is None else a.to(*self.target)
 
 
 @functools.cache

@@ -195,3 +195,14 @@ def test_register_a_method():
             register_fixed_point_method("test_damped", damped)
     finally:
         FIXED_POINT_METHODS.pop("test_damped", None)
+
+
+@pytest.mark.parametrize("method", sorted(FIXED_POINT_METHODS))
+def test_every_method_runs_in_bfloat16(method):
+    # numpy has no bfloat16 and LAPACK no bfloat16 LU: the small Anderson solves go through float
+    A, BU = problem(n=12, batch=6, kappa=0.8)
+    X, stats = solve_fixed_point(A.bfloat16(), BU.bfloat16(), "relu", {"tol": 2e-2, "method": method})
+    assert stats.all_converged and X.dtype == torch.bfloat16
+    Xf, sf = solve_fixed_point(A, BU, "relu", {"tol": 1e-10, "method": "picard"})
+    assert sf.all_converged
+    assert float((X.double() - Xf).abs().max()) < 0.1 * float(Xf.abs().max())
