@@ -13,22 +13,30 @@ Cost O(rows * d log d) on the tensor's own device; no Python loop over rows, no 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from idl_ray._validation import bad_parameter, check_kappa
 
 
-def _radius_column(radius: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The radius as a (rows, 1) or scalar tensor of ``like``'s dtype, rounded *down* so that a bound
-    met in that dtype is also met against the radius the user gave (0.8 in float32 is above 0.8)."""
+def _radius_column(radius: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """The radius in ``like``'s dtype, rounded *down* so that a bound met in that dtype is also met
+    against the radius the user gave (0.8 in float32 is above 0.8): a Python float (exactly
+    representable in that dtype, so no kernel is spent on it) or, for per-row radii, a (rows, 1) tensor."""
     if not torch.is_tensor(radius):
-        r = torch.tensor(radius, dtype=like.dtype)  # on the host: no device sync for the check below
-        if float(r) > radius:
-            r = torch.nextafter(r, torch.zeros_like(r))
-        return r.to(like.device)
+        return _rounded_radius(float(radius), like.dtype)
     r = radius.to(dtype=like.dtype, device=like.device)
     return r.reshape(-1, 1) if r.dim() > 0 else r
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded_radius(radius: float, dtype: torch.dtype) -> float:
+    r = torch.tensor(radius, dtype=dtype)
+    if float(r) > radius:
+        r = torch.nextafter(r, torch.zeros_like(r))
+    return float(r)
 
 
 def _sorted_descending(absV: torch.Tensor) -> torch.Tensor:
@@ -64,8 +72,8 @@ def l1_ball_thresholds(V: torch.Tensor, radius: float | torch.Tensor) -> torch.T
     steps = torch.arange(1, V.shape[1] + 1, dtype=V.dtype, device=V.device)
     rho = (u * steps > shifted).sum(dim=1, keepdim=True).clamp_min(1)
     theta = shifted.gather(1, rho - 1) / rho.to(V.dtype)
-    inside = absV.sum(dim=1, keepdim=True) <= r
-    return torch.where(inside, torch.zeros_like(theta), theta.clamp_min(0))
+    # a row inside the ball has every partial sum <= r, so its theta is <= 0 and clamps to 0
+    return theta.clamp_min_(0)
 
 
 def project_rows_onto_l1_ball(V: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
@@ -85,7 +93,7 @@ def project_rows_onto_l1_ball(V: torch.Tensor, radius: float | torch.Tensor) -> 
     >>> import torch
     >>> W = project_rows_onto_l1_ball(torch.tensor([[3.0, -1.0], [0.1, 0.2]]), 1.0)
     >>> W
-    tensor([[1.0000, -0.0000],
+    tensor([[1.0000, 0.0000],
             [0.1000, 0.2000]])
     """
     if V.dim() != 2:
@@ -93,7 +101,7 @@ def project_rows_onto_l1_ball(V: torch.Tensor, radius: float | torch.Tensor) -> 
     if not torch.is_tensor(radius) and radius < 0:
         raise bad_parameter("radius", "project_rows_onto_l1_ball", "a float >= 0", radius)
     theta = l1_ball_thresholds(V, radius)
-    W = torch.sign(V) * (V.abs() - theta).clamp_min(0)
+    W = V - V.clamp(-theta, theta)  # soft thresholding: sign(v) max(|v| - theta, 0)
     return _clip_rounding(W, radius)
 
 
