@@ -687,7 +687,7 @@ def anderson_batch(
                 fmap = fmap.restrict(keep)
                 offset, scale = fmap.offset, fmap.scale
                 hist = hist.restrict(keep)
-                solver.reset_gram(hist.g_rows[m])
+                solver.reset_gram(hist.g_rows[used])
                 bound = _gram_bound(options, keep.numel(), n)
                 per_norm, best = None, math.inf
                 f = hist.f[slot]
@@ -783,9 +783,11 @@ class _AndersonCoefficients:
         return math.sqrt(max(self.diag[slot], 0.0))
 
     def reset_gram(self, g_rows: torch.Tensor) -> None:
-        """Recompute the Gram matrix from the residual rows (after compaction)."""
-        self.gram[:, :] = (g_rows @ g_rows.t()).double().cpu().numpy()
-        self.diag = self.gram.diagonal().tolist()
+        """Recompute the Gram matrix of the first ``len(g_rows)`` slots from their residual rows (after
+        compaction; the other slots hold no history yet)."""
+        used = g_rows.shape[0]
+        self.gram[:used, :used] = (g_rows @ g_rows.t()).double().cpu().numpy()
+        self.diag[:used] = self.gram.diagonal()[:used].tolist()
 
     def solve(self, used: int) -> torch.Tensor | None:
         """The mixing weights over the first ``used`` slots (a tensor on the device), or None when the
