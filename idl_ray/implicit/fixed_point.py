@@ -249,7 +249,7 @@ class RowMap:
         Row-wise multiplier applied instead of ``fn`` (the adjoint's ``J``).
     """
 
-    __slots__ = ("fn", "offset", "scale", "weight")
+    __slots__ = ("fn", "fn_inplace", "offset", "scale", "weight")
 
     def __init__(
         self,
@@ -262,6 +262,7 @@ class RowMap:
         self.offset = offset
         self.fn = fn
         self.scale = scale
+        self.fn_inplace = _inplace_of(fn)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.addmm(self.offset, x, self.weight)
@@ -270,6 +271,18 @@ class RowMap:
         if self.fn is not None:
             return self.fn(z)
         return z
+
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``f(x)`` written into ``out`` (which must not alias ``x``): one ``addmm`` and, for the known
+        activations or the row scale, one in-place kernel; no allocation."""
+        torch.addmm(self.offset, x, self.weight, out=out)
+        if self.scale is not None:
+            return out.mul_(self.scale)
+        if self.fn_inplace is not None:
+            self.fn_inplace(out)
+        elif self.fn is not None:
+            out.copy_(self.fn(out))
+        return out
 
     def restrict(self, keep: torch.Tensor) -> RowMap:
         """The same map on the rows whose indices are in the int64 tensor ``keep``."""
@@ -495,6 +508,8 @@ def _inplace_of(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[
 
 
 def _worth_compacting(previous: tuple[int, float] | None, k: int, worst: float) -> bool:
+    """Compaction costs about one iteration: try it while the rate is unknown or 3 or more iterations
+    are predicted to remain (see :func:`_remaining_iterations`)."""
     remaining = _remaining_iterations(previous, k, worst)
     return remaining is None or remaining >= _MIN_REMAINING_TO_COMPACT
 
@@ -521,11 +536,7 @@ def picard(
     rec = _Recorder(x0, options, "picard")
     compact = _compacts(options, x0)
     max_iter, cap = options.max_iter, options.max_check_skip
-    weight, offset, scale, fn = fmap.weight, fmap.offset, fmap.scale, fmap.fn
-    fn_inplace = _inplace_of(fn)
-    addmm = torch.addmm
-    shape = (x0.shape[0], weight.shape[1])
-    bufs = (offset.new_empty(shape), offset.new_empty(shape))
+    bufs = (fmap.offset.new_empty(x0.shape), fmap.offset.new_empty(x0.shape))
     x = prev = x0
     k = 0
     next_check = 1
@@ -533,15 +544,7 @@ def picard(
     while True:
         stop = min(next_check, max_iter)
         while k < stop:  # never writes into x0 nor into the previous iterate
-            out = bufs[k & 1]
-            addmm(offset, x, weight, out=out)
-            if scale is not None:
-                out.mul_(scale)
-            elif fn_inplace is not None:
-                fn_inplace(out)
-            elif fn is not None:
-                out = fn(out)
-            prev, x = x, out
+            prev, x = x, fmap.apply_into(x, bufs[k & 1])
             k += 1
         if compact:
             dist, thr = rec.residuals(x, prev)
@@ -551,14 +554,13 @@ def picard(
             if keep is not _KEEP_ALL:
                 x = x.index_select(0, keep)  # a fresh tensor: the buffers are replaced below
                 fmap = fmap.restrict(keep)
-                offset, scale = fmap.offset, fmap.scale
-                shape = (x.shape[0], weight.shape[1])
-                bufs = (offset.new_empty(shape), offset.new_empty(shape))
+                bufs = (fmap.offset.new_empty(x.shape), fmap.offset.new_empty(x.shape))
         elif rec.check_dense(k, x, prev):
             break
-        remaining = _remaining_iterations(previous, k, rec.worst)
-        eager = not compact or (remaining is not None and remaining < _MIN_REMAINING_TO_COMPACT)
-        next_check = k + 1 + _checks_to_skip(remaining, cap, eager)
+        eager = not (
+            compact and _worth_compacting(previous, k, rec.worst)
+        )  # nothing to gain from early checks
+        next_check = k + 1 + _checks_to_skip(_remaining_iterations(previous, k, rec.worst), cap, eager)
         previous = (k, rec.worst)
     return rec.result()
 
@@ -603,7 +605,7 @@ def anderson(
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
         eye = torch.eye(used, dtype=x.dtype, device=x.device)
         gram = gram + (options.anderson_reg * scale)[:, None, None] * eye
-        if gram.dtype not in (torch.float32, torch.float64):  # no LU for (b)float16
+        if gram.dtype not in _NUMPY_FLOATS:  # LAPACK has no LU for (b)float16
             gram = gram.float()
         ones = gram.new_ones(gram.shape[0], used, 1)
         sol, info = torch.linalg.solve_ex(gram, ones)
@@ -651,10 +653,8 @@ def anderson_batch(
         options.anderson_reg,
         options.max_iter,
     )
-    weight, offset, scale, fn = fmap.weight, fmap.offset, fmap.scale, fmap.fn
-    fn_inplace = _inplace_of(fn)
-    hist = _AndersonHistory(m, offset)
-    solver = _AndersonCoefficients(m, reg, offset)
+    hist = _AndersonHistory(m, fmap.offset)
+    solver = _AndersonCoefficients(m, reg, fmap.offset)
     bound = _gram_bound(options, batch, n)
     used = slot = 0
     best = math.inf
@@ -662,15 +662,8 @@ def anderson_batch(
     last_test = 0
     x = x0
     for k in range(1, max_iter + 1):
-        f, g = hist.f[slot], hist.g[slot]
-        torch.addmm(offset, x, weight, out=f)
-        if scale is not None:
-            f.mul_(scale)
-        elif fn_inplace is not None:
-            fn_inplace(f)
-        elif fn is not None:
-            f.copy_(fn(f))
-        torch.sub(f, x, out=g)
+        f = fmap.apply_into(x, hist.f[slot])
+        g = torch.sub(f, x, out=hist.g[slot])
         used = min(used + 1, m)
         norm_g = solver.add_column(slot, used, torch.mv(hist.g_rows[used], hist.g_flat[slot]))
         may_be_done = norm_g <= bound(f) and (per_norm is None or per_norm * norm_g <= 2.0)
@@ -685,7 +678,6 @@ def anderson_batch(
                 per_norm = rec.worst / norm_g if norm_g > 0 else None
             if keep is not _KEEP_ALL:
                 fmap = fmap.restrict(keep)
-                offset, scale = fmap.offset, fmap.scale
                 hist = hist.restrict(keep)
                 solver.reset_gram(hist.g_rows[used])
                 bound = _gram_bound(options, keep.numel(), n)
@@ -710,6 +702,8 @@ def anderson_batch(
     return rec.result()
 
 
+_NUMPY_FLOATS = (torch.float32, torch.float64)  # the dtypes numpy and LAPACK take as they are
+
 _ANDERSON_TEST_EVERY = 8  # batch Anderson: per-sample test at least this often (about 1/20 of the work)
 
 
@@ -717,7 +711,9 @@ class _AndersonHistory:
     """Ring buffers of images ``f_j`` and residuals ``g_j`` (``(m, batch, n)`` each) for
     :func:`anderson_batch`, with the views one iteration needs made once (a view costs a few us)."""
 
-    def __init__(self, m: int, like: torch.Tensor, fbuf: torch.Tensor | None = None, gbuf=None) -> None:
+    def __init__(
+        self, m: int, like: torch.Tensor, fbuf: torch.Tensor | None = None, gbuf: torch.Tensor | None = None
+    ) -> None:
         self.m = m
         self.fbuf = like.new_empty(m, *like.shape) if fbuf is None else fbuf
         self.gbuf = like.new_empty(m, *like.shape) if gbuf is None else gbuf
@@ -759,21 +755,17 @@ class _AndersonCoefficients:
         self.reg = reg
         self.eye = np.eye(m)
         self.ones = [np.ones(u) for u in range(m + 1)]
-        # filled on the host, then moved to the device (numpy has no bfloat16: float64 then converted)
-        host_dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float64
-        self.alpha = torch.empty(m, dtype=host_dtype)
+        # host values in the solve's dtype where numpy has it (not bfloat16/float16: float64 there)
+        self.host_dtype = like.dtype if like.dtype in _NUMPY_FLOATS else torch.float64
+        self.alpha = torch.empty(m, dtype=self.host_dtype)  # filled on the host, then moved
         self.alpha_np = self.alpha.numpy()
         self.target = (
-            None if like.device.type == "cpu" and host_dtype == like.dtype else (like.device, like.dtype)
+            None if like.device.type == "cpu" and self.host_dtype == like.dtype else (like.device, like.dtype)
         )
 
     def add_column(self, slot: int, used: int, column: torch.Tensor) -> float:
         """Store ``<g_j, g_slot>`` for the first ``used`` slots; return ``||g_slot||_2``."""
-        col = (
-            column.cpu().numpy()
-            if column.dtype in (torch.float32, torch.float64)
-            else column.double().cpu().numpy()
-        )
+        col = column.to(device="cpu", dtype=self.host_dtype).numpy()  # no copy on the CPU in float32/64
         self.gram[slot, :used] = col
         self.gram[:used, slot] = col
         self.diag[slot] = value = float(col[slot])
