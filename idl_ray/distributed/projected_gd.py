@@ -132,7 +132,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         **kwargs: Any,
     ) -> None:
         owner = "RayProjectedGDSolver"
-        set_gradient_settings(
+        settings = set_gradient_settings(
             self,
             owner,
             rank=rank,
@@ -155,13 +155,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         self.needs_samples = True  # data-parallel over sample shards (the Gram is split evenly without them)
         self.last_timings_: dict[str, float] = {}
         self._params = {
-            "rank": rank,
-            "max_iter": max_iter,
-            "tol": tol,
-            "lr": lr,
-            "penalty": penalty,
-            "check_every": check_every,
-            "method": method,
+            **settings,
             "seed": seed,
             **self.run_config.to_dict(),
         }
@@ -184,12 +178,6 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 extra=info["extra"],
             )
             return SolveResult(weights=W, stats=result_stats)
-        if isinstance(problem, SIMProblem) and problem.samples is None:
-            self.needs_samples = False
-            try:
-                return super().solve(problem)
-            finally:
-                self.needs_samples = True
         return super().solve(problem)
 
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -97,6 +97,8 @@ def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
 class _RaySolverMixin:
     """Shared plumbing: the run config, telemetry, plotting."""
 
+    # sample shards are preferred (data parallel); without them the Gram statistics are split instead
+    samples_optional = True
     run_config: RayRunConfig
     last_timings_: dict[str, float]
     _pool: WorkerPool | None = None
@@ -260,13 +262,6 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """Solve a :class:`SIMProblem` (like ``ADMMSolver``) or a :class:`ShardedProblem` (shards in actors)."""
         if isinstance(problem, ShardedProblem):
             return self._solve_sharded(problem)
-        if isinstance(problem, SIMProblem) and problem.samples is None and self.needs_samples:
-            # BaseSolver.solve would insist on samples; consensus can split the statistics instead
-            self.needs_samples = False
-            try:
-                return super().solve(problem)
-            finally:
-                self.needs_samples = True
         return super().solve(problem)
 
     def reduce(self, problem: ShardedProblem) -> SIMProblem:

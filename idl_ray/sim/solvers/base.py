@@ -5,7 +5,7 @@ typed telemetry (:class:`SolverStats`). The objective and the constraint violati
 evaluated by the problem itself, so numbers from different solvers are comparable.
 
 Writing your own solver: subclass :class:`BaseSolver`, set ``name`` (and ``needs_samples`` /
-``variants`` if relevant) and implement ``_solve(problem) -> (W, info)`` where ``info`` is a dict with any
+``samples_optional`` / ``variants`` if relevant) and implement ``_solve(problem) -> (W, info)`` where ``info`` is a dict with any
 of ``iterations``, ``converged``, ``status``, ``history``, ``extra``. Register it with
 :func:`register_solver` to make it available by name.
 """
@@ -116,11 +116,14 @@ class BaseSolver(abc.ABC):
     ----------------
     name : str, the registry name
     needs_samples : bool, True if the solver needs ``problem.samples`` (the raw features and targets)
+    samples_optional : bool, True if ``needs_samples`` is only a preference (SIM keeps the samples for
+        it) and the solver also works on the Gram statistics alone
     variants : frozenset of str, the problem variants it solves
     """
 
     name: ClassVar[str] = "base"
     needs_samples: ClassVar[bool] = False
+    samples_optional: ClassVar[bool] = False
     variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
 
     def solve(self, problem: SIMProblem) -> SolveResult:
@@ -134,7 +137,7 @@ class BaseSolver(abc.ABC):
                 f"{type(self).__name__} does not solve the '{problem.variant}' variant; it solves "
                 f"{sorted(self.variants)}. Use a solver that does (CVXSolver solves all of {list(VARIANTS)})."
             )
-        if self.needs_samples and problem.samples is None:
+        if self.needs_samples and not self.samples_optional and problem.samples is None:
             raise ConfigError(
                 f"{type(self).__name__} works on the raw samples, but this problem holds only the Gram "
                 "statistics. Build it with SIMProblem.from_samples(..., keep_samples=True) (SIM does this "

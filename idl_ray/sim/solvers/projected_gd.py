@@ -115,8 +115,9 @@ def set_gradient_settings(
     penalty: float,
     check_every: int,
     method: str,
-) -> None:
-    """Validate the projected-gradient settings and store them on ``solver`` (local and Ray solvers)."""
+) -> dict[str, Any]:
+    """Validate the projected-gradient settings and store them on ``solver`` (local and Ray solvers);
+    return them as given, for the solver's ``get_params``."""
     solver.rank = check_positive_int(rank, "rank", owner, allow_none=True)
     solver.max_iter = check_positive_int(max_iter, "max_iter", owner)
     solver.tol = check_positive_float(tol, "tol", owner)
@@ -124,6 +125,15 @@ def set_gradient_settings(
     solver.penalty = check_positive_float(penalty, "penalty", owner, allow_zero=True)
     solver.check_every = check_positive_int(check_every, "check_every", owner)
     solver.method = check_choice(method, "method", owner, ("fista", "adam"))
+    return {
+        "rank": rank,
+        "max_iter": max_iter,
+        "tol": tol,
+        "lr": lr,
+        "penalty": penalty,
+        "check_every": check_every,
+        "method": method,
+    }
 
 
 @register_solver("projected_gd")
@@ -160,7 +170,7 @@ class ProjectedGDLowRankSolver(BaseSolver):
         seed: int = 0,
     ) -> None:
         owner = "ProjectedGDLowRankSolver"
-        set_gradient_settings(
+        settings = set_gradient_settings(
             self,
             owner,
             rank=rank,
@@ -175,13 +185,7 @@ class ProjectedGDLowRankSolver(BaseSolver):
         self.dtype = check_dtype(dtype, owner)
         self.seed = int(seed)
         self._params = {
-            "rank": rank,
-            "max_iter": max_iter,
-            "tol": tol,
-            "lr": lr,
-            "penalty": penalty,
-            "check_every": check_every,
-            "method": method,
+            **settings,
             "device": str(self.device),
             "dtype": str(dtype),
             "seed": seed,
