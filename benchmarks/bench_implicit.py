@@ -119,40 +119,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> dict:
+def build_models(p: int, args, device: torch.device, *, our_tols: dict, their_tol: float):
+    """Both models with the same seed, shapes, kappa and iteration cap; ``our_tols`` are ImplicitModel
+    keywords, ``their_tol`` torchidl's ``tol`` and ``grad_tol``."""
     import torchidl
 
+    torch.manual_seed(args.seed)
+    ours = idl_ray.ImplicitModel(
+        p, 10, args.hidden, kappa=args.kappa, max_iter=args.max_iter, fixed_point=args.fixed_point,
+        constraint=args.constraint, device=device, **our_tols,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    theirs = torchidl.ImplicitModel(
+        p, 10, args.hidden, kappa=args.kappa, tol=their_tol, grad_tol=their_tol, mitr=args.max_iter,
+        grad_mitr=args.max_iter,
+    ).to(device)  # fmt: skip
+    return ours, theirs
+
+
+def train_step(model, opt, xb, yb, device: torch.device) -> tuple[float, float]:
+    """One training step (forward, backward, optimiser); its wall time and process CPU time."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(xb), yb).backward()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> dict:
     side = round(p**0.5)
     Xtr, ytr, Xte, yte = load_digits_tensors(side, device)
     assert Xtr.shape[1] == p, Xtr.shape
-    torch.manual_seed(args.seed)
     if args.criterion == "absolute":  # torchidl's test max|f(x) - x| < tol, applied per sample
         tols = {"tol": 0.0, "atol": args.tol, "residual_norm": "inf"}
     else:
         tols = {"tol": args.tol, "atol": 0.0}
-    ours = idl_ray.ImplicitModel(
-        p, 10, args.hidden, kappa=args.kappa, max_iter=args.max_iter, fixed_point=args.fixed_point,
-        constraint=args.constraint, device=device, **tols,
-    )  # fmt: skip
-    torch.manual_seed(args.seed)
-    theirs = torchidl.ImplicitModel(
-        p, 10, args.hidden, kappa=args.kappa, tol=args.tol, grad_tol=args.tol, mitr=args.max_iter,
-        grad_mitr=args.max_iter,
-    ).to(device)  # fmt: skip
+    ours, theirs = build_models(p, args, device, our_tols=tols, their_tol=args.tol)
     ours.forward_options = dataclasses.replace(ours.forward_options, compaction=args.compaction)
     ours.backward_options = dataclasses.replace(ours.backward_options, compaction=args.compaction)
     opt_o = torch.optim.Adam(ours.parameters(), lr=args.lr)
     opt_t = torch.optim.Adam(theirs.parameters(), lr=args.lr)
-
-    def step(model, opt, xb, yb):
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - t0, time.process_time() - c0
 
     times_o, times_t, it_o, it_t = [], [], [], []
     gen = torch.Generator().manual_seed(args.seed)
@@ -169,7 +177,7 @@ def run_shape(p: int, args, device: torch.device, counter: TorchidlCounter) -> d
                     pair.reverse()
                 for tag, model, opt in pair:
                     counter.take()
-                    dt = step(model, opt, xb, yb)
+                    dt = train_step(model, opt, xb, yb, device)
                     if tag == "o":
                         fs, bs = ours.last_forward_stats, ours.last_backward_stats
                         if n_steps >= args.warmup:
@@ -279,20 +287,17 @@ def fixed_costs(p: int, args, device: torch.device, steps: int = 40) -> dict:
     products, read-out, loss, optimiser, checks, Python). With the training-step medians this splits
     each model's step into ``fixed + per_iteration * (forward + backward iterations - 2)``. The same run
     times :class:`ExplicitFloor`, the part of ``fixed`` no implementation can avoid."""
-    import torchidl
-
     side = round(p**0.5)
     Xtr, ytr, _, _ = load_digits_tensors(side, device)
     loose = 1e30
-    torch.manual_seed(args.seed)
-    ours = idl_ray.ImplicitModel(
-        p, 10, args.hidden, kappa=args.kappa, tol=0.0, atol=loose, backward_tol=0.0, backward_atol=loose,
-        residual_norm="inf", constraint=args.constraint, device=device,
-    )  # fmt: skip
-    torch.manual_seed(args.seed)
-    theirs = torchidl.ImplicitModel(p, 10, args.hidden, kappa=args.kappa, tol=loose, grad_tol=loose).to(
-        device
-    )
+    our_tols = {
+        "tol": 0.0,
+        "atol": loose,
+        "backward_tol": 0.0,
+        "backward_atol": loose,
+        "residual_norm": "inf",
+    }
+    ours, theirs = build_models(p, args, device, our_tols=our_tols, their_tol=loose)
     floor = ExplicitFloor(p, args.hidden, 10).to(device)
     models = [(m, torch.optim.Adam(m.parameters(), lr=args.lr)) for m in (ours, theirs, floor)]
     times: list[list[float]] = [[], [], []]
@@ -300,15 +305,9 @@ def fixed_costs(p: int, args, device: torch.device, steps: int = 40) -> dict:
         start = (s * args.batch) % (len(Xtr) - args.batch)
         xb, yb = Xtr[start : start + args.batch], ytr[start : start + args.batch]
         for i in (s % 3, (s + 1) % 3, (s + 2) % 3):  # rotate the order: noise hits all three alike
-            model, opt = models[i]
-            sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            sync(device)
+            wall, _ = train_step(*models[i], xb, yb, device)
             if s >= args.warmup:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append(wall)
     assert ours.last_forward_stats.iterations == 1 and ours.last_backward_stats.iterations == 1
     return {
         "fixed_ours_ms": statistics.median(times[0]) * 1e3,
