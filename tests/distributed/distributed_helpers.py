@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from idl_ray.distributed import ShardedProblem
 from idl_ray.sim.problem import SIMProblem
 
 TIMEOUT_S = 120.0
@@ -40,3 +41,15 @@ def random_problem(
 
 def relative_gap(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def shard(problem: SIMProblem, num_shards: int) -> ShardedProblem:
+    """``problem``'s samples split into ``num_shards`` object-store shards, with its penalties."""
+    return ShardedProblem.from_tensors(
+        problem.samples.features,
+        problem.samples.targets,
+        num_shards=num_shards,
+        n_constrained=problem.n_constrained,
+        lam=problem.lam,
+        kappa=problem.kappa,
+    )

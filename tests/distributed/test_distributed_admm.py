@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
+from distributed_helpers import TIMEOUT_S, random_problem, relative_gap, shard
 
 from idl_ray.distributed import RayADMMSolver, ShardedProblem
 from idl_ray.sim.solvers.admm import ADMMSolver
@@ -82,14 +82,7 @@ def test_more_workers_than_rows(ray_solver):
 
 @pytest.mark.parametrize("strategy", ["gram", "consensus"])
 def test_sharded_problem_from_the_object_store(strategy, problem, reference, ray_solver):
-    sharded = ShardedProblem.from_tensors(
-        problem.samples.features,
-        problem.samples.targets,
-        num_shards=4,
-        n_constrained=problem.n_constrained,
-        lam=problem.lam,
-        kappa=problem.kappa,
-    )
+    sharded = shard(problem, 4)
     result = ray_solver(strategy, 2).solve(sharded)  # 4 shards dealt to 2 workers
     check_same_answer(result, reference, problem)
     assert result.stats.extra["timings"]["gram"] > 0

@@ -7,9 +7,9 @@ import os
 import pytest
 import ray
 import torch
-from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
+from distributed_helpers import TIMEOUT_S, random_problem, relative_gap, shard
 
-from idl_ray.distributed import RayADMMSolver, ShardedProblem, load_checkpoint
+from idl_ray.distributed import RayADMMSolver, load_checkpoint
 from idl_ray.errors import DistributedError
 from idl_ray.sim.solvers.admm import ADMMSolver
 
@@ -104,14 +104,7 @@ def test_gram_recovery_replays_exactly(problem):
 
 
 def test_sharded_shard_is_reloaded_by_the_recreated_actor(problem, reference):
-    sharded = ShardedProblem.from_tensors(
-        problem.samples.features,
-        problem.samples.targets,
-        num_shards=2,
-        n_constrained=problem.n_constrained,
-        lam=problem.lam,
-        kappa=problem.kappa,
-    )
+    sharded = shard(problem, 2)
     solver = RayADMMSolver(
         num_workers=2,
         use_gpu=False,

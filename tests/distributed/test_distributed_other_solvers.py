@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
+from distributed_helpers import TIMEOUT_S, random_problem, relative_gap, shard
 
-from idl_ray.distributed import RayCVXSolver, RayProjectedGDSolver, ShardedProblem
+from idl_ray.distributed import RayCVXSolver, RayProjectedGDSolver
 from idl_ray.sim.solvers.admm import ADMMSolver
 from idl_ray.sim.solvers.cvx import CVXSolver
 from idl_ray.sim.solvers.projected_gd import ProjectedGDLowRankSolver
@@ -43,14 +43,7 @@ def test_projected_gd_low_rank_keeps_the_bound_and_matches_single_process(proble
 
 
 def test_projected_gd_on_a_sharded_problem(problem, reference, worker_pools):
-    sharded = ShardedProblem.from_tensors(
-        problem.samples.features,
-        problem.samples.targets,
-        num_shards=2,
-        n_constrained=problem.n_constrained,
-        lam=problem.lam,
-        kappa=problem.kappa,
-    )
+    sharded = shard(problem, 2)
     result = RayProjectedGDSolver(workers=worker_pools(2), tol=1e-10, timeout_s=TIMEOUT_S).solve(sharded)
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
 
