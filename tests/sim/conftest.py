@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from sim_helpers import accuracy, train_classifier
 from torch import nn
 
 
@@ -31,26 +32,6 @@ class Digits:
 
     def images(self, X: torch.Tensor) -> torch.Tensor:
         return X.reshape(-1, 1, 8, 8)
-
-
-def train_classifier(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int, seed: int = 0
-) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(epochs):
-        perm = torch.randperm(X.shape[0], generator=gen)
-        for i in range(0, X.shape[0], 128):
-            idx = perm[i : i + 128]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval().requires_grad_(False)
-
-
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(X).argmax(dim=1) == y).double().mean())
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from sim_helpers import train_classifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,8 +53,6 @@ def test_admm_and_cvx_reach_the_same_objective(fitted) -> None:
 @pytest.fixture(scope="module")
 def small_teacher(digits) -> nn.Module:
     """A 64-32-16-10 ReLU MLP with biases, float64 (the exact-matching teacher)."""
-    from conftest import train_classifier
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10))
     return train_classifier(model, digits.X_train, digits.y_train, epochs=20).double()
