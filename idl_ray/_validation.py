@@ -131,6 +131,13 @@ class Options:
         }
         return cls(**converted)
 
+    @classmethod
+    def coerce(cls: type[T], value: T | Mapping[str, Any] | None) -> T:
+        """``value`` as settings: an instance as it is, None as the defaults, a mapping via :meth:`from_dict`."""
+        if isinstance(value, cls):
+            return value
+        return cls.from_dict(value)
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (JSON-friendly when the fields are)."""
         return dataclasses.asdict(self)
@@ -152,3 +159,20 @@ def reject_unknown_kwargs(kwargs: Mapping[str, Any], owner: str, valid: Iterable
         raise ConfigError(
             f"Unknown keyword argument(s) {sorted(kwargs)} for {owner}. Valid ones are {sorted(valid)}."
         )
+
+
+def resolve_settings(
+    owner: str, argument: str, label: str, given: Any, values: dict[str, Any], settings_type: type[T]
+) -> T:
+    """A settings object from ``argument=`` (an instance or a dict) or from keywords, never both."""
+    if given is not None and values:
+        raise ConfigError(
+            f"{owner}: pass either {argument}=... or {label} keywords {sorted(values)}, not both."
+        )
+    if isinstance(given, dict):
+        given = settings_type.from_dict(given)
+    if given is None:
+        given = settings_type.from_dict(values)
+    if not isinstance(given, settings_type):
+        raise ConfigTypeError(f"{owner}: {argument} must be a {settings_type.__name__} or a dict.")
+    return given

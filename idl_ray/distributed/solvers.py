@@ -16,7 +16,7 @@ from typing import Any
 import ray
 import torch
 
-from idl_ray._validation import check_choice
+from idl_ray._validation import check_choice, resolve_settings
 from idl_ray.distributed import resources
 from idl_ray.distributed.checkpoint import Checkpointer
 from idl_ray.distributed.config import RayRunConfig
@@ -34,23 +34,6 @@ from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, regis
 STRATEGIES = ("gram", "consensus")
 
 
-def _resolve_settings(
-    owner: str, argument: str, label: str, given: Any, values: dict[str, Any], settings_type: type
-) -> Any:
-    """A settings object from ``argument=`` (an instance or a dict) or from keywords, never both."""
-    if given is not None and values:
-        raise ConfigError(
-            f"{owner}: pass either {argument}=... or {label} keywords {sorted(values)}, not both."
-        )
-    if isinstance(given, dict):
-        given = settings_type.from_dict(given)
-    if given is None:
-        given = settings_type.from_dict(values)
-    if not isinstance(given, settings_type):
-        raise ConfigTypeError(f"{owner}: {argument} must be a {settings_type.__name__} or a dict.")
-    return given
-
-
 def _split_settings(
     owner: str, options: Any, run_config: Any, kwargs: dict[str, Any], option_type: type
 ) -> tuple[Any, RayRunConfig]:
@@ -65,8 +48,8 @@ def _split_settings(
         )
     option_values = {k: v for k, v in kwargs.items() if k in option_names}
     run_values = {k: v for k, v in kwargs.items() if k in run_names}
-    options = _resolve_settings(owner, "options", "option", options, option_values, option_type)
-    run_config = _resolve_settings(owner, "run_config", "run", run_config, run_values, RayRunConfig)
+    options = resolve_settings(owner, "options", "option", options, option_values, option_type)
+    run_config = resolve_settings(owner, "run_config", "run", run_config, run_values, RayRunConfig)
     return options, run_config
 
 
@@ -78,7 +61,7 @@ def _split_run_config(owner: str, run_config: Any, kwargs: dict[str, Any]) -> Ra
         raise ConfigError(
             f"Unknown keyword argument(s) {unknown} for {owner}. Valid run settings are {sorted(run_names)}."
         )
-    return _resolve_settings(owner, "run_config", "run", run_config, kwargs, RayRunConfig)
+    return resolve_settings(owner, "run_config", "run", run_config, kwargs, RayRunConfig)
 
 
 def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:

@@ -841,14 +841,6 @@ def register_fixed_point_method(name: str, method: FixedPointMethod, *, overwrit
     FIXED_POINT_METHODS[name] = method
 
 
-def _options(options: FixedPointOptions | dict[str, Any] | None) -> FixedPointOptions:
-    if options is None:
-        return FixedPointOptions()
-    if isinstance(options, FixedPointOptions):
-        return options
-    return FixedPointOptions.from_dict(options)
-
-
 def _warn(stats: FixedPointStats, what: str, stacklevel: int) -> None:
     warnings.warn(
         f"{what} did not converge: {stats.num_samples - stats.num_converged} of {stats.num_samples} "
@@ -912,7 +904,7 @@ def solve_fixed_point(
     (True, True)
     """
     owner = "solve_fixed_point"
-    opts = _options(options)
+    opts = FixedPointOptions.coerce(options)
     act = activation if isinstance(activation, Activation) else resolve_activation(activation, owner=owner)
     n = _check_square(A, owner)
     if BU.dim() != 2 or BU.shape[1] != n:
@@ -955,7 +947,7 @@ def solve_adjoint(
     stats : FixedPointStats
     """
     owner = "solve_adjoint"
-    opts = _options(options)
+    opts = FixedPointOptions.coerce(options)
     n = _check_square(A, owner)
     if G.dim() != 2 or G.shape[1] != n:
         raise ShapeError(f"The 'G' argument of {owner} must have shape (batch, {n}). Got {tuple(G.shape)}.")

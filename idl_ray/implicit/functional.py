@@ -114,14 +114,6 @@ def implicit_fixed_point(
     True
     """
     act = activation if isinstance(activation, Activation) else resolve_activation(activation)
-    fwd = _as_options(forward_options)
-    bwd = _as_options(backward_options)
+    fwd = FixedPointOptions.coerce(forward_options)
+    bwd = FixedPointOptions.coerce(backward_options)
     return ImplicitFixedPointFunction.apply(A, BU, x0, act, fwd, bwd, callback)
-
-
-def _as_options(options: FixedPointOptions | dict[str, Any] | None) -> FixedPointOptions:
-    if options is None:
-        return FixedPointOptions()
-    if isinstance(options, FixedPointOptions):
-        return options
-    return FixedPointOptions.from_dict(options)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from idl_ray._validation import resolve_settings
 from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor, admm_solve, initial_rho, prox
@@ -59,15 +60,9 @@ class ADMMSolver(BaseSolver):
         warm_start: bool = True,
         **option_values: Any,
     ) -> None:
-        if options is not None and option_values:
-            from idl_ray.errors import ConfigError
-
-            raise ConfigError(
-                "ADMMSolver: pass either options=ADMMOptions(...) or keyword options, not both."
-            )
-        if isinstance(options, dict):
-            options = ADMMOptions.from_dict(options)
-        self.options = options if options is not None else ADMMOptions.from_dict(option_values)
+        self.options = resolve_settings(
+            "ADMMSolver", "options", "option", options, option_values, ADMMOptions
+        )
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype, "ADMMSolver")
         self.warn = bool(warn)
