@@ -70,3 +70,21 @@ def test_per_row_radii():
 def test_projection_rejects_bad_kappa(kappa):
     with pytest.raises(ConfigError, match="kappa"):
         project_onto_kappa_ball(torch.randn(3, 3), kappa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_path_matches_torch_path(dtype):
+    """On the CPU outside autograd the projection runs through numpy; a tensor that requires grad takes
+    the torch path. Both give the same matrix (to rounding) and both meet the bound exactly."""
+    g = torch.Generator().manual_seed(3)
+    for shape, scale in (((100, 100), 0.02), ((7, 3), 1.0), ((40, 64), 10.0)):
+        V = torch.randn(*shape, generator=g, dtype=dtype) * scale
+        V[0] *= 1e-4  # a row inside the ball
+        for kappa in (0.0, 0.5, 0.99):
+            host = project_rows_onto_l1_ball(V, kappa)
+            via_torch = project_rows_onto_l1_ball(V.clone().requires_grad_(), kappa).detach()
+            assert not host.requires_grad
+            assert torch.allclose(host, via_torch, rtol=0, atol=8 * torch.finfo(dtype).eps * scale)
+            assert inf_norm(host) <= kappa and inf_norm(via_torch) <= kappa
+            if kappa > 0:
+                assert torch.equal(host[0], V[0])  # inside rows untouched
