@@ -102,6 +102,11 @@ class ImplicitModel(nn.Module):
             ``A = W * min(1, kappa / ||W||_inf)``, differentiated exactly through the scaling; ``model.A``
             returns that product. Only the largest row sits at the bound, which often makes the fixed
             points faster to reach, but the scale of ``W`` is free (its gradient shrinks as it grows).
+            ``"shrink"``: ``A`` (or ``L``) is the parameter, as with ``"project"``, but a stored ``A``
+            outside the bound is multiplied in place by ``kappa / ||A||_inf`` (less a few ulps) instead of
+            projected: torchidl's scaling, applied to the parameter, so the ``A`` stored is the ``A`` used
+            and its gradient is exact. Only the largest row sits at the bound (like ``"rescale"``); the
+            step is a scaling, not the Euclidean projection.
         fixed_point: ``"picard"`` (default), ``"anderson"`` or ``"anderson_batch"``, for forward and
             backward solves (see :mod:`idl_ray.implicit.fixed_point`).
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
@@ -190,7 +195,7 @@ class ImplicitModel(nn.Module):
                 rank,
                 "Use rank=None for a dense A.",
             )
-        self.constraint = check_choice(constraint, "constraint", _OWNER, ("project", "rescale"))
+        self.constraint = check_choice(constraint, "constraint", _OWNER, _CONSTRAINTS)
         act_kwargs = {} if negative_slope is None else {"negative_slope": negative_slope}
         self.activation: Activation = resolve_activation(activation, owner=_OWNER, **act_kwargs)
         if fixed_point not in FIXED_POINT_METHODS:
@@ -262,7 +267,7 @@ class ImplicitModel(nn.Module):
     def _stored_A(self) -> torch.Tensor:
         """The A the forward uses (with autograd to the trained parameters)."""
         raw = self._raw_A()
-        if self.constraint == "project":
+        if self.constraint != "rescale":  # "project", "shrink": the stored A is the A used
             return raw
         # A = W * min(1, kappa' / ||W||_inf), differentiated exactly (no straight-through); kappa' is
         # kappa less a few ulps so that the bound also holds for the rounded product
@@ -275,12 +280,15 @@ class ImplicitModel(nn.Module):
     def project_(self) -> bool:
         """Enforce ``||A||_inf <= kappa`` on the stored parameters in place; True if anything changed.
 
-        Dense: exact Euclidean projection of ``A``. Low rank: scale down the rows of ``L`` whose row of
-        ``A = L R^T`` is too large. Call it after ``optimizer.step()`` (forward also calls it).
+        ``"project"``, dense: exact Euclidean projection of ``A``; low rank: scale down the rows of ``L``
+        whose row of ``A = L R^T`` is too large. ``"shrink"``: scale all of ``A`` (or ``L``) by
+        ``kappa / ||A||_inf``. Call it after ``optimizer.step()`` (forward also calls it).
         """
         kappa = self.kappa
         if self.constraint == "rescale":
             return False  # the bound holds by construction
+        if self.constraint == "shrink":
+            return self._shrink_()
         if self.rank is None:
             if inf_norm(self.A) <= kappa:
                 return False
@@ -301,6 +309,22 @@ class ImplicitModel(nn.Module):
                 break
             self.L.mul_(torch.where(over, torch.full_like(rows, margin), torch.ones_like(rows)))
         return True
+
+    def _shrink_(self) -> bool:
+        """``"shrink"``: multiply ``A`` (dense) or ``L`` (low rank) by ``kappa * margin / ||A||_inf`` when
+        the bound is violated; the margin of a few ulps makes the bound hold for the computed product."""
+        kappa = self.kappa
+        target = self.A if self.rank is None else self.L
+        rank = self.hidden_dim if self.rank is None else self.rank
+        margin = _low_rank_margin(self.hidden_dim, rank, target.dtype)
+        changed = False
+        for _ in range(8):  # one pass in exact arithmetic; more only for exotic rounding
+            norm = inf_norm(self._raw_A())
+            if norm <= kappa:
+                break
+            target.mul_(kappa * margin / norm)
+            changed = True
+        return changed
 
     def __getattr__(self, name: str) -> Any:
         # low rank or "rescale": ``model.A`` is the matrix the forward uses, computed from the trained
@@ -501,6 +525,8 @@ class ImplicitModel(nn.Module):
         parts.append(f"fixed_point={fo.method!r}, tol={fo.tol:g}, max_iter={fo.max_iter}")
         return ", ".join(parts)
 
+
+_CONSTRAINTS = ("project", "rescale", "shrink")
 
 _VALID_KWARGS = (
     "activation", "kappa", "bias", "no_D", "rank", "constraint", "fixed_point", "tol", "max_iter", "backward_tol",

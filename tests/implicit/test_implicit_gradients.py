@@ -79,6 +79,8 @@ def _unrolled_loss(model, U, target, steps=300):
         {"fixed_point": "anderson", "activation": "leaky_relu", "negative_slope": 0.2},
         {"constraint": "rescale"},
         {"constraint": "rescale", "rank": 3, "fixed_point": "anderson_batch"},
+        {"constraint": "shrink"},
+        {"constraint": "shrink", "rank": 3},
     ],
 )
 def test_gradients_match_unrolled_autograd(kwargs):

@@ -16,7 +16,15 @@ from idl_ray.implicit.projection import inf_norm
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"rank": 5}, {"bias": True, "activation": "tanh"}, {"constraint": "rescale"}]
+    "kwargs",
+    [
+        {},
+        {"rank": 5},
+        {"bias": True, "activation": "tanh"},
+        {"constraint": "rescale"},
+        {"constraint": "shrink"},
+        {"constraint": "shrink", "rank": 5},
+    ],
 )
 def test_bound_holds_after_many_large_adam_steps(kwargs):
     kappa = 0.9
@@ -85,6 +93,37 @@ def test_rescale_constraint_exposes_the_used_a():
     model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
     assert model.W.grad is not None and model.W.grad.abs().sum() > 0
     assert "constraint='rescale'" in repr(model)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_shrink_constraint_scales_the_stored_a_uniformly(rank):
+    model = ImplicitModel(4, 2, 6, constraint="shrink", rank=rank, kappa=0.5, dtype=torch.float64)
+    names = ["A", "B", "C", "D"] if rank is None else ["L", "R", "B", "C", "D"]
+    assert [n for n, _ in model.named_parameters()] == names
+    with torch.no_grad():
+        factor = model.A if rank is None else model.L
+        factor.mul_(10.0)
+        factor[0].mul_(5.0)  # row 0 of A is the largest
+    before = model.A.detach().clone()
+    assert inf_norm(before) > 0.5
+    U = torch.randn(3, 4, dtype=torch.float64)
+    model(U).sum().backward()
+    used = model.A.detach()
+    # one factor for the whole matrix, the largest row at the bound (less a few ulps), nothing else
+    assert torch.allclose(used, before * (0.5 / inf_norm(before)), rtol=1e-12, atol=0)
+    assert 0.5 * (1 - 1e-12) <= inf_norm(used) <= 0.5
+    rows = used.abs().sum(1)
+    assert rows[0] > 0.5 * (1 - 1e-12) and float(rows[1:].max()) < 0.5 * 0.9
+    assert model.telemetry.projections == 1 and not model.project_()  # already inside: no-op
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    # the state_dict holds the A that the forward used
+    sd = model.state_dict()
+    if rank is None:
+        assert torch.equal(sd["A"], used)
+    else:
+        assert torch.allclose(sd["L"] @ sd["R"].t(), used, rtol=0, atol=0)
+    assert "constraint='shrink'" in repr(model)
 
 
 def test_state_dict_round_trip_and_dtype_conversion():
@@ -190,7 +229,7 @@ def test_repr_shows_settings():
         ({"tol": 0.0}, ConfigError, "'tol'"),
         ({"max_iter": 0}, ConfigError, "'max_iter'"),
         ({"bias": "yes"}, ConfigTypeError, "'bias'"),
-        ({"constraint": "clip"}, ConfigError, r"'constraint'.*\['project', 'rescale'\]"),
+        ({"constraint": "clip"}, ConfigError, r"'constraint'.*\['project', 'rescale', 'shrink'\]"),
         ({"tolerance": 1e-3}, ConfigError, r"Unknown keyword argument\(s\) \['tolerance'\].*Valid ones"),
         ({"mitr": 10}, ConfigError, "Unknown keyword"),
     ],
