@@ -329,10 +329,7 @@ class SIM:
             U = states.U.T
             features = torch.cat([X, U], dim=1)
             targets = torch.cat([Z, states.Y.T], dim=1)
-            if stats is None:
-                stats = GramStats.from_batch(features, targets)
-            else:
-                stats.add(features, targets)
+            stats = GramStats.accumulate(stats, features, targets)
             if keep_samples:
                 feats.append(features.cpu())
                 targs.append(targets.cpu())
@@ -439,10 +436,7 @@ class SIM:
             Ud = U.to(device=device, dtype=dtype)
             X, _ = solve_fixed_point(Ad, Ud @ Bd.T, act, cfg["fixed_point"])
             features = torch.cat([X, Ud], dim=1)
-            if out is None:
-                out = GramStats.from_batch(features, Y)
-            else:
-                out.add(features, Y)
+            out = GramStats.accumulate(out, features, Y)
             if keep_samples:
                 feats.append(features.cpu())
                 targs.append(Y.cpu())

@@ -93,6 +93,12 @@ class GramStats:
         stats._add_checked(F, T)
         return stats
 
+    @classmethod
+    def accumulate(cls, stats: GramStats | None, features: Any, targets: Any) -> GramStats:
+        """``stats`` with one more batch added in place, or the batch's own statistics when ``stats`` is
+        None (the first batch of a stream)."""
+        return cls.from_batch(features, targets) if stats is None else stats.add(features, targets)
+
     @property
     def dim(self) -> int:
         return self.G.shape[0]
@@ -328,10 +334,7 @@ class SIMProblem:
         """Build by streaming (features, targets) batches (batch-first) into the Gram; Phi is never held."""
         stats: GramStats | None = None
         for features, targets in batches:
-            if stats is None:
-                stats = GramStats.from_batch(features, targets)
-            else:
-                stats.add(features, targets)
+            stats = GramStats.accumulate(stats, features, targets)
         if stats is None:
             raise ConfigError("SIMProblem.from_batches got no batches: the data was empty.")
         return cls(stats=stats, **settings)
