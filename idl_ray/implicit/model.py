@@ -95,7 +95,8 @@ class ImplicitModel(nn.Module):
         kappa: well-posedness bound in [0, 1). Default 0.99.
         bias: append a constant 1 as the **last** input feature, so ``B`` is (n, p+1) and ``D`` is
             (q, p+1). Default False.
-        no_D: drop the direct term ``D U`` (``D`` is registered as ``None``). Default False.
+        no_D: drop the direct term ``D U``. ``D`` is then a zero buffer of shape (q, p[+1]): not trained, not
+            used by the forward, but kept in the ``state_dict`` and moved by ``.to()``. Default False.
         rank: if given, ``A = L R^T`` with ``L, R`` of shape (n, rank), ``1 <= rank <= n``.
         constraint: how ``||A||_inf <= kappa`` is kept. ``"project"`` (default): projected gradient, see
             above. ``"rescale"``: the trained parameter is ``W`` (or ``L, R``) and
@@ -130,8 +131,8 @@ class ImplicitModel(nn.Module):
             uniform in (-1/n, 1/n) (row sums about 0.5), then projected if needed.
         W: (n, n) parameter for ``constraint="rescale"`` (dense).
         L, R: (n, rank) parameters when ``rank`` is set (else None).
-        B: (n, p[+1]) parameter, ``C``: (q, n), ``D``: (q, p[+1]) or None; initialised like
-            ``nn.Linear`` (uniform with bound ``1/sqrt(fan_in)``).
+        B: (n, p[+1]) parameter, ``C``: (q, n), ``D``: (q, p[+1]) (a zero buffer with ``no_D=True``);
+            initialised like ``nn.Linear`` (uniform with bound ``1/sqrt(fan_in)``).
         forward_options, backward_options: :class:`FixedPointOptions` (frozen; replace to change).
         last_forward_stats, last_backward_stats: :class:`FixedPointStats` of the latest solves or None.
         telemetry: :class:`ImplicitTelemetry`, cumulative counters.
@@ -231,8 +232,8 @@ class ImplicitModel(nn.Module):
             self.R = nn.Parameter(torch.empty(n, self.rank, **factory))
         self.B = nn.Parameter(torch.empty(n, p, **factory))
         self.C = nn.Parameter(torch.empty(q, n, **factory))
-        if no_D:
-            self.register_parameter("D", None)
+        if no_D:  # a buffer: .to(device) moves it and the state_dict records it, nothing trains it
+            self.register_buffer("D", torch.zeros(q, p, **factory))
         else:
             self.D = nn.Parameter(torch.empty(q, p, **factory))
         self.last_forward_stats: FixedPointStats | None = None
@@ -252,10 +253,9 @@ class ImplicitModel(nn.Module):
                 nn.init.uniform_(self.R, -1.0, 1.0)
                 rows = (self.L @ self.R.t()).abs().sum(dim=1, keepdim=True)
                 self.L.mul_(0.5 / rows.clamp_min(torch.finfo(rows.dtype).tiny))
-            for W in (self.B, self.C, self.D):
-                if W is not None:
-                    bound = 1.0 / math.sqrt(W.shape[1])
-                    nn.init.uniform_(W, -bound, bound)
+            for W in (self.B, self.C) if self.no_D else (self.B, self.C, self.D):
+                bound = 1.0 / math.sqrt(W.shape[1])
+                nn.init.uniform_(W, -bound, bound)
         self.project_()
 
     def _raw_A(self) -> torch.Tensor:
@@ -486,7 +486,7 @@ class ImplicitModel(nn.Module):
             backward_options=self.backward_options,
             callback=self._record,
         )
-        Y = F.linear(X, self.C) if self.D is None else torch.addmm(F.linear(U, self.D), X, self.C.t())
+        Y = F.linear(X, self.C) if self.no_D else torch.addmm(F.linear(U, self.D), X, self.C.t())
         return (Y, X) if return_state else Y
 
     @staticmethod

@@ -65,7 +65,7 @@ def _unrolled_loss(model, U, target, steps=300):
     """Loss through an unrolled forward with the model's own A (dense or L R^T), B, C, D."""
     Uf = model.prepare_input(U)
     X = unrolled_state(model.A, Uf @ model.B.T, model.activation.fn, steps)
-    Y = X @ model.C.T + (0 if model.D is None else Uf @ model.D.T)
+    Y = X @ model.C.T + (0 if model.no_D else Uf @ model.D.T)
     return ((Y - target) ** 2).sum()
 
 

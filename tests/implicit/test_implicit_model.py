@@ -135,13 +135,16 @@ def test_state_dict_round_trip_and_dtype_conversion():
     buffer.seek(0)
     clone = ImplicitModel(6, 3, 10, bias=True, rank=4, no_D=True, activation="leaky_relu", negative_slope=0.1)
     clone.load_state_dict(torch.load(buffer))
-    assert set(clone.state_dict()) == {"L", "R", "B", "C"}
+    assert set(clone.state_dict()) == {"L", "R", "B", "C", "D"}
     assert torch.equal(clone(U), y)
 
     dense = ImplicitModel(6, 3, 10, no_D=True)
-    assert set(dense.state_dict()) == {"A", "B", "C"}
+    assert set(dense.state_dict()) == {"A", "B", "C", "D"}
+    assert [n for n, _ in dense.named_parameters()] == ["A", "B", "C"]  # no_D: D is a buffer, not trained
+    assert [n for n, _ in dense.named_buffers()] == ["D"] and dense.D.shape == (3, 6)
+    assert not dense.D.any()
     d64 = copy.deepcopy(dense).to(torch.float64)
-    assert all(p.dtype == torch.float64 for p in d64.parameters())
+    assert all(p.dtype == torch.float64 for p in d64.parameters()) and d64.D.dtype == torch.float64
     y64 = d64(U.double())
     assert y64.dtype == torch.float64
     assert torch.allclose(y64.float(), dense(U), atol=1e-4)
@@ -190,7 +193,7 @@ def test_from_weights_predicts_with_given_weights():
         torch.randn(2, 6, generator=g, dtype=torch.float64),
     )
     model = ImplicitModel.from_weights(A, B, C, None, activation="tanh", kappa=0.9, tol=1e-13)
-    assert model.D is None and model.no_D and model.A.dtype == torch.float64 and torch.equal(model.A, A)
+    assert model.no_D and not model.D.any() and model.A.dtype == torch.float64 and torch.equal(model.A, A)
     U = torch.randn(4, 3, dtype=torch.float64)
     X = torch.zeros(4, 6, dtype=torch.float64)
     for _ in range(200):
