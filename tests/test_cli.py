@@ -57,6 +57,18 @@ def test_train_job_learns_and_respects_kappa() -> None:
     assert report["A_inf_norm"] <= 0.8
 
 
+def test_train_job_takes_the_constraint_flag() -> None:
+    args = build_parser().parse_args(
+        ["train", "--constraint", "shrink", "--epochs", "1", "--hidden-dim", "20"]
+    )
+    config = options_from_args(TrainJobConfig, args)
+    assert config.constraint == "shrink"
+    report = run_train_job(config.replace(kappa=0.7), log=lambda _: None)
+    assert report["config"]["constraint"] == "shrink" and report["A_inf_norm"] <= 0.7
+    with pytest.raises(ConfigError, match=r"'constraint'.*shrink"):
+        TrainJobConfig(constraint="clip")
+
+
 def test_console_entry_point_runs() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "idl_ray", "info"], capture_output=True, text=True, check=True, timeout=120

@@ -25,7 +25,7 @@ from idl_ray.implicit.fixed_point import FIXED_POINT_METHODS, FixedPointOptions,
 from idl_ray.implicit.functional import implicit_fixed_point
 from idl_ray.implicit.projection import inf_norm, project_onto_kappa_ball
 
-__all__ = ["ImplicitModel", "ImplicitTelemetry"]
+__all__ = ["CONSTRAINTS", "ImplicitModel", "ImplicitTelemetry"]
 
 _OWNER = "ImplicitModel"
 
@@ -196,7 +196,7 @@ class ImplicitModel(nn.Module):
                 rank,
                 "Use rank=None for a dense A.",
             )
-        self.constraint = check_choice(constraint, "constraint", _OWNER, _CONSTRAINTS)
+        self.constraint = check_choice(constraint, "constraint", _OWNER, CONSTRAINTS)
         act_kwargs = {} if negative_slope is None else {"negative_slope": negative_slope}
         self.activation: Activation = resolve_activation(activation, owner=_OWNER, **act_kwargs)
         if fixed_point not in FIXED_POINT_METHODS:
@@ -526,7 +526,8 @@ class ImplicitModel(nn.Module):
         return ", ".join(parts)
 
 
-_CONSTRAINTS = ("project", "rescale", "shrink")
+#: the ways ImplicitModel keeps ||A||_inf <= kappa (see the class docstring)
+CONSTRAINTS = ("project", "rescale", "shrink")
 
 _VALID_KWARGS = (
     "activation", "kappa", "bias", "no_D", "rank", "constraint", "fixed_point", "tol", "max_iter", "backward_tol",

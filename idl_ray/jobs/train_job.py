@@ -10,6 +10,7 @@ import torch
 
 from idl_ray._validation import Options, check_choice, check_kappa, check_positive_float, check_positive_int
 from idl_ray.datasets import DATASETS, batches, load_dataset
+from idl_ray.implicit.model import CONSTRAINTS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,7 @@ class TrainJobConfig(Options):
     kappa: float = 0.95
     activation: str = "relu"
     fixed_point: str = "picard"
+    constraint: str = "project"
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
@@ -33,6 +35,7 @@ class TrainJobConfig(Options):
         check_choice(self.dataset, "dataset", owner, DATASETS)
         check_positive_int(self.hidden_dim, "hidden_dim", owner)
         check_kappa(self.kappa, owner)
+        check_choice(self.constraint, "constraint", owner, CONSTRAINTS)
         check_positive_int(self.epochs, "epochs", owner)
         check_positive_int(self.batch_size, "batch_size", owner)
         check_positive_float(self.lr, "lr", owner)
@@ -52,6 +55,7 @@ def run_train_job(config: TrainJobConfig, *, log=print) -> dict[str, Any]:
         activation=config.activation,
         kappa=config.kappa,
         fixed_point=config.fixed_point,
+        constraint=config.constraint,
         bias=True,
     ).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
