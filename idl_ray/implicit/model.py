@@ -312,11 +312,15 @@ class ImplicitModel(nn.Module):
 
     def _shrink_(self) -> bool:
         """``"shrink"``: multiply ``A`` (dense) or ``L`` (low rank) by ``kappa * margin / ||A||_inf`` when
-        the bound is violated; the margin of a few ulps makes the bound hold for the computed product."""
+        the bound is violated; the margin of a few ulps makes the bound hold for the computed product
+        (``(n + 2) eps`` covers the rounding of a row's absolute sum; low rank adds the product ``L R^T``)."""
         kappa = self.kappa
-        target = self.A if self.rank is None else self.L
-        rank = self.hidden_dim if self.rank is None else self.rank
-        margin = _low_rank_margin(self.hidden_dim, rank, target.dtype)
+        if self.rank is None:
+            target = self.A
+            margin = 1.0 - (self.hidden_dim + 2) * torch.finfo(target.dtype).eps
+        else:
+            target = self.L
+            margin = _low_rank_margin(self.hidden_dim, self.rank, target.dtype)
         changed = False
         for _ in range(8):  # one pass in exact arithmetic; more only for exotic rounding
             norm = inf_norm(self._raw_A())

@@ -126,6 +126,15 @@ def test_shrink_constraint_scales_the_stored_a_uniformly(rank):
     assert "constraint='shrink'" in repr(model)
 
 
+def test_shrink_margin_is_a_few_ulps_in_float32():
+    model = ImplicitModel(8, 2, 100, constraint="shrink", kappa=0.99)
+    with torch.no_grad():
+        model.A.mul_(10.0)
+    model(torch.randn(4, 8))
+    norm = inf_norm(model.A.detach())
+    assert 0.99 * (1 - 1e-4) < norm <= 0.99  # (n + 2) eps = 1.2e-5 relative below kappa, not more
+
+
 def test_state_dict_round_trip_and_dtype_conversion():
     model = ImplicitModel(6, 3, 10, bias=True, rank=4, no_D=True, activation="leaky_relu", negative_slope=0.1)
     U = torch.randn(7, 6)
