@@ -132,7 +132,7 @@ def test_shrink_margin_is_a_few_ulps_in_float32():
         model.A.mul_(10.0)
     model(torch.randn(4, 8))
     norm = inf_norm(model.A.detach())
-    assert 0.99 * (1 - 1e-4) < norm <= 0.99  # (n + 2) eps = 1.2e-5 relative below kappa, not more
+    assert 0.99 * (1 - 3e-5) < norm <= 0.99  # (n + 2) eps = 1.2e-5 relative below kappa, not 1e-4
 
 
 def test_state_dict_round_trip_and_dtype_conversion():
