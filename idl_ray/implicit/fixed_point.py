@@ -888,7 +888,9 @@ def solve_fixed_point(
         See :func:`~idl_ray.implicit.activations.resolve_activation`.
     options : FixedPointOptions or dict, optional
     x0 : Tensor, shape (batch, n), optional
-        Warm start; zeros when omitted.
+        Warm start. When omitted the solve starts from ``phi(BU)``, the first iterate from zero, which
+        costs no matmul and is not counted in ``stats.iterations`` (the adjoint likewise starts from
+        ``J * G``): each counted iteration is one evaluation of the map.
 
     Returns
     -------
@@ -909,11 +911,11 @@ def solve_fixed_point(
     n = _check_square(A, owner)
     if BU.dim() != 2 or BU.shape[1] != n:
         raise ShapeError(f"The 'BU' argument of {owner} must have shape (batch, {n}). Got {tuple(BU.shape)}.")
-    if x0 is None:
-        x0 = torch.zeros_like(BU)
-    else:
+    if x0 is not None:
         _check_rows(x0, "x0", tuple(BU.shape), owner)
     with torch.no_grad():
+        if x0 is None:  # f(0) = phi(BU): the first iterate without the product with A
+            x0 = act.fn(BU.detach())
         fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
         X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
     if opts.warn and not stats.all_converged:
