@@ -106,6 +106,21 @@ def test_warm_start_from_the_solution_takes_one_iteration():
     assert torch.allclose(X, X2, atol=1e-11)
 
 
+@pytest.mark.parametrize("method", sorted(FIXED_POINT_METHODS))
+def test_default_start_is_the_first_iterate_from_zero(method):
+    """Without x0 the solve starts from phi(BU) = f(0): the iterates of a start from zeros, one map
+    evaluation (one product with A) earlier. With A = 0 that start is the fixed point itself."""
+    A, BU = problem()
+    opts = {"tol": 1e-11, "method": method, "max_check_skip": 0, "compaction": "never"}
+    X, s_default = solve_fixed_point(A, BU, "tanh", opts)
+    X0, s_zeros = solve_fixed_point(A, BU, "tanh", opts, x0=torch.zeros_like(BU))
+    assert torch.allclose(X, X0, atol=1e-9) and s_default.all_converged
+    if method == "picard":  # the same sequence, shifted by one
+        assert s_default.iterations == s_zeros.iterations - 1
+    _, s_exact = solve_fixed_point(torch.zeros_like(A), BU, "tanh", opts)
+    assert s_exact.iterations == 1 and float(s_exact.abs_residuals.max()) == 0.0
+
+
 def test_stats_are_consistent():
     A, BU = problem(batch=7)
     _, stats = solve_fixed_point(A, BU, "tanh", FixedPointOptions(tol=1e-8))
