@@ -914,8 +914,10 @@ def solve_fixed_point(
     if x0 is not None:
         _check_rows(x0, "x0", tuple(BU.shape), owner)
     with torch.no_grad():
-        if x0 is None:  # f(0) = phi(BU): the first iterate without the product with A
-            x0 = act.fn(BU.detach())
+        if x0 is None:
+            # f(0) = phi(BU), the first iterate, without the product with A; on a copy, since a user's
+            # phi may work in place and BU must stay intact
+            x0 = act.fn(BU.detach().clone())
         fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
         X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
     if opts.warn and not stats.all_converged:

@@ -221,3 +221,13 @@ def test_every_method_runs_in_bfloat16(method):
     Xf, sf = solve_fixed_point(A, BU, "relu", {"tol": 1e-10, "method": "picard"})
     assert sf.all_converged
     assert float((X.double() - Xf).abs().max()) < 0.1 * float(Xf.abs().max())
+
+
+def test_an_in_place_user_activation_leaves_the_inputs_intact():
+    A, BU = problem()
+    before = BU.clone()
+    X, stats = solve_fixed_point(
+        A, BU, (lambda z: z.clamp_(min=0.0), lambda z: (z > 0).to(z.dtype)), {"tol": 1e-10}
+    )
+    assert torch.equal(BU, before) and stats.all_converged
+    assert torch.allclose(X, torch.relu(X @ A.T + BU), atol=1e-8)
