@@ -8,10 +8,7 @@ the sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al. 2008), vector
     rho_i   = max{ j : u_ij > (sum_{k<=j} u_ik - r) / j },
     w_ij    = sign(v_ij) * max(|v_ij| - theta_i, 0).
 
-Cost O(rows * d log d) on the tensor's own device; no Python loop over rows, no host round trip. On
-the CPU, outside autograd, the same formula runs on the tensor's memory through numpy
-(:func:`_project_rows_host`): a few large kernels instead of a dozen small torch calls, about 4x faster
-for a 100 x 100 matrix on one thread.
+Cost O(rows * d log d) on the tensor's own device; no Python loop over rows, no host round trip.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ def _rounded_radius(radius: float, dtype: torch.dtype) -> float:
 def _sorted_descending(absV: torch.Tensor) -> torch.Tensor:
     """The rows of ``absV`` sorted in decreasing order. On the CPU, outside autograd, numpy sorts the
     same memory (about 8x faster than ``torch.sort`` for a 100 x 100 matrix on one thread)."""
-    if _on_host(absV):
+    if absV.device.type == "cpu" and not absV.requires_grad and absV.dtype in _NUMPY_SORTABLE:
         ascending = np.sort(absV.numpy(), axis=1)
         return torch.from_numpy(np.ascontiguousarray(ascending[:, ::-1]))
     return torch.sort(absV, dim=1, descending=True).values
@@ -103,42 +100,9 @@ def project_rows_onto_l1_ball(V: torch.Tensor, radius: float | torch.Tensor) -> 
         raise bad_parameter("V", "project_rows_onto_l1_ball", "a 2-D tensor (rows, d)", tuple(V.shape))
     if not torch.is_tensor(radius) and radius < 0:
         raise bad_parameter("radius", "project_rows_onto_l1_ball", "a float >= 0", radius)
-    if _on_host(V) and V.numel() > 0 and not torch.is_tensor(radius):
-        return _project_rows_host(V, _rounded_radius(float(radius), V.dtype))
     theta = l1_ball_thresholds(V, radius)
     W = V - V.clamp(-theta, theta)  # soft thresholding: sign(v) max(|v| - theta, 0)
     return _clip_rounding(W, radius)
-
-
-def _on_host(V: torch.Tensor) -> bool:
-    """True when numpy can work on ``V``'s memory: a CPU tensor in float32/64 outside autograd."""
-    return V.device.type == "cpu" and not V.requires_grad and V.dtype in _NUMPY_SORTABLE
-
-
-def _project_rows_host(V: torch.Tensor, r: float) -> torch.Tensor:
-    """:func:`project_rows_onto_l1_ball` for a CPU tensor (see :func:`_on_host`) and a float radius ``r``
-    already rounded to V's dtype: the same formula, written with numpy on V's memory (row sums of the
-    rounding guard by torch, so the bound holds in the order :func:`inf_norm` sums)."""
-    v = V.numpy()
-    a = np.abs(v)
-    u = np.ascontiguousarray(np.sort(a, axis=1)[:, ::-1])  # |v| in decreasing order per row
-    shifted = torch.from_numpy(u).cumsum(dim=1).numpy()  # torch's row cumsum is ~2x numpy's here
-    shifted -= r
-    d = v.shape[1]
-    u *= np.arange(1, d + 1, dtype=v.dtype)
-    rho = np.count_nonzero(u > shifted, axis=1)
-    np.maximum(rho, 1, out=rho)
-    theta = shifted[np.arange(v.shape[0]), rho - 1] / rho.astype(v.dtype)
-    np.maximum(theta, 0, out=theta)  # rows inside the ball get theta <= 0: unchanged
-    a -= theta[:, None]
-    np.maximum(a, 0, out=a)  # |w| = max(|v| - theta, 0)
-    sums = torch.from_numpy(a).sum(dim=1).numpy()  # the order of W.abs().sum(1), as inf_norm sums
-    over = sums > r
-    if over.any():  # rounding alone put these rows outside: shrink them (see _clip_rounding)
-        eps = np.finfo(a.dtype).eps
-        a *= np.where(over, r / sums * (1.0 - (d + 1) * eps), 1.0).astype(a.dtype)[:, None]
-    np.copysign(a, v, out=a)  # soft thresholding: sign(v) max(|v| - theta, 0)
-    return torch.from_numpy(np.add(a, 0.0, out=a))  # -0.0 -> 0.0, as the torch path gives
 
 
 def _clip_rounding(W: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,9 @@ def test_projection_rejects_bad_kappa(kappa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_host_path_matches_torch_path(dtype):
-    """On the CPU outside autograd the projection runs through numpy; a tensor that requires grad takes
-    the torch path. Both give the same matrix (to rounding) and both meet the bound exactly."""
+def test_numpy_sort_path_matches_torch_sort_path(dtype):
+    """On the CPU outside autograd the rows are sorted by numpy; a tensor that requires grad is sorted by
+    torch. Both give the same matrix (to rounding) and both meet the bound exactly."""
     g = torch.Generator().manual_seed(3)
     for shape, scale in (((100, 100), 0.02), ((7, 3), 1.0), ((40, 64), 10.0)):
         V = torch.randn(*shape, generator=g, dtype=dtype) * scale
