@@ -666,7 +666,8 @@ def anderson_batch(
         g = torch.sub(f, x, out=hist.g[slot])
         used = min(used + 1, m)
         norm_g = solver.add_column(slot, used, torch.mv(hist.g_rows[used], hist.g_flat[slot]))
-        may_be_done = norm_g <= bound(f) and (per_norm is None or per_norm * norm_g <= 2.0)
+        # the cheap prediction first: bound(f) costs a norm of f and a host sync when tol > 0
+        may_be_done = (per_norm is None or per_norm * norm_g <= 2.0) and norm_g <= bound(f)
         due = k - last_test >= _ANDERSON_TEST_EVERY  # lets early samples leave while others go on
         if may_be_done or due or k == 1 or k == max_iter or not math.isfinite(norm_g):
             last_test = k
