@@ -507,11 +507,15 @@ def _inplace_of(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[
     return inplace
 
 
-def _worth_compacting(previous: tuple[int, float] | None, k: int, worst: float) -> bool:
-    """Compaction costs about one iteration: try it while the rate is unknown or 3 or more iterations
-    are predicted to remain (see :func:`_remaining_iterations`)."""
-    remaining = _remaining_iterations(previous, k, worst)
+def _compaction_pays(remaining: float | None) -> bool:
+    """Compaction costs about one iteration: try it while the rate is unknown (``remaining`` None) or 3
+    or more iterations are predicted to remain (see :func:`_remaining_iterations`)."""
     return remaining is None or remaining >= _MIN_REMAINING_TO_COMPACT
+
+
+def _worth_compacting(previous: tuple[int, float] | None, k: int, worst: float) -> bool:
+    """:func:`_compaction_pays` for the ``worst`` ratio at iteration ``k`` after the check ``previous``."""
+    return _compaction_pays(_remaining_iterations(previous, k, worst))
 
 
 def _compacts(options: FixedPointOptions, x0: torch.Tensor) -> bool:
@@ -557,10 +561,9 @@ def picard(
                 bufs = (fmap.offset.new_empty(x.shape), fmap.offset.new_empty(x.shape))
         elif rec.check_dense(k, x, prev):
             break
-        eager = not (
-            compact and _worth_compacting(previous, k, rec.worst)
-        )  # nothing to gain from early checks
-        next_check = k + 1 + _checks_to_skip(_remaining_iterations(previous, k, rec.worst), cap, eager)
+        remaining = _remaining_iterations(previous, k, rec.worst)
+        eager = not (compact and _compaction_pays(remaining))  # else nothing to gain from early checks
+        next_check = k + 1 + _checks_to_skip(remaining, cap, eager)
         previous = (k, rec.worst)
     return rec.result()
 
