@@ -46,12 +46,16 @@ def check_kappa(kappa: Any, owner: str) -> float:
     return float(kappa)
 
 
-def check_positive_int(value: Any, name: str, owner: str, *, allow_none: bool = False) -> int | None:
-    """Return ``value`` after checking it is an integer >= 1 (or None when allowed)."""
+def check_positive_int(
+    value: Any, name: str, owner: str, *, allow_none: bool = False, allow_zero: bool = False
+) -> int | None:
+    """Return ``value`` after checking it is an integer >= 1 (>= 0 when allowed; or None when allowed)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_parameter(name, owner, "a positive integer" + (" or None" if allow_none else ""), value)
+    lowest = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        expected = "an integer >= 0" if allow_zero else "a positive integer"
+        raise bad_parameter(name, owner, expected + (" or None" if allow_none else ""), value)
     return value
 
 

@@ -5,7 +5,8 @@ One class, :class:`SolverWorker`, serves every strategy:
 - it loads its shard sources once, inside itself (object store, Parquet, Ray Dataset), into its additive
   statistics (G_k, Rt_k, ||t_k||^2, m_k) on the device Ray assigned;
 - *rows* mode (gram strategy): it holds a block of rows of W, the factor of the global H = G/m + l2 I, and
-  runs :func:`~idl_ray.sim.solvers.admm_kernels.admm_iterations` on them, reporting additive residual sums;
+  runs the accelerated, certified ADMM of :class:`~idl_ray.sim.solvers.row_block.RowBlockADMM` on them,
+  reporting the block's additive duality-gap sums;
 - *consensus* mode: it factors its own H_k = G_k/m + (l2/K) I and performs the local step of
   global-variable consensus ADMM;
 - it evaluates its part of the objective and of the gradient (for the projected-gradient solver).
@@ -30,7 +31,8 @@ from idl_ray.distributed.device import actor_device, assigned_gpu_ids
 from idl_ray.distributed.shards import ShardSource, load_sources
 from idl_ray.errors import DistributedError
 from idl_ray.sim.problem import GramStats
-from idl_ray.sim.solvers.admm_kernels import ADMMState, GramFactor, ResidualSums, admm_iterations
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor
+from idl_ray.sim.solvers.row_block import BlockReport, RowBlockADMM
 
 DTYPE = torch.float64
 
@@ -70,8 +72,8 @@ class SolverWorker:
         self.mode: str | None = None
         # rows mode
         self.factor: GramFactor | None = None
-        self.Rt: torch.Tensor | None = None
-        self.state: ADMMState | None = None
+        self.block: RowBlockADMM | None = None
+        self.block_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.settings: dict[str, Any] = {}
         # consensus mode
         self.local: ConsensusLocalState | None = None
@@ -128,45 +130,44 @@ class SolverWorker:
         self,
         H: torch.Tensor,
         Rt: torch.Tensor,
+        target_sq: torch.Tensor,
         state: ADMMState,
         *,
         lam: float,
         kappa: float | None,
         n_constrained: int,
+        options: ADMMOptions,
     ) -> float:
-        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d) and the ADMM state."""
+        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state."""
         start = time.perf_counter()
-        self.factor = GramFactor(H.to(self.device, DTYPE))
-        self.Rt = Rt.to(self.device, DTYPE)
-        self.state = state.to(self.device, DTYPE)
-        self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+        H = H.to(self.device, DTYPE)
+        self.factor = GramFactor(H)
+        self.block_args = (H, Rt.to(self.device, DTYPE), target_sq.to(self.device, DTYPE))
+        self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+        self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start
 
-    def iterate(self, num_iter: int) -> tuple[ResidualSums, float]:
-        """Run ``num_iter`` ADMM iterations on the rows held; residual sums of the last one."""
+    def run_rows(self, max_steps: int) -> tuple[BlockReport, float]:
+        """Run the accelerated ADMM on the rows held until they are certified or ``max_steps`` more steps
+        were taken; the block's additive report (certificate sums) and the compute time."""
         start = time.perf_counter()
-        if self.mode != "rows" or self.state is None or self.factor is None or self.Rt is None:
+        if self.mode != "rows" or self.block is None:
             raise DistributedError(f"Solver worker {self.rank} was not set up for row ADMM.")
-        self.state, sums = admm_iterations(
-            self.factor, self.Rt, self.state, num_iter=num_iter, **self.settings
-        )
-        return sums, time.perf_counter() - start
-
-    def set_rho(self, rho: float) -> None:
-        """Change rho, rescaling the scaled dual U so that y = rho U is unchanged."""
-        if self.state is None:
-            raise DistributedError(f"Solver worker {self.rank} holds no ADMM state.")
-        scale = rho / self.state.rho
-        self.state = dataclasses.replace(self.state, rho=float(rho), U=self.state.U / scale)
+        report = self.block.run(max_steps)
+        return report, time.perf_counter() - start
 
     def get_state(self) -> ADMMState:
-        if self.state is None:
+        if self.block is None:
             raise DistributedError(f"Solver worker {self.rank} holds no ADMM state.")
-        return self.state.to("cpu")
+        return self.block.state.to("cpu")
 
     def set_state(self, state: ADMMState) -> None:
-        self.state = state.to(self.device, DTYPE)
+        """Restart the block from ``state`` (a checkpoint): certificates are recomputed at its first check."""
+        H, Rt, target_sq = self.block_args
+        self.block = RowBlockADMM(
+            self.factor, H, Rt, target_sq, state=state.to(self.device, DTYPE), **self.settings
+        )
 
     def weights(self) -> torch.Tensor:
         """The rows' current Z (the feasible iterate), on CPU."""

@@ -2,11 +2,13 @@
 
 Rows of W are independent given H = G/m + l2 I, so after one reduction of the shards' statistics (a sum
 tree of Ray tasks: log2(K) levels, no actor waits on the driver), H is broadcast once through the object
-store, every worker factors it once and runs :func:`~idl_ray.sim.solvers.admm_kernels.admm_iterations` on
-its block of rows. Per ``check_every`` iterations only the additive :class:`ResidualSums` (six numbers)
-travel to the driver, which applies the same stopping test and residual balancing as the single-process
-:func:`~idl_ray.sim.solvers.admm_kernels.admm_solve`, so the iterates are those of the single-process run
-(up to floating-point summation order).
+store, every worker factors it once and runs the accelerated, certified ADMM of
+:class:`~idl_ray.sim.solvers.row_block.RowBlockADMM` (the loop of the single-process solver) on its block
+of rows. A block certifies itself: its duality gap is below ``gap_tol`` times its share of the objective,
+and those sums add over blocks, so the driver only adds the blocks' reports and needs no per-iteration
+decision. Each round trip lets the workers run up to ``max(checkpoint_every, 10 check_every)`` steps (they
+return as soon as their rows are certified); between round trips the driver checkpoints the states, so
+a dead worker costs at most one chunk.
 """
 
 from __future__ import annotations
@@ -24,14 +26,7 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
-from idl_ray.sim.solvers.admm_kernels import (
-    ADMMOptions,
-    ADMMState,
-    ResidualSums,
-    balanced_rho,
-    check_convergence,
-    initial_rho,
-)
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
 
 
 @ray.remote(num_cpus=0)
@@ -53,7 +48,8 @@ def reduce_stats(pool: WorkerPool, timings: Timings) -> GramStats:
 
 @dataclasses.dataclass
 class RunInfo:
-    """What a distributed ADMM run reports besides the weights."""
+    """What a distributed ADMM run reports besides the weights (residuals for consensus, the certificate
+    for gram; missing values are None)."""
 
     iterations: int
     converged: bool
@@ -65,6 +61,7 @@ class RunInfo:
     history: list[dict[str, float]]
     restarts: int
     checkpoints: int
+    relative_gap: float | None = None
 
     @classmethod
     def of_loop(
@@ -79,6 +76,7 @@ class RunInfo:
         history: list[dict[str, float]],
         pool: WorkerPool,
         checkpointer: Checkpointer,
+        relative_gap: float | None = None,
     ) -> RunInfo:
         """The report of a driver loop (gram or consensus) from its final state."""
         return cls(
@@ -92,6 +90,7 @@ class RunInfo:
             history=history,
             restarts=pool.restarts,
             checkpoints=checkpointer.count,
+            relative_gap=relative_gap,
         )
 
 
@@ -99,6 +98,7 @@ def _run_gram(
     pool: WorkerPool,
     H: torch.Tensor,
     Rt: torch.Tensor,
+    target_sq: torch.Tensor,
     *,
     lam: float,
     kappa: float | None,
@@ -108,17 +108,17 @@ def _run_gram(
     reporter: ProgressReporter,
     timings: Timings,
 ) -> tuple[torch.Tensor, RunInfo]:
-    """Row-sharded ADMM on ``1/2 tr(W H W^T) - tr(W Rt^T) + lam ||W||_1`` with the kappa bound.
+    """Row-sharded, certified ADMM on ``1/2 tr(W H W^T) - tr(W Rt^T) + lam ||W||_1`` with the kappa bound.
 
     Parameters
     ----------
     pool : WorkerPool (its workers need no samples here)
-    H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64
+    H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64, target_sq : Tensor (rows,) (||t||^2 / m)
 
     Returns
     -------
-    W : Tensor (rows, d), the feasible iterate Z gathered from the workers
-    info : RunInfo
+    W : Tensor (rows, d), the feasible iterates Z gathered from the workers
+    info : RunInfo (with the relative duality gap of W)
     """
     rows, d = Rt.shape
     blocks = split_rows(rows, pool.size)
@@ -127,11 +127,17 @@ def _run_gram(
     H_ref = ray.put(H.contiguous())
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
     timings.add("communication", time.perf_counter() - start)
-    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+    chunk = max(checkpointer.every, 10 * options.check_every)
 
     def setup(ranks: list[int], states: list[ADMMState]) -> None:
         begin = time.perf_counter()
-        refs = [pool.actors[k].setup_rows.remote(H_ref, Rt_refs[k], states[k], **settings) for k in ranks]
+        refs = [
+            pool.actors[k].setup_rows.remote(
+                H_ref, Rt_refs[k], target_sq[blocks[k]].contiguous(), states[k], **settings
+            )
+            for k in ranks
+        ]
         factor_s = resources.get(refs, pool.config.timeout_s, "the workers to factor H")
         timings.round_trip(time.perf_counter() - begin, factor_s, phase="factor")
 
@@ -139,7 +145,7 @@ def _run_gram(
     setup(list(range(pool.size)), zero_states)
     checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
 
-    def recover(exc: BaseException) -> tuple[int, float, float, list[dict[str, float]]]:
+    def recover(exc: BaseException) -> tuple[int, list[dict[str, float]]]:
         """Recreate dead actors, roll every worker back to the last checkpoint, return the loop state."""
         if not resources.is_actor_failure(exc):
             raise exc
@@ -154,85 +160,86 @@ def _run_gram(
                 pool.config.timeout_s,
                 "restoring the checkpoint",
             )
-        return checkpoint.iteration, checkpoint.rho, checkpoint.pending_rho, list(checkpoint.history)
+        return checkpoint.iteration, list(checkpoint.history)
 
-    iteration, rho, pending = 0, rho0, rho0
+    iteration = 0
     W: torch.Tensor | None = None
     history: list[dict[str, float]] = []
     converged = False
-    sums: ResidualSums | None = None
-    eps_pri = eps_dual = None
+    relative_gap: float | None = None
+    rho = rho0
     while iteration < options.max_iter:
-        steps = min(options.check_every, options.max_iter - iteration)
+        steps = min(chunk, options.max_iter - iteration)
         begin = time.perf_counter()
         try:
-            if pending != rho:
-                resources.get(
-                    [a.set_rho.remote(pending) for a in pool.actors], pool.config.timeout_s, "a rho update"
-                )
-                rho = pending
-            results = pool.call("iterate", steps, what="ADMM iterations on the workers")
+            results = pool.call("run_rows", steps, what="ADMM iterations on the workers")
         except Exception as exc:
-            iteration, rho, pending, history = recover(exc)
+            iteration, history = recover(exc)
             continue
         timings.round_trip(time.perf_counter() - begin, [r[1] for r in results])
-        sums = results[0][0]
-        for part, _ in results[1:]:
-            sums = sums + part
-        iteration += steps
-        converged, eps_pri, eps_dual = check_convergence(sums, options)
-        history.append({"iteration": iteration, "primal": sums.primal, "dual": sums.dual, "rho": rho})
+        reports = [r[0] for r in results]
+        # blocks run at their own pace: the solve has taken as many steps as its slowest block
+        iteration = max(r.iterations for r in reports)
+        primal = sum(r.primal_sum for r in reports)
+        gap = sum(r.gap for r in reports)
+        relative_gap = gap / max(abs(primal), torch.finfo(torch.float64).tiny)
+        converged = all(r.certified for r in reports)
+        rho = max(r.rho for r in reports)
+        certified_rows = sum(r.certified_rows for r in reports)
+        history.append(
+            {
+                "iteration": iteration,
+                "relative_gap": relative_gap,
+                "certified_rows": certified_rows,
+                "rho": rho,
+            }
+        )
         reporter.update(
             ProgressEvent(
-                "gram", iteration, sums.primal, sums.dual, eps_pri, eps_dual, rho, list(pool.actors)
+                "gram", iteration, None, None, None, None, rho, list(pool.actors), relative_gap=relative_gap
             )
         )
-        if converged:
+        if converged or iteration >= options.max_iter:
             begin = time.perf_counter()
             try:
                 W = torch.cat(pool.call("weights", what="gathering the weights"))
             except Exception as exc:  # a worker died after the last check: replay from the checkpoint
-                iteration, rho, pending, history = recover(exc)
+                iteration, history = recover(exc)
                 converged = False
                 continue
             timings.add("communication", time.perf_counter() - begin)
             break
-        pending = balanced_rho(rho, sums, options)
-        if checkpointer.due(iteration):
-            with timings.phase("checkpoint"):
-                try:
-                    states = pool.call("get_state", what="a checkpoint of the workers' states")
-                except Exception as exc:
-                    if not resources.is_actor_failure(exc):
-                        raise
-                    continue  # the next iterate call fails the same way and recovers
-                checkpointer.save(
-                    SolveCheckpoint("gram", iteration, rho, pending, states, history=list(history))
-                )
-    if W is None:  # max_iter reached
-        begin = time.perf_counter()
+        with timings.phase("checkpoint"):
+            try:
+                states = pool.call("get_state", what="a checkpoint of the workers' states")
+            except Exception as exc:
+                if not resources.is_actor_failure(exc):
+                    raise
+                continue  # the next run_rows call fails the same way and recovers
+            checkpointer.save(SolveCheckpoint("gram", iteration, rho, rho, states, history=list(history)))
+    if W is None:  # max_iter reached by the recoveries' replay
         W = torch.cat(pool.call("weights", what="gathering the weights"))
-        timings.add("communication", time.perf_counter() - begin)
     info = RunInfo.of_loop(
         iteration=iteration,
         converged=converged,
-        sums=sums,
-        eps_primal=eps_pri,
-        eps_dual=eps_dual,
+        sums=None,
+        eps_primal=None,
+        eps_dual=None,
         rho=rho,
         history=history,
         pool=pool,
         checkpointer=checkpointer,
+        relative_gap=relative_gap,
     )
     return W, info
 
 
 def run_gram(
-    pool: WorkerPool, H: torch.Tensor, Rt: torch.Tensor, **kwargs: Any
+    pool: WorkerPool, H: torch.Tensor, Rt: torch.Tensor, target_sq: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, RunInfo]:
     """See :func:`_run_gram`; the progress bar is closed however the run ends."""
     try:
-        return _run_gram(pool, H, Rt, **kwargs)
+        return _run_gram(pool, H, Rt, target_sq, **kwargs)
     finally:
         kwargs["reporter"].close()
 

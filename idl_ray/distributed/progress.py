@@ -23,20 +23,22 @@ class ProgressEvent:
     ----------
     strategy : str
     iteration : int
-    primal, dual : float, the residuals of the test
-    eps_primal, eps_dual : float, their tolerances
+    primal, dual : float or None, the residuals of the test (consensus; None for gram)
+    eps_primal, eps_dual : float or None, their tolerances
     rho : float
     workers : list of actor handles (e.g. to inspect, or to kill one in a fault-tolerance test)
+    relative_gap : float or None, the certified relative suboptimality (gram; None for consensus)
     """
 
     strategy: str
     iteration: int
-    primal: float
-    dual: float
-    eps_primal: float
-    eps_dual: float
+    primal: float | None
+    dual: float | None
+    eps_primal: float | None
+    eps_dual: float | None
     rho: float
     workers: list[Any]
+    relative_gap: float | None = None
 
 
 class Timings:
@@ -95,25 +97,26 @@ class ProgressReporter:
         self.progress = progress
 
     def update(self, event: ProgressEvent) -> None:
+        if event.relative_gap is not None:
+            postfix = {"gap": f"{event.relative_gap:.2e}", "rho": f"{event.rho:.3g}"}
+            line = f"relative gap {event.relative_gap:.3e}, rho {event.rho:.4g}"
+        else:
+            postfix = {
+                "primal": f"{event.primal:.2e}",
+                "dual": f"{event.dual:.2e}",
+                "rho": f"{event.rho:.3g}",
+            }
+            line = (
+                f"primal {event.primal:.3e} (eps {event.eps_primal:.3e}), dual {event.dual:.3e} "
+                f"(eps {event.eps_dual:.3e}), rho {event.rho:.4g}"
+            )
         if self.bar is not None:
             self.bar.n = event.iteration
-            self.bar.set_postfix(
-                primal=f"{event.primal:.2e}", dual=f"{event.dual:.2e}", rho=f"{event.rho:.3g}"
-            )
+            self.bar.set_postfix(**postfix)
         if event.iteration - self.last_logged >= self.log_every:
             self.last_logged = event.iteration
             level = logging.INFO if self.progress and self.bar is None else logging.DEBUG
-            logger.log(
-                level,
-                "%s iteration %d: primal %.3e (eps %.3e), dual %.3e (eps %.3e), rho %.4g",
-                self.strategy,
-                event.iteration,
-                event.primal,
-                event.eps_primal,
-                event.dual,
-                event.eps_dual,
-                event.rho,
-            )
+            logger.log(level, "%s iteration %d: %s", self.strategy, event.iteration, line)
         if self.callback is not None:
             self.callback(event)
 
@@ -123,11 +126,12 @@ class ProgressReporter:
 
 
 def plot_convergence(history: Sequence[dict[str, float]], path: str | None = None, *, title: str = "") -> Any:
-    """Plot primal and dual residuals (log scale) against the iteration; save to ``path`` when given.
+    """Plot the convergence record (log scale) against the iteration; save to ``path`` when given.
 
     Parameters
     ----------
-    history : list of dict with keys ``iteration``, ``primal``, ``dual`` (``stats.history`` of a solve)
+    history : list of dict with key ``iteration`` and any of ``relative_gap`` (certified solvers),
+        ``primal`` and ``dual`` (residuals of the consensus strategy) (``stats.history`` of a solve)
     path : str, optional, an image file to write
 
     Returns
@@ -141,11 +145,13 @@ def plot_convergence(history: Sequence[dict[str, float]], path: str | None = Non
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    iterations = [h["iteration"] for h in history]
-    axes.semilogy(iterations, [max(h["primal"], 1e-300) for h in history], label="primal residual")
-    axes.semilogy(iterations, [max(h["dual"], 1e-300) for h in history], label="dual residual")
+    labels = {"relative_gap": "relative duality gap", "primal": "primal residual", "dual": "dual residual"}
+    for key, label in labels.items():
+        points = [(h["iteration"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            axes.semilogy([p[0] for p in points], [max(p[1], 1e-300) for p in points], label=label)
     axes.set_xlabel("iteration")
-    axes.set_ylabel("residual")
+    axes.set_ylabel("gap / residual")
     axes.set_title(title or "ADMM convergence")
     axes.legend()
     figure.tight_layout()

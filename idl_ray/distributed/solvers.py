@@ -289,6 +289,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             pool,
             H,
             R,
+            problem.target_sq / problem.num_samples,
             lam=lam,
             kappa=kappa,
             n_constrained=n_constrained,
@@ -408,11 +409,21 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
     def _info(self, pool: WorkerPool, timings: Timings, info: RunInfo) -> dict[str, Any]:
         self.last_timings_ = timings.as_dict()
         if not info.converged and self.warn:
+            if info.relative_gap is not None:
+                reached = (
+                    f"a relative duality gap of {info.relative_gap:.3g} (tolerance gap_tol="
+                    f"{self.options.gap_tol:.3g})"
+                )
+                advice = "raise max_iter or gap_tol"
+            else:
+                reached = (
+                    f"primal residual {info.primal:.3g} (tolerance {info.eps_primal:.3g}) and dual residual "
+                    f"{info.dual:.3g} (tolerance {info.eps_dual:.3g})"
+                )
+                advice = "raise max_iter or loosen abs_tol/rel_tol"
             warnings.warn(
                 f"{type(self).__name__} ({self.strategy}) stopped at max_iter={self.options.max_iter} with "
-                f"primal residual {info.primal:.3g} (tolerance {info.eps_primal:.3g}) and dual residual "
-                f"{info.dual:.3g} (tolerance {info.eps_dual:.3g}). The weights satisfy the kappa bound but "
-                "may be suboptimal: raise max_iter or loosen abs_tol/rel_tol.",
+                f"{reached}. The weights satisfy the kappa bound but may be suboptimal: {advice}.",
                 ConvergenceWarning,
                 stacklevel=4,
             )

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from idl_ray._validation import bad_parameter, check_finite, check_kappa, check_positive_float
 from idl_ray.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from idl_ray.sim.solvers.certificate import DualityGap
 
 __all__ = ["VARIANTS", "GramStats", "SIMProblem", "SampleData", "as_tensor"]
 
@@ -418,6 +421,27 @@ class SIMProblem:
     def objective(self, W: Any) -> float:
         """f(W) = 1/(2m) ||T - W Phi||^2 + lam ||W||_1 + l2/2 ||W||^2 (float64, summed over rows)."""
         return float(self.row_objectives(W).sum())
+
+    def duality_gap(self, W: Any) -> DualityGap | None:
+        """Per-row primal values and dual bounds of W (:mod:`~idl_ray.sim.solvers.certificate`); their
+        difference bounds ``objective(W) - optimum``. None for the ``"exact"`` variant (equality
+        constraints, no such certificate) and for an infeasible W."""
+        if self.variant == "exact" or self.constraint_violation(W) > 0:
+            return None
+        from idl_ray.sim.solvers.certificate import duality_gap
+
+        Wt = self._weights(W)
+        H, R = self.scaled(device=Wt.device)
+        lam = 0.0 if self.variant == "least_squares" else self.lam
+        return duality_gap(
+            Wt,
+            H,
+            R,
+            self.target_sq.to(Wt.device) / self.num_samples,
+            lam=lam,
+            kappa=self.kappa,
+            n_constrained=self.n_constrained,
+        )
 
     def residual(self, W: Any) -> float:
         """The mean squared fitting error 1/m ||T - W Phi||_F^2 (no regulariser)."""

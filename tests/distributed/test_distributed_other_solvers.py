@@ -19,7 +19,7 @@ def problem():
 
 @pytest.fixture(scope="module")
 def reference(problem):
-    return ADMMSolver(device="cpu", abs_tol=1e-10, rel_tol=1e-8).solve(problem)
+    return ADMMSolver(device="cpu", gap_tol=1e-10).solve(problem)
 
 
 def test_projected_gd_full_rank_matches_admm(problem, reference, worker_pools):

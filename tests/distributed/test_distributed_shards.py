@@ -15,7 +15,7 @@ from idl_ray.errors import ConfigError, DistributedError
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm import ADMMSolver
 
-TOL = dict(abs_tol=1e-10, rel_tol=1e-8)
+TOL = dict(gap_tol=1e-10, abs_tol=1e-10, rel_tol=1e-8)
 
 
 @pytest.fixture(scope="module")

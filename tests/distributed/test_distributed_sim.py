@@ -12,7 +12,7 @@ from idl_ray.sim.estimator import SIM
 from idl_ray.sim.solvers.admm import ADMMSolver
 from idl_ray.teachers import mlp_teacher, train_classifier
 
-TOL = dict(abs_tol=1e-9, rel_tol=1e-7, max_iter=20_000)
+TOL = dict(gap_tol=1e-9, abs_tol=1e-9, rel_tol=1e-7, max_iter=20_000)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,16 @@ where soft is the soft-threshold and P_kappa the row-wise l1-ball projection of 
 (for an l1 penalty plus an l1-ball constraint on the same vector, the prox is the projection of the
 soft-threshold, since soft(soft(v, a), b) = soft(v, a + b)).
 
-Cost: G is eigendecomposed once (d^3); for each rho the inverse M = (G + rho I)^{-1} = Q diag(1/(s + rho)) Q^T
-and Rt M are formed once (d^3 + rows d^2), after which an iteration is one (rows x d)(d x d) product,
-a soft-threshold and a batched projection. Stopping: primal r = ||W - Z||_F and dual s = rho ||Z - Z_prev||_F
-against eps_pri = sqrt(N) abs_tol + rel_tol max(||W||, ||Z||), eps_dual = sqrt(N) abs_tol + rel_tol ||rho U||
-(N = rows * d). rho adapts by residual balancing. The returned weights are Z, which satisfies the bound
-exactly (it is the output of the projection).
+Over-relaxation replaces W by alpha W + (1 - alpha) Z in the last two updates (:func:`relaxed_step`).
 
-Every residual is carried as a sum of squares (:class:`ResidualSums`) so that row shards held by different
-Ray actors add their sums and the driver applies the same stopping test.
+Cost: G is eigendecomposed once (d^3, :class:`GramFactor`); then any rho costs nothing more when G has low
+rank (two thin products per step) or one d^3 inverse otherwise, after which a step is one
+(rows x d)(d x d) product, a soft-threshold and a batched projection. The returned weights are always a
+Z, the output of the projection, so the bound holds exactly.
+
+The accelerated loop with its duality-gap certificate lives in :mod:`~idl_ray.sim.solvers.row_block`. The
+primal/dual residuals of Boyd et al. (s3.3) are kept here as additive sums of squares
+(:class:`ResidualSums`) for the consensus strategy, whose driver sees only such sums.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -44,16 +44,13 @@ from idl_ray.implicit.projection import project_rows_onto_l1_ball
 __all__ = [
     "ADMMOptions",
     "ADMMState",
-    "ADMMStats",
     "GramFactor",
     "ResidualSums",
-    "admm_iterations",
-    "admm_solve",
-    "balance_rho",
     "balanced_rho",
     "check_convergence",
     "initial_rho",
     "prox",
+    "relaxed_step",
     "soft_threshold",
 ]
 
@@ -65,26 +62,46 @@ class ADMMOptions(Options):
     Attributes
     ----------
     rho : float or None
-        Initial penalty; None picks trace(G) / d, which makes the step well scaled whatever the
-        number of samples behind G.
+        Initial penalty; None picks ``rho_scale * trace(G) / d`` (a fraction of the mean eigenvalue), which
+        makes the step well scaled whatever the number of samples behind G.
     max_iter : int
-        Iteration cap; stopping earlier is the rule, hitting it emits a ConvergenceWarning in callers.
+        Cap on ADMM steps (map evaluations, accelerated or not); stopping earlier on the certificate is
+        the rule, hitting the cap emits a ConvergenceWarning in callers.
+    gap_tol : float
+        Stopping test of the accelerated solver (:func:`~idl_ray.sim.solvers.row_block.admm_solve`): every
+        row's duality gap below ``gap_tol`` times its share of the objective, so the total gap, a bound on
+        ``P(W) - P*``, is below ``gap_tol * P(W)`` (:mod:`~idl_ray.sim.solvers.certificate`).
     abs_tol, rel_tol : float
-        Absolute and relative tolerances of the primal/dual stopping test (Boyd et al. 2011, s3.3.1).
+        Absolute and relative tolerances of Boyd et al.'s primal/dual residual test (2011, s3.3.1), used by
+        the consensus strategy, whose driver sees only residual sums.
     adaptive_rho : bool
-        Residual balancing: rho *= tau when r > mu s, rho /= tau when s > mu r.
+        Adapt rho from the ratio of the normalised primal and dual residuals (OSQP, Stellato et al. 2020);
+        the consensus strategy balances residuals with ``mu`` / ``tau`` (Boyd et al. s3.4.1).
     check_every : int
-        Residuals are computed (one host sync) every this many iterations, also the balancing period.
+        Certificate (one host sync) every this many steps; also the rho adaptation period.
+    relaxation : float in (0, 2)
+        Over-relaxation alpha (Eckstein & Bertsekas 1992): the Z-step sees alpha W + (1 - alpha) Z.
+    anderson : int >= 0
+        Memory of the safeguarded type-II Anderson acceleration of the ADMM map (0: plain ADMM).
+    polish : bool
+        Polish rows on their support once the gap is small (:mod:`~idl_ray.sim.solvers.polish`).
+    rho_scale : float
+        Fraction of the mean eigenvalue of G used as the default initial rho.
     mu, tau : float
-        Residual-balancing ratio and factor (mu > 1, tau > 1).
+        Residual-balancing ratio and factor of the consensus strategy (mu > 1, tau > 1).
     """
 
     rho: float | None = None
     max_iter: int = 20_000
+    gap_tol: float = 1e-7
     abs_tol: float = 1e-8
     rel_tol: float = 1e-6
     adaptive_rho: bool = True
-    check_every: int = 10
+    check_every: int = 25
+    relaxation: float = 1.6
+    anderson: int = 5
+    polish: bool = True
+    rho_scale: float = 0.05
     mu: float = 10.0
     tau: float = 2.0
 
@@ -93,13 +110,20 @@ class ADMMOptions(Options):
         if self.rho is not None:
             check_positive_float(self.rho, "rho", owner)
         check_positive_int(self.max_iter, "max_iter", owner)
+        check_positive_float(self.gap_tol, "gap_tol", owner)
         check_positive_float(self.abs_tol, "abs_tol", owner, allow_zero=True)
         check_positive_float(self.rel_tol, "rel_tol", owner, allow_zero=True)
         if self.abs_tol == 0 and self.rel_tol == 0:
             raise bad_parameter("abs_tol", owner, "> 0 when rel_tol is 0", self.abs_tol)
         check_positive_int(self.check_every, "check_every", owner)
-        if not isinstance(self.adaptive_rho, bool):
-            raise bad_parameter("adaptive_rho", owner, "a bool", self.adaptive_rho)
+        for name in ("adaptive_rho", "polish"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad_parameter(name, owner, "a bool", getattr(self, name))
+        check_positive_float(self.relaxation, "relaxation", owner)
+        if not 0 < self.relaxation < 2:
+            raise bad_parameter("relaxation", owner, "a float in (0, 2)", self.relaxation)
+        check_positive_int(self.anderson, "anderson", owner, allow_zero=True)
+        check_positive_float(self.rho_scale, "rho_scale", owner)
         for name in ("mu", "tau"):
             value = getattr(self, name)
             check_positive_float(value, name, owner)
@@ -116,8 +140,14 @@ class GramFactor:
 
     Notes
     -----
-    ``inverse(rho)`` is cached for the last rho, so an ADMM run with a fixed rho pays d^3 once.
+    When G has low numerical rank r (eigenvalues above ``1e-12 * max``; upsampled images, few samples),
+    ``solve`` uses ``(G + rho I)^{-1} = (I - Q_r diag(s_r / (s_r + rho)) Q_r^T) / rho``: two thin products
+    (4 rows d r flops instead of 2 rows d^2) and no d^3 work when rho changes. Otherwise the dense inverse
+    is formed once per rho and cached.
     """
+
+    #: eigenvalues at or below this fraction of the largest are treated as 0 by the low-rank solve
+    RANK_CUT = 1e-12
 
     def __init__(self, G: torch.Tensor) -> None:
         if G.dim() != 2 or G.shape[0] != G.shape[1]:
@@ -125,6 +155,13 @@ class GramFactor:
         start = time.perf_counter()
         eigenvalues, self.Q = torch.linalg.eigh(0.5 * (G + G.T))
         self.eigenvalues = eigenvalues.clamp_min(0)
+        largest = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
+        keep = self.eigenvalues > self.RANK_CUT * largest
+        self.rank = int(keep.sum())
+        self._low_rank = 3 * self.rank <= self.dim
+        if self._low_rank:
+            self._Q_range = self.Q[:, keep].contiguous()
+            self._s_range = self.eigenvalues[keep]
         self.factor_time_s = time.perf_counter() - start
         self._cached_rho: float | None = None
         self._cached_inverse: torch.Tensor | None = None
@@ -142,6 +179,9 @@ class GramFactor:
 
     def solve(self, rhs: torch.Tensor, rho: float) -> torch.Tensor:
         """rhs (G + rho I)^{-1} for rhs of shape (rows, d)."""
+        if self._low_rank:
+            projected = (rhs @ self._Q_range) * (self._s_range / (self._s_range + rho))
+            return (rhs - projected @ self._Q_range.T) / rho
         return rhs @ self.inverse(rho)
 
 
@@ -223,22 +263,6 @@ class ResidualSums:
         return math.sqrt(self.dual_sq)
 
 
-@dataclasses.dataclass
-class ADMMStats:
-    """Telemetry of one ADMM solve (missing values are None)."""
-
-    iterations: int
-    converged: bool
-    primal_residual: float | None
-    dual_residual: float | None
-    eps_primal: float | None
-    eps_dual: float | None
-    rho: float
-    time_s: float
-    factor_time_s: float
-    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
 def soft_threshold(V: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """sign(V) * max(|V| - threshold, 0), elementwise."""
     return torch.sign(V) * (V.abs() - threshold).clamp_min(0)
@@ -265,58 +289,35 @@ def prox(V: torch.Tensor, threshold: float, kappa: float | None, n_constrained: 
 
 
 def initial_rho(G: torch.Tensor, options: ADMMOptions) -> float:
-    """The user's rho, or trace(G)/d (mean eigenvalue) so the step is scale-free."""
+    """The user's rho, or ``rho_scale * trace(G) / d`` (a fraction of the mean eigenvalue): scale-free."""
     if options.rho is not None:
         return float(options.rho)
     mean_eigenvalue = float(torch.diagonal(G).sum()) / max(G.shape[0], 1)
-    return mean_eigenvalue if mean_eigenvalue > 0 else 1.0
+    return options.rho_scale * mean_eigenvalue if mean_eigenvalue > 0 else 1.0
 
 
-def admm_iterations(
+def relaxed_step(
     factor: GramFactor,
     Rt: torch.Tensor,
-    state: ADMMState,
+    Z: torch.Tensor,
+    U: torch.Tensor,
     *,
+    rho: float,
     lam: float,
     kappa: float | None,
     n_constrained: int,
-    num_iter: int,
-) -> tuple[ADMMState, ResidualSums]:
-    """Run ``num_iter`` ADMM iterations on a block of rows; residuals of the last iteration.
+    relaxation: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One over-relaxed ADMM step from (Z, U) on a block of rows (shapes (rows, d)); returns (W, Z, U).
 
-    Parameters
-    ----------
-    factor : GramFactor of G (d x d), on Rt's device
-    Rt : Tensor, shape (rows, d), the block's targets-times-features
-    state : ADMMState for the same rows (updated out of place)
-
-    Returns
-    -------
-    (new state, ResidualSums of the final iteration)
+    W = (Rt + rho (Z - U)) (G + rho I)^{-1};  W_hat = alpha W + (1 - alpha) Z;
+    Z = prox(W_hat + U, lam / rho);  U = U + W_hat - Z.  alpha = 1 is plain ADMM.
     """
-    rho = state.rho
-    M = factor.inverse(rho)
-    RtM = Rt @ M
-    Z, U = state.Z, state.U
-    W = state.W
-    Z_prev = Z
-    threshold = lam / rho
-    for _ in range(num_iter):
-        W = torch.addmm(RtM, Z - U, M, alpha=rho)
-        Z_prev = Z
-        V = W + U
-        Z = prox(V, threshold, kappa, n_constrained)
-        U = V - Z
-    new_state = ADMMState(W=W, Z=Z, U=U, rho=rho, iteration=state.iteration + num_iter)
-    sums = ResidualSums(
-        primal_sq=float(torch.sum((W - Z) ** 2)),
-        dual_sq=rho * rho * float(torch.sum((Z - Z_prev) ** 2)),
-        w_sq=float(torch.sum(W * W)),
-        z_sq=float(torch.sum(Z * Z)),
-        y_sq=rho * rho * float(torch.sum(U * U)),
-        entries=W.numel(),
-    )
-    return new_state, sums
+    W = factor.solve(Rt + rho * (Z - U), rho)
+    W_hat = W if relaxation == 1.0 else relaxation * W + (1.0 - relaxation) * Z
+    V = W_hat + U
+    Z_next = prox(V, lam / rho, kappa, n_constrained)
+    return W, Z_next, V - Z_next
 
 
 def check_convergence(sums: ResidualSums, options: ADMMOptions) -> tuple[bool, float, float]:
@@ -339,99 +340,3 @@ def balanced_rho(rho: float, sums: ResidualSums, options: ADMMOptions) -> float:
     if sums.dual > options.mu * sums.primal:
         return rho / options.tau
     return rho
-
-
-def balance_rho(state: ADMMState, sums: ResidualSums, options: ADMMOptions) -> ADMMState:
-    """The state with rho from :func:`balanced_rho`; U, the scaled dual y / rho, is rescaled by
-    old_rho / new_rho so that y is unchanged."""
-    rho = balanced_rho(state.rho, sums, options)
-    if rho == state.rho:
-        return state
-    return dataclasses.replace(state, rho=rho, U=state.U * (state.rho / rho))
-
-
-def admm_solve(
-    G: torch.Tensor,
-    Rt: torch.Tensor,
-    *,
-    lam: float,
-    kappa: float | None,
-    n_constrained: int,
-    options: ADMMOptions | None = None,
-    state: ADMMState | None = None,
-    factor: GramFactor | None = None,
-    callback: Callable[[ADMMState, ResidualSums], None] | None = None,
-) -> tuple[torch.Tensor, ADMMStats]:
-    """Solve the Gram-form problem for all rows of W at once.
-
-    Parameters
-    ----------
-    G : Tensor, shape (d, d), symmetric PSD (add l2 * I for elastic net)
-    Rt : Tensor, shape (rows, d), same dtype and device as G
-    lam : float >= 0, the l1 weight
-    kappa : float in [0, 1) or None (no constraint)
-    n_constrained : int in [0, d], leading columns under the l1-ball bound
-    options : ADMMOptions
-    state : ADMMState to resume from (a checkpoint or warm start); zeros by default
-    factor : a precomputed GramFactor of G (reused across stages or restarts)
-    callback : called as ``callback(state, sums)`` after every residual check (progress, checkpoints)
-
-    Returns
-    -------
-    W : Tensor, shape (rows, d), with ||W[i, :n_constrained]||_1 <= kappa exactly
-    stats : ADMMStats
-
-    Examples
-    --------
-    >>> import torch
-    >>> Phi = torch.randn(6, 200, dtype=torch.float64); T = torch.randn(3, 200, dtype=torch.float64)
-    >>> W, stats = admm_solve(Phi @ Phi.T, T @ Phi.T, lam=0.1, kappa=0.5, n_constrained=3)
-    >>> bool(W[:, :3].abs().sum(1).max() <= 0.5), stats.converged
-    (True, True)
-    """
-    options = options or ADMMOptions()
-    if Rt.dim() != 2 or G.dim() != 2 or Rt.shape[1] != G.shape[0] or G.shape[0] != G.shape[1]:
-        raise bad_parameter(
-            "Rt", "admm_solve", f"a (rows, d) tensor with d = G.shape[0] = {G.shape[0]}", tuple(Rt.shape)
-        )
-    if not 0 <= n_constrained <= G.shape[0]:
-        raise bad_parameter("n_constrained", "admm_solve", f"an int in [0, {G.shape[0]}]", n_constrained)
-    if lam < 0:
-        raise bad_parameter("lam", "admm_solve", "a float >= 0", lam)
-    start = time.perf_counter()
-    factor = factor or GramFactor(G)
-    if state is None:
-        state = ADMMState.zeros(
-            Rt.shape[0], G.shape[0], initial_rho(G, options), dtype=G.dtype, device=G.device
-        )
-    history: list[dict[str, float]] = []
-    converged = False
-    sums: ResidualSums | None = None
-    eps_pri = eps_dual = None
-    while state.iteration < options.max_iter:
-        steps = min(options.check_every, options.max_iter - state.iteration)
-        state, sums = admm_iterations(
-            factor, Rt, state, lam=lam, kappa=kappa, n_constrained=n_constrained, num_iter=steps
-        )
-        converged, eps_pri, eps_dual = check_convergence(sums, options)
-        history.append(
-            {"iteration": state.iteration, "primal": sums.primal, "dual": sums.dual, "rho": state.rho}
-        )
-        if callback is not None:
-            callback(state, sums)
-        if converged:
-            break
-        state = balance_rho(state, sums, options)
-    stats = ADMMStats(
-        iterations=state.iteration,
-        converged=converged,
-        primal_residual=None if sums is None else sums.primal,
-        dual_residual=None if sums is None else sums.dual,
-        eps_primal=eps_pri,
-        eps_dual=eps_dual,
-        rho=state.rho,
-        time_s=time.perf_counter() - start,
-        factor_time_s=factor.factor_time_s,
-        history=history,
-    )
-    return state.Z, stats

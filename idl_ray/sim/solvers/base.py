@@ -49,6 +49,9 @@ class SolverStats:
     objective : float or None, ``problem.objective(W)`` of the returned weights
     constraint_violation : float or None, ``problem.constraint_violation(W)`` (0.0 means the bound holds)
     constraint_norm : float or None, max_i ||W[i, :n_constrained]||_1 (||A||_inf for stage 1)
+    gap : float or None, the duality gap of the returned weights, a bound on ``objective - optimum``
+        computed by the problem itself (:meth:`SIMProblem.duality_gap`), the same for every solver
+    relative_gap : float or None, ``gap / objective``: the certified relative suboptimality
     time_s : float, wall-clock time of ``solve``
     status : str, "optimal", "max_iter", "optimal_inaccurate", ...
     history : list of dict, per-check records (residuals, objective, rho, ...)
@@ -61,6 +64,8 @@ class SolverStats:
     objective: float | None = None
     constraint_violation: float | None = None
     constraint_norm: float | None = None
+    gap: float | None = None
+    relative_gap: float | None = None
     time_s: float = 0.0
     status: str = "optimal"
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -76,6 +81,8 @@ class SolverStats:
             parts.append(f"{self.iterations} it")
         if self.objective is not None:
             parts.append(f"objective {self.objective:.6g}")
+        if self.relative_gap is not None:
+            parts.append(f"relative gap {self.relative_gap:.2g}")
         if self.constraint_norm is not None:
             parts.append(f"||A||_inf {self.constraint_norm:.6g}")
         return ", ".join(parts)
@@ -146,6 +153,7 @@ class BaseSolver(abc.ABC):
         start = time.perf_counter()
         W, info = self._solve(problem)
         elapsed = time.perf_counter() - start
+        certificate = problem.duality_gap(W)
         stats = SolverStats(
             solver=self.name,
             iterations=info.get("iterations"),
@@ -153,6 +161,8 @@ class BaseSolver(abc.ABC):
             objective=problem.objective(W),
             constraint_violation=problem.constraint_violation(W),
             constraint_norm=problem.constraint_norm(W) if problem.n_constrained else None,
+            gap=None if certificate is None else certificate.gap,
+            relative_gap=None if certificate is None else certificate.relative_gap,
             time_s=elapsed,
             status=info.get("status", "optimal"),
             history=info.get("history", []),

@@ -1,0 +1,145 @@
+"""The optimality certificate of a SIM stage: a duality gap computed from the Gram statistics alone.
+
+For one row w (d) of W the stage problem is (``H = G/m + l2 I``, ``r = Rt/m``, ``c = ||t||^2 / m``)::
+
+    P(w) = 1/2 (w^T H w - 2 r^T w + c) + lam ||w||_1      subject to  ||w_A||_1 <= kappa
+
+where ``w_A`` are the ``n_constrained`` leading entries (the A-part of [A B]). It is the lasso
+``1/2 ||y - X w||^2 + h(w)`` with ``X^T X = H``, ``X^T y = r``, ``||y||^2 = c`` (samples scaled by
+1/sqrt(m), plus sqrt(l2) I rows for the elastic net), so Fenchel duality gives, for any dual point theta,
+
+    D(theta) = -1/2 ||theta||^2 + theta^T y - h*(X^T theta),
+    h*(v) = kappa (||v_A||_inf - lam)_+  +  indicator(||v_B||_inf <= lam)
+
+(``v_A`` unbounded by the indicator only when the kappa bound applies; without it the indicator covers all
+of v). We take theta = s e, with e = y - X w the residual (optimal at the optimum) and the largest
+s in [0, 1] that makes ``||s v_B||_inf <= lam`` for ``v = X^T e = r - H w``. Everything is a function of
+``w^T H w``, ``r^T w``, ``c`` and ``v``, so the certificate needs no samples::
+
+    ||e||^2 = w^T H w - 2 r^T w + c,      theta^T y = s (c - r^T w),      X^T theta = s v.
+
+Since P >= 0, ``max(D(theta), 0)`` is a lower bound too (it certifies an exact fit, P* = 0, even where the
+rescaled dual point is poor). Weak duality makes ``gap = P(w) - D >= P(w) - P*`` a bound on the suboptimality of a feasible w,
+and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (rows x d)(d x d) product.
+
+``lam = 0`` with an unpenalised block: dual feasibility asks ``v_B = 0`` exactly, which floating point
+only approximates; ``feasibility_tol`` (relative to ``||r||_inf``) is the tolerance on ``||v_B||_inf``
+that is accepted as zero there, as interior-point solvers accept a small dual infeasibility. With
+lam > 0 no tolerance is used: s rescales the dual point exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["DualityGap", "duality_gap"]
+
+#: gaps below this multiple of the objective's own size are rounding noise (64 float64 ulps)
+_ROUNDING = 64 * torch.finfo(torch.float64).eps
+
+
+@dataclasses.dataclass(frozen=True)
+class DualityGap:
+    """Per-row primal values P(w_i) and dual lower bounds D_i (both shape (rows,), float64).
+
+    ``primal - dual`` bounds each row's suboptimality; the sums are additive over row blocks, so shards
+    of rows held by different workers add their sums and apply one test.
+    """
+
+    primal: torch.Tensor
+    dual: torch.Tensor
+    #: per-row objective of W = 0 (c / 2): the scale of the rounding error of the gap itself
+    baseline: torch.Tensor | None = None
+    #: relative rounding level of the dtype the gap was computed in (64 ulps)
+    rounding: float = _ROUNDING
+
+    @property
+    def gaps(self) -> torch.Tensor:
+        """Per-row gaps P_i - D_i (>= 0 up to rounding)."""
+        return (self.primal - self.dual).clamp_min(0)
+
+    @property
+    def gap(self) -> float:
+        """The total gap sum_i (P_i - D_i): a bound on P(W) - P* for the whole stage."""
+        return float(self.gaps.sum())
+
+    @property
+    def objective(self) -> float:
+        """The total primal objective sum_i P_i."""
+        return float(self.primal.sum())
+
+    @property
+    def relative_gap(self) -> float:
+        """gap / max(objective, tiny): a bound on the relative suboptimality (P - P*) / P."""
+        return self.gap / max(abs(self.objective), torch.finfo(torch.float64).tiny)
+
+    def certified(self, tol: float, mean_primal: float | None = None) -> torch.Tensor:
+        """Rows whose gap is within ``tol`` of the stage's scale: gap_i <= tol (P_i + mean P) / 2.
+
+        The mean term keeps rows with a near-zero objective (a row the model fits exactly) from asking for a
+        gap below rounding; summed over rows the test still gives gap <= tol * objective. ``mean_primal``
+        is the mean over the whole stage when these gaps are a subset of its rows.
+        """
+        mean = float(self.primal.abs().mean()) if mean_primal is None else mean_primal
+        limit = tol * 0.5 * (self.primal.abs() + mean)
+        if self.baseline is not None:  # a gap at the rounding level of its own terms is zero
+            limit = limit + self.rounding * (self.baseline.abs() + self.primal.abs())
+        return self.gaps <= limit
+
+
+def duality_gap(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    target_sq: torch.Tensor,
+    *,
+    lam: float,
+    kappa: float | None,
+    n_constrained: int,
+    feasibility_tol: float = 1e-10,
+) -> DualityGap:
+    """The duality gap of each row of W (see the module docstring for the formulas).
+
+    Parameters
+    ----------
+    W : Tensor, shape (rows, d), feasible weights (``||W[i, :n_constrained]||_1 <= kappa``)
+    H : Tensor, shape (d, d), G/m + l2 I
+    R : Tensor, shape (rows, d), Rt/m
+    target_sq : Tensor, shape (rows,), ||t_i||^2 / m
+    lam : float >= 0
+    kappa : float or None (None: no bound)
+    n_constrained : int, the leading columns under the bound
+    feasibility_tol : float, relative tolerance on ``||v_B||_inf`` accepted as dual feasible when lam = 0
+
+    Returns
+    -------
+    DualityGap with per-row primal and dual values (float64)
+    """
+    W = W.to(H.dtype)
+    HW = W @ H
+    wHw = (HW * W).sum(dim=1)
+    rw = (R * W).sum(dim=1)
+    c = target_sq.to(device=W.device, dtype=W.dtype)
+    residual_sq = (wHw - 2.0 * rw + c).clamp_min(0)
+    primal = 0.5 * residual_sq + lam * W.abs().sum(dim=1)
+    V = R - HW
+    nc = n_constrained if kappa is not None else 0
+    # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
+    limit = lam if lam > 0 else feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    if nc < W.shape[1]:
+        v_free = V[:, nc:].abs().amax(dim=1)
+        s = torch.where(v_free > limit, lam / v_free.clamp_min(torch.finfo(W.dtype).tiny), 1.0)
+    else:
+        s = torch.ones_like(primal)
+    dual = -0.5 * s * s * residual_sq + s * (c - rw)
+    if nc > 0:
+        dual = dual - float(kappa) * (s * V[:, :nc].abs().amax(dim=1) - lam).clamp_min(0)
+    dual = dual.clamp_min(0)  # P >= 0 always (squares and norms): 0 is a valid lower bound too
+    return DualityGap(
+        primal=primal.to(torch.float64),
+        dual=dual.to(torch.float64),
+        baseline=(0.5 * c).to(torch.float64),
+        rounding=64 * torch.finfo(W.dtype).eps,
+    )
