@@ -11,8 +11,9 @@ One round of the loop (:meth:`RowBlockADMM.run`) on the rows not yet certified:
    state (Z, U), extrapolated by safeguarded type-II Anderson acceleration per row
    (:class:`~idl_ray.sim.solvers.anderson.AndersonAccelerator`, SCS 3);
 2. the duality gap of every row's Z (feasible: it is a projection's output); certified rows are frozen;
-3. polishing (:mod:`~idl_ray.sim.solvers.polish`) of the others on their current support; a polished row is
-   kept only when its gap and objective both improve, and then its dual is reset to the polished point's
+3. polishing (:mod:`~idl_ray.sim.solvers.polish`) of the others whose sign pattern did not change since the
+   previous check or whose gap is below 1e-2 of their objective; a polished row is kept only when its gap
+   and objective both improve, and then its dual is reset to the polished point's
    (U = (r - H w) / rho, the fixed point of ADMM at w);
 4. rho adapted from the ratio of the normalised primal and dual residuals (OSQP), by factors of at least
    5 so the map changes rarely (a change resets Anderson's memory).
@@ -132,6 +133,8 @@ class RowBlockADMM:
         self.gaps: DualityGap | None = None
         self.polished_rows = 0
         self.history: list[dict[str, float]] = []
+        # the sign pattern of each row at the previous check: an unchanged pattern calls for a polish
+        self._last_signs = torch.full_like(R, 2.0)
 
     # ------------------------------------------------------------------ the map and its pieces
     def _settings(self) -> dict[str, Any]:
@@ -276,7 +279,10 @@ class RowBlockADMM:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Polish the uncertified rows whose gap is small enough; keep improvements only."""
         relative = gaps.gaps / gaps.primal.abs().clamp_min(torch.finfo(torch.float64).tiny)
-        try_rows = torch.nonzero(~ok & (relative < _POLISH_BELOW)).flatten()
+        signs = torch.sign(Z[active])
+        settled = (signs == self._last_signs[active]).all(dim=1)
+        self._last_signs[active] = signs
+        try_rows = torch.nonzero(~ok & ((relative < _POLISH_BELOW) | settled)).flatten()
         if try_rows.numel() == 0:
             return Z, U, ok
         rows = active[try_rows]
@@ -287,7 +293,10 @@ class RowBlockADMM:
             return Z, U, ok
         candidate = prox(candidate, 0.0, self.kappa, self.n_constrained)  # exact bound after rounding
         new = self.certificate(candidate, rows)
-        better = found & (new.gaps < gaps.gaps[try_rows]) & (new.primal <= gaps.primal[try_rows])
+        # a smaller gap, and an objective no larger up to rounding (a polished optimum can sit 1e-14 above
+        # the iterate it replaces: both are optimal to rounding, and only the polished one is certified)
+        slack = new.rounding * (gaps.primal[try_rows].abs() + new.baseline)
+        better = found & (new.gaps < gaps.gaps[try_rows]) & (new.primal <= gaps.primal[try_rows] + slack)
         if not bool(better.any()):
             return Z, U, ok
         take = try_rows[better]
