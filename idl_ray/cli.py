@@ -118,10 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``idl-ray`` console script; returns the process exit code."""
+    """Entry point of the ``idl-ray`` console script; returns the process exit code.
+
+    0: success; 2: bad input (a one-line message naming the flag: bad value, missing file, wrong
+    width, unknown column, ...); 1: a failure during the run (solver, Ray, I/O).
+    """
     import importlib
 
-    from idl_ray.errors import IDLError
+    from idl_ray.errors import ConfigError, ConfigTypeError, IDLError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,9 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = importlib.import_module(module)
         config = options_from_args(getattr(job, config_name), args)
         getattr(job, run_name)(config)
-    except IDLError as error:
+    except (ConfigError, ConfigTypeError) as error:  # bad input: nothing (or little) was computed
         print(f"idl-ray {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (IDLError, Exception) as error:  # a failure during the run
+        print(f"idl-ray {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
