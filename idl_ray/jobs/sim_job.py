@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any
 
 from idl_ray._validation import (
@@ -198,8 +199,12 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     sim.save(folder / "model")
     files = {"config": "config.yaml", "report": "report.json", "model": "model"}
     if teacher_info["source"] == "trained":
-        torch.jit.save(torch.jit.script(teacher), str(folder / "teacher.pt"))
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; --teacher still reads it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(teacher), str(folder / "teacher.pt"))
+        torch.save(teacher.state_dict(), folder / "teacher_state_dict.pt")
         files["teacher"] = "teacher.pt"
+        files["teacher_state_dict"] = "teacher_state_dict.pt"
     plots = write_plots(folder, stats, sim.weights, log=say)
     files.update({name: file for name, file in plots.items()})
     times["total"] = time.perf_counter() - total_start

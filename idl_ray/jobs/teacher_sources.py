@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ def load_teacher(
                 f"--teacher {spec!r}: the function returned a {type(model).__name__}; it must return a "
                 "torch.nn.Module (your trained network)."
             )
+        if isinstance(model, torch.jit.ScriptModule):
+            return script_to_module(model, spec).eval(), "function (TorchScript)"
         return model.eval(), "function"
     raise ConfigError(
         f"--teacher {spec!r}: no such file, and not a 'module:function'. Give a TorchScript file, a state_dict "
@@ -50,7 +53,9 @@ def load_teacher(
 
 def _from_file(path: pathlib.Path, hidden: tuple[int, ...], activation: str, input_dim: int):
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; users still ship it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError:
         scripted = None
     if scripted is not None:
