@@ -39,11 +39,14 @@ def _field_parser(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
 def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
     """Add one ``--flag`` per field of ``options_class`` (defaults come from the dataclass)."""
     hints = typing.get_type_hints(options_class)
+    helps = getattr(options_class, "FLAG_HELP", {})  # optional one-line help per field
     for field in dataclasses.fields(options_class):
         flag = "--" + field.name.replace("_", "-")
         converter, is_flag = _field_parser(hints[field.name])
         default = field.default
-        help_text = f"default: {default}"
+        help_text = (
+            f"{helps[field.name]} (default: {default})" if field.name in helps else f"default: {default}"
+        )
         if is_flag:
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -87,6 +90,7 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
     return {
         "sim": ("idl_ray.jobs.sim_job", "SimJobConfig", "run_sim_job"),
         "train": ("idl_ray.jobs.train_job", "TrainJobConfig", "run_train_job"),
+        "evaluate": ("idl_ray.jobs.evaluate_job", "EvaluateJobConfig", "run_evaluate_job"),
     }
 
 
@@ -94,6 +98,7 @@ _HELP = {
     "sim": "fit a SIM implicit model to a trained teacher network (default job)",
     "train": "train an ImplicitModel by gradient descent",
     "info": "print versions, devices and Ray resources",
+    "evaluate": "evaluate a saved SIM model on data: accuracy, agreement with the teacher, ||A||_inf",
 }
 
 

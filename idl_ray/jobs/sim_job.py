@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 from idl_ray._validation import (
     Options,
@@ -57,6 +57,24 @@ class SimJobConfig(Options):
     seed: int = 0
     output_dir: str | None = None
     quiet: bool = False
+
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "dataset": "embedded data set used when --data is not given",
+        "data": "your data: .npz (x, y, x_test, y_test), .npy, Parquet file/folder, or module:function",
+        "input_column": "Parquet / Ray Dataset input column (or several scalar columns, comma-separated); 'x'",
+        "target_column": "Parquet / Ray Dataset label column ('y' when present)",
+        "test_fraction": "held-out fraction when the data has no x_test",
+        "teacher": "your trained network: TorchScript file, module:function, or state_dict file (with --hidden)",
+        "hidden": "hidden widths of the MLP teacher, comma-separated (trained here, or to rebuild a state_dict)",
+        "teacher_epochs": "epochs to train the default teacher",
+        "kappa": "well-posedness bound ||A||_inf <= kappa < 1",
+        "lam": "l1 weight (sparsity)",
+        "solver": "convex solver; ray-* run on Ray actors",
+        "workers": "Ray solver actors",
+        "address": "Ray cluster address (inside a Ray job RAY_ADDRESS is used)",
+        "output_dir": "run directory (default: runs/sim-<UTC timestamp>/)",
+        "quiet": "no progress bars or step logs; print only the run directory",
+    }
 
     def _validate(self) -> None:
         owner = "SimJobConfig"

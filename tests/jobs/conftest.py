@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -62,7 +63,9 @@ def user_files(tmp_path_factory) -> UserFiles:
     pq.write_table(table.slice(0, 120), parquet_dir / "part-0.parquet")
     pq.write_table(table.slice(120), parquet_dir / "part-1.parquet")
     torchscript = folder / "teacher_scripted.pt"
-    torch.jit.save(torch.jit.script(teacher), str(torchscript))
+    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; users still ship it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(teacher), str(torchscript))
     state_dict = folder / "teacher_state.pt"
     torch.save(teacher.state_dict(), state_dict)
     module_name = "idl_user_code"
