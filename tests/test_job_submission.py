@@ -74,6 +74,28 @@ def test_ray_job_submit_cli_with_token(head, tmp_path) -> None:
     _check_run_dir(out, "ray-admm")
 
 
+def test_no_image_route_runtime_env_json(head, tmp_path) -> None:
+    """The route documented for clusters without the idl_ray image: code shipped as the runtime env's
+    working_dir and run as a module (the ``pip`` part of that runtime env needs PyPI, so it is left out)."""
+    import json as _json
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "module-run"
+    runtime_env = _json.dumps({"working_dir": str(REPO)})
+    command = [
+        RAY, "job", "submit", "--address", head.address, "--runtime-env-json", runtime_env,
+        "--submission-id", "idl-ray-module-job", "--",
+        "python", "-m", "idl_ray", "sim", *SMALL, "--solver", "lstsq", "--kappa", "0.5", "--output-dir", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=head.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    client = JobSubmissionClient(head.address, headers=head.auth_headers)
+    assert client.get_job_status("idl-ray-module-job") == JobStatus.SUCCEEDED
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["solver"] == "lstsq" and report["sim_accuracy"] is not None
+
+
 def test_job_submission_client_default_run_dir(head) -> None:
     """Through the Python SDK, without --output-dir: the job makes ``runs/sim-<timestamp>/`` in its
     working directory and prints the path last."""
