@@ -91,6 +91,8 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
         "sim": ("idl_ray.jobs.sim_job", "SimJobConfig", "run_sim_job"),
         "train": ("idl_ray.jobs.train_job", "TrainJobConfig", "run_train_job"),
         "evaluate": ("idl_ray.jobs.evaluate_job", "EvaluateJobConfig", "run_evaluate_job"),
+        "extract": ("idl_ray.jobs.extract_job", "ExtractJobConfig", "run_extract_job"),
+        "solve": ("idl_ray.jobs.solve_job", "SolveJobConfig", "run_solve_job"),
     }
 
 
@@ -99,6 +101,8 @@ _HELP = {
     "train": "train an ImplicitModel by gradient descent",
     "info": "print versions, devices and Ray resources",
     "evaluate": "evaluate a saved SIM model on data: accuracy, agreement with the teacher, ||A||_inf",
+    "extract": "record a teacher's states on data and write them as Parquet shards",
+    "solve": "fit a SIM model from the states `idl-ray extract` wrote",
 }
 
 

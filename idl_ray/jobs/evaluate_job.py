@@ -66,7 +66,7 @@ class EvaluateJobConfig(Options):
 
 
 def _resolve_model(spec: str) -> tuple[pathlib.Path, pathlib.Path | None, dict[str, Any]]:
-    """(model folder, run directory or None, the run's settings) for ``--model``."""
+    """(model folder, the run directory holding its data settings and teacher (or None), those settings)."""
     import yaml
 
     folder = pathlib.Path(spec).expanduser()
@@ -74,6 +74,16 @@ def _resolve_model(spec: str) -> tuple[pathlib.Path, pathlib.Path | None, dict[s
         settings = {}
         if (folder / "config.yaml").is_file():
             settings = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        if settings.get("states"):  # a `solve` run: data and teacher are those of its `extract` run
+            from idl_ray.jobs.states_io import states_folder
+
+            extract_dir = states_folder(settings["states"]).parent
+            if (extract_dir / "config.yaml").is_file():
+                return (
+                    folder / "model",
+                    extract_dir,
+                    yaml.safe_load((extract_dir / "config.yaml").read_text()),
+                )
         return folder / "model", folder, settings
     if (folder / "sim.json").is_file():
         return folder, None, {}
