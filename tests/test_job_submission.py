@@ -128,3 +128,19 @@ def test_submission_without_or_with_a_wrong_token_is_refused(head) -> None:
     # nothing of the refused submissions reached the head
     client = JobSubmissionClient(head.address, headers=head.auth_headers)
     assert all("should-not-run" not in job.entrypoint for job in client.list_jobs())
+
+
+def test_submit_job_example(head, tmp_path) -> None:
+    """examples/submit_job.py against the same head (token from a file, as a user would pass it)."""
+    import sys
+
+    out = tmp_path / "example-run"
+    command = [
+        sys.executable, str(REPO / "examples" / "submit_job.py"), "--address", head.address,
+        "--token-path", str(head.token_path), "--", *SMALL, "--solver", "admm", "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}  # the token comes from the flag
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "SUCCEEDED" in done.stdout and str(out) in done.stdout
+    _check_run_dir(out, "admm")
