@@ -113,9 +113,12 @@ def make_solver(config: SimJobConfig):
         return sim.solvers.LeastSquareSolver()
     from idl_ray import distributed
 
-    if config.solver == "ray-admm":
+    if config.solver == "ray-admm":  # a tqdm bar per stage with the residuals, unless --quiet
         return distributed.RayADMMSolver(
-            num_workers=config.workers, strategy=config.strategy, use_gpu=config.use_gpu
+            num_workers=config.workers,
+            strategy=config.strategy,
+            use_gpu=config.use_gpu,
+            progress=not getattr(config, "quiet", False),
         )
     if config.solver == "ray-cvx":
         return distributed.RayCVXSolver(num_workers=config.workers)
