@@ -174,15 +174,24 @@ def _read_parquet(path: pathlib.Path, input_column: str | None, target_column: s
 
 
 def _arrow_to_numpy(column: Any) -> np.ndarray:
+    """A column as numpy: scalars as (rows,), lists of equal length as (rows, width)."""
     import pyarrow as pa
 
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if (
-        pa.types.is_list(column.type)
-        or pa.types.is_fixed_size_list(column.type)
-        or pa.types.is_large_list(column.type)
-    ):
-        return np.stack([np.asarray(row, dtype=np.float64) for row in column.to_pylist()])
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind):
+        return np.asarray(column.flatten().to_numpy(zero_copy_only=False)).reshape(
+            len(column), kind.list_size
+        )
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = np.diff(np.asarray(column.offsets))
+        if len(lengths) and (lengths == lengths[0]).all() and column.null_count == 0:
+            flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False))
+            return flat.reshape(len(column), int(lengths[0]))
+        raise ConfigError(
+            "--input-column: a list column must hold vectors of one length and no nulls; found lengths "
+            f"{sorted(set(lengths.tolist()))[:5]} and {column.null_count} nulls."
+        )
     return column.to_numpy(zero_copy_only=False)
 
 

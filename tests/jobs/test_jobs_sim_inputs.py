@@ -188,3 +188,13 @@ def test_failure_during_the_run_exits_1(user_files, tmp_path, capsys, monkeypatc
     code, _, _, err = run(["--data", "flaky_source:load"], tmp_path, capsys)
     assert code == 1
     assert "idl-ray sim: failed: RuntimeError: database unreachable" in err
+
+
+def test_ragged_vector_column(tmp_path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0]]), "y": [0, 1]}), path)
+    message = bad(["--data", str(path)], tmp_path, capsys)
+    assert "--input-column" in message and "one length" in message
