@@ -29,6 +29,16 @@ import urllib.request
 RAY = str(pathlib.Path(sys.executable).with_name("ray"))
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (Linux), so a killed test run does
+    not leave the head behind (SIGTERM makes ``ray start --block`` stop its own processes)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -134,7 +144,12 @@ def start_head(*, num_cpus: int = 4, timeout_s: float = 180.0) -> LocalHead:
     log_path = temp_dir / "ray_start.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
     head = LocalHead(
         process=process,
