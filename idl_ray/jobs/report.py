@@ -80,14 +80,12 @@ def convergence_plot(stats: Mapping[str, Any], path: pathlib.Path) -> pathlib.Pa
             axes.set_xlabel("iteration")
             axes.legend(fontsize=8)
         else:
-            axes.text(
-                0.5,
-                0.5,
-                f"{record.get('solver')}: no per-iteration history\n(status {record.get('status')})",
-                ha="center",
-                va="center",
-                transform=axes.transAxes,
-            )
+            lines = [f"{record.get('solver')}: no per-iteration history", f"status {record.get('status')}"]
+            if record.get("objective") is not None:
+                lines.append(f"objective {record['objective']:.6g}")
+            if record.get("constraint_norm") is not None:
+                lines.append(f"max row l1 norm of the bounded block {record['constraint_norm']:.4g}")
+            axes.text(0.5, 0.5, "\n".join(lines), ha="center", va="center", transform=axes.transAxes)
             axes.set_xticks([])
             axes.set_yticks([])
         axes.set_title(f"{stage}: {record.get('status')}, {record.get('iterations')} it", fontsize=10)

@@ -145,3 +145,30 @@ def test_quiet_prints_only_the_path(tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert captured.out.strip() == str(out.resolve())
     assert "it/s" not in captured.err  # no progress bars
+
+
+def test_convergence_plot_with_and_without_history(tmp_path) -> None:
+    """ADMM-style history is drawn; a direct/cvxpy stage gets a panel with its certificate instead."""
+    from matplotlib.image import imread
+
+    from idl_ray.jobs.report import convergence_plot
+    from idl_ray.sim.solvers.base import SolverStats
+
+    history = [
+        {"iteration": 10 * k, "primal": 10.0**-k, "dual": 2 * 10.0**-k, "rho": 1.0} for k in range(1, 8)
+    ]
+    stats = {
+        "stage1": SolverStats(solver="admm", iterations=70, status="optimal", history=history),
+        "stage2": SolverStats(solver="cvx", iterations=3, status="optimal", objective=0.5, history=[]),
+    }
+    path = convergence_plot(stats, tmp_path / "c.png")
+    width, height = png_size(path)
+    assert width >= 800 and height >= 300
+    pixels = imread(path)
+    left, right = pixels[:, : width // 2, :3], pixels[:, width // 2 :, :3]
+
+    # the left panel holds coloured curves, the right one only black text on white
+    def coloured(part):
+        return float((part.max(axis=2) - part.min(axis=2) > 0.3).mean())
+
+    assert coloured(left) > 0.002 and coloured(right) == 0.0
