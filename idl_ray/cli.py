@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -155,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"idl-ray {args.command}: error: {error}", file=sys.stderr)
         return 2
     except (IDLError, Exception) as error:  # a failure during the run
+        if os.environ.get("IDL_RAY_DEBUG"):
+            raise  # the full traceback, for bug reports
         print(f"idl-ray {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print("(set IDL_RAY_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -188,6 +188,9 @@ def test_failure_during_the_run_exits_1(user_files, tmp_path, capsys, monkeypatc
     code, _, _, err = run(["--data", "flaky_source:load"], tmp_path, capsys)
     assert code == 1
     assert "idl-ray sim: failed: RuntimeError: database unreachable" in err
+    monkeypatch.setenv("IDL_RAY_DEBUG", "1")  # the traceback, for bug reports
+    with pytest.raises(RuntimeError, match="database unreachable"):
+        main(["sim", "--data", "flaky_source:load", "--output-dir", str(tmp_path / "again")])
 
 
 def test_ragged_vector_column(tmp_path, capsys) -> None:
