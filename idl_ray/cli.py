@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -39,11 +40,14 @@ def _field_parser(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
 def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) -> None:
     """Add one ``--flag`` per field of ``options_class`` (defaults come from the dataclass)."""
     hints = typing.get_type_hints(options_class)
+    helps = getattr(options_class, "FLAG_HELP", {})  # optional one-line help per field
     for field in dataclasses.fields(options_class):
         flag = "--" + field.name.replace("_", "-")
         converter, is_flag = _field_parser(hints[field.name])
         default = field.default
-        help_text = f"default: {default}"
+        help_text = (
+            f"{helps[field.name]} (default: {default})" if field.name in helps else f"default: {default}"
+        )
         if is_flag:
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -87,6 +91,9 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
     return {
         "sim": ("idl_ray.jobs.sim_job", "SimJobConfig", "run_sim_job"),
         "train": ("idl_ray.jobs.train_job", "TrainJobConfig", "run_train_job"),
+        "evaluate": ("idl_ray.jobs.evaluate_job", "EvaluateJobConfig", "run_evaluate_job"),
+        "extract": ("idl_ray.jobs.extract_job", "ExtractJobConfig", "run_extract_job"),
+        "solve": ("idl_ray.jobs.solve_job", "SolveJobConfig", "run_solve_job"),
     }
 
 
@@ -94,6 +101,9 @@ _HELP = {
     "sim": "fit a SIM implicit model to a trained teacher network (default job)",
     "train": "train an ImplicitModel by gradient descent",
     "info": "print versions, devices and Ray resources",
+    "evaluate": "evaluate a saved SIM model on data: accuracy, agreement with the teacher, ||A||_inf",
+    "extract": "record a teacher's states on data and write them as Parquet shards",
+    "solve": "fit a SIM model from the states `idl-ray extract` wrote",
 }
 
 
@@ -118,10 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``idl-ray`` console script; returns the process exit code."""
+    """Entry point of the ``idl-ray`` console script; returns the process exit code.
+
+    0: success; 2: bad input (a one-line message naming the flag: bad value, missing file, wrong
+    width, unknown column, ...); 1: a failure during the run (solver, Ray, I/O).
+    """
     import importlib
 
-    from idl_ray.errors import IDLError
+    from idl_ray.errors import ConfigError, ConfigTypeError, IDLError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,9 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = importlib.import_module(module)
         config = options_from_args(getattr(job, config_name), args)
         getattr(job, run_name)(config)
-    except IDLError as error:
+    except (ConfigError, ConfigTypeError) as error:  # bad input: nothing (or little) was computed
         print(f"idl-ray {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (IDLError, Exception) as error:  # a failure during the run
+        if os.environ.get("IDL_RAY_DEBUG"):
+            raise  # the full traceback, for bug reports
+        print(f"idl-ray {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print("(set IDL_RAY_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,13 +39,21 @@ def train_classifier(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> float:
-    """Train ``model`` with Adam and cross-entropy on ``split``; returns its test accuracy."""
+    """Train ``model`` with Adam and cross-entropy on ``split``; returns its test accuracy.
+
+    ``progress`` shows a tqdm bar over the epochs."""
     torch.manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    for epoch in range(epochs):
+    epoch_range: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_range = tqdm(epoch_range, desc="teacher epochs", leave=False)
+    for epoch in epoch_range:
         for x, y in batches(split.x_train, split.y_train, batch_size, shuffle=True, seed=seed + epoch):
             optimiser.zero_grad()
             loss_fn(model(x), y).backward()

@@ -88,7 +88,7 @@ def test_sim_job_writes_model_and_report(tmp_path) -> None:
     config = SimJobConfig(hidden=(32,), teacher_epochs=10, solver="admm", kappa=0.9, output_dir=str(tmp_path))
     report = run_sim_job(config, log=lambda _: None)
     assert report["sim_accuracy"] >= report["teacher_accuracy"] - 0.03
-    saved = json.loads((tmp_path / "sim_report.json").read_text())
+    saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["sim_accuracy"] == report["sim_accuracy"]
-    loaded = SIM.load(tmp_path / "sim_model")
+    loaded = SIM.load(tmp_path / "model")
     assert float(loaded.A_.abs().sum(dim=1).max()) <= 0.9

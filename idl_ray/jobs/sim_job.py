@@ -1,14 +1,20 @@
-"""Job: train an explicit teacher on an offline data set, then fit a SIM implicit model to it.
+"""Job: fit a SIM implicit model to a teacher network on data, and leave a run directory behind.
 
-This is the default ``idl-ray sim`` job: digits, a 64-64-32-10 ReLU MLP teacher with biases, and the
-Ray ADMM solver with two workers on the local Ray (or the cluster given by ``address`` / RAY_ADDRESS).
+By default: scikit-learn's digits, a 64-64-32-10 ReLU MLP teacher trained here, and the Ray ADMM
+solver with two workers on the local Ray (or the cluster given by ``address`` / RAY_ADDRESS). Users
+bring their own data (``data``: .npz, .npy, Parquet, ``module:function``) and teacher (``teacher``:
+TorchScript, ``module:function``, state_dict + ``hidden``); see :mod:`idl_ray.jobs.data_sources` and
+:mod:`idl_ray.jobs.teacher_sources`. The run directory (:mod:`idl_ray.jobs.run_dir`) gets
+``config.yaml``, ``report.json``, ``model/`` (:meth:`idl_ray.sim.SIM.load` reads it), ``teacher.pt``
+(TorchScript, when the teacher was trained here), ``convergence.png``, ``sparsity.png`` and ``report.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+import warnings
+from typing import Any, ClassVar
 
 from idl_ray._validation import (
     Options,
@@ -26,9 +32,18 @@ SOLVERS = ("admm", "cvx", "pgd", "lstsq", "ray-admm", "ray-cvx", "ray-pgd")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SimJobConfig(Options):
-    """Settings of the ``idl-ray sim`` job."""
+    """Settings of the ``idl-ray sim`` job.
+
+    ``data`` / ``teacher`` None: the embedded ``dataset`` and a teacher MLP (``hidden``) trained here.
+    ``output_dir`` None: a new ``runs/sim-<UTC timestamp>/``.
+    """
 
     dataset: str = "digits"
+    data: str | None = None
+    input_column: str | None = None
+    target_column: str | None = None
+    test_fraction: float = 0.25
+    teacher: str | None = None
     hidden: tuple[int, ...] = (64, 32)
     teacher_epochs: int = 30
     activation: str = "relu"
@@ -41,6 +56,25 @@ class SimJobConfig(Options):
     address: str | None = None
     seed: int = 0
     output_dir: str | None = None
+    quiet: bool = False
+
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "dataset": "embedded data set used when --data is not given",
+        "data": "your data: .npz (x, y, x_test, y_test), .npy, Parquet file/folder, or module:function",
+        "input_column": "Parquet / Ray Dataset input column (or several scalar columns, comma-separated); 'x'",
+        "target_column": "Parquet / Ray Dataset label column ('y' when present)",
+        "test_fraction": "held-out fraction when the data has no x_test",
+        "teacher": "your trained network: TorchScript file, module:function, or state_dict file (with --hidden)",
+        "hidden": "hidden widths of the MLP teacher, comma-separated (trained here, or to rebuild a state_dict)",
+        "teacher_epochs": "epochs to train the default teacher",
+        "kappa": "well-posedness bound ||A||_inf <= kappa < 1",
+        "lam": "l1 weight (sparsity)",
+        "solver": "convex solver; ray-* run on Ray actors",
+        "workers": "Ray solver actors",
+        "address": "Ray cluster address (inside a Ray job RAY_ADDRESS is used)",
+        "output_dir": "run directory (default: runs/sim-<UTC timestamp>/)",
+        "quiet": "no progress bars or step logs; print only the run directory",
+    }
 
     def _validate(self) -> None:
         owner = "SimJobConfig"
@@ -56,6 +90,13 @@ class SimJobConfig(Options):
         check_choice(self.solver, "solver", owner, SOLVERS)
         check_positive_int(self.workers, "workers", owner)
         check_choice(self.strategy, "strategy", owner, ("gram", "consensus"))
+        fraction = self.test_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise bad_parameter("test_fraction", owner, "a float in (0, 1)", fraction)
+        for name in ("data", "input_column", "target_column", "teacher", "output_dir", "address"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise bad_parameter(name, owner, "a non-empty string or None", value)
 
 
 def make_solver(config: SimJobConfig):
@@ -72,61 +113,167 @@ def make_solver(config: SimJobConfig):
         return sim.solvers.LeastSquareSolver()
     from idl_ray import distributed
 
-    if config.solver == "ray-admm":
+    if config.solver == "ray-admm":  # a tqdm bar per stage with the residuals, unless --quiet
         return distributed.RayADMMSolver(
-            num_workers=config.workers, strategy=config.strategy, use_gpu=config.use_gpu
+            num_workers=config.workers,
+            strategy=config.strategy,
+            use_gpu=config.use_gpu,
+            progress=not getattr(config, "quiet", False),
         )
     if config.solver == "ray-cvx":
         return distributed.RayCVXSolver(num_workers=config.workers)
     return distributed.RayProjectedGDSolver(num_workers=config.workers, use_gpu=config.use_gpu)
 
 
-def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
-    """Run the job and return its report (also written to ``output_dir/sim_report.json``)."""
+def prepare_teacher(config: SimJobConfig, data, *, log=print) -> tuple[Any, dict[str, Any]]:
+    """The teacher (the user's, checked against the data, or the default MLP trained on it) and its facts."""
     import torch
 
-    from idl_ray.datasets import load_dataset
-    from idl_ray.jobs.common import ensure_ray, write_report
-    from idl_ray.sim import SIM
+    from idl_ray.jobs.teacher_sources import check_teacher_fits, load_teacher
     from idl_ray.teachers import mlp_teacher, train_classifier
 
+    if config.teacher is not None:
+        teacher, kind = load_teacher(
+            config.teacher, hidden=config.hidden, activation=config.activation, input_dim=data.num_features
+        )
+        outputs = check_teacher_fits(teacher, data.x_test, config.teacher)
+        log(f"teacher: {config.teacher} ({kind}), {outputs} outputs")
+        return teacher, {"source": config.teacher, "kind": kind, "outputs": outputs}
+    split = data.to_split()
     torch.manual_seed(config.seed)
-    split = load_dataset(config.dataset, seed=config.seed)
-    log(f"data: {config.dataset}, {len(split.x_train)} train / {len(split.x_test)} test samples")
     teacher = mlp_teacher(split.num_features, config.hidden, split.num_classes, activation=config.activation)
-    teacher_accuracy = train_classifier(teacher, split, epochs=config.teacher_epochs, seed=config.seed)
-    log(
-        f"teacher {split.num_features}-{'-'.join(map(str, config.hidden))}-{split.num_classes}: "
-        f"test accuracy {teacher_accuracy:.4f}"
+    train_classifier(
+        teacher, split, epochs=config.teacher_epochs, seed=config.seed, progress=not config.quiet
     )
+    widths = f"{split.num_features}-{'-'.join(map(str, config.hidden))}-{split.num_classes}"
+    log(f"teacher: MLP {widths} trained here for {config.teacher_epochs} epochs")
+    return teacher.eval(), {
+        "source": "trained",
+        "kind": "mlp",
+        "widths": widths,
+        "outputs": split.num_classes,
+    }
+
+
+def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
+    """Run the job, write its run directory and return its report (the content of ``report.json``)."""
+    import torch
+
+    from idl_ray.implicit.projection import inf_norm
+    from idl_ray.jobs.common import ensure_ray
+    from idl_ray.jobs.data_sources import load_data
+    from idl_ray.jobs.metrics import compare_outputs
+    from idl_ray.jobs.report import console_summary, write_plots, write_report_md
+    from idl_ray.jobs.run_dir import make_run_dir, write_config, write_json
+    from idl_ray.sim import SIM
+
+    say = (lambda _: None) if config.quiet else log
+    total_start = time.perf_counter()
+    times: dict[str, float] = {}
+    folder = make_run_dir("sim", config.output_dir)
+    write_config(folder, config.to_dict(), command="sim")
+    say(f"run directory: {folder}")
+
+    start = time.perf_counter()
+    data = load_data(
+        config.data,
+        dataset=config.dataset,
+        input_column=config.input_column,
+        target_column=config.target_column,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+    )
+    times["data"] = time.perf_counter() - start
+    say(
+        f"data: {data.source}, {len(data.x_train)} fit / {len(data.x_test)} held-out samples, "
+        f"{data.num_features} features" + ("" if data.has_labels else ", no labels")
+    )
+
+    start = time.perf_counter()
+    teacher, teacher_info = prepare_teacher(config, data, log=say)
+    times["teacher"] = time.perf_counter() - start
 
     started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
     try:
         start = time.perf_counter()
-        sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam)
-        sim.fit(teacher, split.x_train, solver=make_solver(config))
+        sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
+        sim.fit(teacher, data.x_train, solver=make_solver(config))
         fit_time = time.perf_counter() - start
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    sim_accuracy = sim.score((split.x_test, split.y_test))
+    stats = sim.stats_
+    times["extraction"] = sim.extraction_time_s_
+    times["stage1"] = stats["stage1"].time_s
+    times["stage2"] = stats["stage2"].time_s
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        teacher_out = teacher(data.x_test)
+    metrics = compare_outputs(sim.predict(data.x_test), teacher_out, data.y_test)
+    times["evaluation"] = time.perf_counter() - start
     summary = sim.summary()
-    log(f"SIM ({config.solver}): test accuracy {sim_accuracy:.4f} in {fit_time:.2f} s")
-    log(str(summary))
+    say(str(summary))
+
+    sim.save(folder / "model")
+    files = {"config": "config.yaml", "report": "report.json", "model": "model"}
+    if teacher_info["source"] == "trained":
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; --teacher still reads it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(teacher), str(folder / "teacher.pt"))
+        torch.save(teacher.state_dict(), folder / "teacher_state_dict.pt")
+        files["teacher"] = "teacher.pt"
+        files["teacher_state_dict"] = "teacher_state_dict.pt"
+    plots = write_plots(folder, stats, sim.weights, log=say)
+    files.update({name: file for name, file in plots.items()})
+    times["total"] = time.perf_counter() - total_start
     report = {
         "job": "sim",
+        "run_dir": str(folder),
         "config": config.to_dict(),
-        "teacher_accuracy": teacher_accuracy,
-        "sim_accuracy": sim_accuracy,
+        "data": data.describe(),
+        "teacher": teacher_info,
+        "headline": {
+            "teacher accuracy": metrics["teacher_accuracy"],
+            "SIM accuracy": metrics["accuracy"],
+            "agreement with teacher": metrics["agreement"],
+            "||A||_inf": inf_norm(sim.A_),
+            "kappa": config.kappa,
+            "solver": f"{config.solver}: {stats['stage1'].status} / {stats['stage2'].status}",
+            "fit time (s)": fit_time,
+        },
+        "teacher_accuracy": metrics["teacher_accuracy"],
+        "sim_accuracy": metrics["accuracy"],
+        "agreement": metrics["agreement"],
+        "relative_output_error": metrics["relative_output_error"],
+        "a_inf_norm": inf_norm(sim.A_),
+        "sparsity": summary.sparsity,
+        "nonzeros": summary.nonzeros,
+        "certificate": {stage: _certificate(s) for stage, s in stats.items()},
         "fit_time_s": fit_time,
+        "times_s": times,
         "summary": summary.to_dict(),
+        "plots": plots,
+        "files": {**files, "report_md": "report.md"},
     }
-    if config.output_dir:
-        import pathlib
-
-        sim.save(pathlib.Path(config.output_dir) / "sim_model")
-        path = write_report(report, config.output_dir, "sim_report")
-        log(f"model and report written to {path.parent}")
+    write_json(folder, "report.json", report)
+    write_report_md(folder, report, plots)
+    log(console_summary(report, folder) if not config.quiet else str(folder))
     return report
+
+
+def _certificate(stats) -> dict[str, Any]:
+    """What the solver certifies for one stage: status, the stopping test, the bound."""
+    extra = {k: v for k, v in stats.extra.items() if isinstance(v, (int, float, bool, str)) or v is None}
+    return {
+        "solver": stats.solver,
+        "status": stats.status,
+        "converged": stats.converged,
+        "iterations": stats.iterations,
+        "objective": stats.objective,
+        "constraint_violation": stats.constraint_violation,
+        "constraint_norm": stats.constraint_norm,
+        **extra,
+    }
