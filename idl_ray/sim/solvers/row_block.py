@@ -12,8 +12,9 @@ One round of the loop (:meth:`RowBlockADMM.run`) on the rows not yet certified:
    (:class:`~idl_ray.sim.solvers.anderson.AndersonAccelerator`, SCS 3);
 2. the duality gap of every row's Z (feasible: it is a projection's output); certified rows are frozen;
 3. polishing (:mod:`~idl_ray.sim.solvers.polish`) of the others whose sign pattern did not change since the
-   previous check or whose gap is below 1e-2 of their objective; a polished row is kept only when its gap
-   and objective both improve, and then its dual is reset to the polished point's
+   previous check or whose gap is below 1e-2 of their objective, and of all of them every few checks (a
+   period that doubles, up to 64 checks, after a round that certified nothing); a polished row is kept
+   only when its gap and objective both improve, and then its dual is reset to the polished point's
    (U = (r - H w) / rho, the fixed point of ADMM at w);
 4. rho adapted from the ratio of the normalised primal and dual residuals (OSQP), by factors of at least
    5 so the map changes rarely (a change resets Anderson's memory).
@@ -52,6 +53,10 @@ _RHO_CHANGE = 5.0
 #: polishing is tried on rows whose relative gap is below this
 _POLISH_BELOW = 1e-2
 _TINY = torch.finfo(torch.float64).tiny
+#: every this many checks, every uncertified row is polished (a support can be nearly right while its
+#: gap, whose dual point is rescaled, still looks poor)
+_POLISH_ALL_EVERY = 4
+_POLISH_PERIOD_MAX = 64
 
 
 @dataclasses.dataclass
@@ -135,6 +140,11 @@ class RowBlockADMM:
         self.history: list[dict[str, float]] = []
         # the sign pattern of each row at the previous check: an unchanged pattern calls for a polish
         self._last_signs = torch.full_like(R, 2.0)
+        self._checks = 0
+        # every uncertified row is polished every _polish_period checks; the period doubles after a
+        # round that certified nothing (a support far from right costs solves and gains nothing)
+        self._polish_period = _POLISH_ALL_EVERY
+        self._next_periodic = _POLISH_ALL_EVERY
 
     # ------------------------------------------------------------------ the map and its pieces
     def _settings(self) -> dict[str, Any]:
@@ -277,20 +287,37 @@ class RowBlockADMM:
         ok: torch.Tensor,
         rho: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Polish the uncertified rows whose gap is small enough; keep improvements only."""
-        relative = gaps.gaps / gaps.primal.abs().clamp_min(torch.finfo(torch.float64).tiny)
+        """Polish the uncertified rows that call for it (see the module docstring); keep improvements only."""
+        relative = gaps.gaps / gaps.primal.abs().clamp_min(_TINY)
         signs = torch.sign(Z[active])
         settled = (signs == self._last_signs[active]).all(dim=1)
         self._last_signs[active] = signs
-        try_rows = torch.nonzero(~ok & ((relative < _POLISH_BELOW) | settled)).flatten()
-        if try_rows.numel() == 0:
-            return Z, U, ok
+        self._checks += 1
+        periodic = self._checks >= self._next_periodic
+        if periodic:
+            self._next_periodic = self._checks + self._polish_period
+        try_rows = torch.nonzero(~ok & ((relative < _POLISH_BELOW) | settled | periodic)).flatten()
+        newly = self._polish_rows(Z, U, active, gaps, try_rows, rho) if try_rows.numel() else 0
+        if periodic and newly == 0:
+            self._polish_period = min(2 * self._polish_period, _POLISH_PERIOD_MAX)
+        return Z, U, self._certified(gaps)
+
+    def _polish_rows(
+        self,
+        Z: torch.Tensor,
+        U: torch.Tensor,
+        active: torch.Tensor,
+        gaps: DualityGap,
+        try_rows: torch.Tensor,
+        rho: float,
+    ) -> int:
+        """Polish the rows ``active[try_rows]`` in place (Z, U, gaps); the number newly certified."""
         rows = active[try_rows]
         candidate, found = polish_rows(
             self.H, self.R[rows], Z[rows], lam=self.lam, kappa=self.kappa, n_constrained=self.n_constrained
         )
         if not bool(found.any()):
-            return Z, U, ok
+            return 0
         candidate = prox(candidate, 0.0, self.kappa, self.n_constrained)  # exact bound after rounding
         new = self.certificate(candidate, rows)
         # a smaller gap, and an objective no larger up to rounding (a polished optimum can sit 1e-14 above
@@ -298,7 +325,7 @@ class RowBlockADMM:
         slack = new.rounding * (gaps.primal[try_rows].abs() + new.baseline)
         better = found & (new.gaps < gaps.gaps[try_rows]) & (new.primal <= gaps.primal[try_rows] + slack)
         if not bool(better.any()):
-            return Z, U, ok
+            return 0
         take = try_rows[better]
         rows_taken = rows[better]
         Z[rows_taken] = candidate[better]
@@ -308,9 +335,9 @@ class RowBlockADMM:
         self._record_gaps(
             rows_taken, DualityGap(new.primal[better], new.dual[better], new.baseline[better], new.rounding)
         )
-        ok = self._certified(gaps)
-        self.polished_rows += int((ok[take]).sum())
-        return Z, U, ok
+        newly = int(self._certified(gaps)[take].sum())
+        self.polished_rows += newly
+        return newly
 
     def _adapted_rho(self, x: torch.Tensor, gx: torch.Tensor, rho: float, d: int) -> float:
         """OSQP's rule on the last step: rho * sqrt(normalised primal / normalised dual residual).
