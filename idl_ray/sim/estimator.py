@@ -85,6 +85,8 @@ class SIMSummary:
     extraction_time_s: float
     scales: dict[str, float] | None
     inference_iterations: dict[str, float] | None
+    relative_gap: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    converged: dict[str, bool | None] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +101,13 @@ class SIMSummary:
             f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
             f"({self.iterations.get('stage2')} it); extraction {self.extraction_time_s:.3g} s",
         ]
+        if any(v is not None for v in self.relative_gap.values()):
+            parts = []
+            for stage in ("stage1", "stage2"):
+                gap, ok = self.relative_gap.get(stage), self.converged.get(stage)
+                if gap is not None:
+                    parts.append(f"stage {stage[-1]} {gap:.2g}" + ("" if ok else " (NOT converged)"))
+            lines.append("  certified relative gap (objective - optimum <= gap): " + ", ".join(parts))
         if self.scales:
             lines.append(f"  state rescaling: min {self.scales['min']:.3g}, max {self.scales['max']:.3g}")
         if self.inference_iterations:
@@ -611,6 +620,8 @@ class SIM:
             iterations={"stage1": s1.iterations, "stage2": s2.iterations},
             objective={"stage1": s1.objective, "stage2": s2.objective},
             extraction_time_s=self.extraction_time_s_,
+            relative_gap={"stage1": s1.relative_gap, "stage2": s2.relative_gap},
+            converged={"stage1": s1.converged, "stage2": s2.converged},
             scales=None
             if self.scales_ is None
             else {"min": float(self.scales_.min()), "max": float(self.scales_.max())},
