@@ -180,9 +180,7 @@ def pick_input_column(example: dict[str, Any], input_column: str | None, owner: 
     if len(columns) == 1:
         return columns[0]
     shapes = {c: np.asarray(v).shape[1:] for c, v in example.items()}
-    tensors = [
-        c for c, v in example.items() if np.asarray(v).dtype != object and np.asarray(v).ndim >= 2
-    ]
+    tensors = [c for c, v in example.items() if np.asarray(v).dtype != object and np.asarray(v).ndim >= 2]
     if len(tensors) == 1:
         return tensors[0]
     raise ConfigError(

@@ -2,6 +2,8 @@
 
 This is the default ``idl-ray sim`` job: digits, a 64-64-32-10 ReLU MLP teacher with biases, and the
 Ray ADMM solver with two workers on the local Ray (or the cluster given by ``address`` / RAY_ADDRESS).
+With a Ray solver (``ray-*``) the teacher's states stream through Ray Data actors as well
+(:mod:`idl_ray.distributed.extraction`; ``workers`` actors); other solvers extract in the driver.
 """
 
 from __future__ import annotations
@@ -104,7 +106,13 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam)
-        sim.fit(teacher, split.x_train, solver=make_solver(config))
+        data: Any = split.x_train
+        if config.solver.startswith("ray-"):  # the teacher runs on Ray Data actors too (streaming)
+            import ray
+
+            data = ray.data.from_numpy(split.x_train.numpy())
+            sim.set_params(stream={"num_actors": config.workers, "use_gpu": config.use_gpu})
+        sim.fit(teacher, data, solver=make_solver(config))
         fit_time = time.perf_counter() - start
     finally:
         if started_ray:
@@ -121,6 +129,7 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
         "teacher_accuracy": teacher_accuracy,
         "sim_accuracy": sim_accuracy,
         "fit_time_s": fit_time,
+        "streaming": {k: v.to_dict() for k, v in getattr(sim, "stream_info_", {}).items()},
         "summary": summary.to_dict(),
     }
     if config.output_dir:
