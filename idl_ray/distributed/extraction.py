@@ -72,7 +72,9 @@ class StreamConfig(Options):
         Rows per ``map_batches`` batch. Each batch returns one d x d Gram, so larger batches send fewer
         bytes per sample; memory per actor grows with ``batch_size * (p + 2 n + q)``.
     cpus_per_actor : float, default 1.0
-        CPUs Ray reserves per actor (fractional values share a core).
+        CPUs Ray reserves per actor (fractional values share a core). Leave CPUs for the dataset's own
+        upstream tasks (reads, ``map_batches`` functions): with ``num_actors * cpus_per_actor`` equal to
+        the cluster's CPUs those tasks cannot be scheduled and the pipeline waits.
     use_gpu : bool or None, default None
         ``True``: ``gpus_per_actor`` GPUs per actor; ``False``: CPU actors; ``None``: GPUs when the cluster
         has at least ``num_actors * gpus_per_actor`` of them.
@@ -114,6 +116,16 @@ class StreamConfig(Options):
         if self.use_gpu is not None:
             return self.use_gpu
         return float(ray.cluster_resources().get("GPU", 0.0)) >= self.num_actors * self.gpus_per_actor
+
+    def check_cpus(self, cluster_cpus: float) -> None:
+        """Refuse a pool that cannot start, instead of letting Ray Data wait for it forever."""
+        needed = self.num_actors * self.cpus_per_actor
+        if needed > cluster_cpus:
+            raise ConfigError(
+                f"StreamConfig asks for {self.num_actors} actor(s) x {self.cpus_per_actor:g} CPU = {needed:g} "
+                f"CPUs but the Ray cluster has {cluster_cpus:g}. Lower num_actors or cpus_per_actor, and leave "
+                "room for the dataset's own read/map tasks (they need CPUs too)."
+            )
 
     def threads(self) -> int:
         return self.threads_per_actor or max(1, round(self.cpus_per_actor))
@@ -351,6 +363,7 @@ def mapped(
         **extra,
     }
     use_gpu = config.resolve_use_gpu()
+    config.check_cpus(float(ray.cluster_resources().get("CPU", 0.0)))
     out = dataset.map_batches(
         _StateMapper,
         fn_constructor_kwargs={"payload": [ray.put(spec)]},  # nested: fetched inside each actor, once
