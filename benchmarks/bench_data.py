@@ -95,6 +95,18 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            parts = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    text = parts[0].decode(errors="replace")
+    if text.startswith("ray::"):
+        return text
+    return " ".join(os.path.basename(x.decode(errors="replace")) for x in parts[:2] if x)[:60]
+
+
 class PeakRSS:
     """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
 
@@ -102,15 +114,20 @@ class PeakRSS:
         self.every_s = every_s
         self.peak_kib = 0
         self.processes = 0
+        self.breakdown: list[tuple[str, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = _descendants(os.getpid())
-            total = sum(_rss_kib(p) for p in pids)
+            sizes = {p: _rss_kib(p) for p in pids}
+            total = sum(sizes.values())
             if total > self.peak_kib:
                 self.peak_kib, self.processes = total, len(pids)
+                self.breakdown = sorted(
+                    ((_name(p), round(k / 2**10)) for p, k in sizes.items() if k), key=lambda t: -t[1]
+                )
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> PeakRSS:
@@ -176,6 +193,7 @@ def ray_pass(m: int, config: Any, blocks: int) -> dict[str, Any]:
         "peak_rss_gib": memory.gib,
         "rss_before_gib": idle,
         "processes_at_peak": memory.processes,
+        "rss_mib_at_peak": memory.breakdown,
         "trace_G": float(stats.G.trace()),
     }
 
@@ -206,6 +224,7 @@ def fit_end_to_end(m: int, config: Any, blocks: int, workers: int, max_iter: int
         "converged": {k: v.converged for k, v in sim.stats_.items()},
         "a_inf_norm": float(sim.A_.abs().sum(dim=1).max()),
         "peak_rss_gib": memory.gib,
+        "rss_mib_at_peak": memory.breakdown,
     }
 
 

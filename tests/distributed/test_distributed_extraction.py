@@ -305,3 +305,18 @@ def test_stream_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="use_gpu"):
         StreamConfig(use_gpu="yes")
     assert StreamConfig.from_dict({"batch_size": 8}).batch_size == 8
+
+
+def test_sim_job_streams_with_a_ray_solver(ray_cluster):
+    from idl_ray.jobs.sim_job import SimJobConfig, run_sim_job
+
+    config = SimJobConfig(
+        hidden=(16,), teacher_epochs=3, solver="ray-admm", workers=1, use_gpu=False, kappa=0.9
+    )
+    report = run_sim_job(config, log=lambda _: None)
+    from idl_ray.datasets import load_dataset
+
+    extraction = report["streaming"]["extraction"]  # the states streamed through one Ray Data actor
+    assert extraction["actors"] == 1
+    assert extraction["num_samples"] == len(load_dataset("digits", seed=0).x_train)
+    assert report["sim_accuracy"] >= report["teacher_accuracy"] - 0.05
