@@ -76,6 +76,18 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages (the object store) split between the processes mapping them."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -113,6 +125,7 @@ class PeakRSS:
     def __init__(self, every_s: float = 0.2) -> None:
         self.every_s = every_s
         self.peak_kib = 0
+        self.peak_pss_kib = 0
         self.processes = 0
         self.breakdown: list[tuple[str, int]] = []
         self._stop = threading.Event()
@@ -123,6 +136,7 @@ class PeakRSS:
             pids = _descendants(os.getpid())
             sizes = {p: _rss_kib(p) for p in pids}
             total = sum(sizes.values())
+            self.peak_pss_kib = max(self.peak_pss_kib, sum(_pss_kib(p) for p in pids))
             if total > self.peak_kib:
                 self.peak_kib, self.processes = total, len(pids)
                 self.breakdown = sorted(
@@ -141,6 +155,10 @@ class PeakRSS:
     @property
     def gib(self) -> float:
         return self.peak_kib / 2**20
+
+    @property
+    def pss_gib(self) -> float:
+        return self.peak_pss_kib / 2**20
 
 
 # ---------------------------------------------------------------------------------------- floor
@@ -191,6 +209,7 @@ def ray_pass(m: int, config: Any, blocks: int) -> dict[str, Any]:
         "actors": info.actors,
         "driver_reduce_s": info.driver_reduce_s,
         "peak_rss_gib": memory.gib,
+        "peak_pss_gib": memory.pss_gib,
         "rss_before_gib": idle,
         "processes_at_peak": memory.processes,
         "rss_mib_at_peak": memory.breakdown,
@@ -224,6 +243,7 @@ def fit_end_to_end(m: int, config: Any, blocks: int, workers: int, max_iter: int
         "converged": {k: v.converged for k, v in sim.stats_.items()},
         "a_inf_norm": float(sim.A_.abs().sum(dim=1).max()),
         "peak_rss_gib": memory.gib,
+        "peak_pss_gib": memory.pss_gib,
         "rss_mib_at_peak": memory.breakdown,
     }
 
@@ -249,14 +269,16 @@ def main() -> None:
 
     from idl_ray.distributed.extraction import StreamConfig
 
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=1024 * 2**20,
-        _node_ip_address="127.0.0.1",
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    def start_ray() -> None:  # a fresh local Ray per measurement: no process left over from the last one
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=1024 * 2**20,
+            _node_ip_address="127.0.0.1",
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
     config = StreamConfig(
         num_actors=args.actors,
         batch_size=args.batch_size,
@@ -267,7 +289,7 @@ def main() -> None:
     )
     report: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"ray {ray.__version__}",
+        f"ray {ray.__version__}, load average before {os.getloadavg()[0]:.1f}",
         "config": config.to_dict(),
     }
     report["floor"] = floor_throughput(args.batch_size, args.floor_batches, repeats=3)
@@ -277,33 +299,41 @@ def main() -> None:
     report["passes"] = []
     for m in (int(s) for s in args.sizes):
         blocks = max(4, m // (4 * args.batch_size))
+        start_ray()
         result = ray_pass(m, config, blocks)
+        ray.shutdown()
         result["fraction_of_floor"] = result["samples_per_s"] / report["floor"]["samples_per_s"]
         report["passes"].append(result)
         print(
             f"ray data m={m:,}: {result['samples_per_s']:,.0f} samples/s "
             f"({result['fraction_of_floor']:.0%} of the floor), {result['wall_s']:.1f} s, "
             f"peak RSS {result['peak_rss_gib']:.2f} GiB over {result['processes_at_peak']} processes "
-            f"(before the pass: {result['rss_before_gib']:.2f} GiB)"
+            f"(before the pass: {result['rss_before_gib']:.2f} GiB); peak PSS {result['peak_pss_gib']:.2f} GiB"
         )
     if len(report["passes"]) > 1:
-        ratio = report["passes"][-1]["peak_rss_gib"] / report["passes"][0]["peak_rss_gib"]
-        report["peak_ratio_last_to_first"] = ratio
-        print(f"peak RSS ratio m={int(args.sizes[-1]):,} / m={int(args.sizes[0]):,}: {ratio:.2f}")
+        first, last = report["passes"][0], report["passes"][-1]
+        ratio = last["peak_rss_gib"] / first["peak_rss_gib"]
+        ratio_pss = last["peak_pss_gib"] / first["peak_pss_gib"]
+        report["peak_ratio_last_to_first"] = {"rss": ratio, "pss": ratio_pss}
+        print(
+            f"peak ratio m={int(args.sizes[-1]):,} / m={int(args.sizes[0]):,}: RSS {ratio:.2f}, PSS {ratio_pss:.2f}"
+        )
     if args.fit_m:
         m = int(args.fit_m)
+        start_ray()
         report["fit"] = fit_end_to_end(m, config, max(4, m // (4 * args.batch_size)), 2, args.max_iter)
+        ray.shutdown()
         f = report["fit"]
         print(
             f"SIM.fit m={m:,} with RayADMMSolver: {f['total_s']:.1f} s = extraction {f['extraction_s']:.1f} "
             f"(driver sums {f['extraction_driver_reduce_s']:.2f}) + stage-1 solve {f['stage1_solve_s']:.1f} "
             f"+ regeneration {f['regeneration_s']:.1f} + stage-2 solve {f['stage2_solve_s']:.1f}; "
-            f"iterations {f['iterations']}, converged {f['converged']}, peak RSS {f['peak_rss_gib']:.2f} GiB"
+            f"iterations {f['iterations']}, converged {f['converged']}, peak RSS {f['peak_rss_gib']:.2f} GiB, "
+            f"PSS {f['peak_pss_gib']:.2f} GiB"
         )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
-    ray.shutdown()
 
 
 if __name__ == "__main__":
