@@ -225,7 +225,7 @@ def prepare(
     x = torch.from_numpy(np.array(column_array(example[column], column)))
     try:
         structure = recorder.analyse(x)
-    except (UnsupportedLayerError, IDLError):
+    except IDLError:
         raise
     except Exception as exc:
         raise ShapeError(
@@ -318,12 +318,13 @@ class _StateMapper:
     def _error(self, exc: IDLError, b: int) -> dict[str, Any]:
         message = f"{type(exc).__name__}|{b}|{exc}"
         s = self.structure
-        if self.mode == "states":
+        if self.mode == "states":  # same column types as a good batch, so Ray Data can concatenate them
+            dtype = np.float32 if self.dtype == torch.float32 else np.float64
             return {
-                "U": np.zeros((1, s.num_inputs), np.float32),
-                "Z": np.zeros((1, s.num_hidden), np.float32),
-                "X": np.zeros((1, s.num_hidden), np.float32),
-                "Y": np.zeros((1, s.num_outputs), np.float32),
+                "U": np.zeros((1, s.num_inputs), dtype),
+                "Z": np.zeros((1, s.num_hidden), dtype),
+                "X": np.zeros((1, s.num_hidden), dtype),
+                "Y": np.zeros((1, s.num_outputs), dtype),
                 "error": np.array([message], dtype=object),
             }
         d = s.num_hidden + s.num_inputs
