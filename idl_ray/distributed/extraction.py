@@ -454,11 +454,12 @@ def stream_states(
     dtype: torch.dtype = torch.float32,
     stream: StreamConfig | dict[str, Any] | None = None,
     rows: int | None = None,
-) -> tuple[Iterator[dict[str, np.ndarray]], TeacherStructure]:
+) -> tuple[Iterator[dict[str, np.ndarray]], TeacherStructure, str]:
     """The teacher's states on a dataset as an ordered stream of batches ``{"U", "Z", "X", "Y"}``.
 
     Batch-first arrays (b, p), (b, n), (b, n), (b, q) in ``dtype``, exactly :class:`StateRecorder`'s
     states, in dataset order; ``rows`` sets the rows per yielded batch (None: as the pipeline makes them).
+    Returns ``(batches, structure, column)``: the stream, the teacher's structure, the input column used.
     Used by :func:`idl_ray.distributed.write_states`; also handy to inspect states without a sink.
     """
     config = StreamConfig.coerce(stream)
@@ -476,7 +477,7 @@ def stream_states(
             seen += len(batch["error"])
             yield {k: batch[k] for k in ("U", "Z", "X", "Y")}
 
-    return batches(), structure
+    return batches(), structure, column
 
 
 # ---------------------------------------------------------------------------------------- SIM.fit

@@ -137,7 +137,7 @@ def write_states(
     if (root / MANIFEST).exists():
         return {**read_manifest(root), "written": [], "kept": "all"}
     start = time.perf_counter()
-    batches, structure = stream_states(
+    batches, structure, column = stream_states(
         teacher, dataset, input_column=input_column, dtype=dtype, stream=stream, rows=rows_per_shard
     )
     dtype_name = str(dtype).replace("torch.", "")
@@ -180,7 +180,7 @@ def write_states(
     manifest = {
         **run,
         "num_rows": first,
-        "input_column": input_column,
+        "input_column": column,
         "structure": {
             "file": STRUCTURE_FILE,
             "input_shape": list(structure.input_shape),

@@ -72,7 +72,8 @@ def test_streamed_states_and_stats_equal_in_process(name, ray_cluster):
     ds = _dataset(x)
     reference = extract_states(teacher, x, batch_size=64, dtype=torch.float64, progress=False)
 
-    batches, structure = stream_states(teacher, ds, dtype=torch.float64, stream=STREAM, rows=100)
+    batches, structure, column = stream_states(teacher, ds, dtype=torch.float64, stream=STREAM, rows=100)
+    assert column == "data"
     parts = list(batches)
     got = {k: np.concatenate([b[k] for b in parts]) for k in ("U", "Z", "X", "Y")}
     for key in ("U", "Z", "X", "Y"):
@@ -141,6 +142,7 @@ def test_parquet_round_trip_resume_and_fit_states(digits_like, ray_cluster, tmp_
     reference = extract_states(teacher, x, progress=False)
     manifest = read_manifest(path)
     assert [s["num_rows"] for s in manifest["shards"]] == [70, 70, 70, 70, 20]
+    assert manifest["input_column"] == "data" and manifest["widths"] == {"U": 9, "Z": 18, "X": 18, "Y": 3}
     schema = pq.read_schema(path / "part-00000.parquet")
     assert schema.field("U").type == pa.list_(pa.float32(), 9)  # 8 inputs + the bias feature
     assert schema.field("Z").type == pa.list_(pa.float32(), 18)
