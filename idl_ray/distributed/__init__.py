@@ -5,6 +5,8 @@ Ray is imported only under this package. Names are loaded on first use.
 - :class:`RayADMMSolver` (strategies ``"gram"`` and ``"consensus"``), :class:`ADMMMultiGPUSolver`,
   :class:`RayProjectedGDSolver`, :class:`RayCVXSolver`: ``BaseSolver`` s usable with ``SIM.fit``.
 - :class:`ShardedProblem` and the shard sources (object store, Parquet, Ray Dataset).
+- Streaming state extraction on Ray Data (:class:`StreamConfig`, :func:`stream_states`; used by
+  ``SIM.fit`` on a ``ray.data.Dataset``) and the Parquet state sink :func:`write_states`.
 - :class:`RayRunConfig`: workers, GPUs, CPUs per worker, restarts, placement, checkpoints, time limits.
 """
 
@@ -26,6 +28,11 @@ _EXPORTS: dict[str, str] = {
     "DatasetShard": "idl_ray.distributed.shards",
     "StatsShard": "idl_ray.distributed.shards",
     "write_parquet_shards": "idl_ray.distributed.shards",
+    "StreamConfig": "idl_ray.distributed.extraction",
+    "stream_states": "idl_ray.distributed.extraction",
+    "write_states": "idl_ray.distributed.state_store",
+    "read_manifest": "idl_ray.distributed.state_store",
+    "iter_states": "idl_ray.distributed.state_store",
     "SolveCheckpoint": "idl_ray.distributed.checkpoint",
     "load_checkpoint": "idl_ray.distributed.checkpoint",
     "ProgressEvent": "idl_ray.distributed.progress",

@@ -22,6 +22,7 @@ from idl_ray.distributed.shards import (
     split_rows,
     tensor_sources,
 )
+from idl_ray.distributed.state_store import MANIFEST, RUN_FILE, shard_paths
 from idl_ray.errors import ConfigError
 from idl_ray.sim.problem import GramStats, SIMProblem
 
@@ -89,10 +90,19 @@ class ShardedProblem:
         batch_size: int = DEFAULT_BATCH,
         **settings: Any,
     ) -> ShardedProblem:
-        """Parquet files (or a directory of them), grouped into ``num_shards`` sources (default: one per file)."""
+        """Parquet files (or a directory of them), grouped into ``num_shards`` sources (default: one per file).
+
+        A states directory written by :func:`~idl_ray.distributed.state_store.write_states` is checked
+        against its manifest first (incomplete or corrupted: ConfigError); its columns are ``U, Z, X, Y``,
+        so stage 1 is ``feature_columns=("X", "U"), target_columns=("Z",)`` (the teacher's unscaled states).
+        """
         if isinstance(paths, (str, os.PathLike)):
             root = os.fspath(paths)
-            if os.path.isdir(root):
+            if os.path.isdir(root) and any(
+                os.path.exists(os.path.join(root, name)) for name in (MANIFEST, RUN_FILE)
+            ):
+                files = shard_paths(root)
+            elif os.path.isdir(root):
                 files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet"))
             else:
                 files = [root] if os.path.exists(root) else []

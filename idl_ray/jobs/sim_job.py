@@ -1,7 +1,9 @@
 """Job: fit a SIM implicit model to a teacher network on data, and leave a run directory behind.
 
 By default: scikit-learn's digits, a 64-64-32-10 ReLU MLP teacher trained here, and the Ray ADMM
-solver with two workers on the local Ray (or the cluster given by ``address`` / RAY_ADDRESS). Users
+solver with two workers on the local Ray (or the cluster given by ``address`` / RAY_ADDRESS); with a Ray
+solver (``ray-*``) the teacher's states stream through Ray Data actors as well
+(:mod:`idl_ray.distributed.extraction`; ``workers`` actors), other solvers extract in the driver. Users
 bring their own data (``data``: .npz, .npy, Parquet, ``module:function``) and teacher (``teacher``:
 TorchScript, ``module:function``, state_dict + ``hidden``); see :mod:`idl_ray.jobs.data_sources` and
 :mod:`idl_ray.jobs.teacher_sources`. The run directory (:mod:`idl_ray.jobs.run_dir`) gets
@@ -197,7 +199,13 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     try:
         start = time.perf_counter()
         sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
-        sim.fit(teacher, data.x_train, solver=make_solver(config))
+        inputs: Any = data.x_train
+        if config.solver.startswith("ray-"):  # the teacher runs on Ray Data actors too (streaming)
+            import ray
+
+            inputs = ray.data.from_numpy(data.x_train.numpy())
+            sim.set_params(stream={"num_actors": config.workers, "use_gpu": config.use_gpu})
+        sim.fit(teacher, inputs, solver=make_solver(config))
         fit_time = time.perf_counter() - start
     finally:
         if started_ray:
@@ -254,6 +262,7 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
         "certificate": {stage: _certificate(s) for stage, s in stats.items()},
         "fit_time_s": fit_time,
         "times_s": times,
+        "streaming": {k: v.to_dict() for k, v in getattr(sim, "stream_info_", {}).items()},
         "summary": summary.to_dict(),
         "plots": plots,
         "files": {**files, "report_md": "report.md"},

@@ -13,7 +13,6 @@ both with the same solver and the objective of :class:`~idl_ray.sim.problem.SIMP
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -43,6 +42,8 @@ from idl_ray.sim.extraction import (
 from idl_ray.sim.problem import VARIANTS, GramStats, SampleData, SIMProblem
 from idl_ray.sim.rescale import HOMOGENEOUS_ACTIVATIONS, layer_scales
 from idl_ray.sim.solvers.base import BaseSolver, SolverStats, get_solver, resolve_device
+from idl_ray.sim.stages import fixed_point_weights, regenerated_features, stage_batch
+from idl_ray.sim.summary import SIMSummary
 
 __all__ = ["SIM", "SIMSummary"]
 
@@ -61,62 +62,10 @@ _PARAMS = (
     "device",
     "fixed_point",
     "progress",
+    "input_column",
+    "stream",
 )
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclasses.dataclass
-class SIMSummary:
-    """What a fitted SIM looks like: sparsity, well-posedness, costs."""
-
-    hidden: int
-    inputs: int
-    outputs: int
-    bias: bool
-    activation: str
-    kappa: float
-    a_inf_norm: float
-    sparsity: dict[str, float]
-    nonzeros: dict[str, int]
-    solver: str
-    solve_time_s: dict[str, float]
-    iterations: dict[str, int | None]
-    objective: dict[str, float | None]
-    extraction_time_s: float
-    scales: dict[str, float] | None
-    inference_iterations: dict[str, float] | None
-    relative_gap: dict[str, float | None] = dataclasses.field(default_factory=dict)
-    converged: dict[str, bool | None] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        lines = [
-            f"SIM: n={self.hidden} hidden, p={self.inputs} inputs{' (incl. bias)' if self.bias else ''}, "
-            f"q={self.outputs} outputs, activation={self.activation}",
-            f"  ||A||_inf = {self.a_inf_norm:.6g} (kappa = {self.kappa:g})",
-            "  sparsity (fraction of zeros): " + ", ".join(f"{k} {v:.1%}" for k, v in self.sparsity.items()),
-            f"  solver {self.solver}: stage 1 {self.solve_time_s.get('stage1', 0):.3g} s "
-            f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
-            f"({self.iterations.get('stage2')} it); extraction {self.extraction_time_s:.3g} s",
-        ]
-        if any(v is not None for v in self.relative_gap.values()):
-            parts = []
-            for stage in ("stage1", "stage2"):
-                gap, ok = self.relative_gap.get(stage), self.converged.get(stage)
-                if gap is not None:
-                    parts.append(f"stage {stage[-1]} {gap:.2g}" + ("" if ok else " (NOT converged)"))
-            lines.append("  certified relative gap (objective - optimum <= gap): " + ", ".join(parts))
-        if self.scales:
-            lines.append(f"  state rescaling: min {self.scales['min']:.3g}, max {self.scales['max']:.3g}")
-        if self.inference_iterations:
-            lines.append(
-                "  fixed point at inference: "
-                f"max {self.inference_iterations['max']:.0f}, mean {self.inference_iterations['mean']:.1f} "
-                "iterations per sample"
-            )
-        return "\n".join(lines)
 
 
 class SIM:
@@ -155,6 +104,11 @@ class SIM:
         Options of the fixed-point solve at prediction (tol, max_iter, method, ...).
     progress : bool, default False
         Show progress bars.
+    input_column : str or None, default None
+        With a ``ray.data.Dataset``: the column holding the inputs (None: the only tensor column).
+    stream : StreamConfig, dict or None
+        With a ``ray.data.Dataset``: the Ray Data settings (actor pool, batch size, memory limit); see
+        :class:`idl_ray.distributed.extraction.StreamConfig`.
 
     Attributes
     ----------
@@ -191,6 +145,8 @@ class SIM:
         device: torch.device | str | None = None,
         fixed_point: Any = None,
         progress: bool = False,
+        input_column: str | None = None,
+        stream: Any = None,
     ) -> None:
         self.activation = activation
         self.kappa = kappa
@@ -205,6 +161,8 @@ class SIM:
         self.device = device
         self.fixed_point = fixed_point
         self.progress = progress
+        self.input_column = input_column
+        self.stream = stream
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> dict[str, Any]:
@@ -258,6 +216,8 @@ class SIM:
             raise bad_parameter("fixed_point", _OWNER, "a dict or FixedPointOptions", self.fixed_point)
         if not isinstance(self.progress, bool):
             raise bad_parameter("progress", _OWNER, "a bool", self.progress)
+        if self.input_column is not None and not isinstance(self.input_column, str):
+            raise bad_parameter("input_column", _OWNER, "a column name (str) or None", self.input_column)
         activation = self._activation_spec(self.activation)
         return {
             "kappa": kappa,
@@ -302,7 +262,8 @@ class SIM:
         ----------
         teacher : nn.Module, see :mod:`idl_ray.sim.extraction` for the supported layers
         data : DataLoader (its transforms apply), iterable of batches, tensor/array of inputs, or
-            (inputs, targets); targets are not needed to fit
+            (inputs, targets); targets are not needed to fit. A ``ray.data.Dataset`` of inputs streams
+            through Ray Data actors instead (:func:`idl_ray.distributed.extraction.fit_dataset`).
         solver : BaseSolver instance, a registered name ("admm", "cvx", "projected_gd", "least_squares")
             or None (ADMMSolver on ``device``)
 
@@ -312,6 +273,10 @@ class SIM:
         """
         cfg = self._validated()
         solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        if type(data).__module__.startswith("ray.data"):  # no Ray import unless the data is Ray's
+            from idl_ray.distributed.extraction import fit_dataset
+
+            return fit_dataset(self, teacher, data, solver_obj, cfg)
         keep_samples = solver_obj.needs_samples or cfg["variant"] == "exact"
         start = time.perf_counter()
         recorder = StateRecorder(teacher, dtype=cfg["dtype"])
@@ -329,26 +294,60 @@ class SIM:
             states = recorder.record(x)
             if structure is None:
                 structure = states.structure
-                self._check_activation(structure, cfg["activation"])
-                scales = self._scales(structure, cfg)
-            Z, X = states.Z.T, states.X.T
-            if scales is not None:
-                s = scales.to(device=Z.device, dtype=Z.dtype)
-                Z, X = Z * s, X * s
-            U = states.U.T
-            features = torch.cat([X, U], dim=1)
-            targets = torch.cat([Z, states.Y.T], dim=1)
+                scales = self._setup(structure, cfg)
+            features, targets = stage_batch(states.U.T, states.Z.T, states.X.T, states.Y.T, scales)
             stats = GramStats.accumulate(stats, features, targets)
             if keep_samples:
                 feats.append(features.cpu())
                 targs.append(targets.cpu())
             if self.regenerate_states:
-                inputs_cache.append((U.cpu(), states.Y.T.cpu()))
+                inputs_cache.append((states.U.T.cpu(), states.Y.T.cpu()))
         if stats is None or structure is None:
             raise ConfigError("SIM.fit got no samples: the data is empty. Pass at least one batch of inputs.")
-        extraction_time = time.perf_counter() - start
-        n = structure.num_hidden
         samples = SampleData(torch.cat(feats), torch.cat(targs)) if keep_samples else None
+        return self._fit_stages(
+            structure,
+            scales,
+            stats,
+            samples,
+            solver_obj,
+            cfg,
+            lambda A, B: self._regenerated(A, B, inputs_cache, structure, cfg, keep_samples),
+            time.perf_counter() - start,
+        )
+
+    def fit_states(self, path: str | Path, solver: str | BaseSolver | None = None) -> SIM:
+        """Fit from states written by :func:`idl_ray.distributed.write_states` (a Parquet directory).
+
+        The directory is read batch by batch (bounded memory); rescaling and ``regenerate_states`` apply
+        as in :meth:`fit` (the stored states are the teacher's own, unscaled). See
+        :func:`idl_ray.distributed.state_store.fit_states`.
+        """
+        from idl_ray.distributed.state_store import fit_states
+
+        cfg = self._validated()
+        solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        return fit_states(self, path, solver_obj, cfg)
+
+    def _setup(self, structure: TeacherStructure, cfg: dict[str, Any]) -> torch.Tensor | None:
+        """Check the teacher's activation against ours; return the state scales (None: no rescaling)."""
+        self._check_activation(structure, cfg["activation"])
+        return self._scales(structure, cfg)
+
+    def _fit_stages(
+        self,
+        structure: TeacherStructure,
+        scales: torch.Tensor | None,
+        stats: GramStats,
+        samples: SampleData | None,
+        solver_obj: BaseSolver,
+        cfg: dict[str, Any],
+        regenerate: Any,
+        extraction_time: float,
+    ) -> SIM:
+        """Solve stage 1 on ``stats``, then stage 2 (on ``regenerate(A, B) -> (stats, samples)`` with
+        ``regenerate_states``), and set the fitted attributes. Every fitting path ends here."""
+        n = structure.num_hidden
         variant = cfg["variant"]
         kappa = None if variant == "least_squares" else cfg["kappa"]
         lam = 0.0 if variant == "least_squares" else cfg["lam"]
@@ -368,7 +367,7 @@ class SIM:
         if kappa is not None:
             A = project_rows_onto_l1_ball(A, kappa)  # no-op for constrained solvers; guards rounding
         if self.regenerate_states:
-            stats2, samples2 = self._regenerated(A, B, inputs_cache, structure, cfg, keep_samples)
+            stats2, samples2 = regenerate(A, B)
         else:
             stats2 = stats.row_block(slice(n, None))
             samples2 = None if samples is None else samples.row_block(slice(n, None))
@@ -430,21 +429,13 @@ class SIM:
         keep_samples: bool,
     ) -> tuple[GramStats, SampleData | None]:
         """Stage-2 statistics on the fitted model's own equilibrium states: [X_hat; U] -> Y."""
-        from idl_ray.implicit.fixed_point import solve_fixed_point
-
         act = self._activation_object(structure)
-        device, dtype = cfg["device"], cfg["dtype"]
-        Ad = A.to(device=device, dtype=dtype)
-        if dtype != torch.float64:
-            Ad = project_rows_onto_l1_ball(Ad, cfg["kappa"])
-        Bd = B.to(device=device, dtype=dtype)
+        Ad, Bd = fixed_point_weights(A, B, cfg["kappa"], cfg["dtype"], cfg["device"])
         out: GramStats | None = None
         feats: list[torch.Tensor] = []
         targs: list[torch.Tensor] = []
         for U, Y in cache:
-            Ud = U.to(device=device, dtype=dtype)
-            X, _ = solve_fixed_point(Ad, Ud @ Bd.T, act, cfg["fixed_point"])
-            features = torch.cat([X, Ud], dim=1)
+            features = regenerated_features(Ad, Bd, U, act, cfg["fixed_point"])
             out = GramStats.accumulate(out, features, Y)
             if keep_samples:
                 feats.append(features.cpu())
@@ -645,6 +636,8 @@ class SIM:
         params["device"] = None if self.device is None else str(self.device)
         if not isinstance(params["activation"], str):
             params["activation"] = "auto"
+        if params["stream"] is not None and not isinstance(params["stream"], dict):
+            params["stream"] = params["stream"].to_dict()
         if params["fixed_point"] is not None and not isinstance(params["fixed_point"], dict):
             params["fixed_point"] = params["fixed_point"].to_dict()
         s = self.structure_

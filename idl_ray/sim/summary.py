@@ -1,0 +1,62 @@
+"""What a fitted SIM looks like: sparsity, well-posedness, solve costs (returned by ``SIM.summary()``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["SIMSummary"]
+
+
+@dataclasses.dataclass
+class SIMSummary:
+    """What a fitted SIM looks like: sparsity, well-posedness, costs."""
+
+    hidden: int
+    inputs: int
+    outputs: int
+    bias: bool
+    activation: str
+    kappa: float
+    a_inf_norm: float
+    sparsity: dict[str, float]
+    nonzeros: dict[str, int]
+    solver: str
+    solve_time_s: dict[str, float]
+    iterations: dict[str, int | None]
+    objective: dict[str, float | None]
+    extraction_time_s: float
+    scales: dict[str, float] | None
+    inference_iterations: dict[str, float] | None
+    relative_gap: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    converged: dict[str, bool | None] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"SIM: n={self.hidden} hidden, p={self.inputs} inputs{' (incl. bias)' if self.bias else ''}, "
+            f"q={self.outputs} outputs, activation={self.activation}",
+            f"  ||A||_inf = {self.a_inf_norm:.6g} (kappa = {self.kappa:g})",
+            "  sparsity (fraction of zeros): " + ", ".join(f"{k} {v:.1%}" for k, v in self.sparsity.items()),
+            f"  solver {self.solver}: stage 1 {self.solve_time_s.get('stage1', 0):.3g} s "
+            f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
+            f"({self.iterations.get('stage2')} it); extraction {self.extraction_time_s:.3g} s",
+        ]
+        if any(v is not None for v in self.relative_gap.values()):
+            parts = []
+            for stage in ("stage1", "stage2"):
+                gap, ok = self.relative_gap.get(stage), self.converged.get(stage)
+                if gap is not None:
+                    parts.append(f"stage {stage[-1]} {gap:.2g}" + ("" if ok else " (NOT converged)"))
+            lines.append("  certified relative gap (objective - optimum <= gap): " + ", ".join(parts))
+        if self.scales:
+            lines.append(f"  state rescaling: min {self.scales['min']:.3g}, max {self.scales['max']:.3g}")
+        if self.inference_iterations:
+            lines.append(
+                "  fixed point at inference: "
+                f"max {self.inference_iterations['max']:.0f}, mean {self.inference_iterations['mean']:.1f} "
+                "iterations per sample"
+            )
+        return "\n".join(lines)
