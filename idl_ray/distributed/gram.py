@@ -62,6 +62,7 @@ class RunInfo:
     restarts: int
     checkpoints: int
     relative_gap: float | None = None
+    stalled: bool = False
 
     @classmethod
     def of_loop(
@@ -77,6 +78,7 @@ class RunInfo:
         pool: WorkerPool,
         checkpointer: Checkpointer,
         relative_gap: float | None = None,
+        stalled: bool = False,
     ) -> RunInfo:
         """The report of a driver loop (gram or consensus) from its final state."""
         return cls(
@@ -91,6 +93,7 @@ class RunInfo:
             restarts=pool.restarts,
             checkpoints=checkpointer.count,
             relative_gap=relative_gap,
+            stalled=stalled,
         )
 
 
@@ -165,7 +168,7 @@ def _run_gram(
     iteration = 0
     W: torch.Tensor | None = None
     history: list[dict[str, float]] = []
-    converged = False
+    converged = stalled = False
     relative_gap: float | None = None
     rho = rho0
     while iteration < options.max_iter:
@@ -184,6 +187,7 @@ def _run_gram(
         gap = sum(r.gap for r in reports)
         relative_gap = gap / max(abs(primal), torch.finfo(torch.float64).tiny)
         converged = all(r.certified for r in reports)
+        stalled = not converged and all(r.certified or r.stalled for r in reports)
         rho = max(r.rho for r in reports)
         certified_rows = sum(r.certified_rows for r in reports)
         history.append(
@@ -199,7 +203,7 @@ def _run_gram(
                 "gram", iteration, None, None, None, None, rho, list(pool.actors), relative_gap=relative_gap
             )
         )
-        if converged or iteration >= options.max_iter:
+        if converged or stalled or iteration >= options.max_iter:
             begin = time.perf_counter()
             try:
                 W = torch.cat(pool.call("weights", what="gathering the weights"))
@@ -230,6 +234,7 @@ def _run_gram(
         pool=pool,
         checkpointer=checkpointer,
         relative_gap=relative_gap,
+        stalled=stalled,
     )
     return W, info
 

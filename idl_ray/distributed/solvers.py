@@ -421,8 +421,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
                     f"{info.dual:.3g} (tolerance {info.eps_dual:.3g})"
                 )
                 advice = "raise max_iter or loosen abs_tol/rel_tol"
+            stop = (
+                "stalled (objective and gap unchanged)"
+                if info.stalled
+                else f"stopped at max_iter={self.options.max_iter}"
+            )
             warnings.warn(
-                f"{type(self).__name__} ({self.strategy}) stopped at max_iter={self.options.max_iter} with "
+                f"{type(self).__name__} ({self.strategy}) {stop} with "
                 f"{reached}. The weights satisfy the kappa bound but may be suboptimal: {advice}.",
                 ConvergenceWarning,
                 stacklevel=4,
@@ -430,7 +435,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         return {
             "iterations": info.iterations,
             "converged": info.converged,
-            "status": "optimal" if info.converged else "max_iter",
+            "status": "optimal" if info.converged else ("stalled" if info.stalled else "max_iter"),
             "history": info.history,
             "extra": {"strategy": self.strategy, **self._stats_extra(pool, timings, info)},
         }

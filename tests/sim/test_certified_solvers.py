@@ -185,3 +185,17 @@ def test_low_rank_gram_uses_the_thin_solve_and_agrees_with_the_dense_one() -> No
         thin = factor.solve(R, rho)
         dense = R @ torch.linalg.inv(H + rho * torch.eye(H.shape[0], dtype=H.dtype))
         torch.testing.assert_close(thin, dense, rtol=1e-8, atol=1e-10)
+
+
+def test_a_solve_that_cannot_certify_stops_early_as_stalled_never_converged() -> None:
+    """gap_tol below what float64 can certify: the objective stops moving long before max_iter."""
+    problem = rank_deficient_problem(1, 1e-5, 0.95)
+    with pytest.warns(ConvergenceWarning, match="stalled after"):
+        result = ADMMSolver(device="cpu", gap_tol=1e-300, polish=False, stall_checks=8).solve(problem)
+    stats = result.stats
+    assert not stats.converged and stats.status == "stalled"
+    assert stats.iterations < ADMMSolver().options.max_iter
+    assert stats.constraint_violation == 0.0
+    # the last 8 checks moved the objective by less than gap_tol / 100 of itself: nothing left to gain
+    objectives = [h["objective"] for h in stats.history[-9:]]
+    assert objectives[0] - objectives[-1] <= 1e-6 * abs(objectives[-1])

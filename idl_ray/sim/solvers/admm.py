@@ -134,18 +134,24 @@ class ADMMSolver(BaseSolver):
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor, **settings
         )
         if not stats.converged and self.warn:
+            stop = (
+                f"stalled after {stats.iterations} steps (objective and gap unchanged for "
+                f"{self.options.stall_checks} checks)"
+                if stats.stalled
+                else f"stopped at max_iter={self.options.max_iter}"
+            )
             warnings.warn(
-                f"ADMMSolver stopped at max_iter={self.options.max_iter} with a relative duality gap of "
-                f"{stats.relative_gap:.3g} (tolerance gap_tol={self.options.gap_tol:.3g}; "
-                f"{stats.certified_rows} of {stats.rows} rows certified). The weights satisfy the kappa bound "
-                "and their objective is within the gap of the optimum: raise max_iter or gap_tol.",
+                f"ADMMSolver {stop} with a relative duality gap of {stats.relative_gap:.3g} (tolerance "
+                f"gap_tol={self.options.gap_tol:.3g}; {stats.certified_rows} of {stats.rows} rows certified). "
+                "The weights satisfy the kappa bound and their objective is within the gap of the optimum: "
+                "raise max_iter or gap_tol, or a larger lam (the Gram may be very ill-conditioned).",
                 ConvergenceWarning,
                 stacklevel=3,
             )
         info = {
             "iterations": stats.iterations,
             "converged": stats.converged,
-            "status": "optimal" if stats.converged else "max_iter",
+            "status": "optimal" if stats.converged else ("stalled" if stats.stalled else "max_iter"),
             "history": stats.history,
             "extra": {
                 "rho": stats.rho,

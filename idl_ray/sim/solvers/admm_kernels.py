@@ -87,6 +87,9 @@ class ADMMOptions(Options):
         Polish rows on their support once the gap is small (:mod:`~idl_ray.sim.solvers.polish`).
     rho_scale : float
         Fraction of the mean eigenvalue of G used as the default initial rho.
+    stall_checks : int >= 0
+        Stop early, uncertified (``stalled``), when over this many checks the objective fell by less than
+        gap_tol / 100 of itself and the gap did not halve (0: run to max_iter).
     mu, tau : float
         Residual-balancing ratio and factor of the consensus strategy (mu > 1, tau > 1).
     """
@@ -102,6 +105,7 @@ class ADMMOptions(Options):
     anderson: int = 5
     polish: bool = True
     rho_scale: float = 0.05
+    stall_checks: int = 40
     mu: float = 10.0
     tau: float = 2.0
 
@@ -124,6 +128,7 @@ class ADMMOptions(Options):
             raise bad_parameter("relaxation", owner, "a float in (0, 2)", self.relaxation)
         check_positive_int(self.anderson, "anderson", owner, allow_zero=True)
         check_positive_float(self.rho_scale, "rho_scale", owner)
+        check_positive_int(self.stall_checks, "stall_checks", owner, allow_zero=True)
         for name in ("mu", "tau"):
             value = getattr(self, name)
             check_positive_float(value, name, owner)

@@ -70,7 +70,10 @@ class AndersonAccelerator:
             # a row with no history left (all differences zeroed) solves 0 gamma = 0: the floor keeps it regular
             floor = torch.finfo(x.dtype).tiny ** 0.5
             gram = gram + (_REGULARISATION * trace + floor)[:, None, None] * eye
-            gamma = torch.linalg.solve(gram, DF.transpose(1, 2) @ f[:, :, None])
+            # solve_ex: no per-call error check (torch.linalg.solve costs ms on tiny batches); a row whose
+            # system failed gets gamma = 0, the plain step
+            gamma = torch.linalg.solve_ex(gram, DF.transpose(1, 2) @ f[:, :, None])[0]
+            gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
             x_next = gx - ((DX + DF) @ gamma)[:, :, 0]
             g_next = self._apply(x_next, rows)
             bad = (g_next - x_next).norm(dim=1) > f.norm(dim=1)

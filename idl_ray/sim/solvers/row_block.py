@@ -20,7 +20,10 @@ One round of the loop (:meth:`RowBlockADMM.run`) on the rows not yet certified:
    5 so the map changes rarely (a change resets Anderson's memory).
 
 Iterations are counted as ADMM map evaluations, accelerated or not. The cap ``max_iter`` is a guard: a solve
-that reaches it reports ``converged=False`` with the gap it reached, never a success.
+that reaches it reports ``converged=False`` with the gap it reached, never a success. A solve whose objective
+and gap stop moving for ``stall_checks`` checks while rows remain uncertified stops early with
+``stalled=True`` (and ``converged=False``): on a very ill-conditioned Gram the remaining steps would change
+the objective by less than gap_tol / 100 of itself.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class ADMMStats:
 
     iterations: int
     converged: bool
+    stalled: bool
     gap: float | None
     relative_gap: float | None
     objective: float | None
@@ -87,6 +91,7 @@ class BlockReport:
 
     iterations: int
     certified: bool
+    stalled: bool
     certified_rows: int
     rows: int
     primal_sum: float
@@ -210,11 +215,12 @@ class RowBlockADMM:
                     {
                         "iteration": iteration,
                         "relative_gap": max(primal - dual, 0.0) / max(abs(primal), _TINY),
+                        "objective": primal,
                         "certified_rows": int(self.certified.sum()),
                         "rho": rho,
                     }
                 )
-            if bool(self.certified.all()) or iteration >= budget_end:
+            if bool(self.certified.all()) or iteration >= budget_end or self._stalled():
                 break
             active = torch.nonzero(~self.certified).flatten()
             R_active = self.R[active]
@@ -243,9 +249,11 @@ class RowBlockADMM:
                     rho = new_rho
         self.state = ADMMState(W=Z.clone(), Z=Z, U=U, rho=rho, iteration=iteration)
         primal, dual = self.gaps_total()
+        certified = bool(self.certified.all())
         return BlockReport(
             iterations=iteration,
-            certified=bool(self.certified.all()),
+            certified=certified,
+            stalled=not certified and self._stalled(),
             certified_rows=int(self.certified.sum()),
             rows=self.R.shape[0],
             primal_sum=primal,
@@ -256,6 +264,19 @@ class RowBlockADMM:
         )
 
     # ------------------------------------------------------------------ helpers
+    def _stalled(self) -> bool:
+        """Over the last ``stall_checks`` checks the objective fell by less than gap_tol / 100 of itself and
+        the gap did not halve: more steps would not certify the remaining rows (an ill-conditioned Gram whose
+        supports do not settle), so the solve stops early, uncertified, and says so."""
+        k = self.options.stall_checks
+        if k == 0 or len(self.history) <= k:
+            return False
+        old, new = self.history[-k - 1], self.history[-1]
+        if new["certified_rows"] > old["certified_rows"]:
+            return False
+        progress = (old["objective"] - new["objective"]) / max(abs(new["objective"]), _TINY)
+        return progress < 0.01 * self.options.gap_tol and new["relative_gap"] > 0.5 * old["relative_gap"]
+
     def _certified(self, gaps: DualityGap) -> torch.Tensor:
         """Rows of ``gaps`` that meet gap_tol, against the block's mean objective (recorded first)."""
         assert self.gaps is not None
@@ -426,6 +447,7 @@ def admm_solve(
     stats = ADMMStats(
         iterations=report.iterations,
         converged=report.certified,
+        stalled=report.stalled,
         gap=report.gap,
         relative_gap=report.gap / max(abs(report.primal_sum), torch.finfo(torch.float64).tiny),
         objective=report.primal_sum,
