@@ -359,6 +359,9 @@ class _Recorder:
             return _KEEP_ALL
         done = dist <= thr
         n_done = int(done.sum())
+        if n_done == active:  # only with NaN ratios (Inf / Inf): every row passes its own test
+            self._finish(self.rows, fx, dist, None, k, active, active)
+            return None
         if n_done == 0 or n_done < self.options.shrink_fraction * active:
             return _KEEP_ALL
         # one nonzero per mask, then index_select: cheaper than repeated boolean indexing
@@ -872,6 +875,35 @@ def _check_rows(t: torch.Tensor, name: str, shape: tuple[int, ...], owner: str) 
         )
 
 
+_MAGNITUDE_MARGIN = 16.0  # iterates may grow past the first one by up to 1 / (1 - kappa)
+
+
+def _check_magnitude(X: torch.Tensor, options: FixedPointOptions, what: str, owner: str) -> None:
+    """Refuse states whose size makes the stopping test overflow (one reduction per solve).
+
+    The test compares ``||f(x) - x||`` with ``atol + tol ||f(x)||``; in float32 the 2-norm of a row
+    with entries near 1e19 overflows (its squares pass 3.4e38), the threshold becomes Inf and any
+    iterate would pass as converged. States past the limit (or not finite) are an error instead of a
+    wrong "converged".
+    """
+    if X.numel() == 0 or not X.is_floating_point():
+        return
+    big = torch.finfo(X.dtype).max
+    n = max(X.shape[-1], 1)
+    limit = (math.sqrt(big / n) if options.norm == "l2" else big) / _MAGNITUDE_MARGIN
+    largest = float(X.detach().abs().max())
+    if largest <= limit:  # False for NaN too
+        return
+    raise ConfigError(
+        f"{owner}: {what} has entries up to {largest:.3g}, beyond what {X.dtype} can test for "
+        f"convergence (below {limit:.3g} with norm={options.norm!r} and {n} states per sample: the "
+        "residual norms would overflow and the stopping test would be meaningless). Scale the inputs "
+        "(e.g. standardise the features), use float64"
+        + (", or norm='inf'" if options.norm == "l2" else "")
+        + "."
+    )
+
+
 def solve_fixed_point(
     A: torch.Tensor,
     BU: torch.Tensor,
@@ -917,13 +949,17 @@ def solve_fixed_point(
         raise ShapeError(f"The 'BU' argument of {owner} must have shape (batch, {n}). Got {tuple(BU.shape)}.")
     if x0 is not None:
         _check_rows(x0, "x0", tuple(BU.shape), owner)
+    start_label = "x0" if x0 is not None else "the first iterate phi(BU)"
     with torch.no_grad():
         if x0 is None:
             # f(0) = phi(BU), the first iterate, without the product with A; on a copy, since a user's
             # phi may work in place and BU must stay intact
             x0 = act.fn(BU.detach().clone())
+        x0 = x0.detach().to(BU.dtype)
+        _check_magnitude(x0, opts, start_label, owner)
         fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
-        X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
+        X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0, opts)
+        _check_magnitude(X, opts, "the solution X", owner)
     if opts.warn and not stats.all_converged:
         _warn(stats, "The fixed-point solve X = phi(X A^T + BU)", stacklevel=3)
     return X, stats

@@ -455,6 +455,14 @@ class ImplicitModel(nn.Module):
                 f"The 'input' argument of {_OWNER} must have shape (batch, {self.input_dim}) (batch first). "
                 f"Got shape {tuple(input.shape)}; use input.unsqueeze(0) for a single sample."
             )
+        if input.dtype != self.B.dtype:
+            if input.is_floating_point() or input.is_complex():
+                raise ConfigTypeError(
+                    f"The 'input' argument of {_OWNER} is {input.dtype} but the model's parameters are "
+                    f"{self.B.dtype}. Convert one to the other: input.to({self.B.dtype}) (may round), or "
+                    f"model.to({input.dtype})."
+                )
+            input = input.to(self.B.dtype)  # integer or bool features are exact in a float dtype
         U = input.flatten(1) if input.dim() > 2 else input
         if U.shape[1] != self.input_dim:
             raise ShapeError(

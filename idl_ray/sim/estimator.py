@@ -27,9 +27,11 @@ from torch import nn
 from idl_ray._validation import (
     bad_parameter,
     check_choice,
+    check_finite,
     check_kappa,
     check_positive_float,
     check_positive_int,
+    reject_unknown_kwargs,
 )
 from idl_ray.errors import ConfigError, NotFittedError, ShapeError
 from idl_ray.implicit.projection import inf_norm, project_rows_onto_l1_ball
@@ -182,7 +184,10 @@ class SIM:
         device: torch.device | str | None = None,
         fixed_point: Any = None,
         progress: bool = False,
+        **unknown: Any,
     ) -> None:
+        # a misspelt keyword (SIM(kapa=0.9)) gets the valid names, as ImplicitModel does
+        reject_unknown_kwargs(unknown, _OWNER, _PARAMS)
         self.activation = activation
         self.kappa = kappa
         self.lam = lam
@@ -314,9 +319,16 @@ class SIM:
         structure: TeacherStructure | None = None
         batches = iter_batches(data, cfg["batch_size"])
         total = _num_batches(data, cfg["batch_size"])
-        for x, _ in progress_bar(batches, total=total, desc="SIM states", enabled=self.progress):
+        seen = 0
+        for index, (x, _) in enumerate(
+            progress_bar(batches, total=total, desc="SIM states", enabled=self.progress)
+        ):
             if x.shape[0] == 0:
                 continue
+            check_finite(
+                x, "data", "SIM.fit", where=f"batch {index} (samples {seen} to {seen + x.shape[0] - 1})"
+            )
+            seen += x.shape[0]
             states = recorder.record(x)
             if structure is None:
                 structure = states.structure
@@ -524,8 +536,15 @@ class SIM:
             )
         else:
             batches = (x for x, _ in iter_batches(inputs, cfg["batch_size"]))
-        for x in batches:
+        seen = 0
+        for index, x in enumerate(batches):
             U = self._prepare(x, dtype, device)
+            # a NaN or Inf input has no fixed point: refuse it (as ImplicitModel.forward does) rather
+            # than iterate to max_iter and return NaN with advice to raise max_iter
+            check_finite(
+                U, "inputs", "SIM.predict", where=f"batch {index} (samples {seen} to {seen + U.shape[0] - 1})"
+            )
+            seen += U.shape[0]
             X, fp_stats = solve_fixed_point(A, U @ B.T, act, cfg["fixed_point"])
             outputs.append(X @ C.T + U @ D.T)
             iters.append(fp_stats.sample_iterations.to(torch.float64).cpu())
