@@ -883,16 +883,17 @@ def _check_magnitude(X: torch.Tensor, options: FixedPointOptions, what: str, own
 
     The test compares ``||f(x) - x||`` with ``atol + tol ||f(x)||``; in float32 the 2-norm of a row
     with entries near 1e19 overflows (its squares pass 3.4e38), the threshold becomes Inf and any
-    iterate would pass as converged. States past the limit (or not finite) are an error instead of a
-    wrong "converged".
+    iterate would pass as converged. States past the limit (or infinite) are an error instead of a
+    wrong "converged"; NaN rows are left to the per-sample test, which reports them as not converged.
     """
     if X.numel() == 0 or not X.is_floating_point():
         return
     big = torch.finfo(X.dtype).max
     n = max(X.shape[-1], 1)
     limit = (math.sqrt(big / n) if options.norm == "l2" else big) / _MAGNITUDE_MARGIN
-    largest = float(X.detach().abs().max())
-    if largest <= limit:  # False for NaN too
+    # a NaN row (NaN input) is reported as not converged by the solve itself; Inf is overflow
+    largest = float(torch.nan_to_num(X.detach().abs(), nan=0.0, posinf=math.inf).max())
+    if largest <= limit:
         return
     raise ConfigError(
         f"{owner}: {what} has entries up to {largest:.3g}, beyond what {X.dtype} can test for "
