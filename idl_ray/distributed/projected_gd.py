@@ -63,10 +63,13 @@ class _DistributedGradient:
             return grad + self.l2 * W.detach() if self.l2 else grad
 
     def lipschitz(self) -> float:
-        values = resources.get(
-            [a.max_eigenvalue.remote(self.m) for a in self.pool.actors],
-            self.pool.config.timeout_s,
+        values = self.pool.retry(
             "eigenvalues",
+            lambda: resources.get(
+                [a.max_eigenvalue.remote(self.m) for a in self.pool.actors],
+                self.pool.config.timeout_s,
+                "eigenvalues",
+            ),
         )
         return max(sum(values) + self.l2, 1e-300)
 
@@ -202,8 +205,13 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 pool.load([[s] for s in _even_stats_split(problem, pool.size)])
             timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
             timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
-            summaries = resources.get(
-                [a.shard_summary.remote() for a in pool.actors], pool.config.timeout_s, "the shard summaries"
+            summaries = pool.retry(
+                "shard summaries",
+                lambda: resources.get(
+                    [a.shard_summary.remote() for a in pool.actors],
+                    pool.config.timeout_s,
+                    "the shard summaries",
+                ),
             )
             d, rows = summaries[0]["dim"], summaries[0]["rows"]
             m = sum(s["num_samples"] for s in summaries)

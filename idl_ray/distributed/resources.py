@@ -127,8 +127,16 @@ def get(refs: Any, timeout_s: float, what: str) -> Any:
 
 
 def is_actor_failure(exc: BaseException) -> bool:
-    """True for errors that mean an actor died or became unreachable (recoverable by recreation)."""
-    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+    """True for errors that mean an actor died or became unreachable (recoverable by recreation),
+    also when they reach the driver wrapped in a task that took the dead actor's result (the merge
+    tasks of the Gram reduction)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            return True
+        exc = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+        seen += 1
+    return False
 
 
 def kill_all(actors: Sequence[Any]) -> None:

@@ -134,6 +134,7 @@ class _RaySolverMixin:
             "num_workers": pool.size,
             "use_gpu": pool.use_gpu,
             "devices": [i.get("device") for i in pool.infos],
+            "pids": [i.get("pid") for i in pool.infos],
             "timings": timings.as_dict(),
         }
         if info is not None:
@@ -344,8 +345,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """Consensus ADMM on the pool's shards; ``m`` (all samples) defaults to the sum of the shards'."""
         lam, kappa, n_constrained = self._penalties(problem)
         l2 = 0.0 if problem.variant == "least_squares" else problem.l2
-        summaries = resources.get(
-            [a.shard_summary.remote() for a in pool.actors], self.run_config.timeout_s, "the shard summaries"
+        summaries = pool.retry(
+            "shard summaries",
+            lambda: resources.get(
+                [a.shard_summary.remote() for a in pool.actors],
+                self.run_config.timeout_s,
+                "the shard summaries",
+            ),
         )
         d, rows = summaries[0]["dim"], summaries[0]["rows"]
         m = sum(s["num_samples"] for s in summaries) if m is None else m
@@ -369,10 +375,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     def _sharded_objective(self, pool: WorkerPool, sharded: ShardedProblem, W: torch.Tensor):
         m = self._last_m
-        parts = resources.get(
-            [a.quadratic_part.remote(W) for a in pool.actors],
-            self.run_config.timeout_s,
-            "the objective parts",
+        parts = pool.retry(
+            "objective",
+            lambda: resources.get(
+                [a.quadratic_part.remote(W) for a in pool.actors],
+                self.run_config.timeout_s,
+                "the objective parts",
+            ),
         )
         objective = 0.5 * max(sum(parts), 0.0) / m
         if sharded.variant != "least_squares":

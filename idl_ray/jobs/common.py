@@ -30,8 +30,11 @@ def prepare_output_dir(output_dir: str | None, owner: str) -> pathlib.Path | Non
     folder = pathlib.Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise bad_parameter(
-            "output_dir", owner, "a folder (created if missing)", output_dir, "It is an existing file; "
-            "pass a folder path (--output-dir DIR)."
+            "output_dir",
+            owner,
+            "a folder (created if missing)",
+            output_dir,
+            "It is an existing file; pass a folder path (--output-dir DIR).",
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
