@@ -206,7 +206,8 @@ class FixedPointStats:
 
     @property
     def residuals(self) -> torch.Tensor:
-        X = self.state
+        # detached: the state may be the very tensor an autograd Function returned (requires grad)
+        X = self.state.detach()
         size = X.abs().amax(dim=1) if self.norm == "inf" else torch.linalg.vector_norm(X, dim=1)
         return self.abs_residuals / size.clamp_min(torch.finfo(X.dtype).tiny)
 
