@@ -75,6 +75,7 @@ def test_readme_sim_snippet_is_standalone_and_reproducible() -> None:
     a, b = finish(first), finish(second)
     score = float(a.split()[0])
     assert score > 0.9
+
     # the teacher is seeded: the same accuracy and summary, up to the timings
     def untimed(text: str) -> str:
         return re.sub(r"\d+(\.\d+)?(e-?\d+)? (s|ms)\b", "<time>", text)
