@@ -126,3 +126,44 @@ def test_a_missing_cuda_device_is_refused_when_the_solver_is_built():
         ADMMSolver(device=device)
     with pytest.raises(ConfigError, match="'device'"):
         SIM(device=device).fit(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.randn(5, 2))
+
+
+def test_teacher_overflow_on_finite_inputs_is_named_not_an_internal_error():
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        teacher[0].weight.fill_(1.0)
+    x = torch.randn(300, 4)
+    x[260] = 3e38  # finite in float32; the first layer's sum (4 x 3e38) overflows to Inf on batch 1
+    with pytest.raises(ConfigError) as info:
+        SIM().fit(teacher, x)
+    message = str(info.value)
+    assert "overflowed" in message and "batch 1 (samples 256 to 299)" in message
+    assert "GramStats" not in message
+
+
+def test_diverged_parameters_are_named_not_called_an_input_overflow():
+    model = ImplicitModel(4, 2, 8)
+    with torch.no_grad():
+        model.B[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="parameter B .* NaN or Inf"):
+        model(torch.randn(3, 4))
+
+
+def test_an_unreachable_ray_address_in_the_environment_fails_in_seconds():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "from idl_ray.distributed import resources\n"
+        "from idl_ray.errors import DistributedError\n"
+        "try:\n    resources.ensure_ray()\nexcept DistributedError as e:\n    print('refused:', e)\n"
+    )
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", RAY_USAGE_STATS_ENABLED="0")
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused:" in out.stdout and "127.0.0.1:1" in out.stdout
+    assert time.monotonic() - start < 60

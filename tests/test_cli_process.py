@@ -160,3 +160,11 @@ def test_help_lists_the_allowed_values() -> None:
     train_help = idl_ray("train", "--help").stdout
     for value in ("anderson", "shrink", "picard"):
         assert value in train_help
+
+
+def test_a_cluster_too_small_for_the_workers_is_reported_before_the_teacher() -> None:
+    out = idl_ray(
+        "sim", "--workers", "2", "--cpus-per-worker", "100000", "--teacher-epochs", "1", timeout=180
+    )
+    assert_one_line_error(out, "CPU(s)", "--cpus-per-worker", "--workers")
+    assert "teacher" not in out.stdout

@@ -27,8 +27,12 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import Timings
 from idl_ray.distributed.sharded import ShardedProblem
 from idl_ray.distributed.shards import assign, tensor_sources
-from idl_ray.distributed.solvers import _even_stats_split, _RaySolverMixin, _split_run_config
-from idl_ray.errors import ConfigError
+from idl_ray.distributed.solvers import (
+    _even_stats_split,
+    _RaySolverMixin,
+    _split_run_config,
+    check_shared_pool,
+)
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
@@ -151,9 +155,8 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
             kwargs["use_gpu"] = use_gpu
+        check_shared_pool(owner, workers, kwargs)
         self.run_config = _split_run_config(owner, run_config, kwargs)
-        if workers is not None and not isinstance(workers, WorkerPool):
-            raise ConfigError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
         self._shared_pool = workers
         self.needs_samples = True  # data-parallel over sample shards (the Gram is split evenly without them)
         self.last_timings_: dict[str, float] = {}

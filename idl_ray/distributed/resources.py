@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 def ensure_ray() -> None:
     """Start a local Ray (the machine's own resources) unless the process is already connected."""
     if not ray.is_initialized():
+        import os
+
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # ray.init() would join it, retrying an unreachable one for minutes
+            from idl_ray.jobs.common import check_reachable
+
+            check_reachable(address)
         logger.info("Ray is not initialised: starting a local instance with ray.init().")
         ray.init(include_dashboard=False)
 
@@ -66,11 +73,11 @@ def check_resources(config: RayRunConfig, use_gpu: bool, totals: dict[str, float
     for name, amount in one.items():
         needed = amount * config.num_workers
         if needed > totals.get(name, 0.0) + 1e-9:
-            per = "gpus_per_worker" if name == "GPU" else "cpus_per_worker"
+            per = "gpus_per_worker" if name == "GPU" else "cpus_per_worker (--cpus-per-worker in idl-ray)"
             fix = (
-                "Use fewer workers (num_workers), a smaller "
+                "Use fewer workers (num_workers; --workers in idl-ray), a smaller "
                 + per
-                + (", or use_gpu=False for CPU actors" if name == "GPU" else "")
+                + (", or use_gpu=False for CPU actors (--no-use-gpu)" if name == "GPU" else "")
                 + ", or connect to a larger cluster."
             )
             raise DistributedError(

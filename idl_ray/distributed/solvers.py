@@ -64,6 +64,32 @@ def _split_run_config(owner: str, run_config: Any, kwargs: dict[str, Any]) -> Ra
     return resolve_settings(owner, "run_config", "run", run_config, kwargs, RayRunConfig)
 
 
+#: run settings a started pool fixed when it was made: with ``workers=`` they would be ignored
+POOL_SETTINGS = (
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "placement_strategy",
+    "threads",
+)
+
+
+def check_shared_pool(owner: str, workers: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse resource keywords next to ``workers=`` (the pool's own config decides them)."""
+    if workers is None:
+        return
+    if not isinstance(workers, WorkerPool):
+        raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
+    clashing = sorted(k for k in POOL_SETTINGS if k in kwargs)
+    if clashing:
+        raise ConfigError(
+            f"{owner}: {clashing} would be ignored with workers=: the started pool's own config decides "
+            f"them ({', '.join(f'{k}={getattr(workers.config, k)!r}' for k in clashing)}). Drop them, or "
+            "start a WorkerPool with the settings you want."
+        )
+
+
 def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
     """Split a problem's statistics into ``parts`` weighted pieces that sum to it (consensus without samples)."""
     sizes = [s.stop - s.start for s in split_rows(problem.num_samples, parts)]
@@ -223,8 +249,6 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         workers: WorkerPool | None = None,
         **kwargs: Any,
     ) -> None:
-        if workers is not None and not isinstance(workers, WorkerPool):
-            raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
         self._shared_pool = workers
         self.strategy = check_choice(strategy, "strategy", type(self).__name__, STRATEGIES)
         # consensus shards samples: ask SIM to keep them (without them the Gram is split evenly instead)
@@ -233,6 +257,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
             kwargs["use_gpu"] = use_gpu
+        check_shared_pool(type(self).__name__, workers, kwargs)
         self.options, self.run_config = _split_settings(
             type(self).__name__, options, run_config, kwargs, ADMMOptions
         )

@@ -86,6 +86,8 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to Ray: an existing cluster when ``address`` is given (or when running inside a Ray
     job, where RAY_ADDRESS is set), else a local one on loopback. Returns True when this call started
     Ray, so the caller knows to shut it down. An unreachable address fails within seconds."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -96,11 +98,15 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         target = address or os.environ["RAY_ADDRESS"]
         check_reachable(target)
         try:
-            ray.init(address=target, log_to_driver=False)
+            ray.init(address=target, log_to_driver=False, logging_level=logging.ERROR)
         except ConnectionError as exc:
             raise DistributedError(
                 f"Could not connect to the Ray cluster at {target!r}: {str(exc).splitlines()[0]}"
             ) from None
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # no INFO/WARNING lines from Ray on stderr (start-up, token auth): the job's own output is what
+        # the user reads, and an error stays one line
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+        )
     return True

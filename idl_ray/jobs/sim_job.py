@@ -150,12 +150,23 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     solver = make_solver(config)
     started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
     try:
+        if config.solver in ("ray-admm", "ray-pgd"):  # actors for the whole solve (ray-cvx queues tasks)
+            _check_cluster(solver)
         return _run(config, solver, log)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _check_cluster(solver: Any) -> None:
+    """The actors the solver will ask for fit the cluster (else the error comes before the teacher)."""
+    from idl_ray.distributed import resources
+
+    run = solver.run_config
+    totals = resources.cluster_totals()
+    resources.check_resources(run, resources.resolve_use_gpu(run, totals), totals)
 
 
 def _run(config: SimJobConfig, solver: Any, log) -> dict[str, Any]:

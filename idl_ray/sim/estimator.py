@@ -341,6 +341,12 @@ class SIM:
             U = states.U.T
             features = torch.cat([X, U], dim=1)
             targets = torch.cat([Z, states.Y.T], dim=1)
+            if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(targets).all())):
+                raise ConfigError(
+                    f"SIM.fit: the teacher's activations or outputs overflowed to Inf or NaN on batch "
+                    f"{index} (samples {seen - x.shape[0]} to {seen - 1}) although its inputs are finite. "
+                    "Scale the inputs (e.g. standardise the features) or use dtype=torch.float64."
+                )
             stats = GramStats.accumulate(stats, features, targets)
             if keep_samples:
                 feats.append(features.cpu())
