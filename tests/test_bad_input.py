@@ -145,7 +145,7 @@ def test_diverged_parameters_are_named_not_called_an_input_overflow():
     model = ImplicitModel(4, 2, 8)
     with torch.no_grad():
         model.B[0, 0] = float("nan")
-    with pytest.raises(ConfigError, match="parameter B .* NaN or Inf"):
+    with pytest.raises(ConfigError, match=r"parameter B .* NaN or Inf"):
         model(torch.randn(3, 4))
 
 
