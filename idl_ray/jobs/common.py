@@ -106,7 +106,5 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     else:
         # no INFO/WARNING lines from Ray on stderr (start-up, token auth): the job's own output is what
         # the user reads, and an error stays one line
-        ray.init(
-            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
-        )
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     return True
