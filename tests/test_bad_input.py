@@ -167,3 +167,19 @@ def test_an_unreachable_ray_address_in_the_environment_fails_in_seconds():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused:" in out.stdout and "127.0.0.1:1" in out.stdout
     assert time.monotonic() - start < 60
+
+
+def test_a_solver_that_cannot_solve_the_variant_is_refused_before_the_states_are_recorded(teacher):
+    from idl_ray.sim.solvers import ADMMSolver
+
+    consumed = []
+
+    class Batches:
+        def __iter__(self):
+            for i in range(3):
+                consumed.append(i)
+                yield torch.randn(20, 4), None
+
+    with pytest.raises(ConfigError, match="'exact' variant.*CVXSolver"):
+        SIM(variant="exact").fit(teacher, Batches(), solver=ADMMSolver(device="cpu"))
+    assert consumed == []  # refused before the teacher ran on any batch

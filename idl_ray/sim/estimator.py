@@ -308,6 +308,11 @@ class SIM:
         """
         cfg = self._validated()
         solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        if cfg["variant"] not in solver_obj.variants:  # before the states are recorded, not after
+            raise ConfigError(
+                f"{type(solver_obj).__name__} does not solve the '{cfg['variant']}' variant; it solves "
+                f"{sorted(solver_obj.variants)}. Pick another solver (CVXSolver solves all) or variant."
+            )
         keep_samples = solver_obj.needs_samples or cfg["variant"] == "exact"
         start = time.perf_counter()
         recorder = StateRecorder(teacher, dtype=cfg["dtype"])
