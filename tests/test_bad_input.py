@@ -183,3 +183,14 @@ def test_a_solver_that_cannot_solve_the_variant_is_refused_before_the_states_are
     with pytest.raises(ConfigError, match="'exact' variant.*CVXSolver"):
         SIM(variant="exact").fit(teacher, Batches(), solver=ADMMSolver(device="cpu"))
     assert consumed == []  # refused before the teacher ran on any batch
+
+
+def test_score_refuses_nan_targets_and_mismatched_targets(fitted):
+    x = torch.randn(40, 4)
+    y = torch.randn(40, 2)
+    assert isinstance(fitted.score(x, y), float)
+    y[3, 1] = float("nan")
+    with pytest.raises(ConfigError, match="'targets' argument of SIM.score"):
+        fitted.score(x, y)
+    with pytest.raises(ShapeError, match="targets of shape \\(40, 3\\)"):
+        fitted.score(x, torch.randn(40, 3))

@@ -117,7 +117,13 @@ class WorkerPool:
     def release_data(self) -> None:
         """Drop every worker's shard and solver state, keeping the actors for another solve."""
         self.sources = [[] for _ in range(self.size)]
-        resources.get([a.reset.remote() for a in self.actors], self.config.timeout_s, "resetting the actors")
+        # an actor of a kept or shared pool may have died between solves: it is recreated here
+        self.retry(
+            "reset",
+            lambda: resources.get(
+                [a.reset.remote() for a in self.actors], self.config.timeout_s, "resetting the actors"
+            ),
+        )
 
     @property
     def size(self) -> int:

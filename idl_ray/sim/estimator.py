@@ -592,6 +592,12 @@ class SIM:
         if not preds:
             raise ConfigError("SIM.score got no data.")
         P, Y = torch.cat(preds), torch.cat(labels)
+        check_finite(Y, "targets", "SIM.score")  # a NaN target would make the score NaN, silently
+        if Y.shape[0] != P.shape[0] or (Y.dim() > 1 and Y[0].numel() != P[0].numel()):
+            raise ShapeError(
+                f"SIM.score got targets of shape {tuple(Y.shape)} for {P.shape[0]} predictions of "
+                f"{P.shape[1]} output(s); pass one label per sample, or ({P.shape[0]}, {P.shape[1]}) targets."
+            )
         if metric == "auto":
             metric = "accuracy" if (not Y.is_floating_point() and Y.dim() == 1) else "r2"
         if metric == "accuracy":

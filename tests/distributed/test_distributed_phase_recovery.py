@@ -158,3 +158,14 @@ def test_one_loss_past_the_budget_is_one_clear_error(problem, monkeypatch):
     assert "Solver actor 1" in message and "'factor'" in message
     assert "max_restarts=1" in message and "restart budget is spent" in message
     assert str(killer.killed[1][2]) in message  # the lost process is named
+
+
+def test_a_shared_pool_actor_lost_between_solves_is_recreated(problem, undisturbed, pool):
+    pid = pool.infos[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    result = RayADMMSolver(workers=pool, **TOL).solve(shard(problem, 2))
+    assert pid not in result.stats.extra["pids"]
+    assert torch.allclose(result.weights, undisturbed["gram"].weights, atol=1e-10, rtol=0)
