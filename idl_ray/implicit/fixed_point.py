@@ -892,10 +892,16 @@ def _check_magnitude(X: torch.Tensor, options: FixedPointOptions, what: str, own
     big = torch.finfo(X.dtype).max
     n = max(X.shape[-1], 1)
     limit = (math.sqrt(big / n) if options.norm == "l2" else big) / _MAGNITUDE_MARGIN
-    # a NaN row (NaN input) is reported as not converged by the solve itself; Inf is overflow
-    largest = float(torch.nan_to_num(X.detach().abs(), nan=0.0, posinf=math.inf).max())
-    if largest <= limit:
+    low, high = torch.aminmax(X.detach())  # one kernel, one host synchronisation, no copy of X
+    low_value, high_value = torch.stack([low, high]).tolist()
+    largest = max(-low_value, high_value)
+    if largest <= limit:  # False for NaN
         return
+    if math.isnan(largest):
+        # a NaN row (NaN input) is reported as not converged by the solve itself; Inf is overflow
+        largest = float(torch.nan_to_num(X.detach().abs(), nan=0.0, posinf=math.inf).max())
+        if largest <= limit:
+            return
     raise ConfigError(
         f"{owner}: {what} has entries up to {largest:.3g}, beyond what {X.dtype} can test for "
         f"convergence (below {limit:.3g} with norm={options.norm!r} and {n} states per sample: the "
@@ -951,17 +957,16 @@ def solve_fixed_point(
         raise ShapeError(f"The 'BU' argument of {owner} must have shape (batch, {n}). Got {tuple(BU.shape)}.")
     if x0 is not None:
         _check_rows(x0, "x0", tuple(BU.shape), owner)
-    start_label = "x0" if x0 is not None else "the first iterate phi(BU)"
     with torch.no_grad():
         if x0 is None:
             # f(0) = phi(BU), the first iterate, without the product with A; on a copy, since a user's
             # phi may work in place and BU must stay intact
             x0 = act.fn(BU.detach().clone())
-        x0 = x0.detach().to(BU.dtype)
-        _check_magnitude(x0, opts, start_label, owner)
         fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
-        X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0, opts)
-        _check_magnitude(X, opts, "the solution X", owner)
+        X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
+        # after the solve, once (the iterations stay free of it): with an overflowing test the "converged"
+        # above may be false, and it is refused here
+        _check_magnitude(X, opts, "the state X", owner)
     if opts.warn and not stats.all_converged:
         _warn(stats, "The fixed-point solve X = phi(X A^T + BU)", stacklevel=3)
     return X, stats
