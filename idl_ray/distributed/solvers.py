@@ -118,13 +118,13 @@ class _RaySolverMixin:
         if self._shared_pool is not None:
             if not self._shared_pool.actors:
                 raise ConfigError("The WorkerPool passed as workers= was shut down; start a new one.")
+            self._shared_pool.restarts = 0  # the budget is per solve (and covers a loss found at reset)
             self._shared_pool.release_data()
-            self._shared_pool.restarts = 0
             return self._shared_pool
         if self._pool is not None:
             try:
-                self._pool.release_data()
                 self._pool.restarts = 0
+                self._pool.release_data()
                 return self._pool
             except Exception:  # a kept actor died between solves: start afresh
                 self.close()
