@@ -180,7 +180,7 @@ def test_a_solver_that_cannot_solve_the_variant_is_refused_before_the_states_are
                 consumed.append(i)
                 yield torch.randn(20, 4), None
 
-    with pytest.raises(ConfigError, match="'exact' variant.*CVXSolver"):
+    with pytest.raises(ConfigError, match=r"'exact' variant.*CVXSolver"):
         SIM(variant="exact").fit(teacher, Batches(), solver=ADMMSolver(device="cpu"))
     assert consumed == []  # refused before the teacher ran on any batch
 
@@ -190,7 +190,7 @@ def test_score_refuses_nan_targets_and_mismatched_targets(fitted):
     y = torch.randn(40, 2)
     assert isinstance(fitted.score(x, y), float)
     y[3, 1] = float("nan")
-    with pytest.raises(ConfigError, match="'targets' argument of SIM.score"):
+    with pytest.raises(ConfigError, match=r"'targets' argument of SIM\.score"):
         fitted.score(x, y)
-    with pytest.raises(ShapeError, match="targets of shape \\(40, 3\\)"):
+    with pytest.raises(ShapeError, match=r"targets of shape \(40, 3\)"):
         fitted.score(x, torch.randn(40, 3))
