@@ -202,7 +202,14 @@ class WorkerPool:
         phase = self.phase
         lost: set[int] = set()
         fresh: set[int] = set()  # recreated and not yet reloaded
+        rounds = 0
         while True:
+            rounds += 1
+            if rounds > self.config.max_restarts + 3:  # failures without a dead actor to show for them
+                raise DistributedError(
+                    f"Could not bring the solver actors back during {phase!r} after {rounds - 1} rounds of "
+                    f"recovery. Last failure: {_cause(error)}"
+                ) from error
             try:
                 for rank in self._dead_ranks():
                     self._count_restart(rank, error, phase)
@@ -225,6 +232,12 @@ class WorkerPool:
                         self.infos[rank] = info
                     fresh.clear()
                 break
+            except ray.exceptions.RayTaskError as exc:
+                if not resources.is_actor_failure(exc):
+                    raise DistributedError(
+                        f"A recreated solver actor could not reload its shard: {_cause(exc)}"
+                    ) from exc
+                error = exc
             except Exception as exc:
                 if not resources.is_actor_failure(exc):
                     raise
