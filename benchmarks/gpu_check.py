@@ -10,6 +10,8 @@ Checks, each printed as one line and collected in the JSON:
    relative objective gap, kappa bound, time ratio.
 3. RayADMMSolver with use_gpu=True: the actor's device comes from Ray's assignment, and the answer
    matches the single-process solve.
+4. The test suite's GPU-marked tests (``pytest -m gpu``): they skip on CPU machines, so a lent GPU is
+   where they run; the check fails if any fails or skips.
 """
 
 from __future__ import annotations
@@ -164,6 +166,48 @@ def check_ray_gpu(n: int, p: int, m: int) -> dict:
     }
 
 
+def check_gpu_tests(timeout_s: float = 150.0) -> dict:
+    """Run ``pytest -m gpu`` on the repository's tests; every selected test must pass (none skip)."""
+    import importlib.util
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"ok": False, "error": "pytest is not installed here: install it to run the GPU tests"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",  # no --timeout: pytest-timeout may be missing on a GPU image
+        str(root / "tests"),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"pytest -m gpu ran past {timeout_s:g} s"}
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    summary = lines[-1] if lines else done.stderr.strip()[-300:]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
+    return {
+        "ok": done.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("skipped"),
+        "summary": summary,
+        "counts": counts,
+        "output_tail": done.stdout[-3000:] if done.returncode else "",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write all results here")
@@ -171,6 +215,7 @@ def main() -> int:
     parser.add_argument("--p", type=int, default=784)
     parser.add_argument("--m", type=int, default=60_000)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -180,6 +225,8 @@ def main() -> int:
     checks = [("implicit_model", check_implicit_model), ("admm", lambda: check_admm(args.n, args.p, args.m))]
     if not args.skip_ray:
         checks.append(("ray_gpu", lambda: check_ray_gpu(min(args.n, 300), args.p, min(args.m, 20_000))))
+    if not args.skip_tests:
+        checks.append(("pytest_gpu", check_gpu_tests))
     failed = 0
     for name, check in checks:
         start = time.perf_counter()

@@ -80,16 +80,51 @@ def check_choice(value: Any, name: str, owner: str, choices: Iterable[str]) -> s
     return value
 
 
-def check_finite(tensor: torch.Tensor, name: str, owner: str) -> None:
-    """Raise if ``tensor`` holds NaN or Inf, saying how many entries are bad."""
+def check_finite(tensor: torch.Tensor, name: str, owner: str, *, where: str = "") -> None:
+    """Raise if ``tensor`` holds NaN or Inf, saying how many entries are bad and in which rows.
+
+    ``where`` locates the tensor in the user's data (e.g. ``"batch 3 (samples 768-1023)"``).
+    """
     if tensor.is_floating_point() or tensor.is_complex():
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
             count = int(bad.sum())
+            rows = ""
+            if tensor.dim() >= 2:
+                bad_rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten()[:5].tolist()
+                rows = f" (first bad row(s){' of it' if where else ''}: {bad_rows})"
+            place = f" in {where}" if where else ""
             raise ConfigError(
                 f"The '{name}' argument of {owner} contains {count} NaN or Inf value(s) out of "
-                f"{tensor.numel()}. Clean or impute the data before passing it."
+                f"{tensor.numel()}{place}{rows}. Clean or impute the data before passing it."
             )
+
+
+def check_device(device: Any, name: str, owner: str) -> torch.device:
+    """``device`` as a ``torch.device`` after checking it exists on this machine (CUDA available, index
+    in range), so a missing GPU is reported before any work rather than by the first tensor moved there."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise bad_parameter(name, owner, "a torch device such as 'cpu' or 'cuda:0'", device) from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise bad_parameter(
+                name,
+                owner,
+                "a device available on this machine",
+                device,
+                "CUDA is not available here (torch.cuda.is_available() is False); use 'cpu', or leave the "
+                "device unset to pick CUDA only when present.",
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise bad_parameter(
+                name,
+                owner,
+                f"a CUDA device index below {torch.cuda.device_count()} (the GPUs visible here)",
+                device,
+            )
+    return resolved
 
 
 def check_width(tensor: torch.Tensor, expected: int, name: str, owner: str) -> None:
@@ -125,7 +160,8 @@ class Options:
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ConfigError(
-                f"Unknown option(s) {unknown} for {cls.__name__}. Valid options are {sorted(valid)}."
+                f"Unknown option(s) {unknown} for {cls.__name__}.{did_you_mean(unknown, valid)} "
+                f"Valid options are {sorted(valid)}."
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         # JSON and YAML have no tuples: accept a list where the field holds a tuple
@@ -161,8 +197,20 @@ def reject_unknown_kwargs(kwargs: Mapping[str, Any], owner: str, valid: Iterable
     """Raise for keyword arguments that ``owner`` does not know (never swallow them)."""
     if kwargs:
         raise ConfigError(
-            f"Unknown keyword argument(s) {sorted(kwargs)} for {owner}. Valid ones are {sorted(valid)}."
+            f"Unknown keyword argument(s) {sorted(kwargs)} for {owner}.{did_you_mean(kwargs, valid)} "
+            f"Valid ones are {sorted(valid)}."
         )
+
+
+def did_you_mean(names: Iterable[str], valid: Iterable[str]) -> str:
+    """`` Did you mean 'kappa'?`` for misspelt names (empty when nothing is close)."""
+    import difflib
+
+    options = sorted(valid)
+    close = [m for name in sorted(names) for m in difflib.get_close_matches(str(name), options, n=1)]
+    if not close:
+        return ""
+    return " Did you mean " + " / ".join(repr(m) for m in dict.fromkeys(close)) + "?"
 
 
 def resolve_settings(

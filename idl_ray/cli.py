@@ -33,7 +33,13 @@ def _field_parser(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
         return None, True
     if origin is tuple:
         item = typing.get_args(annotation)[0]
-        return (lambda text: tuple(item(part) for part in text.split(",") if part)), False
+
+        def parse_list(text: str) -> tuple:
+            return tuple(item(part) for part in text.split(",") if part)
+
+        # argparse names the converter in its error: "invalid comma-separated int list value: '16,x'"
+        parse_list.__name__ = f"comma-separated {item.__name__} list"
+        return parse_list, False
     return annotation, False
 
 
@@ -41,13 +47,19 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) 
     """Add one ``--flag`` per field of ``options_class`` (defaults come from the dataclass)."""
     hints = typing.get_type_hints(options_class)
     helps = getattr(options_class, "FLAG_HELP", {})  # optional one-line help per field
+    choices = getattr(options_class, "CHOICES", {})
+    notes = getattr(options_class, "NOTES", {})
     for field in dataclasses.fields(options_class):
         flag = "--" + field.name.replace("_", "-")
         converter, is_flag = _field_parser(hints[field.name])
         default = field.default
-        help_text = (
-            f"{helps[field.name]} (default: {default})" if field.name in helps else f"default: {default}"
-        )
+        help_text = f"default: {default}"
+        if field.name in choices:  # listed here, checked by the config's validation (one message)
+            help_text = f"one of {', '.join(choices[field.name])}; {help_text}"
+        if field.name in notes:
+            help_text = f"{notes[field.name]}; {help_text}"
+        if field.name in helps:
+            help_text = f"{helps[field.name]} ({help_text})"
         if is_flag:
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -57,16 +69,40 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_class: type) 
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    """Settings from a JSON file, or YAML for ``.yaml``/``.yml`` (PyYAML comes with Ray)."""
+    """Settings from a JSON file, or YAML for ``.yaml``/``.yml`` (PyYAML comes with Ray).
+
+    A missing or unreadable file, a folder, or text that does not parse is a :class:`ConfigError`
+    naming ``--config``, the file and the first problem."""
     from idl_ray.errors import ConfigError
 
-    with open(path) as handle:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    is_yaml = path.endswith((".yaml", ".yml"))
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path!r}: no such file.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path!r} is a folder; pass a .json or .yaml file.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path!r} cannot be read: {exc}.") from None
+    if is_yaml:
+        import yaml
 
-            values = yaml.safe_load(handle)
-        else:
-            values = json.load(handle)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--config {path!r} is not valid YAML{at}: {problem}.") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"--config {path!r} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
+                "Files are read as JSON unless they end in .yaml or .yml."
+            ) from None
     if not isinstance(values, dict):
         raise ConfigError(
             f"The config file {path!r} must hold a mapping of settings. Got {type(values).__name__}."
@@ -100,7 +136,7 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
 _HELP = {
     "sim": "fit a SIM implicit model to a trained teacher network (default job)",
     "train": "train an ImplicitModel by gradient descent",
-    "info": "print versions, devices and Ray resources",
+    "info": "print versions and devices (and Ray resources with --ray or --address)",
     "evaluate": "evaluate a saved SIM model on data: accuracy, agreement with the teacher, ||A||_inf",
     "extract": "record a teacher's states on data and write them as Parquet shards",
     "solve": "fit a SIM model from the states `idl-ray extract` wrote",
@@ -114,16 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idl-ray",
         description="Implicit deep learning and state-driven implicit modelling (SIM) on Ray.",
+        allow_abbrev=False,  # --teacher must never be read as --teacher-epochs
     )
     parser.add_argument("--version", action="version", version=f"idl-ray {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, config_name, _) in _jobs().items():
-        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
+        sub = commands.add_parser(name, help=_HELP[name], description=_HELP[name], allow_abbrev=False)
         sub.add_argument("--config", help="JSON or YAML file of settings (command-line flags override it)")
         add_options_arguments(sub, getattr(importlib.import_module(module), config_name))
-    info = commands.add_parser("info", help=_HELP["info"], description=_HELP["info"])
+    info = commands.add_parser("info", help=_HELP["info"], description=_HELP["info"], allow_abbrev=False)
     info.add_argument("--ray", action="store_true", help="also start/connect to Ray and list its resources")
-    info.add_argument("--address", default=None, help="Ray address (default: local)")
+    info.add_argument("--address", default=None, help="Ray address to list the resources of (implies --ray)")
     return parser
 
 
@@ -146,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             from idl_ray.jobs.info_job import run_info_job
 
-            run_info_job(with_ray=args.ray, address=args.address)
+            run_info_job(with_ray=args.ray or args.address is not None, address=args.address)
             return 0
         module, config_name, run_name = _jobs()[args.command]
         job = importlib.import_module(module)

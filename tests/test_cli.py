@@ -77,8 +77,13 @@ def test_console_entry_point_runs() -> None:
 
 
 def test_yaml_config_in_clusters_folder_is_valid() -> None:
+    from idl_ray.jobs.sim_job import make_solver
+
     args = build_parser().parse_args(["sim", "--config", "clusters/local.yaml"])
-    assert options_from_args(SimJobConfig, args) == SimJobConfig()
+    config = options_from_args(SimJobConfig, args)
+    assert config == SimJobConfig(workers=2, strategy="gram")
+    # spelled out, the defaults: the same solver as a run without the file
+    assert make_solver(config)._params == make_solver(SimJobConfig())._params
 
 
 def test_sim_job_writes_model_and_report(tmp_path) -> None:

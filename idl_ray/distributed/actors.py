@@ -12,9 +12,9 @@ One class, :class:`SolverWorker`, serves every strategy:
 - it evaluates its part of the objective and of the gradient (for the projected-gradient solver).
 
 Every method returns its own compute time, so the driver can tell computation from communication.
-Construction arguments are only descriptions (sources, threads), so a restarted actor (by Ray's
-``max_restarts`` or by the driver) rebuilds itself the same way; its solver state is then restored by the
-driver from a checkpoint.
+Construction arguments are only descriptions (rank, threads), so an actor the driver recreates after a
+loss rebuilds itself the same way; it then reloads its shard sources and its solver state is restored by
+the driver from a checkpoint (see :class:`~idl_ray.distributed.pool.WorkerPool`).
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ class RayRunConfig(Options):
     threads_per_worker : int or None, default None
         Torch intra-op threads inside each actor; ``None`` means ``max(1, round(cpus_per_worker))``.
     max_restarts : int, default 2
-        How many times a dead actor is brought back (by Ray, or recreated by the driver) before the
-        solve gives up with :class:`~idl_ray.errors.DistributedError`.
+        How many lost actors the driver recreates per solve (at any phase) before the solve gives up
+        with :class:`~idl_ray.errors.DistributedError`. Ray itself never restarts them (see
+        :class:`~idl_ray.distributed.pool.WorkerPool`).
     placement_strategy : {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"} or None, default "PACK"
         Placement-group strategy for the actors' bundles; ``None`` schedules actors without a group.
     checkpoint_every : int, default 25

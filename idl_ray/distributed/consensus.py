@@ -100,7 +100,7 @@ def _run_consensus(
         timings.round_trip(time.perf_counter() - begin, [r[2] for r in results])
         return [r[0] for r in results], [r[1] for r in results]
 
-    setup(list(range(K)), [zero_local] * K)
+    pool.retry("factor", lambda: setup(list(range(K)), [zero_local] * K))
     Z = torch.zeros(rows, d, dtype=torch.float64)
     rho = pending = rho0
     iteration = 0

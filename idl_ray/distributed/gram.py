@@ -35,15 +35,21 @@ def _merge(a: GramStats, b: GramStats) -> GramStats:
 
 
 def reduce_stats(pool: WorkerPool, timings: Timings) -> GramStats:
-    """Sum the workers' shard statistics with a tree of merge tasks; the driver fetches only the total."""
-    start = time.perf_counter()
-    refs = [actor.gram_stats.remote() for actor in pool.actors]
-    while len(refs) > 1:
-        merged = [_merge.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
-        refs = merged + ([refs[-1]] if len(refs) % 2 else [])
-    total = resources.get(refs[0], pool.config.timeout_s, "the Gram reduction")
-    timings.add("communication", time.perf_counter() - start)
-    return total
+    """Sum the workers' shard statistics with a tree of merge tasks; the driver fetches only the total.
+
+    A worker lost during the reduction is recreated with its shard and the reduction runs again."""
+
+    def attempt() -> GramStats:
+        start = time.perf_counter()
+        refs = [actor.gram_stats.remote() for actor in pool.actors]
+        while len(refs) > 1:
+            merged = [_merge.remote(refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
+            refs = merged + ([refs[-1]] if len(refs) % 2 else [])
+        total = resources.get(refs[0], pool.config.timeout_s, "the Gram reduction")
+        timings.add("communication", time.perf_counter() - start)
+        return total
+
+    return pool.retry("gram", attempt)
 
 
 @dataclasses.dataclass
@@ -145,7 +151,7 @@ def _run_gram(
         timings.round_trip(time.perf_counter() - begin, factor_s, phase="factor")
 
     zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
-    setup(list(range(pool.size)), zero_states)
+    pool.retry("factor", lambda: setup(list(range(pool.size)), zero_states))
     checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
 
     def recover(exc: BaseException) -> tuple[int, list[dict[str, float]]]:
@@ -171,7 +177,16 @@ def _run_gram(
     converged = stalled = False
     relative_gap: float | None = None
     rho = rho0
-    while iteration < options.max_iter:
+    while iteration < options.max_iter or W is None:
+        if iteration >= options.max_iter:  # max_iter reached: gather; a lost worker replays from a checkpoint
+            begin = time.perf_counter()
+            try:
+                W = torch.cat(pool.call("weights", what="gathering the weights"))
+            except Exception as exc:
+                iteration, history = recover(exc)
+                continue
+            timings.add("communication", time.perf_counter() - begin)
+            break
         steps = min(chunk, options.max_iter - iteration)
         begin = time.perf_counter()
         try:
@@ -221,8 +236,6 @@ def _run_gram(
                     raise
                 continue  # the next run_rows call fails the same way and recovers
             checkpointer.save(SolveCheckpoint("gram", iteration, rho, rho, states, history=list(history)))
-    if W is None:  # max_iter reached by the recoveries' replay
-        W = torch.cat(pool.call("weights", what="gathering the weights"))
     info = RunInfo.of_loop(
         iteration=iteration,
         converged=converged,

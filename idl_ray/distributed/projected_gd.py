@@ -27,8 +27,12 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import Timings
 from idl_ray.distributed.sharded import ShardedProblem
 from idl_ray.distributed.shards import assign, tensor_sources
-from idl_ray.distributed.solvers import _even_stats_split, _RaySolverMixin, _split_run_config
-from idl_ray.errors import ConfigError
+from idl_ray.distributed.solvers import (
+    _even_stats_split,
+    _RaySolverMixin,
+    _split_run_config,
+    check_shared_pool,
+)
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
@@ -63,10 +67,13 @@ class _DistributedGradient:
             return grad + self.l2 * W.detach() if self.l2 else grad
 
     def lipschitz(self) -> float:
-        values = resources.get(
-            [a.max_eigenvalue.remote(self.m) for a in self.pool.actors],
-            self.pool.config.timeout_s,
+        values = self.pool.retry(
             "eigenvalues",
+            lambda: resources.get(
+                [a.max_eigenvalue.remote(self.m) for a in self.pool.actors],
+                self.pool.config.timeout_s,
+                "eigenvalues",
+            ),
         )
         return max(sum(values) + self.l2, 1e-300)
 
@@ -148,9 +155,8 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
             kwargs["use_gpu"] = use_gpu
+        check_shared_pool(owner, workers, kwargs)
         self.run_config = _split_run_config(owner, run_config, kwargs)
-        if workers is not None and not isinstance(workers, WorkerPool):
-            raise ConfigError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
         self._shared_pool = workers
         self.needs_samples = True  # data-parallel over sample shards (the Gram is split evenly without them)
         self.last_timings_: dict[str, float] = {}
@@ -202,8 +208,13 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 pool.load([[s] for s in _even_stats_split(problem, pool.size)])
             timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
             timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
-            summaries = resources.get(
-                [a.shard_summary.remote() for a in pool.actors], pool.config.timeout_s, "the shard summaries"
+            summaries = pool.retry(
+                "shard summaries",
+                lambda: resources.get(
+                    [a.shard_summary.remote() for a in pool.actors],
+                    pool.config.timeout_s,
+                    "the shard summaries",
+                ),
             )
             d, rows = summaries[0]["dim"], summaries[0]["rows"]
             m = sum(s["num_samples"] for s in summaries)

@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 def ensure_ray() -> None:
     """Start a local Ray (the machine's own resources) unless the process is already connected."""
     if not ray.is_initialized():
+        import os
+
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # ray.init() would join it, retrying an unreachable one for minutes
+            from idl_ray.jobs.common import check_reachable
+
+            check_reachable(address)
         logger.info("Ray is not initialised: starting a local instance with ray.init().")
         ray.init(include_dashboard=False)
 
@@ -66,11 +73,11 @@ def check_resources(config: RayRunConfig, use_gpu: bool, totals: dict[str, float
     for name, amount in one.items():
         needed = amount * config.num_workers
         if needed > totals.get(name, 0.0) + 1e-9:
-            per = "gpus_per_worker" if name == "GPU" else "cpus_per_worker"
+            per = "gpus_per_worker" if name == "GPU" else "cpus_per_worker (--cpus-per-worker in idl-ray)"
             fix = (
-                "Use fewer workers (num_workers), a smaller "
+                "Use fewer workers (num_workers; --workers in idl-ray), a smaller "
                 + per
-                + (", or use_gpu=False for CPU actors" if name == "GPU" else "")
+                + (", or use_gpu=False for CPU actors (--no-use-gpu)" if name == "GPU" else "")
                 + ", or connect to a larger cluster."
             )
             raise DistributedError(
@@ -127,8 +134,16 @@ def get(refs: Any, timeout_s: float, what: str) -> Any:
 
 
 def is_actor_failure(exc: BaseException) -> bool:
-    """True for errors that mean an actor died or became unreachable (recoverable by recreation)."""
-    return isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+    """True for errors that mean an actor died or became unreachable (recoverable by recreation),
+    also when they reach the driver wrapped in a task that took the dead actor's result (the merge
+    tasks of the Gram reduction)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            return True
+        exc = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+        seen += 1
+    return False
 
 
 def kill_all(actors: Sequence[Any]) -> None:

@@ -64,6 +64,32 @@ def _split_run_config(owner: str, run_config: Any, kwargs: dict[str, Any]) -> Ra
     return resolve_settings(owner, "run_config", "run", run_config, kwargs, RayRunConfig)
 
 
+#: run settings a started pool fixed when it was made: with ``workers=`` they would be ignored
+POOL_SETTINGS = (
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "placement_strategy",
+    "threads",
+)
+
+
+def check_shared_pool(owner: str, workers: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse resource keywords next to ``workers=`` (the pool's own config decides them)."""
+    if workers is None:
+        return
+    if not isinstance(workers, WorkerPool):
+        raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
+    clashing = sorted(k for k in POOL_SETTINGS if k in kwargs)
+    if clashing:
+        raise ConfigError(
+            f"{owner}: {clashing} would be ignored with workers=: the started pool's own config decides "
+            f"them ({', '.join(f'{k}={getattr(workers.config, k)!r}' for k in clashing)}). Drop them, or "
+            "start a WorkerPool with the settings you want."
+        )
+
+
 def _even_stats_split(problem: SIMProblem, parts: int) -> list[ShardSource]:
     """Split a problem's statistics into ``parts`` weighted pieces that sum to it (consensus without samples)."""
     sizes = [s.stop - s.start for s in split_rows(problem.num_samples, parts)]
@@ -92,13 +118,13 @@ class _RaySolverMixin:
         if self._shared_pool is not None:
             if not self._shared_pool.actors:
                 raise ConfigError("The WorkerPool passed as workers= was shut down; start a new one.")
+            self._shared_pool.restarts = 0  # the budget is per solve (and covers a loss found at reset)
             self._shared_pool.release_data()
-            self._shared_pool.restarts = 0
             return self._shared_pool
         if self._pool is not None:
             try:
-                self._pool.release_data()
                 self._pool.restarts = 0
+                self._pool.release_data()
                 return self._pool
             except Exception:  # a kept actor died between solves: start afresh
                 self.close()
@@ -134,6 +160,7 @@ class _RaySolverMixin:
             "num_workers": pool.size,
             "use_gpu": pool.use_gpu,
             "devices": [i.get("device") for i in pool.infos],
+            "pids": [i.get("pid") for i in pool.infos],
             "timings": timings.as_dict(),
         }
         if info is not None:
@@ -222,8 +249,6 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         workers: WorkerPool | None = None,
         **kwargs: Any,
     ) -> None:
-        if workers is not None and not isinstance(workers, WorkerPool):
-            raise ConfigTypeError(f"workers must be a WorkerPool. Got {type(workers).__name__}.")
         self._shared_pool = workers
         self.strategy = check_choice(strategy, "strategy", type(self).__name__, STRATEGIES)
         # consensus shards samples: ask SIM to keep them (without them the Gram is split evenly instead)
@@ -232,6 +257,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
             kwargs["use_gpu"] = use_gpu
+        check_shared_pool(type(self).__name__, workers, kwargs)
         self.options, self.run_config = _split_settings(
             type(self).__name__, options, run_config, kwargs, ADMMOptions
         )
@@ -345,8 +371,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """Consensus ADMM on the pool's shards; ``m`` (all samples) defaults to the sum of the shards'."""
         lam, kappa, n_constrained = self._penalties(problem)
         l2 = 0.0 if problem.variant == "least_squares" else problem.l2
-        summaries = resources.get(
-            [a.shard_summary.remote() for a in pool.actors], self.run_config.timeout_s, "the shard summaries"
+        summaries = pool.retry(
+            "shard summaries",
+            lambda: resources.get(
+                [a.shard_summary.remote() for a in pool.actors],
+                self.run_config.timeout_s,
+                "the shard summaries",
+            ),
         )
         d, rows = summaries[0]["dim"], summaries[0]["rows"]
         m = sum(s["num_samples"] for s in summaries) if m is None else m
@@ -370,10 +401,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     def _sharded_objective(self, pool: WorkerPool, sharded: ShardedProblem, W: torch.Tensor):
         m = self._last_m
-        parts = resources.get(
-            [a.quadratic_part.remote(W) for a in pool.actors],
-            self.run_config.timeout_s,
-            "the objective parts",
+        parts = pool.retry(
+            "objective",
+            lambda: resources.get(
+                [a.quadratic_part.remote(W) for a in pool.actors],
+                self.run_config.timeout_s,
+                "the objective parts",
+            ),
         )
         objective = 0.5 * max(sum(parts), 0.0) / m
         if sharded.variant != "least_squares":

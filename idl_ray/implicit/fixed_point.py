@@ -206,7 +206,8 @@ class FixedPointStats:
 
     @property
     def residuals(self) -> torch.Tensor:
-        X = self.state
+        # detached: the state may be the very tensor an autograd Function returned (requires grad)
+        X = self.state.detach()
         size = X.abs().amax(dim=1) if self.norm == "inf" else torch.linalg.vector_norm(X, dim=1)
         return self.abs_residuals / size.clamp_min(torch.finfo(X.dtype).tiny)
 
@@ -359,6 +360,9 @@ class _Recorder:
             return _KEEP_ALL
         done = dist <= thr
         n_done = int(done.sum())
+        if n_done == active:  # only with NaN ratios (Inf / Inf): every row passes its own test
+            self._finish(self.rows, fx, dist, None, k, active, active)
+            return None
         if n_done == 0 or n_done < self.options.shrink_fraction * active:
             return _KEEP_ALL
         # one nonzero per mask, then index_select: cheaper than repeated boolean indexing
@@ -872,6 +876,42 @@ def _check_rows(t: torch.Tensor, name: str, shape: tuple[int, ...], owner: str) 
         )
 
 
+_MAGNITUDE_MARGIN = 16.0  # iterates may grow past the first one by up to 1 / (1 - kappa)
+
+
+def _check_magnitude(X: torch.Tensor, options: FixedPointOptions, what: str, owner: str) -> None:
+    """Refuse states whose size makes the stopping test overflow (one reduction per solve).
+
+    The test compares ``||f(x) - x||`` with ``atol + tol ||f(x)||``; in float32 the 2-norm of a row
+    with entries near 1e19 overflows (its squares pass 3.4e38), the threshold becomes Inf and any
+    iterate would pass as converged. States past the limit (or infinite) are an error instead of a
+    wrong "converged"; NaN rows are left to the per-sample test, which reports them as not converged.
+    """
+    if X.numel() == 0 or not X.is_floating_point():
+        return
+    big = torch.finfo(X.dtype).max
+    n = max(X.shape[-1], 1)
+    limit = (math.sqrt(big / n) if options.norm == "l2" else big) / _MAGNITUDE_MARGIN
+    low, high = torch.aminmax(X.detach())  # one kernel, one host synchronisation, no copy of X
+    low_value, high_value = torch.stack([low, high]).tolist()
+    largest = max(-low_value, high_value)
+    if largest <= limit:  # False for NaN
+        return
+    if math.isnan(largest):
+        # a NaN row (NaN input) is reported as not converged by the solve itself; Inf is overflow
+        largest = float(torch.nan_to_num(X.detach().abs(), nan=0.0, posinf=math.inf).max())
+        if largest <= limit:
+            return
+    raise ConfigError(
+        f"{owner}: {what} has entries up to {largest:.3g}, beyond what {X.dtype} can test for "
+        f"convergence (below {limit:.3g} with norm={options.norm!r} and {n} states per sample: the "
+        "residual norms would overflow and the stopping test would be meaningless). Scale the inputs "
+        "(e.g. standardise the features), use float64"
+        + (", or norm='inf'" if options.norm == "l2" else "")
+        + "."
+    )
+
+
 def solve_fixed_point(
     A: torch.Tensor,
     BU: torch.Tensor,
@@ -924,6 +964,9 @@ def solve_fixed_point(
             x0 = act.fn(BU.detach().clone())
         fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
         X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
+        # after the solve, once (the iterations stay free of it): with an overflowing test the "converged"
+        # above may be false, and it is refused here
+        _check_magnitude(X, opts, "the state X", owner)
     if opts.warn and not stats.all_converged:
         _warn(stats, "The fixed-point solve X = phi(X A^T + BU)", stacklevel=3)
     return X, stats

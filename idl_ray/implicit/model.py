@@ -455,6 +455,14 @@ class ImplicitModel(nn.Module):
                 f"The 'input' argument of {_OWNER} must have shape (batch, {self.input_dim}) (batch first). "
                 f"Got shape {tuple(input.shape)}; use input.unsqueeze(0) for a single sample."
             )
+        if input.dtype != self.B.dtype:
+            if input.is_floating_point() or input.is_complex():
+                raise ConfigTypeError(
+                    f"The 'input' argument of {_OWNER} is {input.dtype} but the model's parameters are "
+                    f"{self.B.dtype}. Convert one to the other: input.to({self.B.dtype}) (may round), or "
+                    f"model.to({input.dtype})."
+                )
+            input = input.to(self.B.dtype)  # integer or bool features are exact in a float dtype
         U = input.flatten(1) if input.dim() > 2 else input
         if U.shape[1] != self.input_dim:
             raise ShapeError(
@@ -493,14 +501,18 @@ class ImplicitModel(nn.Module):
         Y = F.linear(X, self.C) if self.no_D else torch.addmm(F.linear(U, self.D), X, self.C.t())
         return (Y, X) if return_state else Y
 
-    @staticmethod
-    def _check_finite(U: torch.Tensor, BU: torch.Tensor) -> None:
+    def _check_finite(self, U: torch.Tensor, BU: torch.Tensor) -> None:
         # NaN/Inf in U always reaches U B^T, which is (hidden/input) times smaller to scan; a NaN or
         # an Inf anywhere makes the sum non-finite (one reduction), and finite entries whose sum
         # overflows pass the exact test
         if math.isfinite(float(BU.detach().sum())) or bool(torch.isfinite(BU).all()):
             return
         check_finite(U, "input", _OWNER)
+        if not bool(torch.isfinite(self.B.detach()).all()):
+            raise ConfigError(
+                f"The parameter B of {_OWNER} holds NaN or Inf (training diverged?). Lower the learning "
+                "rate, clip gradients, or reload the last good state_dict."
+            )
         raise ConfigError(
             f"The input term U B^T of {_OWNER} overflowed to Inf although the input is finite. Scale the "
             "inputs (e.g. standardise features) or use float64."

@@ -23,11 +23,9 @@ def make_run_dir(job: str, output_dir: str | None, *, root: str | pathlib.Path =
     second never share a directory.
     """
     if output_dir:
-        folder = pathlib.Path(output_dir).expanduser()
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(
-                f"--output-dir {output_dir!r} is an existing file, not a folder. Choose another path."
-            )
+        from idl_ray.jobs.common import prepare_output_dir
+
+        return prepare_output_dir(output_dir, f"idl-ray {job}")
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = pathlib.Path(root) / f"{job}-{stamp}"

@@ -52,8 +52,9 @@ class SimJobConfig(Options):
     kappa: float = 0.95
     lam: float = 1e-4
     solver: str = "ray-admm"
-    workers: int = 2
-    strategy: str = "gram"
+    workers: int | None = None
+    cpus_per_worker: float | None = None
+    strategy: str | None = None
     use_gpu: bool | None = None
     address: str | None = None
     seed: int = 0
@@ -72,10 +73,28 @@ class SimJobConfig(Options):
         "kappa": "well-posedness bound ||A||_inf <= kappa < 1",
         "lam": "l1 weight (sparsity)",
         "solver": "convex solver; ray-* run on Ray actors",
-        "workers": "Ray solver actors",
+        "workers": "Ray solver actors (and Ray Data extraction actors)",
         "address": "Ray cluster address (inside a Ray job RAY_ADDRESS is used)",
         "output_dir": "run directory (default: runs/sim-<UTC timestamp>/)",
         "quiet": "no progress bars or step logs; print only the run directory",
+    }
+
+    #: the allowed values of the choice options (listed by ``--help``)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dataset": DATASETS,
+        "activation": ("relu", "tanh", "leaky_relu"),
+        "solver": SOLVERS,
+        "strategy": ("gram", "consensus"),
+    }
+
+    #: what an option means where its default alone does not say (shown by ``--help``)
+    NOTES: ClassVar[dict[str, str]] = {
+        "workers": "ray-* solvers only (None: 2)",
+        "cpus_per_worker": "CPUs each ray-* solver actor reserves (None: 1.0; fractions share cores)",
+        "strategy": "ray-admm only (None: gram)",
+        "use_gpu": "admm/pgd: CUDA or CPU; ray-admm/ray-pgd: GPU actors (None: when available)",
+        "address": "ray-* solvers only (None: RAY_ADDRESS or a local Ray)",
+        "output_dir": "checked before any work",
     }
 
     def _validate(self) -> None:
@@ -90,8 +109,12 @@ class SimJobConfig(Options):
         check_kappa(self.kappa, owner)
         check_positive_float(self.lam, "lam", owner, allow_zero=True)
         check_choice(self.solver, "solver", owner, SOLVERS)
-        check_positive_int(self.workers, "workers", owner)
-        check_choice(self.strategy, "strategy", owner, ("gram", "consensus"))
+        check_positive_int(self.workers, "workers", owner, allow_none=True)
+        if self.cpus_per_worker is not None:
+            check_positive_float(self.cpus_per_worker, "cpus_per_worker", owner)
+        if self.strategy is not None:
+            check_choice(self.strategy, "strategy", owner, self.CHOICES["strategy"])
+        self._check_solver_options(owner)
         fraction = self.test_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise bad_parameter("test_fraction", owner, "a float in (0, 1)", fraction)
@@ -100,31 +123,69 @@ class SimJobConfig(Options):
             if value is not None and (not isinstance(value, str) or not value):
                 raise bad_parameter(name, owner, "a non-empty string or None", value)
 
+    def _check_solver_options(self, owner: str) -> None:
+        """Options the chosen solver would silently ignore are refused, naming the solvers that take them."""
+        on_ray = self.solver.startswith("ray-")
+        takes = {
+            "workers": on_ray,
+            "cpus_per_worker": on_ray,
+            "address": on_ray,
+            "strategy": self.solver == "ray-admm",
+            "use_gpu": self.solver in ("admm", "pgd", "ray-admm", "ray-pgd"),
+        }
+        if self.use_gpu and self.solver in ("admm", "pgd"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise bad_parameter(
+                    "use_gpu",
+                    owner,
+                    "False or unset on a machine without CUDA",
+                    self.use_gpu,
+                    f"solver={self.solver!r} runs in this process, where torch.cuda.is_available() is "
+                    "False; drop --use-gpu (or use a ray-* solver on a cluster with GPUs).",
+                )
+        for name, accepted in takes.items():
+            if getattr(self, name) is not None and not accepted:
+                users = {
+                    "strategy": "ray-admm",
+                    "use_gpu": "admm, pgd, ray-admm and ray-pgd (cvx and lstsq run on the CPU)",
+                }.get(name, "the ray-* solvers")
+                raise bad_parameter(
+                    name,
+                    owner,
+                    f"unset with solver={self.solver!r}",
+                    getattr(self, name),
+                    f"Only {users} use it; drop --{name.replace('_', '-')} or pick such a solver.",
+                )
+
 
 def make_solver(config: SimJobConfig):
     """The solver object named by ``config.solver``."""
-    from idl_ray import sim
+    from idl_ray.sim import solvers
 
+    # use_gpu on a local solver: True must mean CUDA (an error where there is none), False the CPU
+    device = None if config.use_gpu is None else ("cuda" if config.use_gpu else "cpu")
     if config.solver == "admm":
-        return sim.solvers.ADMMSolver()
+        return solvers.ADMMSolver(device=device)
     if config.solver == "cvx":
-        return sim.solvers.CVXSolver()
+        return solvers.CVXSolver()
     if config.solver == "pgd":
-        return sim.solvers.ProjectedGDLowRankSolver()
+        return solvers.ProjectedGDLowRankSolver(device=device)
     if config.solver == "lstsq":
-        return sim.solvers.LeastSquareSolver()
+        return solvers.LeastSquareSolver()
     from idl_ray import distributed
 
-    if config.solver == "ray-admm":  # a tqdm bar per stage with the residuals, unless --quiet
+    run: dict[str, Any] = {"num_workers": config.workers or 2}
+    if config.cpus_per_worker is not None:
+        run["cpus_per_worker"] = config.cpus_per_worker
+    if config.solver == "ray-admm":  # a tqdm bar per stage with the certificate, unless --quiet
         return distributed.RayADMMSolver(
-            num_workers=config.workers,
-            strategy=config.strategy,
-            use_gpu=config.use_gpu,
-            progress=not getattr(config, "quiet", False),
+            strategy=config.strategy or "gram", use_gpu=config.use_gpu, progress=not config.quiet, **run
         )
     if config.solver == "ray-cvx":
-        return distributed.RayCVXSolver(num_workers=config.workers)
-    return distributed.RayProjectedGDSolver(num_workers=config.workers, use_gpu=config.use_gpu)
+        return distributed.RayCVXSolver(**run)
+    return distributed.RayProjectedGDSolver(use_gpu=config.use_gpu, **run)
 
 
 def prepare_teacher(config: SimJobConfig, data, *, log=print) -> tuple[Any, dict[str, Any]]:
@@ -158,21 +219,50 @@ def prepare_teacher(config: SimJobConfig, data, *, log=print) -> tuple[Any, dict
 
 
 def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
-    """Run the job, write its run directory and return its report (the content of ``report.json``)."""
+    """Run the job, write its run directory and return its report (the content of ``report.json``).
+
+    Everything that can fail without computing is checked before the teacher is trained: the solver (its
+    devices), the run directory, the Ray connection and the cluster's room for the solver's actors.
+    """
+    from idl_ray.jobs.common import ensure_ray
+    from idl_ray.jobs.run_dir import make_run_dir
+
+    solver = make_solver(config)
+    folder = make_run_dir("sim", config.output_dir)
+    started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
+    try:
+        if config.solver in ("ray-admm", "ray-pgd"):  # actors for the whole solve (ray-cvx queues tasks)
+            _check_cluster(solver)
+        return _run(config, solver, folder, log)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_cluster(solver: Any) -> None:
+    """The actors the solver will ask for fit the cluster (else the error comes before the teacher)."""
+    from idl_ray.distributed import resources
+
+    run = solver.run_config
+    totals = resources.cluster_totals()
+    resources.check_resources(run, resources.resolve_use_gpu(run, totals), totals)
+
+
+def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
     import torch
 
     from idl_ray.implicit.projection import inf_norm
-    from idl_ray.jobs.common import ensure_ray
     from idl_ray.jobs.data_sources import load_data
     from idl_ray.jobs.metrics import compare_outputs
     from idl_ray.jobs.report import console_summary, write_plots, write_report_md
-    from idl_ray.jobs.run_dir import make_run_dir, write_config, write_json
+    from idl_ray.jobs.run_dir import write_config, write_json
     from idl_ray.sim import SIM
 
     say = (lambda _: None) if config.quiet else log
     total_start = time.perf_counter()
     times: dict[str, float] = {}
-    folder = make_run_dir("sim", config.output_dir)
     write_config(folder, config.to_dict(), command="sim")
     say(f"run directory: {folder}")
 
@@ -195,23 +285,16 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     teacher, teacher_info = prepare_teacher(config, data, log=say)
     times["teacher"] = time.perf_counter() - start
 
-    started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
-    try:
-        start = time.perf_counter()
-        sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
-        inputs: Any = data.x_train
-        if config.solver.startswith("ray-"):  # the teacher runs on Ray Data actors too (streaming)
-            import ray
+    start = time.perf_counter()
+    sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
+    inputs: Any = data.x_train
+    if config.solver.startswith("ray-"):  # the teacher runs on Ray Data actors too (streaming)
+        import ray
 
-            inputs = ray.data.from_numpy(data.x_train.numpy())
-            sim.set_params(stream={"num_actors": config.workers, "use_gpu": config.use_gpu})
-        sim.fit(teacher, inputs, solver=make_solver(config))
-        fit_time = time.perf_counter() - start
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        inputs = ray.data.from_numpy(data.x_train.numpy())
+        sim.set_params(stream={"num_actors": config.workers or 2, "use_gpu": config.use_gpu})
+    sim.fit(teacher, inputs, solver=solver)
+    fit_time = time.perf_counter() - start
     stats = sim.stats_
     times["extraction"] = sim.extraction_time_s_
     times["stage1"] = stats["stage1"].time_s

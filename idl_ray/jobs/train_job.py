@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from idl_ray._validation import Options, check_choice, check_kappa, check_positive_float, check_positive_int
+from idl_ray._validation import (
+    Options,
+    check_choice,
+    check_device,
+    check_kappa,
+    check_positive_float,
+    check_positive_int,
+)
 from idl_ray.datasets import DATASETS, batches, load_dataset
+from idl_ray.implicit.activations import ACTIVATIONS
+from idl_ray.implicit.fixed_point import FIXED_POINT_METHODS
 from idl_ray.implicit.model import CONSTRAINTS
 
 
@@ -30,21 +39,39 @@ class TrainJobConfig(Options):
     device: str | None = None
     output_dir: str | None = None
 
+    #: the allowed values of the choice options (listed by ``--help``)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dataset": DATASETS,
+        "activation": tuple(ACTIVATIONS),
+        "fixed_point": tuple(FIXED_POINT_METHODS),
+        "constraint": CONSTRAINTS,
+    }
+
+    #: what an option means where its default alone does not say (shown by ``--help``)
+    NOTES: ClassVar[dict[str, str]] = {
+        "device": "torch device, e.g. cpu or cuda:0 (None: CUDA when available)",
+        "output_dir": "folder for train_report.json and implicit_model.pt (created; checked before any work)",
+    }
+
     def _validate(self) -> None:
         owner = "TrainJobConfig"
-        check_choice(self.dataset, "dataset", owner, DATASETS)
+        for name, choices in self.CHOICES.items():
+            check_choice(getattr(self, name), name, owner, choices)
         check_positive_int(self.hidden_dim, "hidden_dim", owner)
         check_kappa(self.kappa, owner)
-        check_choice(self.constraint, "constraint", owner, CONSTRAINTS)
         check_positive_int(self.epochs, "epochs", owner)
         check_positive_int(self.batch_size, "batch_size", owner)
         check_positive_float(self.lr, "lr", owner)
+        if self.device is not None:
+            check_device(self.device, "device", owner)  # a missing GPU fails before the data is loaded
 
 
 def run_train_job(config: TrainJobConfig, *, log=print) -> dict[str, Any]:
     """Train on ``config.dataset`` and return a report with the test accuracy and solver telemetry."""
     from idl_ray.implicit.model import ImplicitModel
+    from idl_ray.jobs.common import prepare_output_dir, write_report
 
+    prepare_output_dir(config.output_dir, "TrainJobConfig")
     torch.manual_seed(config.seed)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     split = load_dataset(config.dataset, seed=config.seed)
@@ -85,4 +112,10 @@ def run_train_job(config: TrainJobConfig, *, log=print) -> dict[str, Any]:
         "A_inf_norm": float(A.abs().sum(dim=1).max()),
     }
     log(f"test accuracy {accuracy:.4f}  (||A||_inf = {report['A_inf_norm']:.4f} <= kappa = {config.kappa})")
+    if config.output_dir:
+        import pathlib
+
+        torch.save(model.state_dict(), pathlib.Path(config.output_dir) / "implicit_model.pt")
+        path = write_report(report, config.output_dir, "train_report")
+        log(f"model and report written to {path.parent}")
     return report

@@ -26,9 +26,11 @@ from torch import nn
 from idl_ray._validation import (
     bad_parameter,
     check_choice,
+    check_finite,
     check_kappa,
     check_positive_float,
     check_positive_int,
+    reject_unknown_kwargs,
 )
 from idl_ray.errors import ConfigError, NotFittedError, ShapeError
 from idl_ray.implicit.projection import inf_norm, project_rows_onto_l1_ball
@@ -147,7 +149,10 @@ class SIM:
         progress: bool = False,
         input_column: str | None = None,
         stream: Any = None,
+        **unknown: Any,
     ) -> None:
+        # a misspelt keyword (SIM(kapa=0.9)) gets the valid names, as ImplicitModel does
+        reject_unknown_kwargs(unknown, _OWNER, _PARAMS)
         self.activation = activation
         self.kappa = kappa
         self.lam = lam
@@ -273,6 +278,11 @@ class SIM:
         """
         cfg = self._validated()
         solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        if cfg["variant"] not in solver_obj.variants:  # before the states are recorded, not after
+            raise ConfigError(
+                f"{type(solver_obj).__name__} does not solve the '{cfg['variant']}' variant; it solves "
+                f"{sorted(solver_obj.variants)}. Pick another solver (CVXSolver solves all) or variant."
+            )
         if type(data).__module__.startswith("ray.data"):  # no Ray import unless the data is Ray's
             from idl_ray.distributed.extraction import fit_dataset
 
@@ -288,14 +298,27 @@ class SIM:
         structure: TeacherStructure | None = None
         batches = iter_batches(data, cfg["batch_size"])
         total = _num_batches(data, cfg["batch_size"])
-        for x, _ in progress_bar(batches, total=total, desc="SIM states", enabled=self.progress):
+        seen = 0
+        for index, (x, _) in enumerate(
+            progress_bar(batches, total=total, desc="SIM states", enabled=self.progress)
+        ):
             if x.shape[0] == 0:
                 continue
+            check_finite(
+                x, "data", "SIM.fit", where=f"batch {index} (samples {seen} to {seen + x.shape[0] - 1})"
+            )
+            seen += x.shape[0]
             states = recorder.record(x)
             if structure is None:
                 structure = states.structure
                 scales = self._setup(structure, cfg)
             features, targets = stage_batch(states.U.T, states.Z.T, states.X.T, states.Y.T, scales)
+            if not (bool(torch.isfinite(features).all()) and bool(torch.isfinite(targets).all())):
+                raise ConfigError(
+                    f"SIM.fit: the teacher's activations or outputs overflowed to Inf or NaN on batch "
+                    f"{index} (samples {seen - x.shape[0]} to {seen - 1}) although its inputs are finite. "
+                    "Scale the inputs (e.g. standardise the features) or use dtype=torch.float64."
+                )
             stats = GramStats.accumulate(stats, features, targets)
             if keep_samples:
                 feats.append(features.cpu())
@@ -524,8 +547,15 @@ class SIM:
             )
         else:
             batches = (x for x, _ in iter_batches(inputs, cfg["batch_size"]))
-        for x in batches:
+        seen = 0
+        for index, x in enumerate(batches):
             U = self._prepare(x, dtype, device)
+            # a NaN or Inf input has no fixed point: refuse it (as ImplicitModel.forward does) rather
+            # than iterate to max_iter and return NaN with advice to raise max_iter
+            check_finite(
+                U, "inputs", "SIM.predict", where=f"batch {index} (samples {seen} to {seen + U.shape[0] - 1})"
+            )
+            seen += U.shape[0]
             X, fp_stats = solve_fixed_point(A, U @ B.T, act, cfg["fixed_point"])
             outputs.append(X @ C.T + U @ D.T)
             iters.append(fp_stats.sample_iterations.to(torch.float64).cpu())
@@ -562,6 +592,12 @@ class SIM:
         if not preds:
             raise ConfigError("SIM.score got no data.")
         P, Y = torch.cat(preds), torch.cat(labels)
+        check_finite(Y, "targets", "SIM.score")  # a NaN target would make the score NaN, silently
+        if Y.shape[0] != P.shape[0] or (Y.dim() > 1 and Y[0].numel() != P[0].numel()):
+            raise ShapeError(
+                f"SIM.score got targets of shape {tuple(Y.shape)} for {P.shape[0]} predictions of "
+                f"{P.shape[1]} output(s); pass one label per sample, or ({P.shape[0]}, {P.shape[1]}) targets."
+            )
         if metric == "auto":
             metric = "accuracy" if (not Y.is_floating_point() and Y.dim() == 1) else "r2"
         if metric == "accuracy":

@@ -534,7 +534,19 @@ class StateRecorder:
         if self.structure is not None:
             return self.structure
         example = example[:1].to(device=self.device, dtype=self.dtype)
-        y, pre, _ = self._run(example)
+        try:
+            y, pre, _ = self._run(example)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            # the user's batch did not fit the teacher (e.g. a wrong number of features): say so in the
+            # user's terms, not with the one-row probe's matmul shapes
+            expects = _first_layer_input(self._gm)
+            raise ShapeError(
+                f"The teacher cannot take the SIM inputs: a batch of shape (batch, "
+                f"{', '.join(map(str, example.shape[1:]))}) failed in its forward ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]})."
+                + (f" Its first layer is {expects}." if expects else "")
+                + " Pass inputs of the shape the teacher was built for."
+            ) from None
         input_shape = tuple(example.shape[1:])
         p = int(np.prod(input_shape)) if input_shape else 1
         layer_shapes = [tuple(z.shape[1:]) for z in pre]
@@ -633,6 +645,16 @@ class StateRecorder:
         X = torch.cat([v.reshape(b, -1) for v in post], dim=1)
         Y = y.reshape(b, -1)
         return SIMStates(U=U.T, Z=Z.T, X=X.T, Y=Y.T, labels=None, structure=structure)
+
+
+def _first_layer_input(module: nn.Module) -> str | None:
+    """A description of the first layer with a fixed input size (e.g. ``Linear(in_features=64, ...)``)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Bilinear)):
+            return f"Linear(in_features={layer.in_features}, out_features={layer.out_features})"
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return f"{type(layer).__name__}(in_channels={layer.in_channels}, ...)"
+    return None
 
 
 def _to_tensor(value: Any, name: str, owner: str) -> torch.Tensor:

@@ -73,7 +73,9 @@ def test_killed_actor_is_survived_with_the_same_answer(strategy, problem, refere
     assert len(checkpoint.worker_states) == 2
 
 
-def test_actor_restarted_by_ray_is_restored(problem, reference):
+def test_actor_killed_with_ray_restart_allowed_is_restored(problem, reference):
+    # ray.kill(no_restart=False): the pool's actors have Ray max_restarts=0 (a Ray-restarted actor
+    # would come back empty), so the driver recreates it and restores it from the checkpoint
     killer = KillOnce(at=15, let_ray_restart=True)
     solver = RayADMMSolver(
         num_workers=2,
@@ -92,19 +94,26 @@ def test_actor_restarted_by_ray_is_restored(problem, reference):
 
 def test_gram_recovery_replays_exactly(problem):
     plain = RayADMMSolver(num_workers=2, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
+    killer = KillOnce(at=20, rank=0)
     killed = RayADMMSolver(
         num_workers=2,
         use_gpu=False,
         cpus_per_worker=0.2,
         checkpoint_every=10,
-        callback=KillOnce(at=20, rank=0),
+        callback=killer,
         timeout_s=TIMEOUT_S,
         **TOL,
     )
     a, b = plain.solve(problem), killed.solve(problem)
+    # the kill happened (before convergence) and the actor was replaced
+    assert killer.killed_pid is not None and a.stats.iterations > killer.at
+    assert b.stats.extra["restarts"] == 1 and b.stats.extra["timings"]["recovery"] > 0
+    assert killer.killed_pid not in b.stats.extra["pids"]
+    # the history comes back with the checkpoint: one entry per check, as without the kill
+    assert [h["iteration"] for h in b.stats.history] == [h["iteration"] for h in a.stats.history]
     # rollback to the checkpoint and replay: the same iterations, the same weights
     assert a.stats.iterations == b.stats.iterations
-    assert torch.allclose(a.weights, b.weights, atol=1e-12)
+    assert torch.allclose(a.weights, b.weights, atol=1e-12, rtol=0)
 
 
 def test_sharded_shard_is_reloaded_by_the_recreated_actor(problem, reference):

@@ -49,7 +49,11 @@ def test_parquet_round_trip_in_process(samples, tmp_path):
     assert len(paths) == 3 and all(pq.ParquetFile(p).metadata.num_rows > 0 for p in paths)
     stats, load_s, gram_s = load_sources([ParquetShard(tuple(paths), batch_size=128)])
     assert stats.num_samples == features.shape[0] and load_s >= 0 and gram_s > 0
-    assert torch.allclose(stats.G, features.double().T @ features.double(), rtol=1e-10, atol=1e-8)
+    F, T = features.double(), targets.double()
+    assert torch.allclose(stats.G, F.T @ F, rtol=1e-10, atol=1e-8)
+    # every statistic, in the stored column order (a swap of feature or target columns shows here)
+    assert torch.allclose(stats.Rt, T.T @ F, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(stats.target_sq, (T * T).sum(dim=0), rtol=1e-10, atol=1e-8)
 
 
 @pytest.mark.parametrize("strategy", ["gram", "consensus"])
@@ -67,6 +71,9 @@ def test_parquet_shards_solve_like_single_process(strategy, samples, tmp_path, w
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
     assert relative_gap(single.objective(result.weights), reference.stats.objective) < 1e-5
     assert result.stats.constraint_violation == 0.0
+    # the weights themselves (unique optimum): a column-order mix-up within X or U leaves the
+    # objective unchanged but permutes them
+    assert torch.allclose(result.weights, reference.weights, atol=1e-5, rtol=0)
     assert result.stats.extra["timings"]["load"] > 0
 
 
@@ -97,6 +104,9 @@ def test_parquet_with_scalar_and_list_columns(samples, tmp_path, worker_pools):
     _, reference = reference_for(features, targets, problem)
     result = RayADMMSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, **TOL).solve(sharded)
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+    # the weights themselves (unique optimum): a column-order mix-up within X or U leaves the
+    # objective unchanged but permutes them
+    assert torch.allclose(result.weights, reference.weights, atol=1e-5, rtol=0)
 
 
 def test_missing_column_is_named(samples, tmp_path, worker_pools):
@@ -128,3 +138,6 @@ def test_ray_dataset_shards(samples, worker_pools):
     _, reference = reference_for(features, targets, problem)
     result = RayADMMSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, **TOL).solve(sharded)
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+    # the weights themselves (unique optimum): a column-order mix-up within X or U leaves the
+    # objective unchanged but permutes them
+    assert torch.allclose(result.weights, reference.weights, atol=1e-5, rtol=0)

@@ -87,3 +87,37 @@ def test_rnn_bad_inputs():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ConfigError, match="NaN"):
         model(bad)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rnn_matches_a_hand_written_recurrence_and_its_gradients(bias):
+    """h_t = C X_t + D u_t with X_t = relu(A X_t + B u_t), u_t = [x_t, h_{t-1}] (+ 1), y = W h_T + b,
+    written out with plain Picard loops (autograd through the unrolled iterations for the gradients)."""
+    torch.manual_seed(3)
+    rnn = ImplicitRNN(
+        2, 3, implicit_hidden_dim=6, hidden_dim=4, kappa=0.7, bias=bias, tol=1e-12, dtype=torch.float64
+    )
+    x = torch.randn(5, 7, 2, dtype=torch.float64, requires_grad=True)
+    y = rnn(x)
+    (y**2).sum().backward()
+    grad_x, grad_B = x.grad.clone(), rnn.cell.implicit.B.grad.clone()
+
+    model = rnn.cell.implicit
+    A, C, D = (t.detach().clone() for t in (model.A, model.C, model.D))
+    B = model.B.detach().clone().requires_grad_(True)
+    assert float(A.abs().sum(dim=1).max()) <= 0.7
+    x_ref = x.detach().clone().requires_grad_(True)
+    h = torch.zeros(5, 4, dtype=torch.float64)
+    for t in range(7):
+        u = torch.cat([x_ref[:, t], h], dim=1)
+        if bias:
+            u = torch.cat([u, torch.ones(5, 1, dtype=torch.float64)], dim=1)
+        X = torch.zeros(5, 6, dtype=torch.float64)
+        for _ in range(200):  # 0.7^200: converged far below float64 rounding
+            X = torch.relu(X @ A.T + u @ B.T)
+        h = X @ C.T + u @ D.T
+    y_ref = h @ rnn.linear.weight.detach().T + rnn.linear.bias.detach()
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    (y_ref**2).sum().backward()
+    torch.testing.assert_close(grad_x, x_ref.grad, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(grad_B, B.grad, atol=1e-8, rtol=1e-7)

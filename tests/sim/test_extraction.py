@@ -86,7 +86,18 @@ def test_cnn_is_unrolled_exactly(cnn_teacher, digits) -> None:
     assert s.input_shape == (1, 8, 8) and s.layer_sizes == [32, 16] and s.layer_shapes[0] == (2, 4, 4)
     conv_out = cnn_teacher.conv(images).flatten(1)
     torch.testing.assert_close(states.Z[:32].T, conv_out)
+    torch.testing.assert_close(states.X, torch.relu(states.Z))
+    with torch.no_grad():  # the recorded outputs are the teacher's own
+        torch.testing.assert_close(states.Y.T, cnn_teacher(images))
     _check_exact(states, atol=1e-4)
+    # the extracted implicit model, solved as a fixed point from the inputs alone, is the teacher
+    from idl_ray.implicit.fixed_point import solve_fixed_point
+
+    U = states.U.double().T
+    X, stats = solve_fixed_point(s.A, U @ s.B.T, "relu", {"tol": 1e-12, "max_iter": 100})
+    assert stats.all_converged
+    with torch.no_grad():
+        torch.testing.assert_close(X @ s.C.T + U @ s.D.T, cnn_teacher(images).double(), atol=1e-4, rtol=1e-4)
 
 
 def test_leaky_relu_tanh_and_average_pooling_batchnorm_are_supported() -> None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from idl_ray._validation import bad_parameter
+from idl_ray._validation import bad_parameter, check_device
 from idl_ray.errors import ConfigError, ConfigTypeError
 from idl_ray.sim.problem import VARIANTS, SIMProblem
 
@@ -104,10 +104,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     """None or "auto": CUDA when available, else CPU; otherwise ``torch.device(device)``."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise bad_parameter("device", "solver", "a torch device, 'auto' or None", device) from exc
+    return check_device(device, "device", "solver")
 
 
 def check_dtype(dtype: Any, owner: str) -> torch.dtype:
