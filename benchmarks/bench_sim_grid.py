@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_sim import digits_data  # the same digits split (64, or upsampled to 784)
 from torch import nn
 
 from idl_ray.errors import ConvergenceWarning
@@ -37,20 +38,6 @@ from idl_ray.sim.solvers import ADMMSolver, CVXSolver, get_solver
 from idl_ray.sim.solvers.admm_kernels import GramFactor
 
 LAMS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-
-
-def digits(p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    X = torch.tensor(data.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    if p == 784:
-        X = F.interpolate(X, size=(28, 28), mode="bilinear", align_corners=False)
-    X = X.flatten(1)
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(X))
-    return X[perm[:cut]], y[perm[:cut]], X[perm[cut:]], y[perm[cut:]]
 
 
 def teacher(p: int, X: torch.Tensor, y: torch.Tensor, bias: bool, epochs: int = 40) -> nn.Module:
@@ -93,7 +80,7 @@ def cvx_rows(problem: SIMProblem, rows: list[int]) -> dict[int, float]:
 
 
 def run_case(p: int, args, solver_factory) -> list[dict]:
-    X, y, Xt, yt = digits(p)
+    X, y, Xt, yt = digits_data(p)
     model = teacher(p, X, y, bias=not args.no_bias)
     teacher_acc = float((model(Xt).argmax(1) == yt).float().mean())
     results = []

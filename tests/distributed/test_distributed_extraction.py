@@ -270,7 +270,7 @@ def test_dataset_input_errors(digits_like, ray_cluster):
     with pytest.raises(ConfigError, match=r"input_column 'c' .* not in the dataset"):
         SIM(stream=STREAM, input_column="c").fit(teacher, two)
     with pytest.raises(
-        ShapeError, match=r"cannot take the samples of column 'data' \(per-sample shape \(5,\)\)"
+        ShapeError, match=r"cannot take the SIM inputs: a batch of shape \(batch, 5\).*first layer is Linear"
     ):
         sim.fit(teacher, ray.data.from_numpy(np.ones((10, 5), np.float32)))
     empty = ray.data.from_numpy(x.numpy()).filter(lambda row: False)
