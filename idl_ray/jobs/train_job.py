@@ -22,7 +22,7 @@ class TrainJobConfig(Options):
     kappa: float = 0.95
     activation: str = "relu"
     fixed_point: str = "picard"
-    constraint: str = "project"
+    constraint: str = "shrink"
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
