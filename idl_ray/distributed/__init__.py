@@ -6,6 +6,8 @@ Ray is imported only under this package. Names are loaded on first use.
   :class:`RayProjectedGDSolver`, :class:`RayCVXSolver`: ``BaseSolver`` s usable with ``SIM.fit``.
 - :class:`ShardedProblem` and the shard sources (object store, Parquet, Ray Dataset).
 - :class:`RayRunConfig`: workers, GPUs, CPUs per worker, restarts, placement, checkpoints, time limits.
+- :func:`train_implicit`: gradient training of ``ImplicitModel`` / ``ImplicitRNN`` on Ray Train (DDP),
+  with checkpoints every epoch, resume and failures survived; returns a :class:`TrainResult`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ _EXPORTS: dict[str, str] = {
     "plot_convergence": "idl_ray.distributed.progress",
     "device_from_assignment": "idl_ray.distributed.device",
     "actor_device": "idl_ray.distributed.device",
+    "train_implicit": "idl_ray.distributed.train",
+    "TrainResult": "idl_ray.distributed.train",
+    "TrainSettings": "idl_ray.distributed.train",
 }
 
 __all__ = sorted(_EXPORTS)
