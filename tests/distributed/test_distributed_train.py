@@ -1,10 +1,11 @@
 """train_implicit on real Ray Train (local Ray, 2 CPU workers): accuracy, the bound on every replica,
 equal replicas, resume without redone epochs, a worker failure survived, ImplicitRNN on a Ray Dataset,
-bad input rejected before any worker starts.
+bad input rejected before any worker starts, and ``idl-ray train --workers 2``.
 
-Ray Train start-up dominates (about 10-20 s a run here), so the digits runs are made once per module
-and shared: run "digits" trains 2 epochs and is then started again with the same name for 4 epochs;
-run "digits-failure" trains 4 epochs with a loss that kills rank 1 once in epoch 2.
+Ray Train start-up dominates (about 10-40 s a run on this shared machine), so the digits runs are made
+once per module and shared: run "digits" trains 2 epochs through the ``idl-ray train`` job and is then
+started again with ``train_implicit`` and the same name for 4 epochs (it resumes); run
+"digits-failure" trains the same model 4 epochs with a loss that kills rank 1 once in epoch 2.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import ray.train
 import torch
 
 from idl_ray import ImplicitModel, ImplicitRNN
+from idl_ray.cli import build_parser, options_from_args
 from idl_ray.datasets import load_dataset
 from idl_ray.distributed import TrainResult, train_implicit
 from idl_ray.distributed.train import _load_state
 from idl_ray.errors import ConfigError, ConfigTypeError, ShapeError
 from idl_ray.implicit.projection import inf_norm
+from idl_ray.jobs.train_job import TrainJobConfig, run_train_job
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import train_helpers  # noqa: E402
+import train_helpers
 
 ray.cloudpickle.register_pickle_by_value(train_helpers)
 
@@ -44,9 +47,9 @@ def steps_per_epoch(samples: int) -> int:
     return math.ceil(math.ceil(samples / WORKERS) / BATCH)
 
 
-def adam_steps(result: TrainResult) -> int:
-    """The step count Adam itself stored in the last checkpoint (independent of our counters)."""
-    state = _load_state(result.checkpoint)["optimizer"]["state"]
+def adam_steps(checkpoint: ray.train.Checkpoint) -> int:
+    """The step count Adam itself stored in a checkpoint (independent of our counters)."""
+    state = _load_state(checkpoint)["optimizer"]["state"]
     counts = {int(s["step"]) for s in state.values()}
     assert len(counts) == 1
     return counts.pop()
@@ -72,28 +75,26 @@ def storage(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits_runs(digits, storage) -> tuple[TrainResult, TrainResult]:
-    """The same run started twice: 2 epochs, then again with epochs=4 (resumes)."""
-    common = {
-        "eval_data": (digits.x_test, digits.y_test),
-        "batch_size": BATCH,
-        "lr": 3e-3,
-        "seed": 0,
-        "scaling_config": scaling(),
-    }
-    runs = []
-    for epochs in (2, 4):
-        run_config = ray.train.RunConfig(name="digits", storage_path=storage)
-        runs.append(
-            train_implicit(
-                train_helpers.digits_model,
-                (digits.x_train, digits.y_train),
-                epochs=epochs,
-                run_config=run_config,
-                **common,
-            )
-        )
-    return runs[0], runs[1]
+def digits_runs(digits, storage) -> tuple[dict, TrainResult]:
+    """The same run started twice: 2 epochs by ``idl-ray train --workers 2``, then again with
+    ``train_implicit(epochs=4)`` (it resumes)."""
+    flags = ["train", "--workers", str(WORKERS), "--cpus-per-worker", "0.4", "--hidden-dim", "32"]
+    flags += ["--kappa", str(train_helpers.KAPPA), "--epochs", "2", "--batch-size", str(BATCH)]
+    flags += ["--lr", "0.003", "--storage-path", storage, "--name", "digits"]
+    config = options_from_args(TrainJobConfig, build_parser().parse_args(flags))
+    report = run_train_job(config, log=lambda _: None)
+    resumed = train_implicit(
+        train_helpers.digits_model,
+        (digits.x_train, digits.y_train),
+        eval_data=(digits.x_test, digits.y_test),
+        epochs=4,
+        batch_size=BATCH,
+        lr=3e-3,
+        seed=0,
+        scaling_config=scaling(),
+        run_config=ray.train.RunConfig(name="digits", storage_path=storage),
+    )
+    return report, resumed
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +138,33 @@ def test_two_workers_train_digits_within_the_bound(digits, digits_runs):
 
 
 def test_replicas_hold_equal_parameters(digits_runs, failure_run):
-    for result in (*digits_runs, failure_run[0]):
-        assert [m["num_workers"] for m in result.metrics] == [WORKERS] * len(result.metrics)
+    report, resumed = digits_runs
+    for metrics in (report["metrics"], resumed.metrics, failure_run[0].metrics):
+        assert [m["num_workers"] for m in metrics] == [WORKERS] * len(metrics)
         # max |p_rank0 - p_rank1| over every parameter, all-reduced at the end of every epoch
-        assert [m["replica_max_diff"] for m in result.metrics] == [0.0] * len(result.metrics)
+        assert [m["replica_max_diff"] for m in metrics] == [0.0] * len(metrics)
 
 
 def test_resume_continues_the_epoch_count_without_redoing_epochs(digits, digits_runs):
-    first, resumed = digits_runs
+    report, resumed = digits_runs
     spe = steps_per_epoch(len(digits.x_train))
-    assert [m["epoch"] for m in first.metrics] == [1, 2]
+    assert [m["epoch"] for m in report["metrics"]] == [1, 2]
     assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3, 4]
-    assert resumed.metrics[:2] == first.metrics  # the finished epochs are carried over, not rerun
-    assert adam_steps(first) == 2 * spe
-    assert adam_steps(resumed) == 4 * spe  # 6 * spe if epochs 1-2 had been redone
+    assert resumed.metrics[:2] == report["metrics"]  # the finished epochs are carried over, not rerun
+    assert adam_steps(ray.train.Checkpoint.from_directory(report["checkpoint_path"])) == 2 * spe
+    assert adam_steps(resumed.checkpoint) == 4 * spe  # 6 * spe if epochs 1-2 had been redone
     assert [m["optimizer_steps"] for m in resumed.metrics] == [spe, 2 * spe, 3 * spe, 4 * spe]
     assert len(checkpoints_in(resumed)) == 4  # one per epoch, in the run's folder
-    assert resumed.path == first.path
+    assert resumed.path == report["run_path"]
+
+
+def test_train_command_runs_on_ray_train_workers(digits_runs):
+    report, _ = digits_runs
+    assert report["workers"] == WORKERS and report["device"] == "ray-train cpu"
+    assert report["A_inf_norm"] <= train_helpers.KAPPA
+    # the job's own accuracy (driver, returned model) is the workers' last evaluation
+    assert report["test_accuracy"] == pytest.approx(report["metrics"][-1]["eval_accuracy"], abs=1e-6)
+    assert report["test_accuracy"] > 0.85
 
 
 def test_a_worker_failure_is_survived_from_the_last_checkpoint(digits, digits_runs, failure_run):
@@ -161,7 +172,7 @@ def test_a_worker_failure_is_survived_from_the_last_checkpoint(digits, digits_ru
     spe = steps_per_epoch(len(digits.x_train))
     assert marker.exists()  # rank 1 did raise, in epoch 2
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
-    assert adam_steps(result) == 4 * spe
+    assert adam_steps(result.checkpoint) == 4 * spe
     assert len(checkpoints_in(result)) == 4
     # restarted from epoch 1's checkpoint (weights, Adam state, RNG) it retraced the uninterrupted
     # trajectory: the same weights as the run that was stopped after epoch 2 and resumed

@@ -18,7 +18,10 @@ KAPPA = 0.95
 
 
 def digits_model() -> ImplicitModel:
-    return ImplicitModel(64, 10, 32, kappa=KAPPA, bias=True, tol=1e-4)
+    """The model ``idl-ray train --hidden-dim 32 --kappa 0.95`` builds for digits (so runs can mix)."""
+    return ImplicitModel(
+        64, 10, 32, activation="relu", kappa=KAPPA, fixed_point="picard", constraint="shrink", bias=True
+    )
 
 
 def sequence_model() -> ImplicitRNN:
