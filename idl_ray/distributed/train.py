@@ -110,7 +110,8 @@ class TrainResult:
         of those solves that stopped at their cap, forward + backward, all workers), ``kappa_margin``
         (smallest ``kappa - ||A||_inf`` after any step on any worker), ``replica_max_diff``,
         ``optimizer_steps`` (cumulative), ``num_workers``, ``epoch_time_s`` (rank 0, training and
-        evaluation).
+        evaluation), ``started_at`` (rank 0's ``time.time()`` at the epoch's start: the differences
+        include reporting and checkpointing).
     checkpoint : the ``ray.train.Checkpoint`` of the last epoch.
     path : the run's folder (``storage_path/name``).
     ray_result : the ``ray.train.Result`` of ``TorchTrainer.fit()``.
@@ -502,7 +503,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train, evaluation = config["train"], config["eval"]
     for epoch in range(start_epoch, settings.epochs):
-        started = time.perf_counter()
+        started_at, started = time.time(), time.perf_counter()
         before = [dataclasses.astuple(m.telemetry) for m in implicit]
         if train == "dataset":
             batches = _dataset_batches("train", settings.batch_size)
@@ -573,6 +574,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             if labelled and labelled == seen:
                 metrics["eval_accuracy"] = correct / labelled
         metrics["epoch_time_s"] = time.perf_counter() - started
+        metrics["started_at"] = started_at
         history.append(metrics)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(_rng_state(), os.path.join(folder, _RNG_FILE.format(rank)))
