@@ -10,7 +10,9 @@ Printed side by side, per hidden size:
   the median compute part alone (``epoch_time_s``), start-up (from the call to the first epoch's start:
   Ray Train controller, worker group, process group, data transfer, model build) and the time after the
   last epoch (teardown, result);
-- per-epoch overhead = Ray epoch wall time (1 worker) / single-process epoch (1 thread) - 1.
+- Ray bookkeeping per epoch = epoch wall time - compute part (medians over epochs 2..E-1), also as a
+  fraction of the single-process epoch (1 thread); and the epoch wall time over the single-process
+  epoch. The single-process loop runs before and after the Ray runs; its medians take both.
 
     python benchmarks/bench_train.py [--hidden 100,500] [--epochs 8] [--workers 1,2] [--use-gpu]
                                      [--poll-interval 0.1]
@@ -89,9 +91,11 @@ def on_ray(split, hidden: int, epochs: int, batch: int, workers: int, use_gpu: b
     metrics = result.metrics
     starts = [m["started_at"] for m in metrics]
     walls = [b - a for a, b in itertools.pairwise(starts)][1:]  # epoch 1 is warm-up
+    bookkeeping = [w - m["epoch_time_s"] for w, m in zip(walls, metrics[1:])]
     return {
         "wall": statistics.median(walls),
         "compute": statistics.median(m["epoch_time_s"] for m in metrics[1:]),
+        "bookkeeping": statistics.median(bookkeeping),
         "startup": starts[0] - called,
         "after": ended - starts[-1] - metrics[-1]["epoch_time_s"],
         "total": ended - called,
@@ -143,40 +147,47 @@ def main() -> None:
     storage = args.storage_path or tempfile.mkdtemp(prefix="bench_train_")
     rows = []
     for hidden in hiddens:
-        base = {}
-        for threads in (1, 2):
-            times = single_process(split, hidden, args.epochs, args.batch_size, threads, device)
-            base[threads] = statistics.median(times[1:])
-            rows.append((hidden, f"single process, {threads} thread(s)", base[threads], None, None, None))
-        for workers in worker_counts:
-            r = on_ray(split, hidden, args.epochs, args.batch_size, workers, args.use_gpu, storage)
-            overhead = r["wall"] / base[1] - 1.0
-            rows.append(
-                (
-                    hidden,
-                    f"train_implicit, {workers} worker(s)",
-                    r["wall"],
-                    r["compute"],
-                    r["startup"],
-                    overhead,
+        # the baseline runs before and after the Ray runs (the machine's load drifts); medians of both
+        single: dict[int, list[float]] = {1: [], 2: []}
+        ray_runs = {}
+        for phase in ("before", "after"):
+            for threads in (1, 2):
+                times = single_process(split, hidden, args.epochs, args.batch_size, threads, device)
+                single[threads] += times[1:]
+            if phase == "after":
+                break
+            for workers in worker_counts:
+                r = on_ray(split, hidden, args.epochs, args.batch_size, workers, args.use_gpu, storage)
+                ray_runs[workers] = r
+                print(
+                    f"  hidden {hidden}, {workers} worker(s): total {r['total']:.1f} s, after last epoch "
+                    f"{r['after']:.1f} s, {r['steps']} steps, final loss {r['loss']:.3f}"
                 )
-            )
-            print(
-                f"  hidden {hidden}, {workers} worker(s): total {r['total']:.1f} s, after last epoch "
-                f"{r['after']:.1f} s, {r['steps']} steps, final loss {r['loss']:.3f}"
-            )
+        for threads in (1, 2):
+            rows.append((hidden, f"single process, {threads} thread(s)", statistics.median(single[threads])))
+        for workers, r in ray_runs.items():
+            name = f"train_implicit, {workers} worker(s)"
+            rows.append((hidden, name, r["wall"], r["compute"], r["bookkeeping"], r["startup"]))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print()
-    print("| hidden | run | epoch s (median) | compute part s | start-up s | epoch vs single 1 thread |")
-    print("|---|---|---|---|---|---|")
-    for hidden, name, wall, compute, startup, overhead in rows:
-        single = next(w for h, n, w, *_ in rows if h == hidden and n.startswith("single process, 1"))
-        ratio = wall / single
-        extra = "" if overhead is None else f" ({overhead:+.0%} overhead)" if "1 worker" in name else ""
-        print(
-            f"| {hidden} | {name} | {wall:.3f} | {'' if compute is None else f'{compute:.3f}'} | "
-            f"{'' if startup is None else f'{startup:.1f}'} | {ratio:.2f}x{extra} |"
+    print(
+        "| hidden | run | epoch s (median) | compute part s | Ray bookkeeping s/epoch (vs single) "
+        "| start-up s | epoch vs single 1 thread |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for hidden, name, wall, *ray_cells in rows:
+        single_epoch = next(
+            row[2] for row in rows if row[0] == hidden and row[1].startswith("single process, 1")
         )
+        cells = ["", "", ""]
+        if ray_cells:
+            compute, bookkeeping, startup = ray_cells
+            cells = [
+                f"{compute:.3f}",
+                f"{bookkeeping:.3f} ({bookkeeping / single_epoch:.0%})",
+                f"{startup:.1f}",
+            ]
+        print(f"| {hidden} | {name} | {wall:.3f} | {' | '.join(cells)} | {wall / single_epoch:.2f}x |")
     ray.shutdown()
 
 

@@ -187,6 +187,13 @@ def train_implicit(
         The run failed on the workers more often than ``FailureConfig(max_failures=...)`` allows (the
         Ray error is the ``__cause__``).
 
+    Notes
+    -----
+    Ray Train's controller takes one report per worker each ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+    seconds (2 s by default), so an epoch shorter than that lasts that long. For short epochs set the
+    variable (e.g. to 0.1) in the driver's environment before the call; Ray passes it on to the
+    controller. See ``docs/train.md``.
+
     Examples
     --------
     >>> import functools, ray.train
@@ -235,7 +242,8 @@ def train_implicit(
         scaling_config=scaling_config,
         run_config=run_config,
         datasets=datasets or None,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]) if datasets else None,
+        # the training set is split across workers (equal row counts); an evaluation set is read by rank 0
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k == "train"]),
     )
     try:
         ray_result = trainer.fit()

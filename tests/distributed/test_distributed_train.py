@@ -26,7 +26,7 @@ from idl_ray.cli import build_parser, options_from_args
 from idl_ray.datasets import load_dataset
 from idl_ray.distributed import TrainResult, train_implicit
 from idl_ray.distributed.train import _load_state
-from idl_ray.errors import ConfigError, ConfigTypeError, ShapeError
+from idl_ray.errors import ConfigError, ConfigTypeError, DistributedError, ShapeError
 from idl_ray.implicit.projection import inf_norm
 from idl_ray.jobs.train_job import TrainJobConfig, run_train_job
 
@@ -208,6 +208,20 @@ def test_implicit_rnn_trains_on_a_ray_dataset(storage):
     assert [m["optimizer_steps"] for m in result.metrics] == [8, 16, 24]
     assert all(m["kappa_margin"] >= 0.0 and m["replica_max_diff"] == 0.0 for m in result.metrics)
     assert inf_norm(model.cell.implicit.A.detach()) <= 0.9
+
+
+def test_failures_beyond_max_failures_raise_a_distributed_error(digits, storage):
+    with pytest.raises(DistributedError, match=r"'fails'.*max_failures=0") as caught:
+        train_implicit(
+            train_helpers.digits_model,
+            (digits.x_train[:64], digits.y_train[:64]),
+            loss_fn=train_helpers.always_fails,
+            epochs=1,
+            scaling_config=scaling(),
+            run_config=ray.train.RunConfig(name="fails", storage_path=storage),
+        )
+    assert isinstance(caught.value.__cause__, ray.train.TrainingFailedError)
+    assert "always raises" in str(caught.value)
 
 
 @pytest.mark.parametrize(

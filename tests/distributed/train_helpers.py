@@ -56,3 +56,7 @@ class FailOnceOnRank:
                     handle.write(f"failed at training call {self.calls} on rank {self.rank}\n")
                 raise RuntimeError("injected failure (test): this worker dies once")
         return F.cross_entropy(outputs, targets)
+
+
+def always_fails(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("injected failure (test): this loss always raises")
