@@ -64,6 +64,15 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return int((model(x).argmax(dim=1) == y).sum()) / len(y)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _quick_controller_polls():
+    """Ray Train's controller takes one report per poll; its interval is read from the driver's
+    environment at each fit. 0.1 s keeps these short epochs from waiting for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
