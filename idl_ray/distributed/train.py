@@ -158,7 +158,8 @@ def train_implicit(
         Evaluated after every epoch with the un-wrapped model in eval mode: a pair is sharded across
         the workers and the sums all-reduced; a Dataset is read whole by rank 0.
     loss_fn : callable (outputs, targets) -> scalar tensor, optional
-        Default: cross-entropy (``targets`` are class indices). Also used for ``eval_loss``.
+        The mean loss of a batch (as torch's losses by default). Default: cross-entropy (``targets``
+        are class indices). Also used for ``eval_loss``.
     epochs, batch_size, lr, optimizer, seed
         See :class:`TrainSettings`. ``batch_size`` is **per worker**.
     scaling_config : ray.train.ScalingConfig, optional
@@ -379,6 +380,15 @@ def _implicit_modules(model: nn.Module) -> list[ImplicitModel]:
     return [m for m in model.modules() if isinstance(m, ImplicitModel)]
 
 
+def _telemetry(modules: list[ImplicitModel]) -> dict[str, int]:
+    """The cumulative solver counters of ``modules``, summed (``ImplicitTelemetry`` fields)."""
+    totals: dict[str, int] = {}
+    for module in modules:
+        for name, value in dataclasses.asdict(module.telemetry).items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def _build_optimizer(name: str, parameters: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr)
@@ -512,7 +522,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     train, evaluation = config["train"], config["eval"]
     for epoch in range(start_epoch, settings.epochs):
         started_at, started = time.time(), time.perf_counter()
-        before = [dataclasses.astuple(m.telemetry) for m in implicit]
+        before = _telemetry(implicit)
         if train == "dataset":
             batches = _dataset_batches("train", settings.batch_size)
         else:
@@ -536,11 +546,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.detach().double() * len(x)
             count += len(x)
             steps += 1
-        deltas = [
-            [a - b for a, b in zip(dataclasses.astuple(m.telemetry), old)] for m, old in zip(implicit, before)
-        ]
-        fields = [f.name for f in dataclasses.fields(implicit[0].telemetry)]
-        solves = {name: sum(d[fields.index(name)] for d in deltas) for name in fields}
+        solves = {name: value - before[name] for name, value in _telemetry(implicit).items()}
         sums = _all_reduce(
             [
                 float(loss_sum),
