@@ -5,6 +5,7 @@ The flags of a sub-command are generated from its dataclass fields, so the CLI, 
 (``--config file.json`` or ``.yaml``) and Python calls are validated by the same code. Usable locally or as a Ray job::
 
     idl-ray sim --solver ray-admm --workers 2
+    idl-ray train --workers 2 --storage-path runs --name digits
     ray job submit --working-dir . -- idl-ray sim --address auto
 """
 
@@ -92,7 +93,7 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
 
 _HELP = {
     "sim": "fit a SIM implicit model to a trained teacher network (default job)",
-    "train": "train an ImplicitModel by gradient descent",
+    "train": "train an ImplicitModel by gradient descent (in this process, or with --workers N on Ray Train)",
     "info": "print versions, devices and Ray resources",
 }
 
