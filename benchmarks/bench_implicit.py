@@ -351,7 +351,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--constraint",
-        default="project",
+        default="shrink",
         choices=["project", "rescale", "shrink"],
         help="how ours keeps ||A||_inf <= kappa: projected gradient; A = W min(1, kappa/||W||_inf) with "
         "the exact gradient (torchidl's modelling choice without its straight-through gradient); or the "

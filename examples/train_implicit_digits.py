@@ -50,7 +50,7 @@ def main() -> None:
             opt.zero_grad()
             F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
             opt.step()
-            model.project_()  # projected gradient: keep ||A||_inf <= kappa after every step
+            model.project_()  # keep ||A||_inf <= kappa after every step (default: scale the stored A)
         schedule.step()
         fwd, bwd = model.last_forward_stats, model.last_backward_stats
         print(

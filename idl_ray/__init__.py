@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "ADMMMultiGPUSolver": "idl_ray.distributed",
     "RayRunConfig": "idl_ray.distributed",
     "ShardedProblem": "idl_ray.distributed",
+    "train_implicit": "idl_ray.distributed",
     # errors
     "IDLError": "idl_ray.errors",
     "ConfigError": "idl_ray.errors",

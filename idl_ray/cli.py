@@ -5,6 +5,7 @@ The flags of a sub-command are generated from its dataclass fields, so the CLI, 
 (``--config file.json`` or ``.yaml``) and Python calls are validated by the same code. Usable locally or as a Ray job::
 
     idl-ray sim --solver ray-admm --workers 2
+    idl-ray train --workers 2 --storage-path runs --name digits
     ray job submit --working-dir . -- idl-ray sim --address auto
 """
 
@@ -135,7 +136,7 @@ def _jobs() -> dict[str, tuple[str, str, str]]:
 
 _HELP = {
     "sim": "fit a SIM implicit model to a trained teacher network (default job)",
-    "train": "train an ImplicitModel by gradient descent",
+    "train": "train an ImplicitModel by gradient descent (in this process, or with --workers N on Ray Train)",
     "info": "print versions and devices (and Ray resources with --ray or --address)",
     "evaluate": "evaluate a saved SIM model on data: accuracy, agreement with the teacher, ||A||_inf",
     "extract": "record a teacher's states on data and write them as Parquet shards",

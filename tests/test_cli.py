@@ -58,15 +58,41 @@ def test_train_job_learns_and_respects_kappa() -> None:
 
 
 def test_train_job_takes_the_constraint_flag() -> None:
+    assert TrainJobConfig().constraint == "shrink"  # the model's default
     args = build_parser().parse_args(
-        ["train", "--constraint", "shrink", "--epochs", "1", "--hidden-dim", "20"]
+        ["train", "--constraint", "project", "--epochs", "1", "--hidden-dim", "20"]
     )
     config = options_from_args(TrainJobConfig, args)
-    assert config.constraint == "shrink"
+    assert config.constraint == "project"
     report = run_train_job(config.replace(kappa=0.7), log=lambda _: None)
-    assert report["config"]["constraint"] == "shrink" and report["A_inf_norm"] <= 0.7
+    assert report["config"]["constraint"] == "project" and report["A_inf_norm"] <= 0.7
+    assert report["workers"] == 0 and "metrics" not in report  # single process, no Ray
     with pytest.raises(ConfigError, match=r"'constraint'.*shrink"):
         TrainJobConfig(constraint="clip")
+
+
+def test_train_job_writes_its_report(tmp_path) -> None:
+    assert main(["train", "--epochs", "1", "--hidden-dim", "10", "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["job"] == "train" and report["A_inf_norm"] <= report["config"]["kappa"]
+
+
+def test_train_job_workers_flags_are_checked() -> None:
+    args = build_parser().parse_args(
+        ["train", "--workers", "2", "--use-gpu", "--name", "run", "--max-failures", "1"]
+    )
+    config = options_from_args(TrainJobConfig, args)
+    assert (config.workers, config.use_gpu, config.name, config.max_failures) == (2, True, "run", 1)
+    with pytest.raises(ConfigError, match=r"'workers'.*>= 0.*Got -1"):
+        TrainJobConfig(workers=-1)
+    with pytest.raises(
+        ConfigError, match=r"\['name', 'storage_path'\] apply to training on Ray Train workers"
+    ):
+        TrainJobConfig(storage_path="/tmp/runs", name="run")
+    with pytest.raises(ConfigError, match=r"'device' applies to workers=0 only.*--use-gpu"):
+        TrainJobConfig(workers=2, device="cuda")
+    with pytest.raises(ConfigError, match="'max_failures'"):
+        TrainJobConfig(workers=2, max_failures=-2)
 
 
 def test_console_entry_point_runs() -> None:

@@ -8,6 +8,8 @@ Ray is imported only under this package. Names are loaded on first use.
 - Streaming state extraction on Ray Data (:class:`StreamConfig`, :func:`stream_states`; used by
   ``SIM.fit`` on a ``ray.data.Dataset``) and the Parquet state sink :func:`write_states`.
 - :class:`RayRunConfig`: workers, GPUs, CPUs per worker, restarts, placement, checkpoints, time limits.
+- :func:`train_implicit`: gradient training of ``ImplicitModel`` / ``ImplicitRNN`` on Ray Train (DDP),
+  with checkpoints every epoch, resume and failures survived; returns a :class:`TrainResult`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "plot_convergence": "idl_ray.distributed.progress",
     "device_from_assignment": "idl_ray.distributed.device",
     "actor_device": "idl_ray.distributed.device",
+    "train_implicit": "idl_ray.distributed.train",
+    "TrainResult": "idl_ray.distributed.train",
+    "TrainSettings": "idl_ray.distributed.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -71,14 +71,17 @@ class ImplicitModel(nn.Module):
     state, convergent iteration) because ``||A||_inf <= kappa < 1`` holds for the ``A`` it uses at every
     forward.
 
-    **Well-posedness by projected gradient.** ``A`` (or ``L`` for ``rank=r``) is an ordinary parameter
-    that receives the exact gradient of the loss. Before each forward, if the stored ``A`` violates the
-    bound, it is replaced in place (under ``no_grad``) by its exact Euclidean projection onto
-    ``{A : ||A||_inf <= kappa}`` (row-wise l1-ball projection); call :meth:`project_` after
-    ``optimizer.step()`` to do it eagerly. So ``model.A`` is always the matrix the forward used, and no
-    rescaled hidden copy or straight-through gradient exists. For ``rank=r``, ``A = L R^T``; rows of ``L``
-    whose row of ``A`` exceeds ``kappa`` in l1 norm are scaled down (not a Euclidean projection of ``A``,
-    but it keeps ``A`` low-rank and the bound exact, with a rounding margin of a few ulps).
+    **Well-posedness on the stored parameter.** ``A`` (or ``L`` for ``rank=r``) is an ordinary
+    parameter that receives the exact gradient of the loss. Before each forward, if the stored ``A``
+    violates the bound, it is brought back in place (under ``no_grad``): by default
+    (``constraint="shrink"``) multiplied by ``kappa / ||A||_inf`` (less a few ulps), or with
+    ``constraint="project"`` replaced by its exact Euclidean projection onto ``{A : ||A||_inf <= kappa}``
+    (row-wise l1-ball projection, projected gradient). Call :meth:`project_` after ``optimizer.step()``
+    to do it eagerly. So ``model.A`` is always the matrix the forward used, and no rescaled hidden copy
+    or straight-through gradient exists. For ``rank=r``, ``A = L R^T`` and ``L`` is scaled (all of it
+    with ``"shrink"``; with ``"project"`` the rows of ``L`` whose row of ``A`` exceeds ``kappa`` in l1
+    norm, not a Euclidean projection of ``A`` but low rank and exact, with a rounding margin of a few
+    ulps).
 
     Forward: fixed point without autograd (``fixed_point="picard"`` or ``"anderson"``), per-sample
     relative-residual stopping ``||f(x) - x|| <= tol ||f(x)||``. Backward: implicit differentiation
@@ -98,16 +101,16 @@ class ImplicitModel(nn.Module):
         no_D: drop the direct term ``D U``. ``D`` is then a zero buffer of shape (q, p[+1]): not trained, not
             used by the forward, but kept in the ``state_dict`` and moved by ``.to()``. Default False.
         rank: if given, ``A = L R^T`` with ``L, R`` of shape (n, rank), ``1 <= rank <= n``.
-        constraint: how ``||A||_inf <= kappa`` is kept. ``"project"`` (default): projected gradient, see
-            above. ``"rescale"``: the trained parameter is ``W`` (or ``L, R``) and
+        constraint: how ``||A||_inf <= kappa`` is kept. ``"shrink"`` (default): ``A`` (or ``L``) is the
+            parameter, and a stored ``A`` outside the bound is multiplied in place by
+            ``kappa / ||A||_inf`` (less a few ulps): torchidl's scaling, applied to the parameter, so the
+            ``A`` stored is the ``A`` used and its gradient is exact. Only the largest row sits at the
+            bound, which makes the fixed points faster to reach; the step is a scaling, not the
+            Euclidean projection. ``"project"``: projected gradient, see above. ``"rescale"``: the
+            trained parameter is ``W`` (or ``L, R``) and
             ``A = W * min(1, kappa / ||W||_inf)``, differentiated exactly through the scaling; ``model.A``
             returns that product. Only the largest row sits at the bound, which often makes the fixed
             points faster to reach, but the scale of ``W`` is free (its gradient shrinks as it grows).
-            ``"shrink"``: ``A`` (or ``L``) is the parameter, as with ``"project"``, but a stored ``A``
-            outside the bound is multiplied in place by ``kappa / ||A||_inf`` (less a few ulps) instead of
-            projected: torchidl's scaling, applied to the parameter, so the ``A`` stored is the ``A`` used
-            and its gradient is exact. Only the largest row sits at the bound (like ``"rescale"``); the
-            step is a scaling, not the Euclidean projection.
         fixed_point: ``"picard"`` (default), ``"anderson"`` or ``"anderson_batch"``, for forward and
             backward solves (see :mod:`idl_ray.implicit.fixed_point`).
         tol, max_iter: forward stopping tolerance (relative, per sample) and cap. Defaults 1e-5, 300.
@@ -126,7 +129,7 @@ class ImplicitModel(nn.Module):
         - Output: ``(batch, q)``; with ``return_state=True`` also the state ``(batch, n)``.
 
     Attributes:
-        A: (n, n), ``||A||_inf <= kappa`` at every forward: the parameter itself (dense, ``"project"``),
+        A: (n, n), ``||A||_inf <= kappa`` at every forward: the parameter itself (dense, ``"shrink"`` or ``"project"``),
             else a property computed from ``W`` or ``L, R`` with autograd. Dense A and W are initialised
             uniform in (-1/n, 1/n) (row sums about 0.5), then projected if needed.
         W: (n, n) parameter for ``constraint="rescale"`` (dense).
@@ -159,7 +162,7 @@ class ImplicitModel(nn.Module):
         bias: bool = False,
         no_D: bool = False,
         rank: int | None = None,
-        constraint: str = "project",
+        constraint: str = "shrink",
         fixed_point: str = "picard",
         tol: float = 1e-5,
         max_iter: int = 300,
@@ -221,7 +224,7 @@ class ImplicitModel(nn.Module):
         factory = {"device": device, "dtype": dtype}
         n, p, q = self.hidden_dim, self.input_dim + int(bias), self.output_dim
         if self.rank is None:
-            # "rescale" trains W and derives A from it; "project" trains A itself
+            # "rescale" trains W and derives A from it; "shrink" and "project" train A itself
             self.register_parameter(
                 "W" if self.constraint == "rescale" else "A", nn.Parameter(torch.empty(n, n, **factory))
             )
@@ -332,7 +335,7 @@ class ImplicitModel(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         # low rank or "rescale": ``model.A`` is the matrix the forward uses, computed from the trained
-        # parameters (dense "project": the registered parameter itself)
+        # parameters (dense "shrink" or "project": the registered parameter itself)
         if name == "A":
             params = self.__dict__.get("_parameters", {})
             if "A" not in params and ("L" in params or "W" in params):
@@ -535,8 +538,7 @@ class ImplicitModel(nn.Module):
         ]
         if self.rank is not None:
             parts.append(f"rank={self.rank}")
-        if self.constraint != "project":
-            parts.append(f"constraint={self.constraint!r}")
+        parts.append(f"constraint={self.constraint!r}")
         fo = self.forward_options
         parts.append(f"fixed_point={fo.method!r}, tol={fo.tol:g}, max_iter={fo.max_iter}")
         return ", ".join(parts)

@@ -22,8 +22,9 @@ from idl_ray.implicit.projection import inf_norm
         {"rank": 5},
         {"bias": True, "activation": "tanh"},
         {"constraint": "rescale"},
-        {"constraint": "shrink"},
-        {"constraint": "shrink", "rank": 5},
+        {"constraint": "project"},
+        {"constraint": "project", "rank": 5},
+        {"constraint": "project", "bias": True, "activation": "tanh"},
     ],
 )
 def test_bound_holds_after_many_large_adam_steps(kwargs):
@@ -224,6 +225,18 @@ def test_repr_shows_settings():
     text = repr(ImplicitModel(4, 2, 6, rank=2, bias=True, kappa=0.5, fixed_point="anderson"))
     for part in ("input_dim=4", "hidden_dim=6", "rank=2", "bias=True", "kappa=0.5", "anderson"):
         assert part in text
+    assert "constraint='shrink'" in text  # the default
+
+
+def test_default_constraint_is_shrink():
+    model = ImplicitModel(4, 2, 6, kappa=0.5, dtype=torch.float64)
+    assert model.constraint == "shrink"
+    with torch.no_grad():
+        model.A.mul_(10.0)
+    before = model.A.detach().clone()
+    model.project_()
+    # one factor for the whole matrix (a scaling, not the row-wise projection)
+    assert torch.allclose(model.A.detach(), before * (0.5 / inf_norm(before)), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
