@@ -422,9 +422,11 @@ class SIMProblem:
         """f(W) = 1/(2m) ||T - W Phi||^2 + lam ||W||_1 + l2/2 ||W||^2 (float64, summed over rows)."""
         return float(self.row_objectives(W).sum())
 
-    def duality_gap(self, W: Any) -> DualityGap | None:
+    def duality_gap(self, W: Any, dual_point: Any = None) -> DualityGap | None:
         """Per-row primal values and dual bounds of W (:mod:`~idl_ray.sim.solvers.certificate`); their
-        difference bounds ``objective(W) - optimum``. None for the ``"exact"`` variant (equality
+        difference bounds ``objective(W) - optimum``. ``dual_point`` (rows x d, optional): other weights whose
+        residual gives a second dual point; the better bound is kept per row (any point gives a valid
+        bound, so a solver can offer one without being trusted). None for the ``"exact"`` variant (equality
         constraints, no such certificate) and for an infeasible W."""
         if self.variant == "exact" or self.constraint_violation(W) > 0:
             return None
@@ -432,16 +434,17 @@ class SIMProblem:
 
         Wt = self._weights(W)
         H, R = self.scaled(device=Wt.device)
-        lam = 0.0 if self.variant == "least_squares" else self.lam
-        return duality_gap(
-            Wt,
-            H,
-            R,
-            self.target_sq.to(Wt.device) / self.num_samples,
-            lam=lam,
-            kappa=self.kappa,
-            n_constrained=self.n_constrained,
-        )
+        settings = {
+            "lam": 0.0 if self.variant == "least_squares" else self.lam,
+            "kappa": self.kappa,
+            "n_constrained": self.n_constrained,
+        }
+        target_sq = self.target_sq.to(Wt.device) / self.num_samples
+        gaps = duality_gap(Wt, H, R, target_sq, **settings)
+        if dual_point is None:
+            return gaps
+        other = duality_gap(self._weights(dual_point), H, R, target_sq, **settings)
+        return dataclasses.replace(gaps, dual=torch.maximum(gaps.dual, other.dual))
 
     def residual(self, W: Any) -> float:
         """The mean squared fitting error 1/m ||T - W Phi||_F^2 (no regulariser)."""

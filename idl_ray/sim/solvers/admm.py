@@ -153,6 +153,7 @@ class ADMMSolver(BaseSolver):
             "converged": stats.converged,
             "status": "optimal" if stats.converged else ("stalled" if stats.stalled else "max_iter"),
             "history": stats.history,
+            "dual_point": stats.dual_point,
             "extra": {
                 "rho": stats.rho,
                 "factor_time_s": stats.factor_time_s,

@@ -6,7 +6,8 @@ evaluated by the problem itself, so numbers from different solvers are comparabl
 
 Writing your own solver: subclass :class:`BaseSolver`, set ``name`` (and ``needs_samples`` /
 ``samples_optional`` / ``variants`` if relevant) and implement ``_solve(problem) -> (W, info)`` where ``info`` is a dict with any
-of ``iterations``, ``converged``, ``status``, ``history``, ``extra``. Register it with
+of ``iterations``, ``converged``, ``status``, ``history``, ``extra``, and ``dual_point`` (weights whose
+residual gives a better dual bound for the certificate, e.g. ADMM's unconstrained iterate). Register it with
 :func:`register_solver` to make it available by name.
 """
 
@@ -150,7 +151,7 @@ class BaseSolver(abc.ABC):
         start = time.perf_counter()
         W, info = self._solve(problem)
         elapsed = time.perf_counter() - start
-        certificate = problem.duality_gap(W)
+        certificate = problem.duality_gap(W, info.get("dual_point"))
         stats = SolverStats(
             solver=self.name,
             iterations=info.get("iterations"),

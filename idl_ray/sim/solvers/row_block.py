@@ -49,7 +49,7 @@ from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.polish import polish_rows
 
-__all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve"]
+__all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
 
 #: rho changes only when the residual ratio calls for a factor of at least this (OSQP's default)
 _RHO_CHANGE = 5.0
@@ -83,6 +83,8 @@ class ADMMStats:
     certified_rows: int = 0
     rows: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    #: ADMM's unconstrained iterate at the end, a second dual point for the certificate (rows x d)
+    dual_point: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -174,17 +176,24 @@ class RowBlockADMM:
 
         return step
 
-    def certificate(self, Z: torch.Tensor, rows: torch.Tensor) -> DualityGap:
-        """Duality gaps of the rows ``rows`` at weights Z (len(rows) x d)."""
-        return duality_gap(
-            Z,
-            self.H,
-            self.R[rows],
-            self.target_sq[rows],
-            lam=self.lam,
-            kappa=self.kappa,
-            n_constrained=self.n_constrained,
-        )
+    def certificate(
+        self, Z: torch.Tensor, rows: torch.Tensor, U: torch.Tensor | None = None, rho: float | None = None
+    ) -> DualityGap:
+        """Duality gaps of the rows ``rows`` at weights Z (len(rows) x d).
+
+        With ADMM's scaled dual U (and rho), the dual bound is the better, row by row, of the dual points
+        built from Z and from W = (r + rho (Z - U)) (H + rho I)^{-1}, ADMM's next unconstrained iterate: any
+        point gives a valid dual bound, and W's residual is the smoother one (on an ill-conditioned Gram,
+        measured on the 28x28 digits teacher: a relative gap of 2e-3 where Z's alone gives 3e-1).
+        """
+        settings = {"lam": self.lam, "kappa": self.kappa, "n_constrained": self.n_constrained}
+        R_rows, target_sq = self.R[rows], self.target_sq[rows]
+        gaps = duality_gap(Z, self.H, R_rows, target_sq, **settings)
+        if U is None or rho is None:
+            return gaps
+        W = dual_point(self.factor, R_rows, ADMMState(W=Z, Z=Z, U=U, rho=rho))
+        other = duality_gap(W, self.H, R_rows, target_sq, **settings)
+        return dataclasses.replace(gaps, dual=torch.maximum(gaps.dual, other.dual))
 
     def _dual_at(self, W: torch.Tensor, rows: torch.Tensor, rho: float) -> torch.Tensor:
         """U = (r - H w) / rho: the scaled dual of ADMM's fixed point at W."""
@@ -203,7 +212,7 @@ class RowBlockADMM:
         iteration = state.iteration
         while True:
             active = torch.nonzero(~self.certified).flatten()
-            gaps = self.certificate(Z[active], active) if active.numel() else None
+            gaps = self.certificate(Z[active], active, U[active], rho) if active.numel() else None
             if gaps is not None:
                 self._record_gaps(active, gaps)
                 ok = self._certified(gaps)
@@ -459,7 +468,14 @@ def admm_solve(
         rows=report.rows,
         history=block.history,
     )
+    stats.dual_point = dual_point(factor, Rt, block.state)
     return block.state.Z, stats
+
+
+def dual_point(factor: GramFactor, R: torch.Tensor, state: ADMMState) -> torch.Tensor:
+    """W = (R + rho (Z - U)) (H + rho I)^{-1}: ADMM's unconstrained iterate at ``state``, whose residual is
+    the better dual point on ill-conditioned Grams (see :meth:`RowBlockADMM.certificate`)."""
+    return factor.solve(R + state.rho * (state.Z - state.U), state.rho)
 
 
 def span_target_sq(factor: GramFactor, Rt: torch.Tensor) -> torch.Tensor:
