@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "SolverError": "idl_ray.errors",
     "NotFittedError": "idl_ray.errors",
     "DistributedError": "idl_ray.errors",
+    "ClusterConfigError": "idl_ray.errors",
     "ConvergenceWarning": "idl_ray.errors",
     "WellPosednessWarning": "idl_ray.errors",
 }

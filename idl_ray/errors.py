@@ -44,6 +44,12 @@ class DistributedError(IDLError, RuntimeError):
     """A Ray-side failure: missing resources, a dead actor that could not be recovered, a time-out."""
 
 
+class ClusterConfigError(DistributedError, ConfigError):
+    """A Ray cluster that cannot serve the request as given (unreachable address, too few resources),
+    found before any work: a :class:`DistributedError` for Ray code and bad input (a :class:`ConfigError`,
+    exit code 2) for the command line."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative method stopped at its iteration cap before reaching its tolerance."""
 

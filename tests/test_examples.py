@@ -31,6 +31,11 @@ CASES = {
         ["--epochs", "5", "--hidden", "12", "--samples", "300"],
         [rf"^{name}\s+0\.\d+\s+0\.9\d+" for name in ("admm", "cvx", "projected_gd", "ray-admm", "ray-cvx")],
     ),
+    "train_on_ray.py": (
+        ["--workers", "1", "--epochs", "1", "--more-epochs", "1", "--hidden", "16"],
+        [r"run folder .*, 2 epochs", r"\|\|A\|\|_inf = 0\.\d+ <= kappa"],
+    ),
+    "tune_implicit.py": (["--samples", "2", "--epochs", "1"], [r"best: \{.*\} with eval accuracy 0\.\d+"]),
     "your_data_pipeline.py": (
         ["--epochs", "5"],
         [r"one step : agreement with the teacher (0\.9\d+|1\.0000)", r"\$ idl-ray evaluate --model"],

@@ -15,7 +15,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from idl_ray.distributed.config import RayRunConfig
-from idl_ray.errors import DistributedError
+from idl_ray.errors import ClusterConfigError, DistributedError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def check_resources(config: RayRunConfig, use_gpu: bool, totals: dict[str, float
                 + (", or use_gpu=False for CPU actors (--no-use-gpu)" if name == "GPU" else "")
                 + ", or connect to a larger cluster."
             )
-            raise DistributedError(
+            raise ClusterConfigError(
                 f"The solve asks for {needed:g} {name}(s) ({config.num_workers} worker(s) x {amount:g} "
                 f"{name} each) but the Ray cluster has {totals.get(name, 0.0):g} in total. {fix}"
             )

@@ -8,7 +8,7 @@ import pathlib
 from typing import Any
 
 from idl_ray._validation import bad_parameter
-from idl_ray.errors import DistributedError
+from idl_ray.errors import ClusterConfigError, DistributedError
 
 
 def write_report(report: dict[str, Any], output_dir: str | None, name: str) -> pathlib.Path | None:
@@ -67,7 +67,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         host, port_text = text, "10001" if client else "6379"
     host = host.strip("[]") or "127.0.0.1"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise DistributedError(
+        raise ClusterConfigError(
             f"The Ray address {address!r} is not host:port (e.g. 127.0.0.1:6379, ray://head:10001 or auto)."
         )
     try:
@@ -75,7 +75,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise DistributedError(
+        raise ClusterConfigError(
             f"Cannot reach a Ray cluster at {address!r} ({reason}; waited at most {timeout_s:g} s). Check that the "
             "head node is running (ray start --head) and that host and port are its GCS address "
             "(default port 6379; ray:// client addresses use 10001), or omit --address for a local Ray."

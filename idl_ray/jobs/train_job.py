@@ -87,8 +87,6 @@ class TrainJobConfig(Options):
         check_positive_int(self.epochs, "epochs", owner)
         check_positive_int(self.batch_size, "batch_size", owner)
         check_positive_float(self.lr, "lr", owner)
-        if self.device is not None:
-            check_device(self.device, "device", owner)  # a missing GPU fails before the data is loaded
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise bad_parameter(
                 "workers",
@@ -125,6 +123,8 @@ class TrainJobConfig(Options):
                 f"{owner}: 'device' applies to workers=0 only. With workers={self.workers} every worker "
                 "uses the device Ray Train assigns it: pass use_gpu=True (--use-gpu) for GPUs."
             )
+        if self.device is not None:
+            check_device(self.device, "device", owner)  # a missing GPU fails before the data is loaded
 
 
 def _model_fn(config: TrainJobConfig, split: Split) -> Callable[[], torch.nn.Module]:

@@ -14,6 +14,9 @@ from idl_ray.errors import DistributedError
 from idl_ray.sim.solvers.admm import ADMMSolver
 
 TOL = dict(gap_tol=1e-10, abs_tol=1e-10, rel_tol=1e-8)
+#: gram runs of plain ADMM (no acceleration, no polish) in round trips of 10 steps: long enough for a kill
+#: to land mid-solve (the accelerated solver certifies this problem within one round trip)
+SLOW_GRAM = dict(anderson=0, polish=False, check_every=1)
 
 
 class KillOnce:
@@ -45,9 +48,9 @@ def reference(problem):
 @pytest.mark.parametrize("strategy", ["gram", "consensus"])
 def test_killed_actor_is_survived_with_the_same_answer(strategy, problem, reference, tmp_path):
     killer = KillOnce(at=15)
-    # gram workers run max(checkpoint_every, 10 check_every) steps per round trip: 10 here, so the kill
-    # lands mid-solve, after a checkpoint
-    chunking = {"check_every": 1} if strategy == "gram" else {}
+    # gram workers run max(checkpoint_every, 10 check_every) steps per round trip: 10 here, and plain ADMM
+    # (no acceleration, no polish) needs several round trips, so the kill lands mid-solve, after a checkpoint
+    chunking = SLOW_GRAM if strategy == "gram" else {}
     solver = RayADMMSolver(
         num_workers=2,
         use_gpu=False,
@@ -93,7 +96,10 @@ def test_actor_killed_with_ray_restart_allowed_is_restored(problem, reference):
 
 
 def test_gram_recovery_replays_exactly(problem):
-    plain = RayADMMSolver(num_workers=2, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
+    plain = RayADMMSolver(  # the same round trips as the killed run (checkpoint_every sets their length)
+        num_workers=2, use_gpu=False, cpus_per_worker=0.2, checkpoint_every=10, timeout_s=TIMEOUT_S,
+        **TOL, **SLOW_GRAM,
+    )  # fmt: skip
     killer = KillOnce(at=20, rank=0)
     killed = RayADMMSolver(
         num_workers=2,
@@ -103,6 +109,7 @@ def test_gram_recovery_replays_exactly(problem):
         callback=killer,
         timeout_s=TIMEOUT_S,
         **TOL,
+        **SLOW_GRAM,
     )
     a, b = plain.solve(problem), killed.solve(problem)
     # the kill happened (before convergence) and the actor was replaced
@@ -142,6 +149,7 @@ def test_without_restart_budget_the_failure_is_reported(problem):
         callback=KillOnce(at=10),
         timeout_s=TIMEOUT_S,
         **TOL,
+        **SLOW_GRAM,
     )
     with pytest.raises(DistributedError, match="restart budget"):
         solver.solve(problem)

@@ -126,8 +126,9 @@ def test_a_kill_at_any_phase_is_survived_with_the_same_answer(
 
 
 def test_a_kill_during_the_gather_after_max_iter_replays_from_the_checkpoint(problem, pool, monkeypatch):
-    def solver():
-        return RayADMMSolver(workers=pool, max_iter=20, checkpoint_every=5, warn=False, **TOL)
+    def solver():  # plain ADMM (no acceleration or polish): 20 steps do not certify this problem
+        plain = {"anderson": 0, "polish": False}
+        return RayADMMSolver(workers=pool, max_iter=20, checkpoint_every=5, warn=False, **TOL, **plain)
 
     plain = solver().solve(problem)
     assert not plain.stats.converged and plain.stats.iterations == 20
