@@ -62,6 +62,8 @@ class RunInfo:
     restarts: int
     checkpoints: int
     relative_gap: float | None = None
+    #: rows finished by support polishing (consensus)
+    polished_rows: int = 0
 
     @classmethod
     def of_loop(

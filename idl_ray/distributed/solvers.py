@@ -146,6 +146,8 @@ class _RaySolverMixin:
                     "eps_dual": info.eps_dual,
                     "restarts": info.restarts,
                     "checkpoints": info.checkpoints,
+                    "relative_gap": info.relative_gap,
+                    "polished_rows": info.polished_rows,
                 }
             )
         return extra
@@ -351,6 +353,9 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         d, rows = summaries[0]["dim"], summaries[0]["rows"]
         m = sum(s["num_samples"] for s in summaries) if m is None else m
         trace_G = sum(s["trace"] for s in summaries)
+        target_sq = summaries[0]["target_sq"]
+        for summary in summaries[1:]:
+            target_sq = target_sq + summary["target_sq"]
         self._last_m = m
         return run_consensus(
             pool,
@@ -358,6 +363,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             d=d,
             total_samples=m,
             trace_G=trace_G,
+            target_sq=target_sq,
             lam=lam,
             l2=l2,
             kappa=kappa,

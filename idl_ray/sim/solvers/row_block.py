@@ -37,19 +37,16 @@ from idl_ray.sim.solvers.admm_kernels import (
     ADMMState,
     GramFactor,
     initial_rho,
-    prox,
     relaxed_step,
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.polish import polish_rows
+from idl_ray.sim.solvers.polish import polish_if_better
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve"]
 
 #: rho changes only when the residual ratio calls for a factor of at least this (OSQP's default)
 _RHO_CHANGE = 5.0
-#: polishing is tried on rows whose relative gap is below this
-_POLISH_BELOW = 1e-2
 _TINY = torch.finfo(torch.float64).tiny
 
 
@@ -275,30 +272,25 @@ class RowBlockADMM:
         rho: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Polish the uncertified rows whose gap is small enough; keep improvements only."""
-        relative = gaps.gaps / gaps.primal.abs().clamp_min(torch.finfo(torch.float64).tiny)
-        try_rows = torch.nonzero(~ok & (relative < _POLISH_BELOW)).flatten()
-        if try_rows.numel() == 0:
-            return Z, U, ok
-        rows = active[try_rows]
-        candidate, found = polish_rows(
-            self.H, self.R[rows], Z[rows], lam=self.lam, kappa=self.kappa, n_constrained=self.n_constrained
+        polished = polish_if_better(
+            self.H,
+            self.R,
+            Z,
+            gaps,
+            rows=active,
+            certificate=self.certificate,
+            eligible=~ok,
+            **self._settings(),
         )
-        if not bool(found.any()):
+        if polished is None:
             return Z, U, ok
-        candidate = prox(candidate, 0.0, self.kappa, self.n_constrained)  # exact bound after rounding
-        new = self.certificate(candidate, rows)
-        better = found & (new.gaps < gaps.gaps[try_rows]) & (new.primal <= gaps.primal[try_rows])
-        if not bool(better.any()):
-            return Z, U, ok
-        take = try_rows[better]
-        rows_taken = rows[better]
-        Z[rows_taken] = candidate[better]
-        U[rows_taken] = self._dual_at(candidate[better], rows_taken, rho)
-        gaps.primal[take] = new.primal[better]
-        gaps.dual[take] = new.dual[better]
-        self._record_gaps(
-            rows_taken, DualityGap(new.primal[better], new.dual[better], new.baseline[better], new.rounding)
-        )
+        take = polished.positions
+        rows_taken = active[take]
+        Z[rows_taken] = polished.weights
+        U[rows_taken] = self._dual_at(polished.weights, rows_taken, rho)
+        gaps.primal[take] = polished.gaps.primal
+        gaps.dual[take] = polished.gaps.dual
+        self._record_gaps(rows_taken, polished.gaps)
         ok = self._certified(gaps)
         self.polished_rows += int((ok[take]).sum())
         return Z, U, ok
