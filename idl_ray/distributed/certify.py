@@ -61,7 +61,8 @@ class ShardCertificate:
         )
 
     def polish(self, W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Polished | None:
-        """Polished rows of W that improve on ``gaps`` (see :func:`polish_if_better`), or None."""
+        """Polished rows of W that improve on ``gaps`` (see :func:`polish_if_better`), or None; the
+        polished rows are returned with all d columns."""
         if self.restricted_hessian is None:
             return None
         relative = gaps.gaps / gaps.primal.abs().clamp_min(torch.finfo(torch.float64).tiny)
@@ -80,7 +81,7 @@ class ShardCertificate:
             baseline = None if everything.baseline is None else everything.baseline[rows]
             return DualityGap(everything.primal[rows], everything.dual[rows], baseline, everything.rounding)
 
-        return polish_if_better(
+        polished = polish_if_better(
             H_SS,
             self.R[:, index],
             W[:, index],
@@ -92,3 +93,8 @@ class ShardCertificate:
             kappa=self.kappa,
             n_constrained=nc_S,
         )
+        if polished is None:
+            return None
+        full = torch.zeros(polished.weights.shape[0], W.shape[1], dtype=W.dtype)
+        full[:, index] = polished.weights  # back to all d columns (zero off the supports)
+        return Polished(positions=polished.positions, weights=full, gaps=polished.gaps)
