@@ -138,10 +138,11 @@ def fista_loop(
 
     ``W <- prox(Y - step grad(Y))`` with ``prox`` the l1 soft-threshold plus the row-wise kappa
     projection; momentum is dropped when it points uphill (O'Donoghue & Candes 2015). Every
-    ``check_every`` iterations (and at the cap) ``certify(W)`` gives the per-row duality gaps; the loop
-    stops when every row is certified to ``gap_tol`` (:meth:`DualityGap.certified`). Before that test,
-    ``polish`` (if given) may replace uncertified rows by better polished ones; momentum then restarts
-    from the polished point. ``grad`` and ``certify`` may be local (a Gram product) or sums over Ray
+    ``check_every`` iterations (and at the cap) ``certify(W)`` gives the per-row duality gaps; a row
+    certified to ``gap_tol`` (:meth:`DualityGap.certified`) keeps that value (rows are independent
+    problems) and the loop stops when every row is certified. Before that test, ``polish`` (if given) may
+    finish uncertified rows by polishing them on their support (kept only when better and certified; the
+    iteration itself is never disturbed: resetting the momentum at every check made FISTA crawl). ``grad`` and ``certify`` may be local (a Gram product) or sums over Ray
     actors: both solvers share this loop.
 
     Returns
@@ -157,6 +158,11 @@ def fista_loop(
     zero = torch.zeros((), dtype=W.dtype, device=W.device)
     history: list[dict[str, float]] = []
     converged, k, polished_rows = False, 0, 0
+    rows = W.shape[0]
+    kept = W.clone()  # rows certified at some check, with their certified values
+    kept_primal = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    kept_dual = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=W.device)
     gaps: DualityGap | None = None
     for k in range(1, max_iter + 1):
         W_prev = W
@@ -168,34 +174,56 @@ def fista_loop(
         t = torch.where(restart, one, t_next)
         if k % check_every == 0 or k == max_iter:
             gaps = certify(W)
+            candidate = W
             ok = gaps.certified(gap_tol)
-            if polish is not None and not bool(ok.all()):
-                polished = polish(W, gaps, ~ok)
+            if polish is not None and not bool((ok | done).all()):
+                polished = polish(W, gaps, ~(ok | done))
                 if polished is not None:
-                    W = W.clone()
-                    W[polished.positions] = polished.weights
+                    candidate = W.clone()
+                    candidate[polished.positions] = polished.weights
                     gaps.primal[polished.positions] = polished.gaps.primal
                     gaps.dual[polished.positions] = polished.gaps.dual
                     ok = gaps.certified(gap_tol)
-                    polished_rows += int(ok[polished.positions].sum())
-                    Y, t = W.clone(), one  # restart the momentum from the polished point
+                    polished_rows += int((ok & ~done)[polished.positions].sum())
+            # certified rows are final (rows are independent problems); the others iterate on, undisturbed
+            new = ok & ~done
+            kept[new], kept_primal[new], kept_dual[new] = candidate[new], gaps.primal[new], gaps.dual[new]
+            done |= ok
             history.append(
-                {"iteration": k, "relative_gap": gaps.relative_gap, "certified_rows": int(ok.sum())}
+                {
+                    "iteration": k,
+                    "relative_gap": _relative(kept_primal, kept_dual, gaps, done),
+                    "certified_rows": int(done.sum()),
+                }
             )
-            if bool(ok.all()):
+            if bool(done.all()):
                 converged = True
                 break
     if gaps is None:  # max_iter = 0 cannot happen (validated), but keep the result well defined
         gaps = certify(W)
+    W = torch.where(done[:, None], kept, W)
+    primal = torch.where(done, kept_primal, gaps.primal)
+    gap = float((primal - torch.where(done, kept_dual, gaps.dual)).clamp_min(0).sum())
     return W, {
         "iterations": k,
         "converged": converged,
         "history": history,
         "step": step,
-        "gap": gaps.gap,
-        "relative_gap": gaps.relative_gap,
+        "gap": gap,
+        "relative_gap": _relative(kept_primal, kept_dual, gaps, done),
         "polished_rows": polished_rows,
     }
+
+
+def _relative(
+    kept_primal: torch.Tensor, kept_dual: torch.Tensor, gaps: DualityGap, done: torch.Tensor
+) -> float:
+    """Relative gap of the rows as returned: certified rows' kept values, the others' latest."""
+    primal = torch.where(done, kept_primal, gaps.primal)
+    dual = torch.where(done, kept_dual, gaps.dual)
+    return float((primal - dual).clamp_min(0).sum()) / max(
+        abs(float(primal.sum())), torch.finfo(torch.float64).tiny
+    )
 
 
 def warn_not_converged(owner: str, what: str, max_iter: int, reached: str, advice: str) -> None:
