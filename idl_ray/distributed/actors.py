@@ -39,16 +39,27 @@ DTYPE = torch.float64
 
 @dataclasses.dataclass
 class ConsensusLocalState:
-    """The local variables of one consensus worker: W_k (None before the first step), U_k, rho."""
+    """The local variables of one consensus worker: W_k (None before the first step), U_k, rho, and Z,
+    the consensus W_k was computed from (the over-relaxed step mixes it in; None before the first step)."""
 
     W: torch.Tensor | None
     U: torch.Tensor
     rho: float
+    Z: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ConsensusLocalState:
         return ConsensusLocalState(
-            W=None if self.W is None else self.W.to(device), U=self.U.to(device), rho=self.rho
+            W=None if self.W is None else self.W.to(device),
+            U=self.U.to(device),
+            rho=self.rho,
+            Z=None if self.Z is None else self.Z.to(device),
         )
+
+    def value(self, relaxation: float) -> torch.Tensor:
+        """What the driver averages: alpha W_k + (1 - alpha) Z + U_k (W_k + U_k without relaxation)."""
+        if self.Z is None or relaxation == 1.0:
+            return self.W + self.U
+        return relaxation * self.W + (1.0 - relaxation) * self.Z + self.U
 
 
 class SolverWorker:
@@ -118,6 +129,7 @@ class SolverWorker:
             "trace": float(torch.diagonal(stats.G).sum()),
             "dim": stats.dim,
             "rows": stats.rows,
+            "target_sq": stats.target_sq.to("cpu", DTYPE),
         }
 
     def _require_stats(self) -> GramStats:
@@ -189,14 +201,19 @@ class SolverWorker:
         self.mode = "consensus"
         return time.perf_counter() - start
 
-    def consensus_step(self, Zc: torch.Tensor, rho: float) -> tuple[torch.Tensor, dict[str, float], float]:
-        """Dual update with the new consensus, then the local step; returns W_k + U_k and residual parts.
+    def consensus_step(
+        self, Zc: torch.Tensor, rho: float, relaxation: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, float], float]:
+        """Dual update with the new consensus, then the local step; returns the value the driver averages
+        and the residual parts.
 
-        With the consensus Z of iteration t (and this worker's W_k of iteration t)::
+        With the consensus Z of iteration t, this worker's W_k of iteration t and the consensus Z_prev it
+        was computed from (over-relaxation alpha: W_hat = alpha W_k + (1 - alpha) Z_prev)::
 
-            U_k <- U_k + W_k - Z                          (residual parts of iteration t)
+            U_k <- U_k + W_hat - Z                        (residual parts of iteration t: W_k - Z)
             U_k <- U_k * rho_old / rho                    (when the driver changed rho)
             W_k <- (Rt_k + rho (Z - U_k)) (H_k + rho I)^{-1}
+            return alpha W_k + (1 - alpha) Z + U_k
         """
         start = time.perf_counter()
         if self.mode != "consensus" or self.local is None or self.factor is None or self.Rtk is None:
@@ -206,7 +223,8 @@ class SolverWorker:
         parts = {"primal_sq": 0.0, "w_sq": 0.0, "y_sq": 0.0, "rho": local.rho}
         if local.W is not None:
             D = local.W - Z
-            local.U = local.U + D
+            W_hat = local.W if local.Z is None else relaxation * local.W + (1.0 - relaxation) * local.Z
+            local.U = local.U + (W_hat - Z)
             parts["primal_sq"] = float(torch.sum(D * D))
             parts["w_sq"] = float(torch.sum(local.W * local.W))
             parts["y_sq"] = local.rho * local.rho * float(torch.sum(local.U * local.U))
@@ -214,7 +232,8 @@ class SolverWorker:
             local.U = local.U * (local.rho / rho)
             local.rho = float(rho)
         local.W = self.factor.solve(self.Rtk + rho * (Z - local.U), rho)
-        V = (local.W + local.U).to("cpu")
+        local.Z = Z
+        V = local.value(relaxation).to("cpu")
         return V, parts, time.perf_counter() - start
 
     def get_consensus_state(self) -> ConsensusLocalState:
@@ -238,6 +257,13 @@ class SolverWorker:
         stats = self._require_stats()
         G = stats.G / float(total_samples)
         return float(torch.linalg.eigvalsh(0.5 * (G + G.T)).max())
+
+    def gram_restricted(self, index: torch.Tensor, total_samples: int) -> torch.Tensor:
+        """G_k[index][:, index] / m (on CPU): this shard's part of H restricted to a set of columns (the
+        union of the rows' supports), for polishing on the driver."""
+        stats = self._require_stats()
+        idx = index.to(stats.G.device)
+        return (stats.G[idx][:, idx] / float(total_samples)).to("cpu", DTYPE)
 
     def gradient_part(self, W: torch.Tensor, total_samples: int) -> tuple[torch.Tensor, float]:
         """(W G_k - Rt_k) / m: this shard's part of the gradient of the averaged quadratic loss."""

@@ -69,6 +69,8 @@ class RunInfo:
     checkpoints: int
     relative_gap: float | None = None
     stalled: bool = False
+    #: rows finished by support polishing (consensus)
+    polished_rows: int = 0
 
     @classmethod
     def of_loop(

@@ -27,7 +27,7 @@ class ProgressEvent:
     eps_primal, eps_dual : float or None, their tolerances
     rho : float
     workers : list of actor handles (e.g. to inspect, or to kill one in a fault-tolerance test)
-    relative_gap : float or None, the certified relative suboptimality (gram; None for consensus)
+    relative_gap : float or None, the certified relative suboptimality at the latest check
     """
 
     strategy: str

@@ -12,6 +12,13 @@ single-process :class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolve
 L = sum_k lambda_max(G_k / m) + l2 >= lambda_max(H) (tight for similar shards), so no worker ever ships
 its d x d statistics. The iterate lives on the driver, so a dead worker costs only its recreation: the
 step it was in is retried.
+
+Stopping: every ``check_every`` iterations one more gradient round trip at the iterate W gives
+``W H = grad(W) + R``, and with R = Rt/m and ||t||^2/m (the stage's totals, held by the driver) the exact
+duality gap of :func:`~idl_ray.sim.solvers.certificate.duality_gap_from_product`; FISTA stops when every
+row is certified to ``gap_tol``. Polishing needs H restricted to the union S of the rows' supports:
+the workers return their ``G_k[S, S] / m`` (:meth:`~idl_ray.distributed.actors.SolverWorker.gram_restricted`),
+whose sum plus l2 I is H_SS.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import torch
 
 from idl_ray.distributed import resources
+from idl_ray.distributed.certify import ShardCertificate
 from idl_ray.distributed.config import RayRunConfig
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import Timings
@@ -36,7 +44,13 @@ from idl_ray.distributed.solvers import (
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
-from idl_ray.sim.solvers.projected_gd import fista_loop, set_gradient_settings
+from idl_ray.sim.solvers.projected_gd import (
+    adam_stopped,
+    fista_info,
+    fista_loop,
+    low_rank_info,
+    set_gradient_settings,
+)
 
 __all__ = ["RayProjectedGDSolver"]
 
@@ -77,32 +91,65 @@ class _DistributedGradient:
         )
         return max(sum(values) + self.l2, 1e-300)
 
+    def restricted_hessian(self, index: torch.Tensor) -> torch.Tensor:
+        """H_SS = sum_k G_k[S, S] / m + l2 I for the columns ``index`` (retried when a worker dies)."""
+        while True:
+            try:
+                parts = self.pool.call("gram_restricted", index, self.m, what="restricted Gram blocks")
+            except Exception as exc:
+                if not resources.is_actor_failure(exc):
+                    raise
+                with self.timings.phase("recovery"):
+                    self.pool.recover(exc)
+                continue
+            H = parts[0]
+            for part in parts[1:]:
+                H = H + part
+            if self.l2:
+                H = H + self.l2 * torch.eye(H.shape[0], dtype=H.dtype)
+            return H
 
-def _fista(
-    grad: _DistributedGradient,
-    rows: int,
-    d: int,
+
+def certified_fista(
+    grad: Any,
+    R: torch.Tensor,
+    target_sq: torch.Tensor,
     *,
     lam: float,
     kappa: float | None,
     n_constrained: int,
     max_iter: int,
-    tol: float,
+    gap_tol: float,
     check_every: int,
+    polish: bool,
+    lipschitz: float,
     W0: torch.Tensor | None = None,
-    lipschitz: float | None = None,
+    restricted_hessian: Any = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """FISTA (:func:`~idl_ray.sim.solvers.projected_gd.fista_loop`) on a gradient summed over the actors."""
+    """FISTA (:func:`~idl_ray.sim.solvers.projected_gd.fista_loop`) on a gradient summed over the actors,
+    certified by the duality gap from ``W H = grad(W) + R`` (R: rows x d, Rt/m; target_sq: ||t||^2/m) and
+    polished on the union of the supports (:class:`~idl_ray.distributed.certify.ShardCertificate`)."""
+    certificate = ShardCertificate(
+        grad,
+        R,
+        target_sq,
+        lam=lam,
+        kappa=kappa,
+        n_constrained=n_constrained,
+        restricted_hessian=restricted_hessian if polish else None,
+    )
     return fista_loop(
         grad,
-        torch.zeros(rows, d, dtype=torch.float64) if W0 is None else W0,
-        step=1.0 / (lipschitz if lipschitz is not None else grad.lipschitz()),
+        torch.zeros_like(R) if W0 is None else W0,
+        step=1.0 / lipschitz,
         lam=lam,
         kappa=kappa,
         n_constrained=n_constrained,
         max_iter=max_iter,
-        tol=tol,
         check_every=check_every,
+        certify=certificate,
+        gap_tol=gap_tol,
+        polish=certificate.polish if polish and restricted_hessian is not None else None,
     )
 
 
@@ -115,8 +162,9 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
 
     Parameters
     ----------
-    rank, max_iter, tol, lr, penalty, check_every, method, seed :
-        As in ``ProjectedGDLowRankSolver``.
+    rank, max_iter, tol, gap_tol, lr, penalty, check_every, method, polish, warn, seed :
+        As in ``ProjectedGDLowRankSolver`` (FISTA stops on the duality gap; the low-rank fit reports the
+        certificate of the convex refit of B with A fixed).
     num_workers, use_gpu, run_config, workers, **run keywords :
         As in :class:`~idl_ray.distributed.solvers.RayADMMSolver`.
     """
@@ -127,10 +175,13 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         rank: int | None = None,
         max_iter: int = 20_000,
         tol: float = 1e-9,
+        gap_tol: float = 1e-7,
         lr: float = 1e-2,
         penalty: float = 10.0,
         check_every: int = 25,
         method: str = "fista",
+        polish: bool = True,
+        warn: bool = True,
         seed: int = 0,
         num_workers: int | None = None,
         use_gpu: bool | None = None,
@@ -145,10 +196,13 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             rank=rank,
             max_iter=max_iter,
             tol=tol,
+            gap_tol=gap_tol,
             lr=lr,
             penalty=penalty,
             check_every=check_every,
             method=method,
+            polish=polish,
+            warn=warn,
         )
         self.seed = int(seed)
         if num_workers is not None:
@@ -216,7 +270,6 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                     "the shard summaries",
                 ),
             )
-            d, rows = summaries[0]["dim"], summaries[0]["rows"]
             m = sum(s["num_samples"] for s in summaries)
             if isinstance(problem, ShardedProblem):
                 # the objective needs the totals: reduce them once (also what the stats report)
@@ -229,29 +282,28 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             l2 = 0.0 if problem.variant == "least_squares" else problem.l2
             nc = problem.n_constrained if problem.kappa is not None else 0
             grad = _DistributedGradient(pool, m, l2, timings)
+            R = (evaluation.Rt / evaluation.num_samples).to(torch.float64)
+            target_sq = (evaluation.target_sq / evaluation.num_samples).to(torch.float64)
             start = time.perf_counter()
             low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
             if low_rank:
-                W, info = self._low_rank(grad, rows, d, lam, float(problem.kappa), nc)
+                W, info = self._low_rank(grad, R, target_sq, lam, float(problem.kappa), nc)
             else:
-                W, info = _fista(
+                W, info = certified_fista(
                     grad,
-                    rows,
-                    d,
+                    R,
+                    target_sq,
                     lam=lam,
                     kappa=problem.kappa,
                     n_constrained=nc,
                     max_iter=self.max_iter,
-                    tol=self.tol,
+                    gap_tol=self.gap_tol,
                     check_every=self.check_every,
+                    polish=self.polish,
+                    lipschitz=grad.lipschitz(),
+                    restricted_hessian=grad.restricted_hessian,
                 )
-                info = {
-                    "iterations": info["iterations"],
-                    "converged": info["converged"],
-                    "status": "optimal" if info["converged"] else "max_iter",
-                    "history": info["history"],
-                    "extra": {"method": "fista", "step": info["step"]},
-                }
+                info = fista_info(info, self, type(self).__name__)
             elapsed = time.perf_counter() - start
             timings.add(
                 "iterations",
@@ -266,9 +318,17 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             self._release_pool(pool)
 
     def _low_rank(
-        self, grad: _DistributedGradient, rows: int, d: int, lam: float, kappa: float, nc: int
+        self,
+        grad: _DistributedGradient,
+        R: torch.Tensor,
+        target_sq: torch.Tensor,
+        lam: float,
+        kappa: float,
+        nc: int,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Adam on (L, R, B) with A = L R^T; the quadratic part's gradient comes from the workers."""
+        """Adam on (L, R, B) with A = L R^T; the quadratic part's gradient comes from the workers. The
+        refit of B (A fixed) is certified FISTA on the B-subproblem (data from two gradient calls)."""
+        rows, d = R.shape
         rank = min(self.rank or nc, nc)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         init = 0.1 / rank**0.5
@@ -278,6 +338,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         Bf = torch.zeros(rows, d - nc, dtype=dtype, requires_grad=True)
         optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=self.lr)
         history: list[dict[str, float]] = []
+        adam_converged, k = False, 0
         for k in range(1, self.max_iter + 1):
             optimiser.zero_grad(set_to_none=True)
             A = Lf @ Rf.T
@@ -285,38 +346,50 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
             local = lam * W.abs().sum() + self.penalty * torch.sum(excess * excess)
             # d/dW of the quadratic part is the distributed gradient: inject it, autograd does the rest
-            (torch.sum(W * grad(W)) + local).backward()
+            g = grad(W)
+            (torch.sum(W * g) + local).backward()
             optimiser.step()
-            if k % (self.check_every * 20) == 0:
-                history.append({"iteration": k, "penalty_part": float(local.detach())})
+            if k % self.check_every == 0:
+                with torch.no_grad():  # the loss at W, from the same gradient: 1/2 w.(g - R) + local
+                    loss = 0.5 * float(torch.sum(W * (g - R))) + float(local)
+                if adam_stopped(history, loss, k, self.tol):
+                    adam_converged = True
+                    break
         with torch.no_grad():
             A = Lf @ Rf.T
             sums = A.abs().sum(dim=1, keepdim=True)
             margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
             scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
             A = project_rows_onto_l1_ball(A * scale, kappa)
-        # refit B with A fixed: FISTA on the B block, W = [A, B], gradient restricted to B's columns
-        B, info = _fista(
+            # the B-subproblem with A fixed: grad at [A, 0] gives R_B - A H_AB and A H_AA
+            g0 = grad(torch.cat([A, torch.zeros(rows, d - nc, dtype=dtype)], dim=1))
+            Rb = -g0[:, nc:]
+            cb = target_sq - 2.0 * (R[:, :nc] * A).sum(dim=1) + ((g0[:, :nc] + R[:, :nc]) * A).sum(dim=1)
+        B, info = certified_fista(
             _BlockGradient(grad, A, nc),
-            rows,
-            d - nc,
+            Rb,
+            cb,
             lam=lam,
             kappa=None,
             n_constrained=0,
             max_iter=self.max_iter,
-            tol=self.tol,
+            gap_tol=self.gap_tol,
             check_every=self.check_every,
-            W0=Bf.detach(),
+            polish=self.polish,
             lipschitz=grad.lipschitz(),
+            W0=Bf.detach(),
+            restricted_hessian=lambda index: grad.restricted_hessian(index + nc),
         )
         W = torch.cat([A, B], dim=1)
-        return W, {
-            "iterations": self.max_iter + info["iterations"],
-            "converged": info["converged"],
-            "status": "optimal" if info["converged"] else "max_iter",
-            "history": history + info["history"],
-            "extra": {"method": "low_rank_adam", "rank": rank},
-        }
+        return W, low_rank_info(
+            self,
+            type(self).__name__,
+            adam_steps=k,
+            adam_converged=adam_converged,
+            refit=info,
+            history=history,
+            rank=rank,
+        )
 
 
 class _BlockGradient:

@@ -173,6 +173,8 @@ class _RaySolverMixin:
                     "eps_dual": info.eps_dual,
                     "restarts": info.restarts,
                     "checkpoints": info.checkpoints,
+                    "relative_gap": info.relative_gap,
+                    "polished_rows": info.polished_rows,
                 }
             )
         return extra
@@ -200,9 +202,10 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         ``"gram"``: the workers' statistics are reduced once, H = G/m + l2 I is broadcast once, rows of W
         are sharded across workers, and each runs cached-factor ADMM on its rows; only six residual sums
         travel per check. ``"consensus"``: global-variable consensus ADMM across sample shards; each
-        worker factors its own H_k, the driver forms the consensus, applies the prox and the kappa
-        projection, and tests the residuals; (rows x d) values travel per iteration, no d x d ever
-        leaves a worker. See ``docs/distributed.md`` for when to use which.
+        worker factors its own H_k, the driver forms the (over-relaxed) consensus, applies the prox and the
+        kappa projection, and every ``check_every`` iterations certifies it by the duality gap from one
+        gradient round trip, polishing nearly optimal rows with H_SS gathered from the workers; (rows x d)
+        values travel per iteration, only |S| x |S| blocks at polishing checks (none with polish=False). See ``docs/distributed.md`` for when to use which.
     options : ADMMOptions or dict, optional
         Algorithm settings (or pass them as keywords: ``rho``, ``max_iter``, ``abs_tol``, ``rel_tol``,
         ``adaptive_rho``, ``check_every``, ``mu``, ``tau``).
@@ -382,6 +385,9 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         d, rows = summaries[0]["dim"], summaries[0]["rows"]
         m = sum(s["num_samples"] for s in summaries) if m is None else m
         trace_G = sum(s["trace"] for s in summaries)
+        target_sq = summaries[0]["target_sq"]
+        for summary in summaries[1:]:
+            target_sq = target_sq + summary["target_sq"]
         self._last_m = m
         return run_consensus(
             pool,
@@ -389,6 +395,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             d=d,
             total_samples=m,
             trace_G=trace_G,
+            target_sq=target_sq,
             lam=lam,
             l2=l2,
             kappa=kappa,

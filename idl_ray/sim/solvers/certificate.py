@@ -34,7 +34,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["DualityGap", "duality_gap"]
+__all__ = ["DualityGap", "duality_gap", "duality_gap_from_product"]
 
 #: gaps below this multiple of the objective's own size are rounding noise: the residual
 #: w^T H w - 2 r^T w + c cancels terms of the size of c, so float64 cannot resolve much below 1e-13 of it
@@ -119,7 +119,35 @@ def duality_gap(
     DualityGap with per-row primal and dual values (float64)
     """
     W = W.to(H.dtype)
-    HW = W @ H
+    return duality_gap_from_product(
+        W,
+        W @ H,
+        R,
+        target_sq,
+        lam=lam,
+        kappa=kappa,
+        n_constrained=n_constrained,
+        feasibility_tol=feasibility_tol,
+    )
+
+
+def duality_gap_from_product(
+    W: torch.Tensor,
+    HW: torch.Tensor,
+    R: torch.Tensor,
+    target_sq: torch.Tensor,
+    *,
+    lam: float,
+    kappa: float | None,
+    n_constrained: int,
+    feasibility_tol: float = 1e-10,
+) -> DualityGap:
+    """:func:`duality_gap` given the product ``HW = W H`` (rows x d) instead of H.
+
+    For callers that never hold H: a gradient summed over sample shards gives ``W H - R``, hence ``HW``
+    (the Ray projected-gradient and consensus drivers). Same parameters and result as :func:`duality_gap`.
+    """
+    W = W.to(HW.dtype)
     wHw = (HW * W).sum(dim=1)
     rw = (R * W).sum(dim=1)
     c = target_sq.to(device=W.device, dtype=W.dtype)

@@ -42,19 +42,16 @@ from idl_ray.sim.solvers.admm_kernels import (
     ADMMState,
     GramFactor,
     initial_rho,
-    prox,
     relaxed_step,
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.polish import polish_rows
+from idl_ray.sim.solvers.polish import POLISH_BELOW, polish_if_better
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
 
 #: rho changes only when the residual ratio calls for a factor of at least this (OSQP's default)
 _RHO_CHANGE = 5.0
-#: polishing is tried on rows whose relative gap is below this
-_POLISH_BELOW = 1e-2
 _TINY = torch.finfo(torch.float64).tiny
 #: every this many checks, every uncertified row is polished (a support can be nearly right while its
 #: gap, whose dual point is rescaled, still looks poor)
@@ -326,8 +323,8 @@ class RowBlockADMM:
         periodic = self._checks >= self._next_periodic
         if periodic:
             self._next_periodic = self._checks + self._polish_period
-        try_rows = torch.nonzero(~ok & ((relative < _POLISH_BELOW) | settled | periodic)).flatten()
-        newly = self._polish_rows(Z, U, active, gaps, try_rows, rho) if try_rows.numel() else 0
+        eligible = ~ok & ((relative < POLISH_BELOW) | settled | periodic)
+        newly = self._polish_rows(Z, U, active, gaps, eligible, rho) if bool(eligible.any()) else 0
         if periodic and newly == 0:
             self._polish_period = min(2 * self._polish_period, _POLISH_PERIOD_MAX)
         return Z, U, self._certified(gaps)
@@ -338,33 +335,30 @@ class RowBlockADMM:
         U: torch.Tensor,
         active: torch.Tensor,
         gaps: DualityGap,
-        try_rows: torch.Tensor,
+        eligible: torch.Tensor,
         rho: float,
     ) -> int:
-        """Polish the rows ``active[try_rows]`` in place (Z, U, gaps); the number newly certified."""
-        rows = active[try_rows]
-        candidate, found = polish_rows(
-            self.H, self.R[rows], Z[rows], lam=self.lam, kappa=self.kappa, n_constrained=self.n_constrained
+        """Polish the rows ``active[eligible]`` in place (Z, U, gaps); the number newly certified."""
+        polished = polish_if_better(
+            self.H,
+            self.R,
+            Z,
+            gaps,
+            rows=active,
+            certificate=self.certificate,
+            eligible=eligible,
+            below=math.inf,
+            **self._settings(),
         )
-        if not bool(found.any()):
+        if polished is None:
             return 0
-        candidate = prox(candidate, 0.0, self.kappa, self.n_constrained)  # exact bound after rounding
-        new = self.certificate(candidate, rows)
-        # a smaller gap, and an objective no larger up to rounding (a polished optimum can sit 1e-14 above
-        # the iterate it replaces: both are optimal to rounding, and only the polished one is certified)
-        slack = new.rounding * (gaps.primal[try_rows].abs() + new.baseline)
-        better = found & (new.gaps < gaps.gaps[try_rows]) & (new.primal <= gaps.primal[try_rows] + slack)
-        if not bool(better.any()):
-            return 0
-        take = try_rows[better]
-        rows_taken = rows[better]
-        Z[rows_taken] = candidate[better]
-        U[rows_taken] = self._dual_at(candidate[better], rows_taken, rho)
-        gaps.primal[take] = new.primal[better]
-        gaps.dual[take] = new.dual[better]
-        self._record_gaps(
-            rows_taken, DualityGap(new.primal[better], new.dual[better], new.baseline[better], new.rounding)
-        )
+        take = polished.positions
+        rows_taken = active[take]
+        Z[rows_taken] = polished.weights
+        U[rows_taken] = self._dual_at(polished.weights, rows_taken, rho)
+        gaps.primal[take] = polished.gaps.primal
+        gaps.dual[take] = polished.gaps.dual
+        self._record_gaps(rows_taken, polished.gaps)
         newly = int(self._certified(gaps)[take].sum())
         self.polished_rows += newly
         return newly
