@@ -31,6 +31,10 @@ CASES = {
         ["--epochs", "5", "--hidden", "12", "--samples", "300"],
         [rf"^{name}\s+0\.\d+\s+0\.9\d+" for name in ("admm", "cvx", "projected_gd", "ray-admm", "ray-cvx")],
     ),
+    "sim_streaming.py": (
+        ["--samples", "600", "--epochs", "10"],
+        [r"streamed SIM test accuracy: 0\.9\d+", r"predictions agree on (9\d|100)\.\d+% of the test digits"],
+    ),
     "train_on_ray.py": (
         ["--workers", "1", "--epochs", "1", "--more-epochs", "1", "--hidden", "16"],
         [r"run folder .*, 2 epochs", r"\|\|A\|\|_inf = 0\.\d+ <= kappa"],
