@@ -54,6 +54,9 @@ from idl_ray.errors import ConfigError, ConfigTypeError, DistributedError, IDLEr
 from idl_ray.implicit.model import ImplicitModel
 from idl_ray.implicit.rnn import ImplicitRNN
 
+#: the controller's poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``) set when the user has not set one
+POLL_INTERVAL_S = "0.1"
+
 __all__ = ["OPTIMIZERS", "TrainResult", "TrainSettings", "train_implicit"]
 
 _OWNER = "train_implicit"
@@ -191,9 +194,9 @@ def train_implicit(
     Notes
     -----
     Ray Train's controller takes one report per worker each ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
-    seconds (2 s by default), so an epoch shorter than that lasts that long. For short epochs set the
-    variable (e.g. to 0.1) in the driver's environment before the call; Ray passes it on to the
-    controller. See ``docs/train.md``.
+    seconds (Ray's default 2 s), so an epoch shorter than that would last that long. Unless the variable
+    is already set, this call sets it to 0.1 in the driver's environment (Ray passes it on to the
+    controller), so short epochs are not padded. See ``docs/train.md``.
 
     Examples
     --------
@@ -237,6 +240,8 @@ def train_implicit(
         else:
             config[key] = data  # a (inputs, targets) pair of CPU tensors, or None
 
+    # Ray's 2 s poll would pad every short epoch to 2 s (see Notes); a value the user set wins
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=config,
