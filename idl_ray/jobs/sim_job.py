@@ -166,8 +166,8 @@ def make_solver(config: SimJobConfig):
 
     # use_gpu on a local solver: True must mean CUDA (an error where there is none), False the CPU
     device = None if config.use_gpu is None else ("cuda" if config.use_gpu else "cpu")
-    if config.solver == "admm":
-        return solvers.ADMMSolver(device=device)
+    if config.solver == "admm":  # a tqdm bar per stage with the certificate, unless --quiet
+        return solvers.ADMMSolver(device=device, progress=not config.quiet)
     if config.solver == "cvx":
         return solvers.CVXSolver()
     if config.solver == "pgd":

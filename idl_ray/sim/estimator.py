@@ -277,7 +277,7 @@ class SIM:
         self
         """
         cfg = self._validated()
-        solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        solver_obj = ADMM_default(cfg["device"], self.progress) if solver is None else get_solver(solver)
         if cfg["variant"] not in solver_obj.variants:  # before the states are recorded, not after
             raise ConfigError(
                 f"{type(solver_obj).__name__} does not solve the '{cfg['variant']}' variant; it solves "
@@ -349,7 +349,7 @@ class SIM:
         from idl_ray.distributed.state_store import fit_states
 
         cfg = self._validated()
-        solver_obj = ADMM_default(cfg["device"]) if solver is None else get_solver(solver)
+        solver_obj = ADMM_default(cfg["device"], self.progress) if solver is None else get_solver(solver)
         return fit_states(self, path, solver_obj, cfg)
 
     def _setup(self, structure: TeacherStructure, cfg: dict[str, Any]) -> torch.Tensor | None:
@@ -768,10 +768,10 @@ class SIM:
         return self.score(dataloader, metric="accuracy")
 
 
-def ADMM_default(device: torch.device) -> BaseSolver:
+def ADMM_default(device: torch.device, progress: bool = False) -> BaseSolver:
     from idl_ray.sim.solvers.admm import ADMMSolver
 
-    return ADMMSolver(device=device)
+    return ADMMSolver(device=device, progress=progress)
 
 
 def _tensor(value: Any) -> torch.Tensor:

@@ -199,3 +199,13 @@ def test_a_solve_that_cannot_certify_stops_early_as_stalled_never_converged() ->
     # the last 8 checks moved the objective by less than gap_tol / 100 of itself: nothing left to gain
     objectives = [h["objective"] for h in stats.history[-9:]]
     assert objectives[0] - objectives[-1] <= 1e-6 * abs(objectives[-1])
+
+
+def test_progress_bar_shows_the_certificate_and_changes_nothing(capsys) -> None:
+    problem = rank_deficient_problem(1, 1e-3, 0.5)
+    quiet = ADMMSolver(device="cpu").solve(problem)
+    capsys.readouterr()
+    shown = ADMMSolver(device="cpu", progress=True).solve(problem)
+    err = capsys.readouterr().err
+    assert "ADMM (A, B)" in err and "gap=" in err and f"certified={N}/{N}" in err
+    assert torch.equal(shown.weights, quiet.weights)

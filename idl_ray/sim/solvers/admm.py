@@ -38,6 +38,7 @@ class ADMMSolver(BaseSolver):
     device : None/"auto" (CUDA when available), or a device
     dtype : torch.float64 (default) or torch.float32
     warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
+    progress : bool, a tqdm bar per solve with the relative gap and the certified rows (default False)
     warm_start : bool, try the prox of the (minimum-norm) least-squares fit first, computed from the
         cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
         optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
@@ -62,6 +63,7 @@ class ADMMSolver(BaseSolver):
         dtype: torch.dtype = torch.float64,
         warn: bool = True,
         warm_start: bool = True,
+        progress: bool = False,
         **option_values: Any,
     ) -> None:
         self.options = resolve_settings(
@@ -71,6 +73,7 @@ class ADMMSolver(BaseSolver):
         self.dtype = check_dtype(dtype, "ADMMSolver")
         self.warn = bool(warn)
         self.warm_start = bool(warm_start)
+        self.progress = bool(progress)
         self._factor_key: tuple[Any, ...] | None = None
         self._factor_G: torch.Tensor | None = None  # held (not its id) so a freed G cannot alias
         self._factor: GramFactor | None = None
@@ -79,6 +82,7 @@ class ADMMSolver(BaseSolver):
             "device": str(self.device),
             "dtype": str(dtype),
             "warm_start": self.warm_start,
+            "progress": self.progress,
         }
 
     def factor_for(self, problem: SIMProblem, H: torch.Tensor) -> GramFactor:
@@ -130,9 +134,11 @@ class ADMMSolver(BaseSolver):
         nc = problem.n_constrained if problem.kappa is not None else 0
         settings = {"lam": lam, "kappa": problem.kappa, "n_constrained": nc}
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None
+        stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
-            H, R, target_sq=target_sq, options=self.options, state=state, factor=factor, **settings
-        )
+            H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
+            progress=stage if self.progress else None, **settings,
+        )  # fmt: skip
         if not stats.converged and self.warn:
             stop = (
                 f"stalled after {stats.iterations} steps (objective and gap unchanged for "

@@ -197,8 +197,24 @@ class RowBlockADMM:
         return (self.R[rows] - W @ self.H) / rho
 
     # ------------------------------------------------------------------ the loop
-    def run(self, max_steps: int) -> BlockReport:
-        """Iterate until every row is certified or ``max_steps`` more ADMM steps were taken."""
+    def run(self, max_steps: int, progress: str | None = None) -> BlockReport:
+        """Iterate until every row is certified or ``max_steps`` more ADMM steps were taken.
+
+        ``progress``: a description for a tqdm bar of the steps (with the gap and the certified rows), or
+        None for no bar.
+        """
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_steps, desc=progress, leave=False)
+        try:
+            return self._run(max_steps, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _run(self, max_steps: int, bar: Any) -> BlockReport:
         start = time.perf_counter()
         options = self.options
         d = self.R.shape[1]
@@ -226,6 +242,12 @@ class RowBlockADMM:
                         "rho": rho,
                     }
                 )
+                if bar is not None:
+                    bar.n = iteration - state.iteration
+                    bar.set_postfix(
+                        gap=f"{self.history[-1]['relative_gap']:.1e}",
+                        certified=f"{int(self.certified.sum())}/{self.R.shape[0]}",
+                    )
             if bool(self.certified.all()) or iteration >= budget_end or self._stalled():
                 break
             active = torch.nonzero(~self.certified).flatten()
@@ -391,6 +413,7 @@ def admm_solve(
     options: ADMMOptions | None = None,
     state: ADMMState | None = None,
     factor: GramFactor | None = None,
+    progress: str | None = None,
 ) -> tuple[torch.Tensor, ADMMStats]:
     """Solve the Gram-form problem for all rows of W at once, certified by the duality gap.
 
@@ -407,6 +430,7 @@ def admm_solve(
     options : ADMMOptions
     state : ADMMState to resume from (a checkpoint or warm start); zeros by default
     factor : a precomputed GramFactor of G (reused across stages or restarts)
+    progress : a description for a tqdm bar of the steps, or None (no bar)
 
     Returns
     -------
@@ -446,7 +470,7 @@ def admm_solve(
         options=options,
         state=state,
     )
-    report = block.run(options.max_iter - block.state.iteration)
+    report = block.run(options.max_iter - block.state.iteration, progress=progress)
     stats = ADMMStats(
         iterations=report.iterations,
         converged=report.certified,
