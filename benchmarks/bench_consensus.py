@@ -19,30 +19,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sim import digits_data
+from bench_sim import digits_data, train_teacher
 
 from idl_ray.sim.estimator import SIM
 from idl_ray.sim.solvers import ADMMSolver
-
-
-def teacher_with_biases(p: int, X: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> nn.Module:
-    """A p-64-32-10 ReLU MLP with biases trained on digits (the teacher of issue 9)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(p, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval().requires_grad_(False)
 
 
 def stage_weights(sim: SIM) -> dict[str, torch.Tensor]:
@@ -90,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     Xtr, ytr, Xte, yte = digits_data(args.p)
-    teacher = teacher_with_biases(args.p, Xtr, ytr)
+    teacher = train_teacher(args.p, Xtr, ytr, hidden=(64, 32), bias=True)  # the teacher of issue 9
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     reference = None
     for name, solver in (

@@ -64,17 +64,24 @@ def digits_data(p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return X[perm[:cut]], y[perm[:cut]], X[perm[cut:]], y[perm[cut:]]
 
 
-def train_teacher(p: int, X: torch.Tensor, y: torch.Tensor, epochs: int = 40) -> nn.Module:
+def train_teacher(
+    p: int,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 40,
+    *,
+    hidden: tuple[int, ...] = (64, 32, 16),
+    bias: bool = False,
+) -> nn.Module:
+    """A p-hidden-10 ReLU MLP trained on (X, y) with Adam (seeded): the SIM benchmarks' teacher (default:
+    torchidl's bias-free p-64-32-16-10 tutorial shape)."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(p, 64, bias=False),
-        nn.ReLU(),
-        nn.Linear(64, 32, bias=False),
-        nn.ReLU(),
-        nn.Linear(32, 16, bias=False),
-        nn.ReLU(),
-        nn.Linear(16, 10, bias=False),
-    )
+    layers: list[nn.Module] = []
+    width = p
+    for h in hidden:
+        layers += [nn.Linear(width, h, bias=bias), nn.ReLU()]
+        width = h
+    model = nn.Sequential(*layers, nn.Linear(width, 10, bias=bias))
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):

@@ -27,9 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from bench_sim import digits_data  # the same digits split (64, or upsampled to 784)
-from torch import nn
+from bench_sim import digits_data, train_teacher  # the same digits split (64, or upsampled to 784)
 
 from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.estimator import SIM
@@ -38,27 +36,6 @@ from idl_ray.sim.solvers import ADMMSolver, CVXSolver, get_solver
 from idl_ray.sim.solvers.admm_kernels import GramFactor
 
 LAMS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-
-
-def teacher(p: int, X: torch.Tensor, y: torch.Tensor, bias: bool, epochs: int = 40) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(p, 64, bias=bias),
-        nn.ReLU(),
-        nn.Linear(64, 32, bias=bias),
-        nn.ReLU(),
-        nn.Linear(32, 10, bias=bias),
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval().requires_grad_(False)
 
 
 def floor_seconds(problem: SIMProblem, features_time_s: float) -> float:
@@ -81,7 +58,7 @@ def cvx_rows(problem: SIMProblem, rows: list[int]) -> dict[int, float]:
 
 def run_case(p: int, args, solver_factory) -> list[dict]:
     X, y, Xt, yt = digits_data(p)
-    model = teacher(p, X, y, bias=not args.no_bias)
+    model = train_teacher(p, X, y, hidden=(64, 32), bias=not args.no_bias)
     teacher_acc = float((model(Xt).argmax(1) == yt).float().mean())
     results = []
     for lam in args.lams:
