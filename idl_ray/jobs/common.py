@@ -108,3 +108,21 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # the user reads, and an error stays one line
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     return True
+
+
+#: activations of the default MLP teacher a job trains
+TEACHER_ACTIVATIONS = ("relu", "tanh", "leaky_relu")
+
+
+def check_teacher_settings(config: Any, owner: str) -> None:
+    """The teacher settings the sim and extract jobs share: the embedded ``dataset``, the MLP's ``hidden``
+    widths, its ``teacher_epochs`` and ``activation`` (one message per bad value, naming the field)."""
+    from idl_ray._validation import bad_parameter, check_choice, check_positive_int
+    from idl_ray.datasets import DATASETS
+
+    check_choice(config.dataset, "dataset", owner, DATASETS)
+    hidden = config.hidden
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise bad_parameter("hidden", owner, "a non-empty tuple of positive layer widths", hidden)
+    check_positive_int(config.teacher_epochs, "teacher_epochs", owner)
+    check_choice(config.activation, "activation", owner, TEACHER_ACTIVATIONS)

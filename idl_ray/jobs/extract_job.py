@@ -12,8 +12,8 @@ import dataclasses
 import time
 from typing import Any, ClassVar
 
-from idl_ray._validation import Options, bad_parameter, check_choice, check_positive_int
-from idl_ray.datasets import DATASETS
+from idl_ray._validation import Options, bad_parameter, check_positive_int
+from idl_ray.jobs.common import check_teacher_settings
 
 __all__ = ["ExtractJobConfig", "run_extract_job"]
 
@@ -48,13 +48,7 @@ class ExtractJobConfig(Options):
 
     def _validate(self) -> None:
         owner = "ExtractJobConfig"
-        check_choice(self.dataset, "dataset", owner, DATASETS)
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise bad_parameter("hidden", owner, "a non-empty tuple of positive layer widths", self.hidden)
-        check_positive_int(self.teacher_epochs, "teacher_epochs", owner)
-        check_choice(self.activation, "activation", owner, ("relu", "tanh", "leaky_relu"))
+        check_teacher_settings(self, owner)
         check_positive_int(self.batch_size, "batch_size", owner)
         check_positive_int(self.rows_per_file, "rows_per_file", owner)
         fraction = self.test_fraction

@@ -27,6 +27,7 @@ from idl_ray._validation import (
     check_positive_int,
 )
 from idl_ray.datasets import DATASETS
+from idl_ray.jobs.common import check_teacher_settings
 
 #: solver names accepted by the job; ``ray-*`` ones run on Ray actors
 SOLVERS = ("admm", "cvx", "pgd", "lstsq", "ray-admm", "ray-cvx", "ray-pgd")
@@ -99,13 +100,7 @@ class SimJobConfig(Options):
 
     def _validate(self) -> None:
         owner = "SimJobConfig"
-        check_choice(self.dataset, "dataset", owner, DATASETS)
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise bad_parameter("hidden", owner, "a non-empty tuple of positive layer widths", self.hidden)
-        check_positive_int(self.teacher_epochs, "teacher_epochs", owner)
-        check_choice(self.activation, "activation", owner, ("relu", "tanh", "leaky_relu"))
+        check_teacher_settings(self, owner)
         check_kappa(self.kappa, owner)
         check_positive_float(self.lam, "lam", owner, allow_zero=True)
         check_choice(self.solver, "solver", owner, SOLVERS)
