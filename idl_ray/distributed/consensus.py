@@ -43,7 +43,7 @@ from idl_ray.distributed import resources
 from idl_ray.distributed.actors import ConsensusLocalState
 from idl_ray.distributed.certify import ShardCertificate
 from idl_ray.distributed.checkpoint import Checkpointer, SolveCheckpoint
-from idl_ray.distributed.gram import RunInfo
+from idl_ray.distributed.gram import RunInfo, roll_back
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
@@ -137,20 +137,7 @@ def _run_consensus(
 
     def recover(exc: BaseException) -> SolveCheckpoint:
         """Recreate dead actors and roll every worker back to the last checkpoint."""
-        if not resources.is_actor_failure(exc):
-            raise exc
-        with timings.phase("recovery"):
-            needs_setup = pool.recover(exc)
-            checkpoint = checkpointer.restore()
-            if needs_setup:
-                setup(needs_setup, checkpoint.worker_states)
-            others = [k for k in range(K) if k not in needs_setup]
-            resources.get(
-                [pool.actors[k].set_consensus_state.remote(checkpoint.worker_states[k]) for k in others],
-                timeout,
-                "restoring the checkpoint",
-            )
-        return checkpoint
+        return roll_back(pool, checkpointer, exc, setup=setup, restore="set_consensus_state", timings=timings)
 
     pool.retry("factor", lambda: setup(list(range(K)), [zero_local] * K))
     Z = torch.zeros(rows, d, dtype=torch.float64)

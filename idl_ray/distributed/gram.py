@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -105,6 +106,34 @@ class RunInfo:
         )
 
 
+def roll_back(
+    pool: WorkerPool,
+    checkpointer: Checkpointer,
+    exc: BaseException,
+    *,
+    setup: Callable[[list[int], list[Any]], None],
+    restore: str,
+    timings: Timings,
+) -> SolveCheckpoint:
+    """Recover from a lost actor (any other error is raised again): recreate the dead actors, set them up
+    from the last checkpoint's worker states (``setup(ranks, states)``), and give every other worker its
+    state through its ``restore`` method; returns that checkpoint. Shared by the gram and consensus loops."""
+    if not resources.is_actor_failure(exc):
+        raise exc
+    with timings.phase("recovery"):
+        needs_setup = pool.recover(exc)
+        checkpoint = checkpointer.restore()
+        if needs_setup:
+            setup(needs_setup, checkpoint.worker_states)
+        others = [k for k in range(pool.size) if k not in needs_setup]
+        resources.get(
+            [getattr(pool.actors[k], restore).remote(checkpoint.worker_states[k]) for k in others],
+            pool.config.timeout_s,
+            "restoring the checkpoint",
+        )
+    return checkpoint
+
+
 def _run_gram(
     pool: WorkerPool,
     H: torch.Tensor,
@@ -157,20 +186,8 @@ def _run_gram(
     checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
 
     def recover(exc: BaseException) -> tuple[int, list[dict[str, float]]]:
-        """Recreate dead actors, roll every worker back to the last checkpoint, return the loop state."""
-        if not resources.is_actor_failure(exc):
-            raise exc
-        with timings.phase("recovery"):
-            needs_setup = pool.recover(exc)
-            checkpoint = checkpointer.restore()
-            if needs_setup:
-                setup(needs_setup, checkpoint.worker_states)
-            others = [k for k in range(pool.size) if k not in needs_setup]
-            resources.get(
-                [pool.actors[k].set_state.remote(checkpoint.worker_states[k]) for k in others],
-                pool.config.timeout_s,
-                "restoring the checkpoint",
-            )
+        """Roll every worker back to the last checkpoint; the loop state to resume from."""
+        checkpoint = roll_back(pool, checkpointer, exc, setup=setup, restore="set_state", timings=timings)
         return checkpoint.iteration, list(checkpoint.history)
 
     iteration = 0
@@ -264,4 +281,4 @@ def run_gram(
         kwargs["reporter"].close()
 
 
-__all__ = ["RunInfo", "reduce_stats", "run_gram"]
+__all__ = ["RunInfo", "reduce_stats", "roll_back", "run_gram"]
