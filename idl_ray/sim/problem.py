@@ -425,8 +425,7 @@ class SIMProblem:
     def duality_gap(self, W: Any, dual_point: Any = None) -> DualityGap | None:
         """Per-row primal values and dual bounds of W (:mod:`~idl_ray.sim.solvers.certificate`); their
         difference bounds ``objective(W) - optimum``. ``dual_point`` (rows x d, optional): other weights whose
-        residual gives a second dual point; the better bound is kept per row (any point gives a valid
-        bound, so a solver can offer one without being trusted). None for the ``"exact"`` variant (equality
+        residual gives a second dual point (see :func:`~idl_ray.sim.solvers.certificate.duality_gap`). None for the ``"exact"`` variant (equality
         constraints, no such certificate) and for an infeasible W."""
         if self.variant == "exact" or self.constraint_violation(W) > 0:
             return None
@@ -440,11 +439,8 @@ class SIMProblem:
             "n_constrained": self.n_constrained,
         }
         target_sq = self.target_sq.to(Wt.device) / self.num_samples
-        gaps = duality_gap(Wt, H, R, target_sq, **settings)
-        if dual_point is None:
-            return gaps
-        other = duality_gap(self._weights(dual_point), H, R, target_sq, **settings)
-        return dataclasses.replace(gaps, dual=torch.maximum(gaps.dual, other.dual))
+        other = None if dual_point is None else self._weights(dual_point)
+        return duality_gap(Wt, H, R, target_sq, dual_point=other, **settings)
 
     def residual(self, W: Any) -> float:
         """The mean squared fitting error 1/m ||T - W Phi||_F^2 (no regulariser)."""

@@ -100,6 +100,7 @@ def duality_gap(
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
+    dual_point: torch.Tensor | None = None,
 ) -> DualityGap:
     """The duality gap of each row of W (see the module docstring for the formulas).
 
@@ -113,22 +114,27 @@ def duality_gap(
     kappa : float or None (None: no bound)
     n_constrained : int, the leading columns under the bound
     feasibility_tol : float, relative tolerance on ``||v_B||_inf`` accepted as dual feasible when lam = 0
+    dual_point : optional Tensor (rows, d), other weights (feasible or not) whose residual gives a second
+        dual point; the better bound is kept per row (any point gives a valid bound, so a solver can offer
+        one, e.g. ADMM's unconstrained iterate, without being trusted)
 
     Returns
     -------
-    DualityGap with per-row primal and dual values (float64)
+    DualityGap with per-row primal values of W and dual bounds (float64)
     """
+    settings = {
+        "lam": lam,
+        "kappa": kappa,
+        "n_constrained": n_constrained,
+        "feasibility_tol": feasibility_tol,
+    }
     W = W.to(H.dtype)
-    return duality_gap_from_product(
-        W,
-        W @ H,
-        R,
-        target_sq,
-        lam=lam,
-        kappa=kappa,
-        n_constrained=n_constrained,
-        feasibility_tol=feasibility_tol,
-    )
+    gaps = duality_gap_from_product(W, W @ H, R, target_sq, **settings)
+    if dual_point is None:
+        return gaps
+    other = dual_point.to(H.dtype)
+    other_dual = duality_gap_from_product(other, other @ H, R, target_sq, **settings).dual
+    return dataclasses.replace(gaps, dual=torch.maximum(gaps.dual, other_dual))
 
 
 def duality_gap_from_product(
