@@ -27,9 +27,11 @@ from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timing
 from idl_ray.distributed.sharded import ShardedProblem
 from idl_ray.distributed.shards import ShardSource, StatsShard, assign, split_rows, tensor_sources
 from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning
+from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import GramStats, SIMProblem
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
+from idl_ray.sim.solvers.scaling import BlockScaling
 
 STRATEGIES = ("gram", "consensus")
 
@@ -314,12 +316,17 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         """The gram strategy on started workers: broadcast H once, rows sharded, ADMM on each block."""
         lam, kappa, n_constrained = self._penalties(problem)
         H, R = problem.scaled(dtype=torch.float64)
-        return run_gram(
+        scaling = BlockScaling.for_stage(H, n_constrained) if self.options.equilibrate else None
+        thresholds: float | torch.Tensor = lam
+        if scaling is not None:  # the workers solve the block-equilibrated problem (as ADMMSolver does)
+            H, R = scaling.gram(H), scaling.targets(R)
+            thresholds, kappa = scaling.thresholds(lam), scaling.radius(kappa)
+        W, info = run_gram(
             pool,
             H,
             R,
             problem.target_sq / problem.num_samples,
-            lam=lam,
+            lam=thresholds,
             kappa=kappa,
             n_constrained=n_constrained,
             options=self.options,
@@ -327,6 +334,10 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             reporter=self._reporter(),
             timings=timings,
         )
+        if scaling is not None:
+            W = scaling.from_scaled(W)
+            W[:, :n_constrained] = project_rows_onto_l1_ball(W[:, :n_constrained], problem.kappa)
+        return W, info
 
     # ------------------------------------------------------------------ ShardedProblem
     def _solve_sharded(self, sharded: ShardedProblem) -> SolveResult:

@@ -165,13 +165,21 @@ def test_admm_reports_non_convergence_and_still_satisfies_the_bound() -> None:
 
 def test_admm_reuses_its_factor_across_stages() -> None:
     problem = _problem(1)
+    stage2 = problem.replace(n_constrained=0, kappa=None)
+    shared = ADMMSolver(device="cpu", equilibrate=False)
+    shared.solve(problem)
+    shared.solve(stage2)
+    assert len(shared._factors) == 1  # without equilibration both stages use G itself
     solver = ADMMSolver(device="cpu")
     solver.solve(problem)
-    factor = solver._factor
-    solver.solve(problem.replace(n_constrained=0, kappa=None))
-    assert solver._factor is factor
+    solver.solve(stage2)
+    assert len(solver._factors) == 2  # stage 1 equilibrated, stage 2 not: one factor each
+    factors = dict(solver._factors)
+    solver.solve(problem)
+    solver.solve(stage2)
+    assert solver._factors == factors  # a refit on the same G reuses both
     solver.solve(problem.replace(l2=0.1, variant="elastic_net"))
-    assert solver._factor is not factor
+    assert len(solver._factors) == 3
 
 
 def test_registry_and_custom_solver() -> None:

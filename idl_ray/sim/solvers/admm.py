@@ -9,11 +9,20 @@ import torch
 
 from idl_ray._validation import resolve_settings
 from idl_ray.errors import ConvergenceWarning
+from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
-from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor, initial_rho, prox
+from idl_ray.sim.solvers.admm_kernels import (
+    ADMMOptions,
+    ADMMState,
+    GramFactor,
+    has_threshold,
+    initial_rho,
+    prox,
+)
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.row_block import admm_solve
+from idl_ray.sim.solvers.scaling import BlockScaling
 
 __all__ = ["ADMMSolver"]
 
@@ -28,7 +37,8 @@ class ADMMSolver(BaseSolver):
     optimal, and the solve stops when the duality gap, a bound on the suboptimality, is below
     ``gap_tol`` times the objective (:mod:`~idl_ray.sim.solvers.row_block`). It returns a projected
     iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
-    and reused when the same Gram comes back (stage 2 shares stage 1's G), so a SIM fit factors once.
+    and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
+    block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
 
     Parameters
     ----------
@@ -74,9 +84,11 @@ class ADMMSolver(BaseSolver):
         self.warn = bool(warn)
         self.warm_start = bool(warm_start)
         self.progress = bool(progress)
-        self._factor_key: tuple[Any, ...] | None = None
-        self._factor_G: torch.Tensor | None = None  # held (not its id) so a freed G cannot alias
-        self._factor: GramFactor | None = None
+        # factors of the G last seen (held, not its id, so a freed G cannot alias), one per setting
+        # (l2, m, dtype, device, equilibrated block): a fit's stage 1 (equilibrated) and stage 2 each keep
+        # theirs, so a lambda path or a refit factors each once
+        self._factor_G: torch.Tensor | None = None
+        self._factors: dict[tuple[Any, ...], GramFactor] = {}
         self._params = {
             **self.options.to_dict(),
             "device": str(self.device),
@@ -85,14 +97,14 @@ class ADMMSolver(BaseSolver):
             "progress": self.progress,
         }
 
-    def factor_for(self, problem: SIMProblem, H: torch.Tensor) -> GramFactor:
-        """The eigendecomposition of H, reused when the same G (same object, l2 and m) comes back."""
-        key = (problem.l2, problem.num_samples, H.dtype, H.device)
-        same = self._factor_G is problem.G and self._factor_key == key
-        if self._factor is None or not same:
-            self._factor = GramFactor(H)
-            self._factor_G, self._factor_key = problem.G, key
-        return self._factor
+    def factor_for(self, problem: SIMProblem, H: torch.Tensor, scaled: bool = False) -> GramFactor:
+        """The eigendecomposition of H, reused when the same G (same object, l2, m and scaling) comes back."""
+        key = (problem.l2, problem.num_samples, H.dtype, H.device, problem.n_constrained if scaled else 0)
+        if self._factor_G is not problem.G:
+            self._factor_G, self._factors = problem.G, {}
+        if key not in self._factors:
+            self._factors[key] = GramFactor(H)
+        return self._factors[key]
 
     def _warm_state(
         self,
@@ -101,7 +113,7 @@ class ADMMSolver(BaseSolver):
         R: torch.Tensor,
         target_sq: torch.Tensor,
         *,
-        lam: float,
+        lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
     ) -> ADMMState | None:
@@ -120,7 +132,7 @@ class ADMMSolver(BaseSolver):
         warm = duality_gap(Z0, H, R, target_sq, **settings)
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
-        use = warm.certified(self.options.gap_tol) | (lam == 0)
+        use = warm.certified(self.options.gap_tol) | (not has_threshold(lam))
         if not bool(use.any()):
             return None
         Z0 = torch.where(use[:, None], Z0, torch.zeros_like(Z0))
@@ -129,16 +141,26 @@ class ADMMSolver(BaseSolver):
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
-        factor = self.factor_for(problem, H)
         lam = 0.0 if problem.variant == "least_squares" else problem.lam
         nc = problem.n_constrained if problem.kappa is not None else 0
-        settings = {"lam": lam, "kappa": problem.kappa, "n_constrained": nc}
+        scaling = BlockScaling.for_stage(H, nc) if self.options.equilibrate else None
+        kappa = problem.kappa
+        thresholds: float | torch.Tensor = lam
+        if scaling is not None:  # the same problem in equilibrated columns; mapped back below
+            H, R = scaling.gram(H), scaling.targets(R)
+            thresholds, kappa = scaling.thresholds(lam), scaling.radius(problem.kappa)
+        factor = self.factor_for(problem, H, scaled=scaling is not None)
+        settings = {"lam": thresholds, "kappa": kappa, "n_constrained": nc}
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
             progress=stage if self.progress else None, **settings,
         )  # fmt: skip
+        dual_point = stats.dual_point
+        if scaling is not None:
+            W, dual_point = scaling.from_scaled(W), scaling.from_scaled(dual_point)
+            W[:, :nc] = project_rows_onto_l1_ball(W[:, :nc], problem.kappa)  # exact after the division
         if not stats.converged and self.warn:
             stop = (
                 f"stalled after {stats.iterations} steps (objective and gap unchanged for "
@@ -159,7 +181,7 @@ class ADMMSolver(BaseSolver):
             "converged": stats.converged,
             "status": "optimal" if stats.converged else ("stalled" if stats.stalled else "max_iter"),
             "history": stats.history,
-            "dual_point": stats.dual_point,
+            "dual_point": dual_point,
             "extra": {
                 "rho": stats.rho,
                 "factor_time_s": stats.factor_time_s,
@@ -167,6 +189,7 @@ class ADMMSolver(BaseSolver):
                 "polished_rows": stats.polished_rows,
                 "certified_rows": stats.certified_rows,
                 "warm_start": state is not None,
+                "equilibrated": scaling is not None,
             },
         }
         return W, info

@@ -48,6 +48,7 @@ __all__ = [
     "ResidualSums",
     "balanced_rho",
     "check_convergence",
+    "has_threshold",
     "initial_rho",
     "prox",
     "relaxed_step",
@@ -85,6 +86,10 @@ class ADMMOptions(Options):
         Memory of the safeguarded type-II Anderson acceleration of the ADMM map (0: plain ADMM).
     polish : bool
         Polish rows on their support once the gap is small (:mod:`~idl_ray.sim.solvers.polish`).
+    equilibrate : bool
+        Solve a bounded stage (stage 1) on block-equilibrated columns (:mod:`~idl_ray.sim.solvers.scaling`:
+        one scale for the bounded block, one for the free block) and map the answer back; ``rho`` then
+        refers to the equilibrated problem.
     rho_scale : float
         Fraction of the mean eigenvalue of G used as the default initial rho.
     stall_checks : int >= 0
@@ -104,6 +109,7 @@ class ADMMOptions(Options):
     relaxation: float = 1.6
     anderson: int = 5
     polish: bool = True
+    equilibrate: bool = True
     rho_scale: float = 0.05
     stall_checks: int = 40
     mu: float = 10.0
@@ -120,7 +126,7 @@ class ADMMOptions(Options):
         if self.abs_tol == 0 and self.rel_tol == 0:
             raise bad_parameter("abs_tol", owner, "> 0 when rel_tol is 0", self.abs_tol)
         check_positive_int(self.check_every, "check_every", owner)
-        for name in ("adaptive_rho", "polish"):
+        for name in ("adaptive_rho", "polish", "equilibrate"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_parameter(name, owner, "a bool", getattr(self, name))
         check_positive_float(self.relaxation, "relaxation", owner)
@@ -268,18 +274,26 @@ class ResidualSums:
         return math.sqrt(self.dual_sq)
 
 
+def has_threshold(lam: float | torch.Tensor) -> bool:
+    """Whether an l1 weight (a float or a tensor of per-column weights) is anywhere positive."""
+    return bool((lam > 0).any()) if isinstance(lam, torch.Tensor) else lam > 0
+
+
 def soft_threshold(V: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """sign(V) * max(|V| - threshold, 0), elementwise."""
     return torch.sign(V) * (V.abs() - threshold).clamp_min(0)
 
 
-def prox(V: torch.Tensor, threshold: float, kappa: float | None, n_constrained: int) -> torch.Tensor:
+def prox(
+    V: torch.Tensor, threshold: float | torch.Tensor, kappa: float | None, n_constrained: int
+) -> torch.Tensor:
     """prox of ``threshold ||.||_1 + indicator(||row[:n_constrained]||_1 <= kappa)`` applied row-wise.
 
     Parameters
     ----------
     V : Tensor, shape (rows, d)
-    threshold : float >= 0 (lam / rho in ADMM)
+    threshold : float >= 0 (lam / rho in ADMM), or a tensor of per-column thresholds (d,) (an equilibrated
+        stage, :mod:`~idl_ray.sim.solvers.scaling`)
     kappa : float or None (None: no constraint)
     n_constrained : int, the leading columns under the l1-ball constraint (the A-part of [A B])
 
@@ -287,7 +301,7 @@ def prox(V: torch.Tensor, threshold: float, kappa: float | None, n_constrained: 
     -------
     Tensor, shape (rows, d); the constrained part of every row has l1 norm <= kappa exactly.
     """
-    Z = soft_threshold(V, threshold) if threshold > 0 else V.clone()
+    Z = soft_threshold(V, threshold) if has_threshold(threshold) else V.clone()
     if kappa is not None and n_constrained > 0:
         Z[:, :n_constrained] = project_rows_onto_l1_ball(Z[:, :n_constrained], kappa)
     return Z
@@ -308,7 +322,7 @@ def relaxed_step(
     U: torch.Tensor,
     *,
     rho: float,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     relaxation: float = 1.0,

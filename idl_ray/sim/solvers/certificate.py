@@ -22,6 +22,10 @@ Since P >= 0, ``max(D(theta), 0)`` is a lower bound too (it certifies an exact f
 rescaled dual point is poor). Weak duality makes ``gap = P(w) - D >= P(w) - P*`` a bound on the suboptimality of a feasible w,
 and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (rows x d)(d x d) product.
 
+``lam`` may also be a tensor of per-column weights (d,) (an equilibrated stage,
+:mod:`~idl_ray.sim.solvers.scaling`): the l1 term is ``sum_j lam_j |w_j|``, dual feasibility
+``|v_j| <= lam_j`` on the free block, and the bound's term ``kappa max_j (|v_j| - lam_j)_+``.
+
 ``lam = 0`` with an unpenalised block: dual feasibility asks ``v_B = 0`` exactly, which floating point
 only approximates; ``feasibility_tol`` (relative to ``||r||_inf``) is the tolerance on ``||v_B||_inf``
 that is accepted as zero there, as interior-point solvers accept a small dual infeasibility. With
@@ -96,7 +100,7 @@ def duality_gap(
     R: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
@@ -110,7 +114,7 @@ def duality_gap(
     H : Tensor, shape (d, d), G/m + l2 I
     R : Tensor, shape (rows, d), Rt/m
     target_sq : Tensor, shape (rows,), ||t_i||^2 / m
-    lam : float >= 0
+    lam : float >= 0, or a tensor (d,) of per-column weights >= 0
     kappa : float or None (None: no bound)
     n_constrained : int, the leading columns under the bound
     feasibility_tol : float, relative tolerance on ``||v_B||_inf`` accepted as dual feasible when lam = 0
@@ -143,7 +147,7 @@ def duality_gap_from_product(
     R: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
@@ -158,19 +162,27 @@ def duality_gap_from_product(
     rw = (R * W).sum(dim=1)
     c = target_sq.to(device=W.device, dtype=W.dtype)
     residual_sq = (wHw - 2.0 * rw + c).clamp_min(0)
-    primal = 0.5 * residual_sq + lam * W.abs().sum(dim=1)
+    lam_t = torch.as_tensor(lam, dtype=W.dtype, device=W.device).expand(W.shape[1])
+    primal = 0.5 * residual_sq + (W.abs() * lam_t).sum(dim=1)
     V = R - HW
     nc = n_constrained if kappa is not None else 0
     # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
-    limit = lam if lam > 0 else feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    zero_limit = feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    limit = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, zero_limit))
     if nc < W.shape[1]:
-        v_free = V[:, nc:].abs().amax(dim=1)
-        s = torch.where(v_free > limit, lam / v_free.clamp_min(torch.finfo(W.dtype).tiny), 1.0)
+        v_free = V[:, nc:].abs()
+        ratio = torch.where(
+            v_free > limit[nc:],
+            lam_t[nc:] / v_free.clamp_min(torch.finfo(W.dtype).tiny),
+            torch.ones_like(v_free),
+        )
+        s = ratio.amin(dim=1).clamp(max=1.0)
     else:
         s = torch.ones_like(primal)
     dual = -0.5 * s * s * residual_sq + s * (c - rw)
     if nc > 0:
-        dual = dual - float(kappa) * (s * V[:, :nc].abs().amax(dim=1) - lam).clamp_min(0)
+        excess = (s[:, None] * V[:, :nc].abs() - lam_t[:nc]).clamp_min(0).amax(dim=1)
+        dual = dual - float(kappa) * excess
     dual = dual.clamp_min(0)  # P >= 0 always (squares and norms): 0 is a valid lower bound too
     return DualityGap(
         primal=primal.to(torch.float64),

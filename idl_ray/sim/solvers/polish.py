@@ -44,12 +44,12 @@ def _solve_on_support(
     sigma: torch.Tensor,
     a: torch.Tensor | None,
     kappa: float | None,
-    lam: float,
+    lam: torch.Tensor,
 ) -> tuple[torch.Tensor, float]:
-    """w_S (and nu, 0.0 without the bound) from the KKT system on support S."""
+    """w_S (and nu, 0.0 without the bound) from the KKT system on support S (lam: per-column, (d,))."""
     k = S.numel()
     H_SS = H[S][:, S]
-    c = r[S] - lam * sigma
+    c = r[S] - lam[S] * sigma
     if a is None:
         K, rhs = H_SS, c
     else:
@@ -72,7 +72,13 @@ def _solve_on_support(
 
 
 def _polish_row(
-    H: torch.Tensor, r: torch.Tensor, w: torch.Tensor, *, lam: float, kappa: float | None, n_constrained: int
+    H: torch.Tensor,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    lam: torch.Tensor,
+    kappa: float | None,
+    n_constrained: int,
 ) -> torch.Tensor | None:
     """Active-set refinement from w's support: solve on S; drop entries whose sign flips; add the entries
     off S that violate their optimality condition (|v_j| <= lam, + nu on the constrained block, with
@@ -81,7 +87,7 @@ def _polish_row(
     sigma = torch.sign(w[S])
     constrained = kappa is not None and n_constrained > 0
     active = constrained and float(w[:n_constrained].abs().sum()) >= float(kappa) * (1 - 1e-9)
-    tolerance = 1e-9 * max(lam, float(r.abs().max()), torch.finfo(r.dtype).tiny)
+    tolerance = 1e-9 * max(float(lam.max()), float(r.abs().max()), torch.finfo(r.dtype).tiny)
     for _ in range(_MAX_PASSES):
         if S.numel() == 0:
             w_S, nu = S.new_zeros(0, dtype=w.dtype), 0.0
@@ -105,7 +111,7 @@ def _polish_row(
             active = True
             continue
         v = r - candidate @ H
-        bound = torch.full_like(v, lam)
+        bound = lam.clone()
         if constrained:
             bound[:n_constrained] += max(nu, 0.0)
         violation = v.abs() - bound
@@ -127,7 +133,7 @@ def polish_rows(
     R: torch.Tensor,
     W: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     rows: torch.Tensor | None = None,
@@ -137,7 +143,7 @@ def polish_rows(
     Parameters
     ----------
     H : Tensor (d, d), R : Tensor (rows, d), W : Tensor (rows, d) with the supports and signs to use
-    lam, kappa, n_constrained : the stage's settings
+    lam, kappa, n_constrained : the stage's settings (lam a float or per-column weights (d,))
     rows : optional 1-D tensor of row indices to polish (default: all)
 
     Returns
@@ -148,6 +154,7 @@ def polish_rows(
     candidate = W.clone()
     ok = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     indices = range(W.shape[0]) if rows is None else rows.tolist()
+    lam = torch.as_tensor(lam, dtype=W.dtype, device=W.device).expand(W.shape[1])
     for i in indices:
         polished = _polish_row(H, R[i], W[i], lam=lam, kappa=kappa, n_constrained=n_constrained)
         if polished is not None:
@@ -174,7 +181,7 @@ def polish_if_better(
     *,
     rows: torch.Tensor,
     certificate: Callable[[torch.Tensor, torch.Tensor], DualityGap],
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     eligible: torch.Tensor | None = None,

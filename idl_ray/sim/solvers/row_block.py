@@ -111,7 +111,7 @@ class RowBlockADMM:
     ----------
     factor : GramFactor of H (d x d)
     H : Tensor (d, d), R : Tensor (rows, d), target_sq : Tensor (rows,) (= ||t_i||^2 / m)
-    lam, kappa, n_constrained : the stage's settings
+    lam, kappa, n_constrained : the stage's settings (lam a float, or per-column weights (d,))
     options : ADMMOptions
     state : ADMMState to start from (a warm start or a checkpoint); zeros by default
     """
@@ -123,7 +123,7 @@ class RowBlockADMM:
         R: torch.Tensor,
         target_sq: torch.Tensor,
         *,
-        lam: float,
+        lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
         options: ADMMOptions,
@@ -131,7 +131,8 @@ class RowBlockADMM:
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
         self.target_sq = target_sq.to(device=R.device, dtype=R.dtype)
-        self.lam, self.kappa = float(lam), kappa
+        self.lam = lam.to(device=R.device, dtype=R.dtype) if isinstance(lam, torch.Tensor) else float(lam)
+        self.kappa = kappa
         self.n_constrained = n_constrained if kappa is not None else 0
         self.options = options
         rows, d = R.shape
@@ -405,7 +406,7 @@ def admm_solve(
     G: torch.Tensor,
     Rt: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     target_sq: torch.Tensor | None = None,
@@ -420,7 +421,7 @@ def admm_solve(
     ----------
     G : Tensor, shape (d, d), symmetric PSD (G/m + l2 I for a SIM stage)
     Rt : Tensor, shape (rows, d), same dtype and device as G (Rt/m)
-    lam : float >= 0, the l1 weight
+    lam : float >= 0, the l1 weight, or a tensor (d,) of per-column weights (an equilibrated stage)
     kappa : float in [0, 1) or None (no constraint)
     n_constrained : int in [0, d], leading columns under the l1-ball bound
     target_sq : Tensor (rows,), ||t_i||^2 (/m): the constant of the objective, needed for the certificate;
@@ -452,8 +453,8 @@ def admm_solve(
         )
     if not 0 <= n_constrained <= G.shape[0]:
         raise bad_parameter("n_constrained", "admm_solve", f"an int in [0, {G.shape[0]}]", n_constrained)
-    if lam < 0:
-        raise bad_parameter("lam", "admm_solve", "a float >= 0", lam)
+    if bool((torch.as_tensor(lam) < 0).any()):
+        raise bad_parameter("lam", "admm_solve", "a float >= 0 (or per-column weights >= 0)", lam)
     start = time.perf_counter()
     factor = factor or GramFactor(G)
     if target_sq is None:
