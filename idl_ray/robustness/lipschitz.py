@@ -15,7 +15,7 @@ theorem, coordinate by coordinate). Row ``i`` reads ``(1 - s_i a_ii) dx_i = s_i 
     k = ||A||_inf = max_i sum_j |a_ij|                          (the usual condition), or
     k = max(0, mu_inf(A)),  mu_inf(A) = max_i (a_ii + sum_{j != i} |a_ij|)   (the wider one, mu_inf <= ||A||_inf),
 
-both requiring ``k < 1``. Hence (Tsai, Decugis, El Ghaoui, Atamturk 2022; El Ghaoui et al. 2021)::
+both requiring ``k < 1`` (and each implying well-posedness for such ``phi``). Hence (Tsai, Decugis, El Ghaoui, Atamturk 2022; El Ghaoui et al. 2021)::
 
     ||Y(U) - Y(U')||_inf <= L ||U - U'||_inf,   L = ||D||_inf + ||C||_inf ||B||_inf / (1 - k).
 
@@ -25,6 +25,13 @@ diagonal when ``mu_inf(A) < 1`` (so also when ``||A||_inf < 1``): a nonsingular 
 ``|dX| <= M^{-1} |B| 1 ||dU||_inf`` and
 
     L_elem = || |C| M^{-1} |B| + |D| ||_inf <= L.
+
+The elementwise bound needs only that ``M`` be a nonsingular M-matrix (``a_ii < 1`` and
+``rho(diag(1 - a_ii)^{-1} |A_offdiag|) < 1``). That is also a well-posedness condition: solving row ``i`` for
+``x_i`` given the others is a map with Lipschitz constant ``1 / (1 - a_ii)``, so the fixed-point map of the
+whole state is a contraction in a weighted l-infinity norm. It holds for a feed-forward teacher written as an
+implicit model (``A`` strictly block lower-triangular, ``M^{-1} = sum_k |A|^k``, so ``L_elem = || |W_L| ...
+|W_1| ||_inf`` for a bias-free ReLU MLP) even where ``||A||_inf >= 1``: the bound compares a teacher and its SIM.
 
 ``L_elem`` is never larger than ``L`` (at the largest entry of ``w = M^{-1} |B| 1``, ``(1 - mu_i) ||w|| <=
 ||B||_inf``) and, unlike ``L``, is invariant under a positive diagonal rescaling of the state
@@ -111,6 +118,8 @@ def _weights_of(model: Any) -> tuple[dict[str, Any], bool, str]:
         if not hasattr(model, "A_"):
             raise NotFittedError(f"{_OWNER}: this SIM is not fitted yet. Call fit(teacher, data) first.")
         return dict(model.weights), bool(model.bias_), condition
+    if hasattr(model, "layer_sizes") and all(hasattr(model, k) for k in ("A", "B", "C", "D")):
+        return {k: getattr(model, k) for k in ("A", "B", "C", "D")}, bool(model.bias), condition  # a teacher
     if isinstance(model, torch.nn.Module) and all(hasattr(model, k) for k in ("A", "B", "C", "D")):
         with torch.no_grad():
             mats = {k: getattr(model, k) for k in ("A", "B", "C", "D")}
@@ -144,12 +153,13 @@ def lipschitz_bound(
 
     Parameters
     ----------
-    model : fitted SIM, ImplicitModel, or dict with "A" (n, n), "B" (n, p), "C" (q, n), "D" (q, p)
-        For an ``ImplicitModel`` the stored ``A`` is used: after ``optimizer.step()`` call
+    model : fitted SIM, ImplicitModel, TeacherStructure, or dict with "A" (n, n), "B" (n, p), "C" (q, n), "D" (q, p)
+        A teacher's structure (``sim.structure_``) needs ``method="elementwise"``. For an ``ImplicitModel`` the stored ``A`` is used: after ``optimizer.step()`` call
         ``model.project_()`` (or use :meth:`ImplicitModel.lipschitz_bound`, which does) first.
     condition : "inf_norm", "mu_inf" or None
         How ``k`` is computed: ``||A||_inf`` or ``max(0, mu_inf(A))``. None takes the model's own
-        (``model.well_posedness`` when set), else "inf_norm". The elementwise bound needs ``k < 1`` too.
+        (``model.well_posedness`` when set), else "inf_norm". The elementwise bound accepts ``k >= 1``
+        when ``M`` is a nonsingular M-matrix (e.g. a feed-forward teacher).
     bias : bool or None
         Whether the last column of ``B`` and ``D`` multiplies a constant 1 (then it is left out: it does
         not depend on the input). None takes the model's (``bias_`` / ``bias``; False for a dict).
@@ -162,7 +172,8 @@ def lipschitz_bound(
     Raises
     ------
     WellPosednessError
-        When ``k >= 1``: the model is not certified well-posed and no finite bound follows.
+        When ``k >= 1`` (norm) or ``M`` is not a nonsingular M-matrix (elementwise): the model is not
+        certified well-posed and no finite bound follows.
     ConfigTypeError, ConfigError, ShapeError, NotFittedError
         For a model of another type, a bad option, inconsistent shapes or an unfitted SIM.
 
@@ -192,16 +203,35 @@ def lipschitz_bound(
             raise ShapeError(f"{_OWNER}: with bias=True, B needs an input column besides the bias column.")
         B, D = B[:, :-1], D[:, :-1]
     k = well_posedness_constant(A, condition)
-    if k >= 1.0:
-        raise WellPosednessError(
-            f"{_OWNER} needs a well-posed model: the {condition} constant of A is {k:.6g} >= 1, so no finite "
-            "bound follows. Project A onto kappa < 1 (idl_ray.project_onto_kappa_ball) or use "
-            "condition='mu_inf' if it holds."
-        )
     if method == "norm":
+        if k >= 1.0:
+            raise WellPosednessError(
+                f"{_OWNER} needs a well-posed model: the {condition} constant of A is {k:.6g} >= 1, so no "
+                "finite norm bound follows. Project A onto kappa < 1 (idl_ray.project_onto_kappa_ball), use "
+                "condition='mu_inf' if it holds, or method='elementwise' (which also covers feed-forward "
+                "teachers, whose A is strictly triangular)."
+            )
         return _inf_norm(D) + _inf_norm(C) * _inf_norm(B) / (1.0 - k)
-    diag = torch.diagonal(A)
     M = -A.abs()
-    M.diagonal().copy_(1.0 - diag)
+    M.diagonal().copy_(1.0 - torch.diagonal(A))
+    if k >= 1.0 and not _is_nonsingular_m_matrix(M):
+        raise WellPosednessError(
+            f"{_OWNER} needs a well-posed model: the {condition} constant of A is {k:.6g} >= 1 and "
+            "M = diag(1 - a_ii) - |A_offdiag| is not a nonsingular M-matrix, so no finite bound follows."
+        )
+    if C.numel() == 0:
+        return 0.0
     w = torch.linalg.solve(M, B.abs().sum(dim=1, keepdim=True))  # M^{-1} |B| 1 >= 0
-    return float((C.abs() @ w.clamp_min(0.0) + D.abs().sum(dim=1, keepdim=True)).max()) if C.numel() else 0.0
+    return float((C.abs() @ w.clamp_min(0.0) + D.abs().sum(dim=1, keepdim=True)).max())
+
+
+def _is_nonsingular_m_matrix(M: torch.Tensor) -> bool:
+    """For a Z-matrix (off-diagonal <= 0): nonsingular M-matrix iff some x > 0 has M x > 0; when it is one,
+    x = M^{-1} 1 is such an x (M^{-1} >= 0 with no zero row), and when x = M^{-1} 1 > 0 it is a witness."""
+    if not bool((torch.diagonal(M) > 0).all()):
+        return False
+    try:
+        x = torch.linalg.solve(M, torch.ones(M.shape[0], 1, dtype=M.dtype))
+    except RuntimeError:  # singular
+        return False
+    return bool(torch.isfinite(x).all()) and bool((x > 0).all())

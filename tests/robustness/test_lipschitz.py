@@ -174,6 +174,23 @@ def test_bound_holds_for_a_fitted_sim(small_sim) -> None:
     assert float(ratios(module, S, T).max()) <= L * (1 + 1e-9)
 
 
+def test_teacher_bound_is_the_product_of_absolute_weights(small_sim) -> None:
+    """A feed-forward teacher as an implicit model (||A*||_inf may exceed 1): the elementwise bound is
+    || |W3| |W2| |W1| ||_inf (bias columns left out) and holds on the teacher itself."""
+    teacher, sim, X = small_sim
+    W1, W2, W3 = (m.weight.detach() for m in teacher if isinstance(m, nn.Linear))
+    expected = float((W3.abs() @ W2.abs() @ W1.abs()).sum(dim=1).max())
+    L = lipschitz_bound(sim.structure_, method="elementwise")
+    assert L == pytest.approx(expected, rel=1e-10)
+    g = torch.Generator().manual_seed(8)
+    V = X + 0.3 * torch.randn(X.shape, generator=g, dtype=torch.float64)
+    assert float(ratios(teacher, X, V).max()) <= L * (1 + 1e-9)
+    S, T = fgsm_pairs(teacher, X[:100], 0.05)
+    assert float(ratios(teacher, S, T).max()) <= L * (1 + 1e-9)
+    # the SIM reproduces the teacher closely: its bound is of the same order
+    assert lipschitz_bound(sim, method="elementwise") < 10 * L
+
+
 def test_bad_input_raises_clear_errors(small_sim) -> None:
     with pytest.raises(ConfigTypeError, match="fitted SIM, an ImplicitModel or a dict"):
         lipschitz_bound(nn.Linear(3, 2))
@@ -198,6 +215,11 @@ def test_bad_input_raises_clear_errors(small_sim) -> None:
         lipschitz_bound(w, bias=1)
     with pytest.raises(WellPosednessError, match=">= 1"):
         lipschitz_bound(w | {"A": torch.tensor([[0.6, 0.4], [0.0, 0.1]])})
+    # triangular with a_ii < 1: well-posed, and the elementwise bound covers it
+    assert lipschitz_bound(w | {"A": torch.tensor([[0.6, 0.4], [0.0, 0.1]])}, method="elementwise") > 0
+    for A in (torch.tensor([[0.5, 0.8], [0.8, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])):
+        with pytest.raises(WellPosednessError, match="not a nonsingular M-matrix"):
+            lipschitz_bound(w | {"A": A}, method="elementwise")
     # a stored A outside the bound (after an optimiser step, before the next forward) is refused too
     model = random_model("tanh", False)
     with torch.no_grad():
