@@ -226,3 +226,27 @@ def test_bad_input_raises_clear_errors(small_sim) -> None:
         model.A.mul_(2.0)
     with pytest.raises(WellPosednessError):
         lipschitz_bound(model)
+
+
+def test_models_report_their_bound(small_sim, tmp_path) -> None:
+    _, sim, _ = small_sim
+    assert sim.lipschitz_bound() == lipschitz_bound(sim)
+    assert sim.lipschitz_bound(method="elementwise") == lipschitz_bound(sim, method="elementwise")
+    summary = sim.summary()
+    assert summary.lipschitz_bound == lipschitz_bound(sim)
+    assert summary.lipschitz_bound_elementwise == lipschitz_bound(sim, method="elementwise")
+    assert f"l-inf Lipschitz bound: {summary.lipschitz_bound:.4g}" in str(summary)
+    assert summary.to_dict()["lipschitz_bound"] == summary.lipschitz_bound
+    sim.save(tmp_path / "model")
+    assert SIM.load(tmp_path / "model").summary().lipschitz_bound == pytest.approx(summary.lipschitz_bound)
+    with pytest.raises(NotFittedError):
+        SIM().lipschitz_bound()
+    # ImplicitModel: the method brings a stored A outside the bound back first, as a forward would
+    model = random_model("tanh", False)
+    before = model.lipschitz_bound()
+    with torch.no_grad():
+        model.A.mul_(2.0)
+    after = model.lipschitz_bound()
+    assert model.well_posedness_margin() >= 0
+    assert after == lipschitz_bound(model) and after != before
+    assert model.lipschitz_bound(method="elementwise") <= after
