@@ -57,10 +57,11 @@ def _as_module(model: Any, owner: str) -> nn.Module:
     )
 
 
-def _model_dtype(module: nn.Module) -> torch.dtype | None:
+def _model_placement(module: nn.Module) -> tuple[torch.dtype, torch.device] | None:
+    """(dtype, device) of the module's first floating-point parameter or buffer (None: it has none)."""
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point():
-            return t.dtype
+            return t.dtype, t.device
     return None
 
 
@@ -87,9 +88,10 @@ def _check_data(x: Any, y: Any, owner: str, module: nn.Module) -> tuple[torch.Te
         )
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    dtype = _model_dtype(module)
-    if dtype is not None and x.dtype != dtype:
-        x = x.to(dtype)
+    placement = _model_placement(module)
+    if placement is not None:
+        x = x.to(device=placement[1], dtype=placement[0])
+        y = y.to(placement[1])
     check_finite(x, "x", owner)
     return x, y
 
@@ -168,7 +170,8 @@ def fgsm(
         A teacher, an ImplicitModel (gradient by implicit differentiation), or a fitted SIM (its
         ``to_module()``).
     x : Tensor (batch, ...)
-        Inputs, cast to the model's parameter dtype.
+        Inputs, moved to the model's parameter dtype and device. The model is used as it is: put it in
+        ``eval()`` mode first when it has dropout or batch norm.
     y : Tensor (batch,) of class labels, or real targets of the model's output shape
     eps : float >= 0
         l-infinity radius.
@@ -328,7 +331,7 @@ def attack_accuracy(
             adv = attack(module, xb, yb, radii[i], **kwargs)
             with torch.no_grad():
                 pred = module(adv).argmax(dim=1).cpu()
-            alive &= pred == yb.cpu()
+            alive &= pred == yb.cpu().to(pred.dtype)
             correct[i] += int(alive.sum())
     accs = (correct.double() / x.shape[0]).tolist()
     return accs[0] if single else accs

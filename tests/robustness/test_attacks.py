@@ -106,6 +106,7 @@ def test_pgd_stays_in_the_ball_and_the_box_and_beats_fgsm() -> None:
             return float(nn.functional.cross_entropy(model(z), y, reduction="sum"))
 
     assert loss(x) < loss(fgsm(model, x, y, 0.2, clip=(0.0, 1.0))) <= loss(adv)
+    assert all(p.grad is None for p in model.parameters())  # only the input is differentiated
     # the same generator seed gives the same attack
     again = pgd(model, x, y, 0.2, steps=20, clip=(0.0, 1.0), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(adv, again, rtol=0, atol=0)
