@@ -27,6 +27,7 @@ from torch import nn
 
 from idl_ray._validation import check_finite, check_positive_int
 from idl_ray.errors import ConfigError, ConfigTypeError, NotFittedError, ShapeError
+from idl_ray.robustness.lipschitz import _is_sim
 
 __all__ = ["ATTACK_METHODS", "attack_accuracy", "fgsm", "pgd"]
 
@@ -47,7 +48,7 @@ def _as_module(model: Any, owner: str) -> nn.Module:
     """The module to attack: ``model`` itself, or ``model.to_module()`` for a fitted SIM."""
     if isinstance(model, nn.Module):
         return model
-    if type(model).__name__ == "SIM" and hasattr(model, "to_module"):
+    if _is_sim(model):
         if not hasattr(model, "A_"):
             raise NotFittedError(f"{owner}: this SIM is not fitted yet. Call fit(teacher, data) first.")
         return model.to_module()

@@ -110,11 +110,16 @@ def _as_matrix(value: Any, name: str) -> torch.Tensor:
     return t
 
 
+def _is_sim(model: Any) -> bool:
+    """A SIM estimator, recognised without importing idl_ray.sim (any class named SIM in its MRO)."""
+    return not isinstance(model, torch.nn.Module) and any(c.__name__ == "SIM" for c in type(model).__mro__)
+
+
 def _weights_of(model: Any) -> tuple[dict[str, Any], bool, str]:
     """(A, B, C, D), whether the last input column is a bias, and the model's well-posedness condition."""
     condition = getattr(model, "well_posedness", None)
     condition = condition if isinstance(condition, str) else "inf_norm"
-    if type(model).__name__ == "SIM" and hasattr(model, "get_params"):  # the estimator, fitted or not
+    if _is_sim(model):  # the estimator (or a subclass), fitted or not
         if not hasattr(model, "A_"):
             raise NotFittedError(f"{_OWNER}: this SIM is not fitted yet. Call fit(teacher, data) first.")
         return dict(model.weights), bool(model.bias_), condition
