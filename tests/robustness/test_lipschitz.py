@@ -250,3 +250,14 @@ def test_models_report_their_bound(small_sim, tmp_path) -> None:
     assert model.well_posedness_margin() >= 0
     assert after == lipschitz_bound(model) and after != before
     assert model.lipschitz_bound(method="elementwise") <= after
+
+
+def test_the_models_own_condition_is_used() -> None:
+    """A model with ``well_posedness = "mu_inf"`` gets k = max(0, mu_inf(A)); an explicit condition wins."""
+    A = torch.tensor([[-0.5, 0.3], [0.2, -0.4]], dtype=torch.float64)  # ||A||_inf = 0.8, mu_inf = 0 (clamped)
+    B, C, D = torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), torch.zeros(2, 2)
+    model = ImplicitModel.from_weights(A, B, C, D.double(), kappa=0.9)
+    assert lipschitz_bound(model) == pytest.approx(1 / (1 - 0.8))
+    model.well_posedness = "mu_inf"
+    assert lipschitz_bound(model) == pytest.approx(1.0)
+    assert lipschitz_bound(model, condition="inf_norm") == pytest.approx(1 / (1 - 0.8))
