@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PGD_STEPS", "robustness_report"]
+__all__ = ["PGD_STEPS", "robustness_markdown", "robustness_report"]
 
 #: PGD iterations of the job's attacks (step 2.5 eps / steps, random start from a seeded generator)
 PGD_STEPS = 10
