@@ -34,6 +34,11 @@ _EXPORTS: dict[str, str] = {
     "CVXSolver": "idl_ray.sim.solvers",
     "ADMMSolver": "idl_ray.sim.solvers",
     "ProjectedGDLowRankSolver": "idl_ray.sim.solvers",
+    # robustness
+    "lipschitz_bound": "idl_ray.robustness.lipschitz",
+    "attack_accuracy": "idl_ray.robustness.attacks",
+    "fgsm": "idl_ray.robustness.attacks",
+    "pgd": "idl_ray.robustness.attacks",
     # Ray
     "RayADMMSolver": "idl_ray.distributed",
     "RayProjectedGDSolver": "idl_ray.distributed",

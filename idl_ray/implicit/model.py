@@ -526,6 +526,19 @@ class ImplicitModel(nn.Module):
         with torch.no_grad():
             return self.kappa - inf_norm(self._stored_A())
 
+    def lipschitz_bound(self, *, method: str = "norm") -> float:
+        """Certified l-infinity Lipschitz bound of ``input -> output`` (bias column left out).
+
+        ``method="norm"``: ``||D||_inf + ||C||_inf ||B||_inf / (1 - ||A||_inf)``; ``"elementwise"``: the tighter
+        ``|| |C| M^{-1} |B| + |D| ||_inf``, ``M = diag(1 - a_ii) - |A_offdiag|``. Brings a stored ``A`` outside the
+        bound back first, as a forward would. See :func:`idl_ray.robustness.lipschitz_bound`.
+        """
+        from idl_ray.robustness.lipschitz import lipschitz_bound
+
+        with torch.no_grad():
+            self.project_()
+        return lipschitz_bound(self, method=method)
+
     def extra_repr(self) -> str:
         parts = [
             f"input_dim={self.input_dim}",

@@ -164,6 +164,10 @@ def write_report_md(
     if times:
         lines += ["", "## Time per stage", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.3g} |" for k, v in times.items()]
+    if report.get("robustness"):
+        from idl_ray.jobs.robustness_report import robustness_markdown
+
+        lines += robustness_markdown(report["robustness"])
     lines += ["", "## Plots", ""]
     if plots:
         for name, file in plots.items():

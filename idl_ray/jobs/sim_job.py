@@ -61,6 +61,7 @@ class SimJobConfig(Options):
     seed: int = 0
     output_dir: str | None = None
     quiet: bool = False
+    attack_eps: tuple[float, ...] = ()
 
     FLAG_HELP: ClassVar[dict[str, str]] = {
         "dataset": "embedded data set used when --data is not given",
@@ -78,6 +79,7 @@ class SimJobConfig(Options):
         "address": "Ray cluster address (inside a Ray job RAY_ADDRESS is used)",
         "output_dir": "run directory (default: runs/sim-<UTC timestamp>/)",
         "quiet": "no progress bars or step logs; print only the run directory",
+        "attack_eps": "l-inf radii, comma-separated: teacher and SIM accuracy under FGSM and PGD on held-out data",
     }
 
     #: the allowed values of the choice options (listed by ``--help``)
@@ -113,6 +115,9 @@ class SimJobConfig(Options):
         fraction = self.test_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise bad_parameter("test_fraction", owner, "a float in (0, 1)", fraction)
+        for eps in self.attack_eps:
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+                raise bad_parameter("attack_eps", owner, "finite radii >= 0", self.attack_eps)
         for name in ("data", "input_column", "target_column", "teacher", "output_dir", "address"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -252,6 +257,7 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
     from idl_ray.jobs.data_sources import load_data
     from idl_ray.jobs.metrics import compare_outputs
     from idl_ray.jobs.report import console_summary, write_plots, write_report_md
+    from idl_ray.jobs.robustness_report import robustness_report
     from idl_ray.jobs.run_dir import write_config, write_json
     from idl_ray.sim import SIM
 
@@ -302,6 +308,11 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
     times["evaluation"] = time.perf_counter() - start
     summary = sim.summary()
     say(str(summary))
+    start = time.perf_counter()
+    robustness = robustness_report(
+        sim, teacher, data.x_test, data.y_test, config.attack_eps, seed=config.seed
+    )
+    times["robustness"] = time.perf_counter() - start
 
     sim.save(folder / "model")
     files = {"config": "config.yaml", "report": "report.json", "model": "model"}
@@ -327,6 +338,7 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
             "agreement with teacher": metrics["agreement"],
             "||A||_inf": inf_norm(sim.A_),
             "kappa": config.kappa,
+            "Lipschitz bound (SIM)": robustness["lipschitz_bound"]["sim"],
             "solver": f"{config.solver}: {stats['stage1'].status} / {stats['stage2'].status}",
             "fit time (s)": fit_time,
         },
@@ -342,6 +354,7 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
         "times_s": times,
         "streaming": {k: v.to_dict() for k, v in getattr(sim, "stream_info_", {}).items()},
         "summary": summary.to_dict(),
+        "robustness": robustness,
         "plots": plots,
         "files": {**files, "report_md": "report.md"},
     }

@@ -627,6 +627,18 @@ class SIM:
         )
 
     # ------------------------------------------------------------------ reporting
+    def lipschitz_bound(self, *, method: str = "norm") -> float:
+        """Certified l-infinity Lipschitz bound of the fitted model's ``input -> output`` map.
+
+        ``method="norm"``: ``||D||_inf + ||C||_inf ||B||_inf / (1 - ||A||_inf)`` (bias column left out); it
+        depends on the scale of the states (see ``rescale``). ``"elementwise"``: the tighter, rescaling-invariant
+        ``|| |C| M^{-1} |B| + |D| ||_inf``. See :func:`idl_ray.robustness.lipschitz_bound`.
+        """
+        self._check_fitted()
+        from idl_ray.robustness.lipschitz import lipschitz_bound
+
+        return lipschitz_bound(self, method=method)
+
     def summary(self) -> SIMSummary:
         """Sparsity per matrix, ||A||_inf, solve times and iterations, fixed-point iterations at inference."""
         self._check_fitted()
@@ -653,7 +665,19 @@ class SIM:
             if self.scales_ is None
             else {"min": float(self.scales_.min()), "max": float(self.scales_.max())},
             inference_iterations=self.inference_stats_,
+            **self._lipschitz_fields(),
         )
+
+    def _lipschitz_fields(self) -> dict[str, float | None]:
+        from idl_ray.errors import WellPosednessError
+
+        out: dict[str, float | None] = {}
+        for method, key in (("norm", "lipschitz_bound"), ("elementwise", "lipschitz_bound_elementwise")):
+            try:
+                out[key] = self.lipschitz_bound(method=method)
+            except WellPosednessError:
+                out[key] = None
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

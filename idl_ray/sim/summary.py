@@ -30,6 +30,9 @@ class SIMSummary:
     inference_iterations: dict[str, float] | None
     relative_gap: dict[str, float | None] = dataclasses.field(default_factory=dict)
     converged: dict[str, bool | None] = dataclasses.field(default_factory=dict)
+    #: certified l-inf Lipschitz bounds of input -> output (idl_ray.robustness.lipschitz_bound)
+    lipschitz_bound: float | None = None
+    lipschitz_bound_elementwise: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,6 +54,12 @@ class SIMSummary:
                 if gap is not None:
                     parts.append(f"stage {stage[-1]} {gap:.2g}" + ("" if ok else " (NOT converged)"))
             lines.append("  certified relative gap (objective - optimum <= gap): " + ", ".join(parts))
+        if self.lipschitz_bound is not None:
+            elementwise = self.lipschitz_bound_elementwise
+            lines.append(
+                f"  l-inf Lipschitz bound: {self.lipschitz_bound:.4g} (||D|| + ||C|| ||B|| / (1 - ||A||))"
+                + ("" if elementwise is None else f", {elementwise:.4g} (elementwise)")
+            )
         if self.scales:
             lines.append(f"  state rescaling: min {self.scales['min']:.3g}, max {self.scales['max']:.3g}")
         if self.inference_iterations:
