@@ -239,6 +239,10 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     variants = frozenset({"lasso", "elastic_net", "least_squares"})
 
+    #: the gram strategy honours ``problem.l1_weights`` (each worker gets its rows' thresholds); the
+    #: consensus strategy raises a ConfigError for them
+    supports_l1_weights = True
+
     def __init__(
         self,
         *,
@@ -296,6 +300,11 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
                 return W, self._info(pool, timings, info)
             finally:
                 self._release_pool(pool)
+        if problem.l1_weights is not None:
+            raise ConfigError(
+                f"{type(self).__name__} with strategy='consensus' does not support 'l1_weights'; use "
+                "strategy='gram' (or ADMMSolver / CVXSolver)."
+            )
         with timings.phase("startup"):
             pool = self._acquire_pool()
         try:
@@ -365,8 +374,12 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _penalties(problem: Any) -> tuple[float, float | None, int]:
-        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+    def _penalties(problem: Any) -> tuple[Any, float | None, int]:
+        """(lam or per-entry thresholds, kappa, n_constrained) of a SIMProblem or a ShardedProblem."""
+        if isinstance(problem, SIMProblem):
+            lam = problem.thresholds
+        else:
+            lam = 0.0 if problem.variant == "least_squares" else problem.lam
         kappa = problem.kappa
         return lam, kappa, problem.n_constrained if kappa is not None else 0
 

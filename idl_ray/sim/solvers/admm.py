@@ -55,6 +55,8 @@ class ADMMSolver(BaseSolver):
     (0.0, True)
     """
 
+    supports_l1_weights = True
+
     def __init__(
         self,
         *,
@@ -101,7 +103,7 @@ class ADMMSolver(BaseSolver):
         R: torch.Tensor,
         target_sq: torch.Tensor,
         *,
-        lam: float,
+        lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
     ) -> ADMMState | None:
@@ -120,7 +122,8 @@ class ADMMSolver(BaseSolver):
         warm = duality_gap(Z0, H, R, target_sq, **settings)
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
-        use = warm.certified(self.options.gap_tol) | (lam == 0)
+        unpenalised = (lam == 0).all(dim=1) if isinstance(lam, torch.Tensor) else lam == 0
+        use = warm.certified(self.options.gap_tol) | unpenalised
         if not bool(use.any()):
             return None
         Z0 = torch.where(use[:, None], Z0, torch.zeros_like(Z0))
@@ -130,7 +133,9 @@ class ADMMSolver(BaseSolver):
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
         factor = self.factor_for(problem, H)
-        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+        lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(device=self.device, dtype=self.dtype)
         nc = problem.n_constrained if problem.kappa is not None else 0
         settings = {"lam": lam, "kappa": problem.kappa, "n_constrained": nc}
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None

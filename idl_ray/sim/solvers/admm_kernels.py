@@ -273,13 +273,18 @@ def soft_threshold(V: torch.Tensor, threshold: float | torch.Tensor) -> torch.Te
     return torch.sign(V) * (V.abs() - threshold).clamp_min(0)
 
 
-def prox(V: torch.Tensor, threshold: float, kappa: float | None, n_constrained: int) -> torch.Tensor:
+def prox(
+    V: torch.Tensor, threshold: float | torch.Tensor, kappa: float | None, n_constrained: int
+) -> torch.Tensor:
     """prox of ``threshold ||.||_1 + indicator(||row[:n_constrained]||_1 <= kappa)`` applied row-wise.
 
     Parameters
     ----------
     V : Tensor, shape (rows, d)
-    threshold : float >= 0 (lam / rho in ADMM)
+    threshold : float >= 0 (lam / rho in ADMM), or a Tensor (rows, d) of per-entry thresholds in [0, inf]
+        (l1 weights, :mod:`~idl_ray.sim.solvers.weights`): the prox of ``sum_j t_j |v_j|`` is the entrywise
+        soft-threshold, an infinite threshold gives exactly 0, and the l1-ball projection of the result is
+        still the prox with the bound (soft-thresholds compose, and a zero entry stays zero)
     kappa : float or None (None: no constraint)
     n_constrained : int, the leading columns under the l1-ball constraint (the A-part of [A B])
 
@@ -287,7 +292,10 @@ def prox(V: torch.Tensor, threshold: float, kappa: float | None, n_constrained: 
     -------
     Tensor, shape (rows, d); the constrained part of every row has l1 norm <= kappa exactly.
     """
-    Z = soft_threshold(V, threshold) if threshold > 0 else V.clone()
+    if isinstance(threshold, torch.Tensor):
+        Z = soft_threshold(V, threshold.to(device=V.device, dtype=V.dtype))
+    else:
+        Z = soft_threshold(V, threshold) if threshold > 0 else V.clone()
     if kappa is not None and n_constrained > 0:
         Z[:, :n_constrained] = project_rows_onto_l1_ball(Z[:, :n_constrained], kappa)
     return Z
@@ -308,7 +316,7 @@ def relaxed_step(
     U: torch.Tensor,
     *,
     rho: float,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     relaxation: float = 1.0,
