@@ -239,8 +239,8 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     variants = frozenset({"lasso", "elastic_net", "least_squares"})
 
-    #: the gram strategy honours ``problem.l1_weights`` (each worker gets its rows' thresholds); the
-    #: consensus strategy raises a ConfigError for them
+    #: both strategies honour ``problem.l1_weights``: gram gives each worker its rows' thresholds,
+    #: consensus applies them in the driver's prox and certificate
     supports_l1_weights = True
 
     def __init__(
@@ -300,11 +300,6 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
                 return W, self._info(pool, timings, info)
             finally:
                 self._release_pool(pool)
-        if problem.l1_weights is not None:
-            raise ConfigError(
-                f"{type(self).__name__} with strategy='consensus' does not support 'l1_weights'; use "
-                "strategy='gram' (or ADMMSolver / CVXSolver)."
-            )
         with timings.phase("startup"):
             pool = self._acquire_pool()
         try:

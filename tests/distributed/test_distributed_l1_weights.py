@@ -1,6 +1,6 @@
-"""Per-entry l1 weights on Ray: the gram strategy (row blocks with their weights) equals the single-process
-ADMM answer, which tests/sim/test_l1_weights.py checks against Clarabel; solvers that cannot honour weights
-say so."""
+"""Per-entry l1 weights on Ray: the gram strategy (row blocks with their weights), the consensus strategy
+and the distributed FISTA equal the single-process ADMM answer, which tests/sim/test_l1_weights.py checks
+against Clarabel; the low-rank fit, which cannot honour weights, says so."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from distributed_helpers import TIMEOUT_S, random_problem, relative_gap
 
-from idl_ray.distributed import RayADMMSolver
+from idl_ray.distributed import RayADMMSolver, RayProjectedGDSolver
 from idl_ray.errors import ConfigError
 from idl_ray.sim.solvers.admm import ADMMSolver
 
@@ -39,7 +39,22 @@ def test_gram_strategy_equals_single_process_with_weights(weighted, worker_pools
     assert weighted.objective(unweighted.weights) > result.stats.objective * (1 + 1e-4)
 
 
-def test_consensus_strategy_rejects_weights(weighted, worker_pools):
-    solver = RayADMMSolver(strategy="consensus", workers=worker_pools(1), timeout_s=TIMEOUT_S)
-    with pytest.raises(ConfigError, match=r"consensus.*l1_weights"):
+@pytest.mark.parametrize("make", ["consensus", "projected_gd"])
+def test_consensus_and_distributed_fista_honour_weights(weighted, worker_pools, make):
+    reference = ADMMSolver(device="cpu", **TOL).solve(weighted)
+    if make == "consensus":
+        solver = RayADMMSolver(
+            strategy="consensus", workers=worker_pools(2), timeout_s=TIMEOUT_S, gap_tol=1e-9, max_iter=20_000
+        )
+    else:
+        solver = RayProjectedGDSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, gap_tol=1e-9)
+    result = solver.solve(weighted)
+    assert result.stats.converged
+    assert bool((result.weights[torch.isinf(weighted.l1_weights)] == 0).all())
+    assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-6
+
+
+def test_low_rank_fit_rejects_weights(weighted, worker_pools):
+    solver = RayProjectedGDSolver(rank=2, workers=worker_pools(1), timeout_s=TIMEOUT_S)
+    with pytest.raises(ConfigError, match=r"low-rank.*l1_weights"):
         solver.solve(weighted)

@@ -21,7 +21,13 @@ TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_ite
 
 
 def weighted_problem(
-    *, lam: float, kappa: float | None, rank_deficient: bool, seed: int = 0, with_inf: bool = True
+    *,
+    lam: float,
+    kappa: float | None,
+    rank_deficient: bool,
+    seed: int = 0,
+    with_inf: bool = True,
+    l2: float = 0.0,
 ) -> tuple[SIMProblem, torch.Tensor, torch.Tensor]:
     """A stage-1-like problem with random weights in [0.2, 3], a zero weight and some infinite ones."""
     gen = torch.Generator().manual_seed(seed)
@@ -40,8 +46,9 @@ def weighted_problem(
     if with_inf:
         weights[torch.rand(N, N + P, generator=gen) < 0.15] = torch.inf
         weights[1, :N] = torch.inf  # a row whose A-part is held at 0 entirely
+    variant = "elastic_net" if l2 else "lasso"
     problem = SIMProblem.from_samples(
-        features, targets, lam=lam, kappa=kappa, n_constrained=N, l1_weights=weights
+        features, targets, lam=lam, kappa=kappa, n_constrained=N, l1_weights=weights, l2=l2, variant=variant
     )
     return problem, features, targets
 
@@ -55,7 +62,11 @@ def reference(problem: SIMProblem, features: torch.Tensor, targets: torch.Tensor
         w = cp.Variable(problem.dim)
         held = np.isinf(w_all[i])
         finite = np.where(held, 0.0, w_all[i])
-        objective = 0.5 / M * cp.sum_squares(T[:, i] - F @ w) + problem.lam * cp.norm1(cp.multiply(finite, w))
+        objective = (
+            0.5 / M * cp.sum_squares(T[:, i] - F @ w)
+            + problem.lam * cp.norm1(cp.multiply(finite, w))
+            + 0.5 * problem.l2 * cp.sum_squares(w)
+        )
         constraints = [w[held] == 0] if held.any() else []
         if problem.kappa is not None:
             constraints.append(cp.norm1(w[:N]) <= problem.kappa)
@@ -65,15 +76,14 @@ def reference(problem: SIMProblem, features: torch.Tensor, targets: torch.Tensor
     return out
 
 
+#: (lam, kappa, rank-deficient features, l2)
 CASES = [
-    (lam, kappa, deficient)
-    for lam, kappa, deficient in [
-        (1e-2, 0.5, False),
-        (1e-3, None, False),
-        (1e-2, 0.8, True),
-        (1e-3, None, True),
-        (0.0, 0.5, False),
-    ]
+    (1e-2, 0.5, False, 0.0),
+    (1e-3, None, False, 0.0),
+    (1e-2, 0.8, True, 0.0),
+    (1e-3, None, True, 0.0),
+    (0.0, 0.5, False, 0.0),
+    (1e-2, 0.5, True, 1e-3),
 ]
 
 
@@ -81,8 +91,8 @@ CASES = [
 def references() -> dict:
     out = {}
     for case in CASES:
-        lam, kappa, deficient = case
-        problem, F, T = weighted_problem(lam=lam, kappa=kappa, rank_deficient=deficient)
+        lam, kappa, deficient, l2 = case
+        problem, F, T = weighted_problem(lam=lam, kappa=kappa, rank_deficient=deficient, l2=l2)
         out[case] = (problem, reference(problem, F, T))
     return out
 
