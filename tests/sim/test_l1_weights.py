@@ -212,3 +212,25 @@ def test_solvers_that_cannot_honour_weights_say_so() -> None:
         LeastSquareSolver().solve(problem)
     with pytest.raises(ConfigError, match=r"low-rank.*l1_weights"):
         ProjectedGDLowRankSolver(rank=2, device="cpu").solve(problem)
+
+
+def test_weighted_dual_bound_is_below_the_optimum_at_any_feasible_point(references: dict) -> None:
+    """Weak duality of the weighted certificate, away from the optimum: random feasible points (zero where
+    the weight is inf, inside the kappa ball) give dual bounds below Clarabel's optimum and gaps above
+    their true suboptimality."""
+    from idl_ray.implicit.projection import project_rows_onto_l1_ball
+
+    gen = torch.Generator().manual_seed(5)
+    for problem, W_ref in references.values():
+        f_ref = problem.objective(W_ref)
+        for scale in (0.01, 0.3, 2.0):
+            W = torch.as_tensor(W_ref) + scale * torch.randn(
+                problem.rows, problem.dim, generator=gen, dtype=torch.float64
+            )
+            W[torch.isinf(problem.l1_weights)] = 0.0
+            if problem.kappa is not None:
+                W[:, :N] = project_rows_onto_l1_ball(W[:, :N], problem.kappa)
+            gap = problem.duality_gap(W)
+            assert gap is not None
+            assert float(gap.dual.sum()) <= f_ref * (1 + 1e-8) + 1e-12
+            assert problem.objective(W) - f_ref <= gap.gap * (1 + 1e-8) + 1e-12
