@@ -145,7 +145,7 @@ class SolverWorker:
         target_sq: torch.Tensor,
         state: ADMMState,
         *,
-        lam: float,
+        lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
         options: ADMMOptions,

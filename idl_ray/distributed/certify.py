@@ -28,7 +28,8 @@ class ShardCertificate:
     ----------
     grad : callable ``W -> W H - R`` (rows x d), summed over the workers
     R : Tensor (rows, d), Rt/m; target_sq : Tensor (rows,), ||t||^2/m
-    lam, kappa, n_constrained : the stage's settings
+    lam, kappa, n_constrained : the stage's settings (lam: a float or per-entry thresholds (rows, d) from
+        l1 weights)
     restricted_hessian : callable ``index -> H[index][:, index]`` or None (no polishing)
     """
 
@@ -38,13 +39,14 @@ class ShardCertificate:
         R: torch.Tensor,
         target_sq: torch.Tensor,
         *,
-        lam: float,
+        lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
         restricted_hessian: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.grad, self.R, self.target_sq = grad, R, target_sq
-        self.lam, self.kappa = float(lam), kappa
+        self.lam = lam.to(R) if isinstance(lam, torch.Tensor) else float(lam)
+        self.kappa = kappa
         self.n_constrained = n_constrained if kappa is not None else 0
         self.restricted_hessian = restricted_hessian
 
@@ -89,7 +91,7 @@ class ShardCertificate:
             rows=torch.arange(W.shape[0]),
             certificate=certificate,
             eligible=eligible,
-            lam=self.lam,
+            lam=self.lam[:, index] if isinstance(self.lam, torch.Tensor) else self.lam,
             kappa=self.kappa,
             n_constrained=nc_S,
         )

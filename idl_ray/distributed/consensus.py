@@ -76,7 +76,7 @@ def _run_consensus(
     total_samples: int,
     trace_G: float,
     target_sq: torch.Tensor,
-    lam: float,
+    lam: float | torch.Tensor,
     l2: float,
     kappa: float | None,
     n_constrained: int,

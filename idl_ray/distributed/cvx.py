@@ -56,6 +56,9 @@ class RayCVXSolver(BaseSolver):
 
     variants = CVXSolver.variants
 
+    #: each task solves ``problem.row_block(block)``, which slices the l1 weights
+    supports_l1_weights = True
+
     def __init__(
         self,
         *,

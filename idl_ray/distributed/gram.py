@@ -28,6 +28,7 @@ from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timing
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
+from idl_ray.sim.solvers.weights import take_rows
 
 
 @ray.remote(num_cpus=0)
@@ -140,7 +141,7 @@ def _run_gram(
     Rt: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     options: ADMMOptions,
@@ -154,6 +155,7 @@ def _run_gram(
     ----------
     pool : WorkerPool (its workers need no samples here)
     H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64, target_sq : Tensor (rows,) (||t||^2 / m)
+    lam : float, or per-entry thresholds (rows, d) from l1 weights: each worker gets its block's rows
 
     Returns
     -------
@@ -167,14 +169,16 @@ def _run_gram(
     H_ref = ray.put(H.contiguous())
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
     timings.add("communication", time.perf_counter() - start)
-    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+    settings = {"kappa": kappa, "n_constrained": n_constrained, "options": options}
+    lams = [take_rows(lam, block) for block in blocks]
+    lams = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in lams]
     chunk = max(checkpointer.every, 10 * options.check_every)
 
     def setup(ranks: list[int], states: list[ADMMState]) -> None:
         begin = time.perf_counter()
         refs = [
             pool.actors[k].setup_rows.remote(
-                H_ref, Rt_refs[k], target_sq[blocks[k]].contiguous(), states[k], **settings
+                H_ref, Rt_refs[k], target_sq[blocks[k]].contiguous(), states[k], lam=lams[k], **settings
             )
             for k in ranks
         ]

@@ -41,6 +41,7 @@ from idl_ray.distributed.solvers import (
     _split_run_config,
     check_shared_pool,
 )
+from idl_ray.errors import ConfigError
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
@@ -115,7 +116,7 @@ def certified_fista(
     R: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float,
+    lam: float | torch.Tensor,
     kappa: float | None,
     n_constrained: int,
     max_iter: int,
@@ -168,6 +169,9 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
     num_workers, use_gpu, run_config, workers, **run keywords :
         As in :class:`~idl_ray.distributed.solvers.RayADMMSolver`.
     """
+
+    #: full rank (FISTA) honours ``problem.l1_weights``; the low-rank fit raises a ConfigError for them
+    supports_l1_weights = True
 
     def __init__(
         self,
@@ -278,7 +282,9 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 evaluation = problem.with_stats(reduce_stats(pool, timings))
             else:
                 evaluation = problem
-            lam = 0.0 if problem.variant == "least_squares" else problem.lam
+            # per-entry thresholds from l1 weights (a SIMProblem only), else one lam
+            lam = problem.thresholds if isinstance(problem, SIMProblem) else problem.lam
+            lam = 0.0 if problem.variant == "least_squares" else lam
             l2 = 0.0 if problem.variant == "least_squares" else problem.l2
             nc = problem.n_constrained if problem.kappa is not None else 0
             grad = _DistributedGradient(pool, m, l2, timings)
@@ -286,6 +292,11 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             target_sq = (evaluation.target_sq / evaluation.num_samples).to(torch.float64)
             start = time.perf_counter()
             low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
+            if low_rank and isinstance(lam, torch.Tensor):
+                raise ConfigError(
+                    "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
+                    "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."
+                )
             if low_rank:
                 W, info = self._low_rank(grad, R, target_sq, lam, float(problem.kappa), nc)
             else:

@@ -241,6 +241,10 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     variants = frozenset({"lasso", "elastic_net", "least_squares"})
 
+    #: both strategies honour ``problem.l1_weights``: gram gives each worker its rows' thresholds,
+    #: consensus applies them in the driver's prox and certificate
+    supports_l1_weights = True
+
     def __init__(
         self,
         *,
@@ -320,7 +324,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         thresholds: float | torch.Tensor = lam
         if scaling is not None:  # the workers solve the block-equilibrated problem (as ADMMSolver does)
             H, R = scaling.gram(H), scaling.targets(R)
-            thresholds, kappa = scaling.thresholds(lam), scaling.radius(kappa)
+            thresholds, kappa = scaling.thresholds(lam, R.shape[0]), scaling.radius(kappa)
         W, info = run_gram(
             pool,
             H,
@@ -376,8 +380,12 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _penalties(problem: Any) -> tuple[float, float | None, int]:
-        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+    def _penalties(problem: Any) -> tuple[Any, float | None, int]:
+        """(lam or per-entry thresholds, kappa, n_constrained) of a SIMProblem or a ShardedProblem."""
+        if isinstance(problem, SIMProblem):
+            lam = problem.thresholds
+        else:
+            lam = 0.0 if problem.variant == "least_squares" else problem.lam
         kappa = problem.kappa
         return lam, kappa, problem.n_constrained if kappa is not None else 0
 

@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
     "SIMProblem": "idl_ray.sim.problem",
     "GramStats": "idl_ray.sim.problem",
     "SampleData": "idl_ray.sim.problem",
+    "SparsityTarget": "idl_ray.sim.targets",
     "extract_states": "idl_ray.sim.extraction",
     "teacher_weights": "idl_ray.sim.extraction",
     "StateRecorder": "idl_ray.sim.extraction",

@@ -46,6 +46,7 @@ from idl_ray.sim.rescale import HOMOGENEOUS_ACTIVATIONS, layer_scales
 from idl_ray.sim.solvers.base import BaseSolver, SolverStats, get_solver, resolve_device
 from idl_ray.sim.stages import fixed_point_weights, regenerated_features, stage_batch
 from idl_ray.sim.summary import SIMSummary
+from idl_ray.sim.weighting import StageWeighting, solve_stage
 
 __all__ = ["SIM", "SIMSummary"]
 
@@ -66,6 +67,10 @@ _PARAMS = (
     "progress",
     "input_column",
     "stream",
+    "robust_weight",
+    "reweight_rounds",
+    "reweight_eps",
+    "target",
 )
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -111,6 +116,20 @@ class SIM:
     stream : StreamConfig, dict or None
         With a ``ray.data.Dataset``: the Ray Data settings (actor pool, batch size, memory limit); see
         :class:`idl_ray.distributed.extraction.StreamConfig`.
+    robust_weight : float >= 0, default 0.0
+        Multiply the l1 weights of [A B] (stage 1) and [C D] (stage 2) by ``1 + robust_weight`` (bias
+        column excluded), which lowers the certified l-inf Lipschitz bound
+        ``||D||_inf + ||C||_inf ||B||_inf / (1 - kappa)`` at some cost in fit; needs lam > 0 or a target
+        (:mod:`idl_ray.sim.weighting`).
+    reweight_rounds : int >= 0, default 0
+        Reweighted-l1 rounds after the first solve of each stage (Candes, Wakin & Boyd 2008): weights
+        ``c_i / (|W_ij| + eps_i)``, a closer stand-in for the count of nonzeros (:mod:`idl_ray.sim.reweighting`).
+    reweight_eps : float > 0, default 0.1
+        The reweighting's smoothing, relative to each row's largest entry.
+    target : SparsityTarget, dict or None, default None
+        An exact sparsity target for both stages (``SparsityTarget(nonzeros_per_row=k)`` or
+        ``SparsityTarget(fraction_removed=x)``), met by bisection on the l1 threshold and a refit on the
+        support; it replaces lam and lam_out (:mod:`idl_ray.sim.targets`). Not with reweight_rounds.
 
     Attributes
     ----------
@@ -119,7 +138,8 @@ class SIM:
     bias_ : bool, whether U carries a constant 1 as its last feature
     structure_ : TeacherStructure, the teacher's shapes, activation and exact (A*, B*, C*, D*)
     scales_ : Tensor (n,) or None, the positive state scales used (None: no rescaling)
-    stats_ : dict "stage1"/"stage2" -> SolverStats
+    stats_ : dict "stage1"/"stage2" -> SolverStats (``extra["weighting"]``: what robust_weight,
+        reweight_rounds or target did)
     problems_ : dict "stage1"/"stage2" -> SIMProblem (the solved problems; kept for inspection)
 
     Examples
@@ -149,6 +169,10 @@ class SIM:
         progress: bool = False,
         input_column: str | None = None,
         stream: Any = None,
+        robust_weight: float = 0.0,
+        reweight_rounds: int = 0,
+        reweight_eps: float = 0.1,
+        target: Any = None,
         **unknown: Any,
     ) -> None:
         # a misspelt keyword (SIM(kapa=0.9)) gets the valid names, as ImplicitModel does
@@ -168,6 +192,10 @@ class SIM:
         self.progress = progress
         self.input_column = input_column
         self.stream = stream
+        self.robust_weight = robust_weight
+        self.reweight_rounds = reweight_rounds
+        self.reweight_eps = reweight_eps
+        self.target = target
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> dict[str, Any]:
@@ -224,7 +252,10 @@ class SIM:
         if self.input_column is not None and not isinstance(self.input_column, str):
             raise bad_parameter("input_column", _OWNER, "a column name (str) or None", self.input_column)
         activation = self._activation_spec(self.activation)
+        weighting = StageWeighting(self.robust_weight, self.reweight_rounds, self.reweight_eps, self.target)
+        weighting.check_for(variant, lam, lam_out)
         return {
+            "weighting": weighting,
             "kappa": kappa,
             "lam": lam,
             "lam_out": lam_out,
@@ -384,7 +415,8 @@ class SIM:
             variant=variant,
             samples=None if samples is None else samples.row_block(slice(0, n)),
         )
-        result1 = solver_obj.solve(stage1)
+        weighting, bias = cfg["weighting"], structure.bias
+        result1, stage1 = solve_stage(stage1, solver_obj, weighting, stage=1, n=n, bias=bias)
         W1 = result1.weights.detach().to("cpu", torch.float64)
         A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
         if kappa is not None:
@@ -403,7 +435,7 @@ class SIM:
             variant=variant,
             samples=samples2,
         )
-        result2 = solver_obj.solve(stage2)
+        result2, stage2 = solve_stage(stage2, solver_obj, weighting, stage=2, n=n, bias=bias)
         W2 = result2.weights.detach().to("cpu", torch.float64)
         self.A_, self.B_ = A, B
         self.C_, self.D_ = W2[:, :n].contiguous(), W2[:, n:].contiguous()
@@ -698,6 +730,8 @@ class SIM:
             params["activation"] = "auto"
         if params["stream"] is not None and not isinstance(params["stream"], dict):
             params["stream"] = params["stream"].to_dict()
+        if params["target"] is not None and not isinstance(params["target"], dict):
+            params["target"] = params["target"].to_dict()
         if params["fixed_point"] is not None and not isinstance(params["fixed_point"], dict):
             params["fixed_point"] = params["fixed_point"].to_dict()
         s = self.structure_

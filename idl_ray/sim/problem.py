@@ -241,6 +241,11 @@ class SIMProblem:
         ``"exact"`` imposes W Phi = T and minimises the regulariser (needs ``samples``).
     samples : SampleData or None
         Optional raw samples for solvers that work on samples rather than on G.
+    l1_weights : Tensor broadcastable to (rows, d), or None
+        Per-entry l1 weights w_ij in [0, inf] (float64): the penalty becomes ``lam sum_ij w_ij |W_ij|``.
+        None means all ones (the plain lasso). ``w_ij = inf`` holds ``W_ij = 0`` exactly for every lam,
+        lam = 0 included (the effective threshold is :attr:`thresholds`). Stored expanded to (rows, d).
+        Every solver honours them or raises a ConfigError naming itself and ``l1_weights``.
 
     Attributes
     ----------
@@ -264,6 +269,7 @@ class SIMProblem:
     kappa: float | None = None
     variant: str = "lasso"
     samples: SampleData | None = None
+    l1_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         owner = "SIMProblem"
@@ -308,12 +314,47 @@ class SIMProblem:
             )
         if self.variant == "elastic_net" and not self.l2:
             raise ConfigError("SIMProblem variant 'elastic_net' needs l2 > 0; got l2=0. Use 'lasso' instead.")
+        if self.l1_weights is not None:
+            self.l1_weights = self._check_l1_weights(self.l1_weights, owner)
         if self.samples is not None:
             if self.samples.features.shape[1] != self.dim or self.samples.targets.shape[1] != self.rows:
                 raise ShapeError(
                     f"SIMProblem samples have {self.samples.features.shape[1]} features and "
                     f"{self.samples.targets.shape[1]} targets; the statistics have {self.dim} and {self.rows}."
                 )
+
+    def _check_l1_weights(self, weights: Any, owner: str) -> torch.Tensor:
+        """The weights as a float64 (rows, d) tensor on G's device; clear errors for bad shapes and values."""
+        w = as_tensor(weights, "l1_weights", owner, dtype=_ACC_DTYPE).to(self.G.device)
+        try:
+            w = torch.broadcast_to(w, (self.rows, self.dim))
+        except RuntimeError as exc:
+            raise ShapeError(
+                f"The 'l1_weights' parameter of {owner} must be broadcastable to (rows, d) = "
+                f"({self.rows}, {self.dim}). Got shape {tuple(w.shape)}."
+            ) from exc
+        if bool(torch.isnan(w).any()):
+            raise bad_parameter("l1_weights", owner, "a tensor without NaN", "a tensor with NaN entries")
+        if bool((w < 0).any()):
+            raise bad_parameter(
+                "l1_weights", owner, "a tensor with entries >= 0 (inf allowed)", f"min {float(w.min()):g}"
+            )
+        if self.variant in ("least_squares", "exact"):
+            raise ConfigError(
+                f"The 'l1_weights' parameter of {owner} applies to the 'lasso' and 'elastic_net' variants; "
+                f"variant {self.variant!r} has no weighted l1 term. Use variant='lasso'."
+            )
+        return w.contiguous()
+
+    @property
+    def thresholds(self) -> float | torch.Tensor:
+        """The effective l1 thresholds: ``lam`` (a float) without weights, else the (rows, d) tensor
+        ``t_ij = lam w_ij``, with inf wherever ``w_ij = inf`` (also at lam = 0). 0 for least squares."""
+        lam = 0.0 if self.variant == "least_squares" else self.lam
+        if self.l1_weights is None:
+            return lam
+        w = self.l1_weights
+        return torch.where(torch.isinf(w), w, lam * w)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -355,7 +396,10 @@ class SIMProblem:
     def row_block(self, index: slice) -> SIMProblem:
         """The sub-problem of a block of target rows (rows are independent given G)."""
         samples = None if self.samples is None else self.samples.row_block(index)
-        return dataclasses.replace(self, stats=self.stats.row_block(index), samples=samples)
+        weights = None if self.l1_weights is None else self.l1_weights[index]
+        return dataclasses.replace(
+            self, stats=self.stats.row_block(index), samples=samples, l1_weights=weights
+        )
 
     # ----------------------------------------------------------------- views
     @property
@@ -415,7 +459,9 @@ class SIMProblem:
         # the residual sum of squares is >= 0; rounding of the expansion can make it slightly negative
         value = 0.5 * quad.clamp_min(0) / m
         if self.variant != "least_squares":
-            value = value + self.lam * Wt.abs().sum(dim=1) + 0.5 * self.l2 * (Wt * Wt).sum(dim=1)
+            from idl_ray.sim.solvers.weights import l1_term
+
+            value = value + l1_term(Wt, self.thresholds) + 0.5 * self.l2 * (Wt * Wt).sum(dim=1)
         return value
 
     def objective(self, W: Any) -> float:
@@ -434,7 +480,7 @@ class SIMProblem:
         Wt = self._weights(W)
         H, R = self.scaled(device=Wt.device)
         settings = {
-            "lam": 0.0 if self.variant == "least_squares" else self.lam,
+            "lam": self.thresholds,
             "kappa": self.kappa,
             "n_constrained": self.n_constrained,
         }
@@ -467,5 +513,6 @@ class SIMProblem:
         return (
             f"SIMProblem(dim={self.dim}, rows={self.rows}, num_samples={self.num_samples}, "
             f"n_constrained={self.n_constrained}, lam={self.lam}, l2={self.l2}, kappa={self.kappa}, "
-            f"variant={self.variant!r}, samples={'yes' if self.samples is not None else 'no'})"
+            f"variant={self.variant!r}, samples={'yes' if self.samples is not None else 'no'}"
+            f"{', l1_weights=yes' if self.l1_weights is not None else ''})"
         )

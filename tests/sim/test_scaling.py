@@ -41,7 +41,7 @@ def test_the_scaled_problem_has_the_same_duality_gap_at_mapped_points() -> None:
         scaling.gram(H),
         scaling.targets(R),
         c,
-        lam=scaling.thresholds(problem.lam),
+        lam=scaling.thresholds(problem.lam, problem.rows),
         **{**settings, "kappa": scaling.radius(problem.kappa)},
     )
     torch.testing.assert_close(scaled.primal, original.primal, rtol=1e-10, atol=1e-12)

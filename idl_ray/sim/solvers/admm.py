@@ -15,7 +15,6 @@ from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
     ADMMState,
     GramFactor,
-    has_threshold,
     initial_rho,
     prox,
 )
@@ -64,6 +63,8 @@ class ADMMSolver(BaseSolver):
     >>> result.stats.constraint_violation, result.stats.converged
     (0.0, True)
     """
+
+    supports_l1_weights = True
 
     def __init__(
         self,
@@ -132,7 +133,8 @@ class ADMMSolver(BaseSolver):
         warm = duality_gap(Z0, H, R, target_sq, **settings)
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
-        use = warm.certified(self.options.gap_tol) | (not has_threshold(lam))
+        unpenalised = (lam == 0).all(dim=1) if isinstance(lam, torch.Tensor) else lam == 0
+        use = warm.certified(self.options.gap_tol) | unpenalised
         if not bool(use.any()):
             return None
         Z0 = torch.where(use[:, None], Z0, torch.zeros_like(Z0))
@@ -141,14 +143,16 @@ class ADMMSolver(BaseSolver):
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
-        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+        lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(device=self.device, dtype=self.dtype)
         nc = problem.n_constrained if problem.kappa is not None else 0
         scaling = BlockScaling.for_stage(H, nc) if self.options.equilibrate else None
         kappa = problem.kappa
         thresholds: float | torch.Tensor = lam
         if scaling is not None:  # the same problem in equilibrated columns; mapped back below
             H, R = scaling.gram(H), scaling.targets(R)
-            thresholds, kappa = scaling.thresholds(lam), scaling.radius(problem.kappa)
+            thresholds, kappa = scaling.thresholds(lam, problem.rows), scaling.radius(problem.kappa)
         factor = self.factor_for(problem, H, scaled=scaling is not None)
         settings = {"lam": thresholds, "kappa": kappa, "n_constrained": nc}
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None

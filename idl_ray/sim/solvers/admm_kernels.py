@@ -48,7 +48,6 @@ __all__ = [
     "ResidualSums",
     "balanced_rho",
     "check_convergence",
-    "has_threshold",
     "initial_rho",
     "prox",
     "relaxed_step",
@@ -274,11 +273,6 @@ class ResidualSums:
         return math.sqrt(self.dual_sq)
 
 
-def has_threshold(lam: float | torch.Tensor) -> bool:
-    """Whether an l1 weight (a float or a tensor of per-column weights) is anywhere positive."""
-    return bool((lam > 0).any()) if isinstance(lam, torch.Tensor) else lam > 0
-
-
 def soft_threshold(V: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """sign(V) * max(|V| - threshold, 0), elementwise."""
     return torch.sign(V) * (V.abs() - threshold).clamp_min(0)
@@ -292,8 +286,10 @@ def prox(
     Parameters
     ----------
     V : Tensor, shape (rows, d)
-    threshold : float >= 0 (lam / rho in ADMM), or a tensor of per-column thresholds (d,) (an equilibrated
-        stage, :mod:`~idl_ray.sim.solvers.scaling`)
+    threshold : float >= 0 (lam / rho in ADMM), or a Tensor (rows, d) of per-entry thresholds in [0, inf]
+        (l1 weights, :mod:`~idl_ray.sim.solvers.weights`): the prox of ``sum_j t_j |v_j|`` is the entrywise
+        soft-threshold, an infinite threshold gives exactly 0, and the l1-ball projection of the result is
+        still the prox with the bound (soft-thresholds compose, and a zero entry stays zero)
     kappa : float or None (None: no constraint)
     n_constrained : int, the leading columns under the l1-ball constraint (the A-part of [A B])
 
@@ -301,7 +297,10 @@ def prox(
     -------
     Tensor, shape (rows, d); the constrained part of every row has l1 norm <= kappa exactly.
     """
-    Z = soft_threshold(V, threshold) if has_threshold(threshold) else V.clone()
+    if isinstance(threshold, torch.Tensor):
+        Z = soft_threshold(V, threshold.to(device=V.device, dtype=V.dtype))
+    else:
+        Z = soft_threshold(V, threshold) if threshold > 0 else V.clone()
     if kappa is not None and n_constrained > 0:
         Z[:, :n_constrained] = project_rows_onto_l1_ball(Z[:, :n_constrained], kappa)
     return Z

@@ -124,12 +124,15 @@ class BaseSolver(abc.ABC):
     samples_optional : bool, True if ``needs_samples`` is only a preference (SIM keeps the samples for
         it) and the solver also works on the Gram statistics alone
     variants : frozenset of str, the problem variants it solves
+    supports_l1_weights : bool, True if it honours ``problem.l1_weights`` (per-entry l1 weights); a solver
+        that does not raises a ConfigError naming itself and ``l1_weights`` rather than ignoring them
     """
 
     name: ClassVar[str] = "base"
     needs_samples: ClassVar[bool] = False
     samples_optional: ClassVar[bool] = False
     variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
+    supports_l1_weights: ClassVar[bool] = False
 
     def solve(self, problem: SIMProblem) -> SolveResult:
         """Solve ``problem``; the stats' objective and constraint numbers come from the problem."""
@@ -141,6 +144,12 @@ class BaseSolver(abc.ABC):
             raise ConfigError(
                 f"{type(self).__name__} does not solve the '{problem.variant}' variant; it solves "
                 f"{sorted(self.variants)}. Use a solver that does (CVXSolver solves all of {list(VARIANTS)})."
+            )
+        if problem.l1_weights is not None and not self.supports_l1_weights:
+            raise ConfigError(
+                f"{type(self).__name__} does not support per-entry l1 weights, but the problem has "
+                "'l1_weights' set. Use ADMMSolver, CVXSolver or ProjectedGDLowRankSolver (full rank), or "
+                "solve without l1_weights."
             )
         if self.needs_samples and not self.samples_optional and problem.samples is None:
             raise ConfigError(

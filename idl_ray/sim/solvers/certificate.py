@@ -22,14 +22,16 @@ Since P >= 0, ``max(D(theta), 0)`` is a lower bound too (it certifies an exact f
 rescaled dual point is poor). Weak duality makes ``gap = P(w) - D >= P(w) - P*`` a bound on the suboptimality of a feasible w,
 and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (rows x d)(d x d) product.
 
-``lam`` may also be a tensor of per-column weights (d,) (an equilibrated stage,
-:mod:`~idl_ray.sim.solvers.scaling`): the l1 term is ``sum_j lam_j |w_j|``, dual feasibility
-``|v_j| <= lam_j`` on the free block, and the bound's term ``kappa max_j (|v_j| - lam_j)_+``.
-
 ``lam = 0`` with an unpenalised block: dual feasibility asks ``v_B = 0`` exactly, which floating point
 only approximates; ``feasibility_tol`` (relative to ``||r||_inf``) is the tolerance on ``||v_B||_inf``
 that is accepted as zero there, as interior-point solvers accept a small dual infeasibility. With
 lam > 0 no tolerance is used: s rescales the dual point exactly.
+
+Per-entry thresholds (l1 weights, :mod:`~idl_ray.sim.solvers.weights`): with ``h(w) = sum_j t_j |w_j|``
+(plus the bound), ``h*(v) = kappa max_{j in A} (|v_j| - t_j)_+ + indicator(|v_j| <= t_j for j in B)``;
+an entry with ``t_j = inf`` (held at 0) constrains nothing (it drops out of both terms). The scale s is
+then the largest in [0, 1] with ``s |v_j| <= t_j`` on the free block, and an entry with ``t_j = 0`` in the
+free block is held to the same rounding tolerance as lam = 0.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from idl_ray.sim.solvers.weights import Threshold, l1_term
 
 __all__ = ["DualityGap", "duality_gap", "duality_gap_from_product"]
 
@@ -100,7 +104,7 @@ def duality_gap(
     R: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float | torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
@@ -114,7 +118,7 @@ def duality_gap(
     H : Tensor, shape (d, d), G/m + l2 I
     R : Tensor, shape (rows, d), Rt/m
     target_sq : Tensor, shape (rows,), ||t_i||^2 / m
-    lam : float >= 0, or a tensor (d,) of per-column weights >= 0
+    lam : float >= 0, or Tensor (rows, d) of per-entry thresholds in [0, inf] (l1 weights times lam)
     kappa : float or None (None: no bound)
     n_constrained : int, the leading columns under the bound
     feasibility_tol : float, relative tolerance on ``||v_B||_inf`` accepted as dual feasible when lam = 0
@@ -147,7 +151,7 @@ def duality_gap_from_product(
     R: torch.Tensor,
     target_sq: torch.Tensor,
     *,
-    lam: float | torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
@@ -162,27 +166,35 @@ def duality_gap_from_product(
     rw = (R * W).sum(dim=1)
     c = target_sq.to(device=W.device, dtype=W.dtype)
     residual_sq = (wHw - 2.0 * rw + c).clamp_min(0)
-    lam_t = torch.as_tensor(lam, dtype=W.dtype, device=W.device).expand(W.shape[1])
-    primal = 0.5 * residual_sq + (W.abs() * lam_t).sum(dim=1)
+    primal = 0.5 * residual_sq + l1_term(W, lam)
     V = R - HW
     nc = n_constrained if kappa is not None else 0
+    tiny = torch.finfo(W.dtype).tiny
     # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
-    zero_limit = feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
-    limit = torch.where(lam_t > 0, lam_t, torch.full_like(lam_t, zero_limit))
-    if nc < W.shape[1]:
-        v_free = V[:, nc:].abs()
-        ratio = torch.where(
-            v_free > limit[nc:],
-            lam_t[nc:] / v_free.clamp_min(torch.finfo(W.dtype).tiny),
-            torch.ones_like(v_free),
-        )
-        s = ratio.amin(dim=1).clamp(max=1.0)
+    zero_tol = feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    if isinstance(lam, torch.Tensor):
+        t = lam.to(device=W.device, dtype=W.dtype)
+        if nc < W.shape[1]:
+            t_free, v_free = t[:, nc:], V[:, nc:].abs()
+            limit = torch.where(t_free > 0, t_free, torch.full_like(t_free, zero_tol))
+            ratio = torch.where(v_free > limit, t_free / v_free.clamp_min(tiny), torch.ones_like(v_free))
+            s = ratio.amin(dim=1).clamp(max=1.0)
+        else:
+            s = torch.ones_like(primal)
+        dual = -0.5 * s * s * residual_sq + s * (c - rw)
+        if nc > 0:
+            excess = (s[:, None] * V[:, :nc].abs() - t[:, :nc]).clamp_min(0)  # inf t: -inf -> 0
+            dual = dual - float(kappa) * excess.amax(dim=1)
     else:
-        s = torch.ones_like(primal)
-    dual = -0.5 * s * s * residual_sq + s * (c - rw)
-    if nc > 0:
-        excess = (s[:, None] * V[:, :nc].abs() - lam_t[:nc]).clamp_min(0).amax(dim=1)
-        dual = dual - float(kappa) * excess
+        limit = lam if lam > 0 else zero_tol
+        if nc < W.shape[1]:
+            v_free = V[:, nc:].abs().amax(dim=1)
+            s = torch.where(v_free > limit, lam / v_free.clamp_min(tiny), 1.0)
+        else:
+            s = torch.ones_like(primal)
+        dual = -0.5 * s * s * residual_sq + s * (c - rw)
+        if nc > 0:
+            dual = dual - float(kappa) * (s * V[:, :nc].abs().amax(dim=1) - lam).clamp_min(0)
     dual = dual.clamp_min(0)  # P >= 0 always (squares and norms): 0 is a valid lower bound too
     return DualityGap(
         primal=primal.to(torch.float64),

@@ -4,8 +4,9 @@ Each row i of W solves (H = G/m + l2 I, r_i = Rt[i]/m)::
 
     minimise_w  1/2 ||F w||^2 - r_i^T w + lam ||w||_1      subject to  ||w[:n_constrained]||_1 <= kappa
 
-with F^T F = H (F from H's eigendecomposition, dropping null directions), which is the problem's objective
-up to a constant. One cvxpy program is built per worker with ``r_i`` as a :class:`cvxpy.Parameter`, so
+(or ``sum_j t_ij |w_j|`` with per-entry thresholds t = lam * l1_weights, entries of infinite weight
+constrained to 0), with F^T F = H (F from H's eigendecomposition, dropping null directions), which is the
+problem's objective up to a constant. One cvxpy program is built per worker with ``r_i`` as a :class:`cvxpy.Parameter`, so
 cvxpy canonicalises once and each further row only updates parameter data (DPP). Rows are split across
 ``n_jobs`` workers (threads or processes). The ``"exact"`` variant (|W Phi - T| <= tol element-wise,
 minimise the regulariser) needs the raw samples. A final l1-ball projection of the constrained part
@@ -45,7 +46,14 @@ def _row_programs(payload: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
     if kappa is not None and nc > 0:
         constraints.append(cp.norm1(w[:nc]) <= kappa)
     reg = 0
-    if lam > 0:
+    weighted = payload.get("thresholds") is not None
+    if weighted:
+        # per-entry thresholds t (finite part as a parameter) and a 0/1 mask of the entries held at 0
+        t_param = cp.Parameter(d, nonneg=True)
+        fixed = cp.Parameter(d, nonneg=True)
+        reg = cp.norm1(cp.multiply(t_param, w))
+        constraints.append(cp.multiply(fixed, w) == 0)
+    elif lam > 0:
         reg = lam * cp.norm1(w)
     if payload["mode"] == "exact":
         P = payload["features"]
@@ -69,6 +77,11 @@ def _row_programs(payload: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
             tol.value = payload["exact_tol"][i]
         else:
             r.value = targets[i]
+        if weighted:
+            t_row = payload["thresholds"][i]
+            held = np.isinf(t_row)
+            t_param.value = np.where(held, 0.0, t_row)
+            fixed.value = held.astype(float)
         try:
             program.solve(solver=payload["solver"], warm_start=True, **payload["solver_options"])
         except cp.error.SolverError as exc:
@@ -99,6 +112,7 @@ class CVXSolver(BaseSolver):
     """
 
     variants = frozenset({"lasso", "elastic_net", "least_squares", "exact"})
+    supports_l1_weights = True
 
     def __init__(
         self,
@@ -168,6 +182,9 @@ class CVXSolver(BaseSolver):
             factor = (Q[:, keep] * s[keep].sqrt()).T.contiguous().numpy()
             base.update(mode="gram", factor=factor)
             blocks = {"rhs": R.numpy()}
+            thresholds = problem.thresholds
+            if isinstance(thresholds, torch.Tensor):  # l1 weights: per-entry thresholds, inf = held at 0
+                blocks["thresholds"] = thresholds.double().cpu().numpy()
         rows = problem.rows
         jobs = self.n_jobs or os.cpu_count() or 1
         jobs = max(1, min(jobs, rows))
@@ -207,6 +224,8 @@ class CVXSolver(BaseSolver):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        if problem.l1_weights is not None:  # entries of infinite weight: exactly 0, not the solver's 1e-12
+            W[torch.isinf(problem.l1_weights.cpu())] = 0.0
         if problem.constrained:
             nc = problem.n_constrained
             W[:, :nc] = project_rows_onto_l1_ball(W[:, :nc], float(problem.kappa))

@@ -15,6 +15,9 @@ constraint dictate. Callers accept a polished row only if it lowers both the obj
 
 H_SS is singular when the support is larger than the rank of H (upsampled images): the system is solved
 with a relative ridge of ``1e-12`` and two steps of iterative refinement against the unregularised matrix.
+
+Per-entry thresholds (l1 weights): ``lam sigma_S`` becomes ``t_S * sigma_S`` and the condition off S is
+``|v_j| <= t_j``; entries with ``t_j = inf`` are never added to S (their condition always holds).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from idl_ray.sim.solvers.admm_kernels import prox
 from idl_ray.sim.solvers.certificate import DualityGap
+from idl_ray.sim.solvers.weights import Threshold, take_rows, threshold_scale
 
 __all__ = ["Polished", "polish_if_better", "polish_rows"]
 
@@ -44,12 +48,13 @@ def _solve_on_support(
     sigma: torch.Tensor,
     a: torch.Tensor | None,
     kappa: float | None,
-    lam: torch.Tensor,
+    lam: Threshold,
 ) -> tuple[torch.Tensor, float]:
-    """w_S (and nu, 0.0 without the bound) from the KKT system on support S (lam: per-column, (d,))."""
+    """w_S (and nu, 0.0 without the bound) from the KKT system on support S (lam: a float or the row's
+    per-entry thresholds, shape (d,), finite on S)."""
     k = S.numel()
     H_SS = H[S][:, S]
-    c = r[S] - lam[S] * sigma
+    c = r[S] - (lam[S] if isinstance(lam, torch.Tensor) else lam) * sigma
     if a is None:
         K, rhs = H_SS, c
     else:
@@ -76,18 +81,18 @@ def _polish_row(
     r: torch.Tensor,
     w: torch.Tensor,
     *,
-    lam: torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
 ) -> torch.Tensor | None:
     """Active-set refinement from w's support: solve on S; drop entries whose sign flips; add the entries
     off S that violate their optimality condition (|v_j| <= lam, + nu on the constrained block, with
     v = r - H w); until neither happens (an optimum) or the passes run out (None)."""
-    S = torch.nonzero(w).flatten()
+    S = torch.nonzero(w if not isinstance(lam, torch.Tensor) else w * torch.isfinite(lam)).flatten()
     sigma = torch.sign(w[S])
     constrained = kappa is not None and n_constrained > 0
     active = constrained and float(w[:n_constrained].abs().sum()) >= float(kappa) * (1 - 1e-9)
-    tolerance = 1e-9 * max(float(lam.max()), float(r.abs().max()), torch.finfo(r.dtype).tiny)
+    tolerance = 1e-9 * max(threshold_scale(lam), float(r.abs().max()), torch.finfo(r.dtype).tiny)
     for _ in range(_MAX_PASSES):
         if S.numel() == 0:
             w_S, nu = S.new_zeros(0, dtype=w.dtype), 0.0
@@ -111,7 +116,7 @@ def _polish_row(
             active = True
             continue
         v = r - candidate @ H
-        bound = lam.clone()
+        bound = lam.to(v).clone() if isinstance(lam, torch.Tensor) else torch.full_like(v, lam)
         if constrained:
             bound[:n_constrained] += max(nu, 0.0)
         violation = v.abs() - bound
@@ -133,7 +138,7 @@ def polish_rows(
     R: torch.Tensor,
     W: torch.Tensor,
     *,
-    lam: float | torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     rows: torch.Tensor | None = None,
@@ -143,7 +148,7 @@ def polish_rows(
     Parameters
     ----------
     H : Tensor (d, d), R : Tensor (rows, d), W : Tensor (rows, d) with the supports and signs to use
-    lam, kappa, n_constrained : the stage's settings (lam a float or per-column weights (d,))
+    lam, kappa, n_constrained : the stage's settings (lam: a float or per-entry thresholds aligned with R)
     rows : optional 1-D tensor of row indices to polish (default: all)
 
     Returns
@@ -154,9 +159,9 @@ def polish_rows(
     candidate = W.clone()
     ok = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     indices = range(W.shape[0]) if rows is None else rows.tolist()
-    lam = torch.as_tensor(lam, dtype=W.dtype, device=W.device).expand(W.shape[1])
     for i in indices:
-        polished = _polish_row(H, R[i], W[i], lam=lam, kappa=kappa, n_constrained=n_constrained)
+        lam_i = lam[i] if isinstance(lam, torch.Tensor) else lam
+        polished = _polish_row(H, R[i], W[i], lam=lam_i, kappa=kappa, n_constrained=n_constrained)
         if polished is not None:
             candidate[i] = polished
             ok[i] = True
@@ -181,7 +186,7 @@ def polish_if_better(
     *,
     rows: torch.Tensor,
     certificate: Callable[[torch.Tensor, torch.Tensor], DualityGap],
-    lam: float | torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     eligible: torch.Tensor | None = None,
@@ -201,7 +206,7 @@ def polish_if_better(
     gaps : DualityGap of the rows ``rows`` (len(rows) entries, aligned with ``rows``)
     rows : 1-D index tensor into R and W
     certificate : ``(weights, rows) -> DualityGap`` of candidate weights (len(rows) x d) for those rows
-    lam, kappa, n_constrained : the stage's settings
+    lam, kappa, n_constrained : the stage's settings (lam: a float or thresholds aligned with R's rows)
     eligible : optional bool mask aligned with ``rows`` (default: all)
     below : float, only rows with gap / primal below this are tried
 
@@ -217,7 +222,9 @@ def polish_if_better(
     if positions.numel() == 0:
         return None
     chosen = rows[positions]
-    candidate, found = polish_rows(H, R[chosen], W[chosen], lam=lam, kappa=kappa, n_constrained=n_constrained)
+    candidate, found = polish_rows(
+        H, R[chosen], W[chosen], lam=take_rows(lam, chosen), kappa=kappa, n_constrained=n_constrained
+    )
     if not bool(found.any()):
         return None
     candidate = prox(candidate, 0.0, kappa, n_constrained)  # exact bound after rounding

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from idl_ray._validation import bad_parameter, check_choice, check_positive_float, check_positive_int
-from idl_ray.errors import ConvergenceWarning
+from idl_ray.errors import ConfigError, ConvergenceWarning
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
+from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "warn_not_converged"]
 
@@ -56,7 +57,7 @@ def fista(
     H: torch.Tensor,
     R: torch.Tensor,
     *,
-    lam: float,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     target_sq: torch.Tensor | None = None,
@@ -72,7 +73,8 @@ def fista(
     Parameters
     ----------
     H : Tensor (d, d), G/m + l2 I; R : Tensor (rows, d), Rt/m
-    lam, kappa, n_constrained : the stage's settings
+    lam, kappa, n_constrained : the stage's settings (lam: a float, or per-entry thresholds (rows, d) in
+        [0, inf] from l1 weights; the prox soft-thresholds each entry by its own step * t_ij)
     target_sq : Tensor (rows,), ||t_i||^2 / m (the objective's constant, needed by the certificate); None
         uses the smallest value consistent with H and R (exact when the targets lie in the features' span)
     W0 : Tensor (rows, d), starting point (zeros by default)
@@ -92,6 +94,9 @@ def fista(
     def certify(W: torch.Tensor) -> DualityGap:
         return duality_gap(W, H, R, c, **settings)
 
+    def row_settings(idx: torch.Tensor) -> dict[str, Any]:
+        return {**settings, "lam": take_rows(lam, idx)}
+
     def polish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Polished | None:
         rows = torch.arange(W.shape[0], device=W.device)
         return polish_if_better(
@@ -100,7 +105,7 @@ def fista(
             W,
             gaps,
             rows=rows,
-            certificate=lambda Wc, idx: duality_gap(Wc, H, R[idx], c[idx], **settings),
+            certificate=lambda Wc, idx: duality_gap(Wc, H, R[idx], c[idx], **row_settings(idx)),
             eligible=eligible,
             **settings,
         )
@@ -125,7 +130,7 @@ def fista_loop(
     W0: torch.Tensor,
     *,
     step: float,
-    lam: float,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     max_iter: int,
@@ -401,6 +406,9 @@ class ProjectedGDLowRankSolver(BaseSolver):
     certificate (``stats.relative_gap``, against the full-rank optimum) stays large when the rank binds.
     """
 
+    #: full rank (FISTA) honours l1 weights; the low-rank fit raises a ConfigError for them
+    supports_l1_weights = True
+
     def __init__(
         self,
         *,
@@ -446,9 +454,16 @@ class ProjectedGDLowRankSolver(BaseSolver):
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
-        lam = 0.0 if problem.variant == "least_squares" else problem.lam
+        lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(device=self.device, dtype=self.dtype)
         nc = problem.n_constrained if problem.kappa is not None else 0
         low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
+        if low_rank and isinstance(lam, torch.Tensor):
+            raise ConfigError(
+                "ProjectedGDLowRankSolver: the low-rank fit (rank < n or method='adam') does not support "
+                "'l1_weights'; use rank=None with method='fista' (full rank), ADMMSolver or CVXSolver."
+            )
         if not low_rank:
             W, info = fista(
                 H,

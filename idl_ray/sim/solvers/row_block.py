@@ -47,6 +47,7 @@ from idl_ray.sim.solvers.admm_kernels import (
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.polish import POLISH_BELOW, polish_if_better
+from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
 
@@ -111,7 +112,8 @@ class RowBlockADMM:
     ----------
     factor : GramFactor of H (d x d)
     H : Tensor (d, d), R : Tensor (rows, d), target_sq : Tensor (rows,) (= ||t_i||^2 / m)
-    lam, kappa, n_constrained : the stage's settings (lam a float, or per-column weights (d,))
+    lam, kappa, n_constrained : the stage's settings; lam is a float or per-entry thresholds (rows x d,
+        aligned with R; :mod:`~idl_ray.sim.solvers.weights`)
     options : ADMMOptions
     state : ADMMState to start from (a warm start or a checkpoint); zeros by default
     """
@@ -123,7 +125,7 @@ class RowBlockADMM:
         R: torch.Tensor,
         target_sq: torch.Tensor,
         *,
-        lam: float | torch.Tensor,
+        lam: Threshold,
         kappa: float | None,
         n_constrained: int,
         options: ADMMOptions,
@@ -131,7 +133,9 @@ class RowBlockADMM:
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
         self.target_sq = target_sq.to(device=R.device, dtype=R.dtype)
-        self.lam = lam.to(device=R.device, dtype=R.dtype) if isinstance(lam, torch.Tensor) else float(lam)
+        self.lam: Threshold = (
+            lam.to(device=R.device, dtype=R.dtype) if isinstance(lam, torch.Tensor) else float(lam)
+        )
         self.kappa = kappa
         self.n_constrained = n_constrained if kappa is not None else 0
         self.options = options
@@ -155,7 +159,9 @@ class RowBlockADMM:
     def _settings(self) -> dict[str, Any]:
         return {"lam": self.lam, "kappa": self.kappa, "n_constrained": self.n_constrained}
 
-    def _map(self, R_rows: torch.Tensor, rho: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _map(
+        self, R_rows: torch.Tensor, rho: float, lam_rows: Threshold
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """T(x) for x = [Z, U] (rows x 2d) of the rows ``idx`` of the active block."""
         d = R_rows.shape[1]
         settings = self._settings()
@@ -168,7 +174,7 @@ class RowBlockADMM:
                 x[:, d:],
                 rho=rho,
                 relaxation=self.options.relaxation,
-                **settings,
+                **{**settings, "lam": take_rows(lam_rows, idx)},
             )
             return torch.cat([Z, U], dim=1)
 
@@ -190,7 +196,8 @@ class RowBlockADMM:
             if U is None or rho is None
             else dual_point(self.factor, R_rows, ADMMState(W=Z, Z=Z, U=U, rho=rho))
         )
-        return duality_gap(Z, self.H, R_rows, self.target_sq[rows], dual_point=W, **self._settings())
+        settings = {**self._settings(), "lam": take_rows(self.lam, rows)}
+        return duality_gap(Z, self.H, R_rows, self.target_sq[rows], dual_point=W, **settings)
 
     def _dual_at(self, W: torch.Tensor, rows: torch.Tensor, rho: float) -> torch.Tensor:
         """U = (r - H w) / rho: the scaled dual of ADMM's fixed point at W."""
@@ -254,7 +261,7 @@ class RowBlockADMM:
             R_active = self.R[active]
             x = torch.cat([Z[active], U[active]], dim=1)
             local = torch.arange(active.numel(), device=x.device)
-            step = self._map(R_active, rho)
+            step = self._map(R_active, rho, take_rows(self.lam, active))
             accelerator = AndersonAccelerator(step, options.anderson) if options.anderson else None
             gx = step(x, local)
             iteration += 1
@@ -406,7 +413,7 @@ def admm_solve(
     G: torch.Tensor,
     Rt: torch.Tensor,
     *,
-    lam: float | torch.Tensor,
+    lam: Threshold,
     kappa: float | None,
     n_constrained: int,
     target_sq: torch.Tensor | None = None,
@@ -421,7 +428,8 @@ def admm_solve(
     ----------
     G : Tensor, shape (d, d), symmetric PSD (G/m + l2 I for a SIM stage)
     Rt : Tensor, shape (rows, d), same dtype and device as G (Rt/m)
-    lam : float >= 0, the l1 weight, or a tensor (d,) of per-column weights (an equilibrated stage)
+    lam : float >= 0, the l1 weight, or a Tensor (rows, d) of per-entry thresholds in [0, inf] (l1 weights
+        times lam; inf holds an entry at 0)
     kappa : float in [0, 1) or None (no constraint)
     n_constrained : int in [0, d], leading columns under the l1-ball bound
     target_sq : Tensor (rows,), ||t_i||^2 (/m): the constant of the objective, needed for the certificate;
@@ -453,8 +461,14 @@ def admm_solve(
         )
     if not 0 <= n_constrained <= G.shape[0]:
         raise bad_parameter("n_constrained", "admm_solve", f"an int in [0, {G.shape[0]}]", n_constrained)
-    if bool((torch.as_tensor(lam) < 0).any()):
-        raise bad_parameter("lam", "admm_solve", "a float >= 0 (or per-column weights >= 0)", lam)
+    if isinstance(lam, torch.Tensor):
+        if lam.shape != Rt.shape or bool(torch.isnan(lam).any()) or bool((lam < 0).any()):
+            raise bad_parameter(
+                "lam", "admm_solve", f"a float >= 0 or a tensor of shape {tuple(Rt.shape)} in [0, inf]",
+                f"a tensor of shape {tuple(lam.shape)}",
+            )  # fmt: skip
+    elif lam < 0:
+        raise bad_parameter("lam", "admm_solve", "a float >= 0", lam)
     start = time.perf_counter()
     factor = factor or GramFactor(G)
     if target_sq is None:

@@ -66,9 +66,11 @@ class BlockScaling:
         """r_s = r S^{-1} for the rows of R (rows x d)."""
         return R / self.scales.to(R)
 
-    def thresholds(self, lam: float) -> torch.Tensor:
-        """Per-column l1 weights lam / s (d,)."""
-        return lam / self.scales
+    def thresholds(self, lam: float | torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-entry l1 thresholds lam / s (rows x d) of the scaled problem, for a float lam or per-entry
+        thresholds (rows x d, entries in [0, inf]: an infinite one stays infinite)."""
+        lam_t = torch.as_tensor(lam, dtype=self.scales.dtype, device=self.scales.device)
+        return (lam_t / self.scales).expand(rows, self.scales.numel()).contiguous()
 
     def radius(self, kappa: float) -> float:
         """kappa a: the bound on the scaled bounded block."""
