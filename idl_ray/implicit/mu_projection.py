@@ -86,7 +86,7 @@ def mu_inf(A: torch.Tensor) -> float:
         raise bad_parameter("A", "mu_inf", "a square 2-D tensor (n, n)", tuple(A.shape))
     if A.numel() == 0:
         return float("-inf")
-    return float(mu_inf_rows(A).max())
+    return float(mu_inf_rows(A.detach()).max())
 
 
 def _soft(v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
