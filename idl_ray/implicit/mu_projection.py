@@ -48,7 +48,13 @@ from idl_ray._validation import bad_parameter, check_kappa
 __all__ = ["mu_inf", "mu_inf_rows", "project_onto_mu_ball", "prox_mu_rows"]
 
 
-def mu_inf_rows(W: torch.Tensor, n_constrained: int | None = None, row_offset: int = 0) -> torch.Tensor:
+def mu_inf_rows(
+    W: torch.Tensor,
+    n_constrained: int | None = None,
+    row_offset: int = 0,
+    *,
+    diagonal: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row ``w_d + sum_{j < n, j != d} |w_j|`` with ``d = row_offset + r`` for row ``r``.
 
     Parameters
@@ -58,6 +64,8 @@ def mu_inf_rows(W: torch.Tensor, n_constrained: int | None = None, row_offset: i
         ``n``, the constrained leading columns (default: all of ``W``'s columns).
     row_offset : int
         Column of row 0's diagonal (row blocks of a larger matrix pass their first row's index).
+    diagonal : Tensor of int64, shape (rows,), optional
+        The diagonal column of each row (overrides ``row_offset``; for arbitrary subsets of rows).
 
     Returns
     -------
@@ -68,9 +76,17 @@ def mu_inf_rows(W: torch.Tensor, n_constrained: int | None = None, row_offset: i
     rows = block.shape[0]
     if rows == 0 or n == 0:
         return block.new_zeros(rows)
-    cols = torch.arange(rows, device=W.device) + row_offset
+    cols = _diagonal_columns(rows, row_offset, diagonal, W.device)
     diag = block.gather(1, cols.unsqueeze(1)).squeeze(1)
     return block.abs().sum(dim=1) - diag.abs() + diag
+
+
+def _diagonal_columns(
+    rows: int, row_offset: int, diagonal: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    if diagonal is not None:
+        return diagonal.to(device=device, dtype=torch.int64).reshape(rows)
+    return torch.arange(rows, device=device) + row_offset
 
 
 def mu_inf(A: torch.Tensor) -> float:
@@ -100,6 +116,7 @@ def prox_mu_rows(
     *,
     threshold: float | torch.Tensor = 0.0,
     row_offset: int = 0,
+    diagonal: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Row-wise prox of ``sum_j t_j |z_j| + indicator(z_d + sum_{j<n, j != d} |z_j| <= kappa)``.
 
@@ -117,6 +134,8 @@ def prox_mu_rows(
         Per-entry l1 weights ``t`` (0: the Euclidean projection).
     row_offset : int
         Diagonal column of row 0.
+    diagonal : Tensor of int64, shape (rows,), optional
+        The diagonal column of each row (overrides ``row_offset``; for arbitrary subsets of rows).
 
     Returns
     -------
@@ -127,14 +146,14 @@ def prox_mu_rows(
     n = n_constrained
     if rows == 0:
         return V.clone()
-    if row_offset < 0 or row_offset + rows > n:
+    if not 0 < n <= width:
+        raise bad_parameter("n_constrained", "prox_mu_rows", f"an int in [1, {width}]", n)
+    if diagonal is None and (row_offset < 0 or row_offset + rows > n):
         raise bad_parameter(
             "row_offset", "prox_mu_rows", f"an int with row_offset + rows <= n_constrained = {n}", row_offset
         )
-    if not 0 < n <= width:
-        raise bad_parameter("n_constrained", "prox_mu_rows", f"an int in [1, {width}]", n)
     t = torch.as_tensor(threshold, dtype=V.dtype, device=V.device).expand(rows, width)
-    cols = (torch.arange(rows, device=V.device) + row_offset).unsqueeze(1)
+    cols = _diagonal_columns(rows, row_offset, diagonal, V.device).unsqueeze(1)
     v_d = V.gather(1, cols)  # (rows, 1)
     t_d = t.gather(1, cols)
     # u_j = max(|v_j| - t_j, 0) for the off-diagonal constrained entries, 0 at the diagonal
@@ -183,7 +202,7 @@ def _lower_diagonal(Z: torch.Tensor, kappa: float, n: int, cols: torch.Tensor) -
     few ulps; the diagonal is the one entry the set lets go to -infinity)."""
     eps = torch.finfo(Z.dtype).eps
     for _ in range(4):
-        rows_mu = mu_inf_rows(Z, n, int(cols[0, 0]) if cols.numel() else 0)
+        rows_mu = mu_inf_rows(Z, n, diagonal=cols.squeeze(1))
         excess = rows_mu.unsqueeze(1) - kappa
         over = excess > 0
         if not bool(over.any()):

@@ -44,6 +44,10 @@ class ADMMSolver(BaseSolver):
         optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
         with lam = 0 every row starts there; other rows start cold from W = 0.
 
+    Supports ``SIMProblem(constraint="mu_inf")``: the prox is then
+    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
+    rows are not polished.
+
     Examples
     --------
     >>> import torch
@@ -54,6 +58,8 @@ class ADMMSolver(BaseSolver):
     >>> result.stats.constraint_violation, result.stats.converged
     (0.0, True)
     """
+
+    constraints = frozenset({"inf_norm", "mu_inf"})
 
     def __init__(
         self,
@@ -104,6 +110,7 @@ class ADMMSolver(BaseSolver):
         lam: float,
         kappa: float | None,
         n_constrained: int,
+        **constraint: Any,
     ) -> ADMMState | None:
         """Rows of Z0 = prox(W_ls) (W_ls = R H^+, the minimum-norm least-squares fit) that are already
         certified optimal, or all rows when lam = 0; zeros (a cold start) for the others; U0 = (R - Z0 H) /
@@ -115,8 +122,8 @@ class ADMMSolver(BaseSolver):
         inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
         W0 = ((R @ factor.Q) * inv) @ factor.Q.T
         rho = initial_rho(H, self.options)
-        Z0 = prox(W0, lam / rho, kappa, n_constrained)
-        settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+        Z0 = prox(W0, lam / rho, kappa, n_constrained, **constraint)
+        settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, **constraint}
         warm = duality_gap(Z0, H, R, target_sq, **settings)
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
@@ -132,7 +139,9 @@ class ADMMSolver(BaseSolver):
         factor = self.factor_for(problem, H)
         lam = 0.0 if problem.variant == "least_squares" else problem.lam
         nc = problem.n_constrained if problem.kappa is not None else 0
-        settings = {"lam": lam, "kappa": problem.kappa, "n_constrained": nc}
+        settings = {
+            "lam": lam, "kappa": problem.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
+        }  # fmt: skip
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(

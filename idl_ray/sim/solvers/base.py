@@ -124,12 +124,15 @@ class BaseSolver(abc.ABC):
     samples_optional : bool, True if ``needs_samples`` is only a preference (SIM keeps the samples for
         it) and the solver also works on the Gram statistics alone
     variants : frozenset of str, the problem variants it solves
+    constraints : frozenset of str, the kappa bounds it enforces (``SIMProblem.constraint``): "inf_norm",
+        and "mu_inf" for the solvers that support it
     """
 
     name: ClassVar[str] = "base"
     needs_samples: ClassVar[bool] = False
     samples_optional: ClassVar[bool] = False
     variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
+    constraints: ClassVar[frozenset[str]] = frozenset({"inf_norm"})
 
     def solve(self, problem: SIMProblem) -> SolveResult:
         """Solve ``problem``; the stats' objective and constraint numbers come from the problem."""
@@ -141,6 +144,12 @@ class BaseSolver(abc.ABC):
             raise ConfigError(
                 f"{type(self).__name__} does not solve the '{problem.variant}' variant; it solves "
                 f"{sorted(self.variants)}. Use a solver that does (CVXSolver solves all of {list(VARIANTS)})."
+            )
+        if problem.constrained and problem.constraint not in self.constraints:
+            raise ConfigError(
+                f"{type(self).__name__} does not support constraint={problem.constraint!r} "
+                f"(SIM(well_posedness={problem.constraint!r})); it enforces {sorted(self.constraints)}. Use "
+                "ADMMSolver or CVXSolver, which support 'mu_inf'."
             )
         if self.needs_samples and not self.samples_optional and problem.samples is None:
             raise ConfigError(

@@ -26,6 +26,18 @@ and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (row
 only approximates; ``feasibility_tol`` (relative to ``||r||_inf``) is the tolerance on ``||v_B||_inf``
 that is accepted as zero there, as interior-point solvers accept a small dual infeasibility. With
 lam > 0 no tolerance is used: s rescales the dual point exactly.
+
+**The mu_inf constraint** (``condition="mu_inf"``: ``w_d + sum_{j in O} |w_j| <= kappa`` with ``d`` the
+row's diagonal column and ``O`` the other constrained columns). For ``h(w) = lam ||w||_1`` plus that
+indicator, a multiplier ``mu >= 0`` on the constraint gives
+
+    h*(v) = kappa * max(0, max_{j in O} (|v_j| - lam), v_d - lam)
+
+when ``v_d >= -lam``, ``|v_j| - lam <= v_d + lam`` for ``j in O`` and ``|v_j| <= lam`` for the free
+columns, and ``+inf`` otherwise (the set is unbounded along ``-e_d`` and along ``e_j - sign e_d``
+combinations, hence the middle condition). Each condition has the form ``s a <= b`` with ``b >= 0``,
+so the largest ``s`` in [0, 1] that meets them all is ``min(1, b / a)`` over the violated ones; at the
+optimum ``v`` lies in the subdifferential of ``h`` and ``s = 1``.
 """
 
 from __future__ import annotations
@@ -101,6 +113,8 @@ def duality_gap(
     n_constrained: int,
     feasibility_tol: float = 1e-10,
     dual_point: torch.Tensor | None = None,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> DualityGap:
     """The duality gap of each row of W (see the module docstring for the formulas).
 
@@ -117,6 +131,8 @@ def duality_gap(
     dual_point : optional Tensor (rows, d), other weights (feasible or not) whose residual gives a second
         dual point; the better bound is kept per row (any point gives a valid bound, so a solver can offer
         one, e.g. ADMM's unconstrained iterate, without being trusted)
+    condition : "inf_norm" (the l1 ball) or "mu_inf" (see the module docstring)
+    diagonal : Tensor of int64 (rows,), the diagonal column of each row (``"mu_inf"`` only)
 
     Returns
     -------
@@ -128,6 +144,8 @@ def duality_gap(
         "n_constrained": n_constrained,
         "feasibility_tol": feasibility_tol,
     }
+    if condition == "mu_inf":
+        settings.update(condition=condition, diagonal=diagonal)
     W = W.to(H.dtype)
     gaps = duality_gap_from_product(W, W @ H, R, target_sq, **settings)
     if dual_point is None:
@@ -147,6 +165,8 @@ def duality_gap_from_product(
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> DualityGap:
     """:func:`duality_gap` given the product ``HW = W H`` (rows x d) instead of H.
 
@@ -163,6 +183,14 @@ def duality_gap_from_product(
     nc = n_constrained if kappa is not None else 0
     # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
     limit = lam if lam > 0 else feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    if nc > 0 and condition == "mu_inf":
+        dual = _mu_dual(V, residual_sq, c, rw, lam, float(kappa), nc, diagonal, limit)
+        return DualityGap(
+            primal=primal.to(torch.float64),
+            dual=dual.clamp_min(0).to(torch.float64),
+            baseline=(0.5 * c).to(torch.float64),
+            rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
+        )
     if nc < W.shape[1]:
         v_free = V[:, nc:].abs().amax(dim=1)
         s = torch.where(v_free > limit, lam / v_free.clamp_min(torch.finfo(W.dtype).tiny), 1.0)
@@ -178,3 +206,35 @@ def duality_gap_from_product(
         baseline=(0.5 * c).to(torch.float64),
         rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
     )
+
+
+def _mu_dual(
+    V: torch.Tensor,
+    residual_sq: torch.Tensor,
+    c: torch.Tensor,
+    rw: torch.Tensor,
+    lam: float,
+    kappa: float,
+    nc: int,
+    diagonal: torch.Tensor | None,
+    limit: float,
+) -> torch.Tensor:
+    """D(s e) for the mu_inf constraint: s from the three conditions ``s a <= b`` of the module docstring
+    (``b`` = lam, lam, 2 lam; with lam = 0, a violation up to ``limit`` counts as none)."""
+    rows = V.shape[0]
+    cols = (torch.arange(rows, device=V.device) if diagonal is None else diagonal.to(V.device)).reshape(
+        rows, 1
+    )
+    v_d = V.gather(1, cols).squeeze(1)
+    # the diagonal's own entry set to 0: harmless, it only adds -v_d <= 2 lam, implied by -v_d <= lam
+    off_max = V[:, :nc].abs().scatter(1, cols, 0.0).amax(dim=1)
+    conditions = [(-v_d, lam), (off_max - v_d, 2.0 * lam)]
+    if nc < V.shape[1]:
+        conditions.append((V[:, nc:].abs().amax(dim=1), lam))
+    s = torch.ones_like(v_d)
+    tiny = torch.finfo(V.dtype).tiny
+    for a, b in conditions:
+        allowed = b if lam > 0 else limit
+        s = torch.minimum(s, torch.where(a > allowed, b / a.clamp_min(tiny), 1.0))
+    conjugate = kappa * torch.maximum(s * off_max - lam, s * v_d - lam).clamp_min(0)
+    return -0.5 * s * s * residual_sq + s * (c - rw) - conjugate
