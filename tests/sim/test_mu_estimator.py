@@ -85,3 +85,11 @@ def test_unsupported_solver_is_named(teacher, digits):
         SIM(kappa=0.9, well_posedness="mu_inf").fit(teacher, digits.X_train[:200], solver="projected_gd")
     with pytest.raises(ConfigError, match="well_posedness"):
         SIM(well_posedness="spectral").fit(teacher, digits.X_train[:200])
+
+
+def test_streaming_refuses_mu_with_regenerated_states():
+    from idl_ray.distributed.extraction import fit_dataset
+
+    sim = SIM(well_posedness="mu_inf", regenerate_states=True)
+    with pytest.raises(ConfigError, match="regenerate_states"):
+        fit_dataset(sim, None, None, None, sim._validated())

@@ -30,6 +30,10 @@ class ADMMSolver(BaseSolver):
     iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
     and reused when the same Gram comes back (stage 2 shares stage 1's G), so a SIM fit factors once.
 
+    It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
+    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
+    rows are not polished.
+
     Parameters
     ----------
     rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
@@ -43,10 +47,6 @@ class ADMMSolver(BaseSolver):
         cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
         optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
         with lam = 0 every row starts there; other rows start cold from W = 0.
-
-    Supports ``SIMProblem(constraint="mu_inf")``: the prox is then
-    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
-    rows are not polished.
 
     Examples
     --------
