@@ -35,8 +35,8 @@ which is continuous, piecewise linear and non-increasing, with slope -1 beyond i
 ``v_d - t_d``, ``v_d + t_d``, and 0), batched over rows with a sort and a searchsorted, the bracketing
 pair of consecutive breakpoints is picked and ``g`` is interpolated linearly between them (or
 extrapolated with slope -1 past the largest). Cost O(rows * n log n), no Python loop over rows.
-A final step lowers ``z_d`` by the rounding excess so that ``mu_inf`` computed on the result is
-``<= kappa`` up to a few ulps of the row's absolute sum.
+A final step lowers ``z_d`` of rows within rounding of the bound by a few ulps of the row's absolute
+sum, so that ``mu_inf`` computed on the result, in any summation order, is ``<= kappa``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from idl_ray._validation import bad_parameter, check_kappa
+from idl_ray.implicit.projection import _rounded_radius
 
 __all__ = ["mu_inf", "mu_inf_rows", "project_onto_mu_ball", "prox_mu_rows"]
 
@@ -198,19 +199,21 @@ def prox_mu_rows(
 
 
 def _lower_diagonal(Z: torch.Tensor, kappa: float, n: int, cols: torch.Tensor) -> torch.Tensor:
-    """Lower the diagonal of rows whose computed ``mu_inf`` exceeds ``kappa`` through rounding alone (a
-    few ulps; the diagonal is the one entry the set lets go to -infinity)."""
+    """Lower the diagonal of rows whose computed ``mu_inf`` is within rounding of ``kappa`` or above it
+    (the diagonal is the one entry the set lets go to -infinity). The target is ``kappa`` less
+    ``(n + 2) eps`` times the row's absolute sum, the rounding of any summation order, so the bound also
+    holds when the row value is recomputed elsewhere (another order, a slice of a larger matrix)."""
     eps = torch.finfo(Z.dtype).eps
+    kappa = _rounded_radius(kappa, Z.dtype) if kappa >= 0 else kappa  # 0.99 in float32 is above 0.99
     for _ in range(4):
-        rows_mu = mu_inf_rows(Z, n, diagonal=cols.squeeze(1))
-        excess = rows_mu.unsqueeze(1) - kappa
+        rows_mu = mu_inf_rows(Z, n, diagonal=cols.squeeze(1)).unsqueeze(1)
+        margin = (n + 2) * eps * Z[:, :n].abs().sum(dim=1, keepdim=True)
+        excess = rows_mu - (kappa - margin)
         over = excess > 0
         if not bool(over.any()):
             break
-        scale = Z[:, :n].abs().sum(dim=1, keepdim=True)
-        slack = excess + (n + 2) * eps * scale
         z_d = Z.gather(1, cols)
-        Z.scatter_(1, cols, torch.where(over, z_d - slack, z_d))
+        Z.scatter_(1, cols, torch.where(over, z_d - excess, z_d))
     return Z
 
 
