@@ -37,8 +37,9 @@ def mu_model(n=6, p=4, q=3, kappa=0.5, **kwargs) -> ImplicitModel:
     return model
 
 
-def test_forward_solves_the_equation_where_inf_norm_exceeds_one():
-    model = mu_model()
+@pytest.mark.parametrize("method", ["picard", "anderson", "anderson_batch"])
+def test_forward_solves_the_equation_where_inf_norm_exceeds_one(method):
+    model = mu_model(fixed_point=method)
     assert model.well_posedness == "mu_inf"
     assert inf_norm(model.A.detach()) > 1.5 and mu_inf(model.A.detach()) <= 0.5
     U = torch.randn(7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
