@@ -20,6 +20,10 @@ _EXPORTS: dict[str, str] = {
     "project_onto_kappa_ball": "idl_ray.implicit.projection",
     "project_rows_onto_l1_ball": "idl_ray.implicit.projection",
     "solve_fixed_point": "idl_ray.implicit.fixed_point",
+    # the wider well-posedness condition mu_inf(A) <= kappa
+    "mu_inf": "idl_ray.implicit.mu_projection",
+    "project_onto_mu_ball": "idl_ray.implicit.mu_projection",
+    "solve_fixed_point_mu": "idl_ray.implicit.mu_fixed_point",
     "FixedPointOptions": "idl_ray.implicit.fixed_point",
     "resolve_activation": "idl_ray.implicit.activations",
     "activation_from_module": "idl_ray.implicit.activations",

@@ -491,6 +491,12 @@ def fit_dataset(sim: Any, teacher: Any, dataset: Any, solver: Any, cfg: dict[str
     Timings per stage are in ``sim.stream_info_`` (``{"extraction", "regeneration"}`` -> StreamInfo).
     """
     config = StreamConfig.coerce(sim.stream)
+    if cfg.get("well_posedness") == "mu_inf" and sim.regenerate_states:
+        raise ConfigError(
+            "SIM.fit on a ray.data.Dataset does not support well_posedness='mu_inf' with "
+            "regenerate_states=True (the streaming actors solve the inf_norm fixed point). Use "
+            "regenerate_states=False, or fit in process (tensors or a DataLoader)."
+        )
     if cfg["variant"] == "exact" or (solver.needs_samples and not getattr(solver, "samples_optional", False)):
         raise ConfigError(
             f"SIM.fit streams a ray.data.Dataset into Gram statistics and keeps no samples, but "

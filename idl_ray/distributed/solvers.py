@@ -27,7 +27,6 @@ from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timing
 from idl_ray.distributed.sharded import ShardedProblem
 from idl_ray.distributed.shards import ShardSource, StatsShard, assign, split_rows, tensor_sources
 from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning
-from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import GramStats, SIMProblem
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
@@ -340,7 +339,7 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         )
         if scaling is not None:
             W = scaling.from_scaled(W)
-            W[:, :n_constrained] = project_rows_onto_l1_ball(W[:, :n_constrained], problem.kappa)
+            W = problem.project_onto_bound(W)
         return W, info
 
     # ------------------------------------------------------------------ ShardedProblem

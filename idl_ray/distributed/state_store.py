@@ -301,13 +301,14 @@ def fit_states(sim: Any, path: str | os.PathLike[str], solver: Any, cfg: dict[st
         from idl_ray.sim.stages import fixed_point_weights
 
         act = sim._activation_object(structure)
-        Ad, Bd = fixed_point_weights(A, B, cfg["kappa"], dtype, cfg["device"])
+        condition = cfg.get("well_posedness", "inf_norm")
+        Ad, Bd = fixed_point_weights(A, B, cfg["kappa"], dtype, cfg["device"], condition)
         out: GramStats | None = None
         f2: list[torch.Tensor] = []
         t2: list[torch.Tensor] = []
         for batch in iter_states(path, columns=("U", "Y")):
             U, Y = (torch.from_numpy(np.require(batch[k], requirements="W")).to(dtype) for k in ("U", "Y"))
-            features = regenerated_features(Ad, Bd, U, act, cfg["fixed_point"])
+            features = regenerated_features(Ad, Bd, U, act, cfg["fixed_point"], condition)
             out = GramStats.accumulate(out, features, Y)
             if keep:
                 f2.append(features.cpu())

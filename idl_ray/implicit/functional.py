@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from idl_ray._validation import check_choice
 from idl_ray.implicit.activations import Activation, resolve_activation
 from idl_ray.implicit.fixed_point import FixedPointOptions, FixedPointStats, solve_adjoint, solve_fixed_point
+from idl_ray.implicit.mu_fixed_point import solve_adjoint_mu, solve_fixed_point_mu
 
 __all__ = ["ImplicitFixedPointFunction", "implicit_fixed_point"]
 
@@ -40,14 +42,17 @@ class ImplicitFixedPointFunction(torch.autograd.Function):
         forward_options: FixedPointOptions,
         backward_options: FixedPointOptions,
         callback: StatsCallback | None,
+        well_posedness: str = "inf_norm",
     ) -> torch.Tensor:
-        X, stats = solve_fixed_point(A, BU, activation, forward_options, x0=x0)
+        solve = solve_fixed_point_mu if well_posedness == "mu_inf" else solve_fixed_point
+        X, stats = solve(A, BU, activation, forward_options, x0=x0)
         if callback is not None:
             callback("forward", stats)
         ctx.save_for_backward(A, BU, X)
         ctx.activation = activation
         ctx.backward_options = backward_options
         ctx.callback = callback
+        ctx.well_posedness = well_posedness
         return X
 
     @staticmethod
@@ -55,12 +60,13 @@ class ImplicitFixedPointFunction(torch.autograd.Function):
     def backward(ctx: Any, G: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         A, BU, X = ctx.saved_tensors
         J = _activation_derivative(ctx.activation, A, BU, X)
-        V, stats = solve_adjoint(A, J, G.contiguous(), ctx.backward_options)
+        adjoint = solve_adjoint_mu if ctx.well_posedness == "mu_inf" else solve_adjoint
+        V, stats = adjoint(A, J, G.contiguous(), ctx.backward_options)
         if ctx.callback is not None:
             ctx.callback("backward", stats)
         grad_A = V.t() @ X if ctx.needs_input_grad[0] else None
         grad_BU = V if ctx.needs_input_grad[1] else None
-        return grad_A, grad_BU, None, None, None, None, None
+        return grad_A, grad_BU, None, None, None, None, None, None
 
 
 def _activation_derivative(
@@ -83,13 +89,15 @@ def implicit_fixed_point(
     forward_options: FixedPointOptions | dict[str, Any] | None = None,
     backward_options: FixedPointOptions | dict[str, Any] | None = None,
     callback: StatsCallback | None = None,
+    well_posedness: str = "inf_norm",
 ) -> torch.Tensor:
     r"""Differentiable solution of ``X = phi(X A^T + BU)``.
 
     Parameters
     ----------
     A : Tensor (n, n)
-        Should satisfy ``||A||_inf <= kappa < 1``.
+        Should satisfy ``||A||_inf <= kappa < 1`` (or ``mu_inf(A) <= kappa < 1`` with
+        ``well_posedness="mu_inf"``).
     BU : Tensor (batch, n)
     activation : str, Activation or (phi, dphi)
     x0 : Tensor (batch, n), optional
@@ -97,6 +105,10 @@ def implicit_fixed_point(
     forward_options, backward_options : FixedPointOptions or dict, optional
     callback : callable(kind, stats), optional
         Called with ``("forward", stats)`` after the solve and ``("backward", stats)`` after the adjoint.
+    well_posedness : {"inf_norm", "mu_inf"}, default "inf_norm"
+        ``"inf_norm"``: Picard/Anderson on ``X = phi(X A^T + BU)`` and on the adjoint. ``"mu_inf"``: the
+        diagonal-implicit iteration of :mod:`~idl_ray.implicit.mu_fixed_point` for both, which converges
+        under the wider condition ``mu_inf(A) < 1`` (even where ``||A||_inf > 1``).
 
     Returns
     -------
@@ -116,4 +128,5 @@ def implicit_fixed_point(
     act = activation if isinstance(activation, Activation) else resolve_activation(activation)
     fwd = FixedPointOptions.coerce(forward_options)
     bwd = FixedPointOptions.coerce(backward_options)
-    return ImplicitFixedPointFunction.apply(A, BU, x0, act, fwd, bwd, callback)
+    condition = check_choice(well_posedness, "well_posedness", "implicit_fixed_point", ("inf_norm", "mu_inf"))
+    return ImplicitFixedPointFunction.apply(A, BU, x0, act, fwd, bwd, callback, condition)

@@ -23,9 +23,10 @@ from idl_ray.errors import ConfigError, ConfigTypeError, ShapeError, WellPosedne
 from idl_ray.implicit.activations import Activation, resolve_activation
 from idl_ray.implicit.fixed_point import FIXED_POINT_METHODS, FixedPointOptions, FixedPointStats
 from idl_ray.implicit.functional import implicit_fixed_point
+from idl_ray.implicit.mu_projection import mu_inf, project_onto_mu_ball
 from idl_ray.implicit.projection import inf_norm, project_onto_kappa_ball
 
-__all__ = ["CONSTRAINTS", "ImplicitModel", "ImplicitTelemetry"]
+__all__ = ["CONSTRAINTS", "WELL_POSEDNESS", "ImplicitModel", "ImplicitTelemetry"]
 
 _OWNER = "ImplicitModel"
 
@@ -121,6 +122,16 @@ class ImplicitModel(nn.Module):
             forward values.
         anderson_memory: Anderson history size. Default 5.
         negative_slope: slope of ``"leaky_relu"`` (default 0.01).
+        well_posedness: the bound kept on ``A``. ``"inf_norm"`` (default): ``||A||_inf <= kappa``, solved by
+            Picard/Anderson on ``X = phi(X A^T + BU)``. ``"mu_inf"``: the wider
+            ``mu_inf(A) = max_i (a_ii + sum_{j != i} |a_ij|) <= kappa``, which allows a large negative
+            diagonal (``||A||_inf`` may exceed 1); forward and adjoint then use the diagonal-implicit
+            iteration of :mod:`~idl_ray.implicit.mu_fixed_point`, which contracts with factor
+            ``max_i r_i / (1 - a_ii) < 1``. With ``"mu_inf"``, ``constraint="project"`` is the exact
+            Euclidean projection onto ``{A : mu_inf(A) <= kappa}``
+            (:func:`~idl_ray.implicit.mu_projection.project_onto_mu_ball`) and ``"shrink"`` multiplies
+            ``A`` by ``kappa / mu_inf(A)`` (``mu_inf`` is positively homogeneous); ``"rescale"`` and
+            ``rank`` are not available (:class:`ConfigError`).
         device, dtype: where and how parameters are allocated.
 
     Shape:
@@ -175,6 +186,7 @@ class ImplicitModel(nn.Module):
         negative_slope: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        well_posedness: str = "inf_norm",
         **kwargs: Any,
     ) -> None:
         reject_unknown_kwargs(kwargs, _OWNER, _VALID_KWARGS)
@@ -200,6 +212,14 @@ class ImplicitModel(nn.Module):
                 "Use rank=None for a dense A.",
             )
         self.constraint = check_choice(constraint, "constraint", _OWNER, CONSTRAINTS)
+        self.well_posedness = check_choice(well_posedness, "well_posedness", _OWNER, WELL_POSEDNESS)
+        if self.well_posedness == "mu_inf" and (self.rank is not None or self.constraint == "rescale"):
+            what = f"rank={self.rank}" if self.rank is not None else "constraint='rescale'"
+            raise ConfigError(
+                f"{_OWNER}: well_posedness='mu_inf' supports a dense A with constraint='project' or "
+                f"'shrink'; got {what}. Use rank=None and constraint='project' (or 'shrink'), or "
+                "well_posedness='inf_norm'."
+            )
         act_kwargs = {} if negative_slope is None else {"negative_slope": negative_slope}
         self.activation: Activation = resolve_activation(activation, owner=_OWNER, **act_kwargs)
         if fixed_point not in FIXED_POINT_METHODS:
@@ -292,6 +312,11 @@ class ImplicitModel(nn.Module):
             return False  # the bound holds by construction
         if self.constraint == "shrink":
             return self._shrink_()
+        if self.well_posedness == "mu_inf":  # dense only (checked in __init__)
+            if mu_inf(self.A) <= kappa:
+                return False
+            self.A.copy_(project_onto_mu_ball(self.A, kappa))
+            return True
         if self.rank is None:
             if inf_norm(self.A) <= kappa:
                 return False
@@ -318,6 +343,8 @@ class ImplicitModel(nn.Module):
         the bound is violated; the margin of a few ulps makes the bound hold for the computed product
         (``(n + 2) eps`` covers the rounding of a row's absolute sum; low rank adds the product ``L R^T``)."""
         kappa = self.kappa
+        if self.well_posedness == "mu_inf":
+            return self._shrink_mu_()
         if self.rank is None:
             target = self.A
             margin = 1.0 - (self.hidden_dim + 2) * torch.finfo(target.dtype).eps
@@ -330,6 +357,21 @@ class ImplicitModel(nn.Module):
             if norm <= kappa:
                 break
             target.mul_(kappa * margin / norm)
+            changed = True
+        return changed
+
+    def _shrink_mu_(self) -> bool:
+        """``"shrink"`` under ``mu_inf``: ``A <- A * kappa' / mu_inf(A)`` when ``mu_inf(A) > kappa``
+        (``mu_inf(c A) = c mu_inf(A)`` for ``c > 0``), with ``kappa'`` below ``kappa`` by the rounding of
+        the largest absolute row sum, so that the computed ``mu_inf`` is within the bound."""
+        A = self.A
+        changed = False
+        for _ in range(8):
+            value = mu_inf(A)
+            if value <= self.kappa:
+                break
+            slack = 4.0 * (self.hidden_dim + 2) * torch.finfo(A.dtype).eps * inf_norm(A)
+            A.mul_(max(self.kappa - slack, 0.0) / value)
             changed = True
         return changed
 
@@ -359,7 +401,8 @@ class ImplicitModel(nn.Module):
         """Build a dense model holding copies of given weights (e.g. fitted by SIM).
 
         Args:
-            A: (n, n) with ``||A||_inf <= kappa`` (else :class:`WellPosednessError`).
+            A: (n, n) with ``||A||_inf <= kappa`` (``mu_inf(A) <= kappa`` with ``well_posedness="mu_inf"``
+                in ``options``), else :class:`WellPosednessError`.
             B: (n, p) or, with ``bias=True``, (n, p + 1) whose last column multiplies the constant 1.
             C: (q, n).
             D: (q, B.shape[1]) or None (then ``no_D=True``).
@@ -390,11 +433,19 @@ class ImplicitModel(nn.Module):
                 f"Got {tuple(D.shape)}."
             )
         kappa = check_kappa(kappa, owner)
-        norm = inf_norm(A)
+        condition = check_choice(
+            options.get("well_posedness", "inf_norm"), "well_posedness", owner, WELL_POSEDNESS
+        )
+        norm = mu_inf(A) if condition == "mu_inf" else inf_norm(A)
         if norm > kappa:
+            name, fix = (
+                ("mu_inf(A)", "idl_ray.implicit.mu_projection.project_onto_mu_ball(A, kappa)")
+                if condition == "mu_inf"
+                else ("||A||_inf", "idl_ray.project_onto_kappa_ball(A, kappa)")
+            )
             raise WellPosednessError(
-                f"{owner}: ||A||_inf = {norm:.6g} exceeds kappa = {kappa:g}. Project A first "
-                "(idl_ray.project_onto_kappa_ball(A, kappa)) or pass a larger kappa < 1."
+                f"{owner}: {name} = {norm:.6g} exceeds kappa = {kappa:g}. Project A first ({fix}) or pass "
+                "a larger kappa < 1."
             )
         p = B.shape[1] - int(bool(bias))
         if p < 1:
@@ -500,6 +551,7 @@ class ImplicitModel(nn.Module):
             forward_options=self.forward_options,
             backward_options=self.backward_options,
             callback=self._record,
+            well_posedness=self.well_posedness,
         )
         Y = F.linear(X, self.C) if self.no_D else torch.addmm(F.linear(U, self.D), X, self.C.t())
         return (Y, X) if return_state else Y
@@ -522,9 +574,11 @@ class ImplicitModel(nn.Module):
         )
 
     def well_posedness_margin(self) -> float:
-        """``kappa - ||A||_inf`` of the current A (>= 0 after any forward or :meth:`project_`)."""
+        """``kappa - ||A||_inf`` (or ``kappa - mu_inf(A)``) of the current A (>= 0 after any forward or
+        :meth:`project_`)."""
         with torch.no_grad():
-            return self.kappa - inf_norm(self._stored_A())
+            A = self._stored_A()
+            return self.kappa - (mu_inf(A) if self.well_posedness == "mu_inf" else inf_norm(A))
 
     def lipschitz_bound(self, *, method: str = "norm") -> float:
         """Certified l-infinity Lipschitz bound of ``input -> output`` (bias column left out).
@@ -552,6 +606,8 @@ class ImplicitModel(nn.Module):
         if self.rank is not None:
             parts.append(f"rank={self.rank}")
         parts.append(f"constraint={self.constraint!r}")
+        if self.well_posedness != "inf_norm":
+            parts.append(f"well_posedness={self.well_posedness!r}")
         fo = self.forward_options
         parts.append(f"fixed_point={fo.method!r}, tol={fo.tol:g}, max_iter={fo.max_iter}")
         return ", ".join(parts)
@@ -560,7 +616,11 @@ class ImplicitModel(nn.Module):
 #: the ways ImplicitModel keeps ||A||_inf <= kappa (see the class docstring)
 CONSTRAINTS = ("project", "rescale", "shrink")
 
+#: the well-posedness conditions ImplicitModel can keep (``model.well_posedness``)
+WELL_POSEDNESS = ("inf_norm", "mu_inf")
+
 _VALID_KWARGS = (
     "activation", "kappa", "bias", "no_D", "rank", "constraint", "fixed_point", "tol", "max_iter", "backward_tol",
     "backward_max_iter", "atol", "backward_atol", "residual_norm", "anderson_memory", "negative_slope", "device", "dtype",
+    "well_posedness",
 )  # fmt: skip

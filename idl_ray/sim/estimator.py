@@ -33,6 +33,7 @@ from idl_ray._validation import (
     reject_unknown_kwargs,
 )
 from idl_ray.errors import ConfigError, NotFittedError, ShapeError
+from idl_ray.implicit.mu_projection import project_onto_mu_ball
 from idl_ray.implicit.projection import inf_norm, project_rows_onto_l1_ball
 from idl_ray.sim.extraction import (
     StateRecorder,
@@ -41,7 +42,7 @@ from idl_ray.sim.extraction import (
     iter_batches,
     progress_bar,
 )
-from idl_ray.sim.problem import VARIANTS, GramStats, SampleData, SIMProblem
+from idl_ray.sim.problem import CONSTRAINTS, VARIANTS, GramStats, SampleData, SIMProblem
 from idl_ray.sim.rescale import HOMOGENEOUS_ACTIVATIONS, layer_scales
 from idl_ray.sim.solvers.base import BaseSolver, SolverStats, get_solver, resolve_device
 from idl_ray.sim.stages import fixed_point_weights, regenerated_features, stage_batch
@@ -71,6 +72,7 @@ _PARAMS = (
     "reweight_rounds",
     "reweight_eps",
     "target",
+    "well_posedness",
 )
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -130,6 +132,13 @@ class SIM:
         An exact sparsity target for both stages (``SparsityTarget(nonzeros_per_row=k)`` or
         ``SparsityTarget(fraction_removed=x)``), met by bisection on the l1 threshold and a refit on the
         support; it replaces lam and lam_out (:mod:`idl_ray.sim.targets`). Not with reweight_rounds.
+    well_posedness : {"inf_norm", "mu_inf"}, default "inf_norm"
+        The bound kept on the fitted A. ``"mu_inf"``: the wider
+        ``mu_inf(A) = max_i (a_ii + sum_{j != i} |a_ij|) <= kappa``, a row constraint of stage 1 with
+        ``a_ii`` at column i of ``W = [A B]`` (solved by ADMMSolver or CVXSolver; other solvers refuse it);
+        "auto" rescaling targets the same condition, and :meth:`predict` / :meth:`to_module` use the
+        diagonal-implicit fixed point of :mod:`~idl_ray.implicit.mu_fixed_point`, which converges under
+        it even where ``||A||_inf > 1``.
 
     Attributes
     ----------
@@ -173,6 +182,7 @@ class SIM:
         reweight_rounds: int = 0,
         reweight_eps: float = 0.1,
         target: Any = None,
+        well_posedness: str = "inf_norm",
         **unknown: Any,
     ) -> None:
         # a misspelt keyword (SIM(kapa=0.9)) gets the valid names, as ImplicitModel does
@@ -196,6 +206,7 @@ class SIM:
         self.reweight_rounds = reweight_rounds
         self.reweight_eps = reweight_eps
         self.target = target
+        self.well_posedness = well_posedness
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> dict[str, Any]:
@@ -254,8 +265,10 @@ class SIM:
         activation = self._activation_spec(self.activation)
         weighting = StageWeighting(self.robust_weight, self.reweight_rounds, self.reweight_eps, self.target)
         weighting.check_for(variant, lam, lam_out)
+        well_posedness = check_choice(self.well_posedness, "well_posedness", _OWNER, CONSTRAINTS)
         return {
             "weighting": weighting,
+            "well_posedness": well_posedness,
             "kappa": kappa,
             "lam": lam,
             "lam_out": lam_out,
@@ -414,13 +427,14 @@ class SIM:
             kappa=kappa,
             variant=variant,
             samples=None if samples is None else samples.row_block(slice(0, n)),
+            constraint=cfg.get("well_posedness", "inf_norm"),
         )
         weighting, bias = cfg["weighting"], structure.bias
         result1, stage1 = solve_stage(stage1, solver_obj, weighting, stage=1, n=n, bias=bias)
         W1 = result1.weights.detach().to("cpu", torch.float64)
         A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
-        if kappa is not None:
-            A = project_rows_onto_l1_ball(A, kappa)  # no-op for constrained solvers; guards rounding
+        if kappa is not None:  # no-op for constrained solvers; guards rounding
+            A = self._project(A, kappa, stage1.constraint)
         if self.regenerate_states:
             stats2, samples2 = regenerate(A, B)
         else:
@@ -453,6 +467,13 @@ class SIM:
         self._module_cache = None
         return self
 
+    @staticmethod
+    def _project(A: torch.Tensor, kappa: float, condition: str) -> torch.Tensor:
+        """A projected onto the fitted bound: the l1 ball per row, or the mu_inf set."""
+        if condition == "mu_inf":
+            return project_onto_mu_ball(A, kappa)
+        return project_rows_onto_l1_ball(A, kappa)
+
     def _check_activation(self, structure: TeacherStructure, wanted: tuple[str, float | None] | None) -> None:
         have = (structure.activation, structure.negative_slope)
         if wanted is not None and wanted != have:
@@ -471,7 +492,7 @@ class SIM:
             return None
         if cfg["variant"] == "least_squares" or cfg["kappa"] == 0:
             return None
-        scales = layer_scales(structure, cfg["kappa"])
+        scales = layer_scales(structure, cfg["kappa"], condition=cfg.get("well_posedness", "inf_norm"))
         return None if bool((scales == 1).all()) else scales
 
     def _regenerated(
@@ -485,12 +506,13 @@ class SIM:
     ) -> tuple[GramStats, SampleData | None]:
         """Stage-2 statistics on the fitted model's own equilibrium states: [X_hat; U] -> Y."""
         act = self._activation_object(structure)
-        Ad, Bd = fixed_point_weights(A, B, cfg["kappa"], cfg["dtype"], cfg["device"])
+        condition = cfg["well_posedness"]
+        Ad, Bd = fixed_point_weights(A, B, cfg["kappa"], cfg["dtype"], cfg["device"], condition)
         out: GramStats | None = None
         feats: list[torch.Tensor] = []
         targs: list[torch.Tensor] = []
         for U, Y in cache:
-            features = regenerated_features(Ad, Bd, U, act, cfg["fixed_point"])
+            features = regenerated_features(Ad, Bd, U, act, cfg["fixed_point"], condition)
             out = GramStats.accumulate(out, features, Y)
             if keep_samples:
                 feats.append(features.cpu())
@@ -546,8 +568,8 @@ class SIM:
 
     def _device_weights(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         A = self.A_.to(device=device, dtype=dtype)
-        if dtype != torch.float64:
-            A = project_rows_onto_l1_ball(A, self.kappa_)  # rounding to float32 must not break the bound
+        if dtype != torch.float64:  # rounding to float32 must not break the bound
+            A = self._project(A, self.kappa_, self._validated()["well_posedness"])
         return A, self.B_.to(device, dtype), self.C_.to(device, dtype), self.D_.to(device, dtype)
 
     @torch.no_grad()
@@ -568,7 +590,9 @@ class SIM:
         self._check_fitted()
         cfg = self._validated()
         from idl_ray.implicit.fixed_point import solve_fixed_point
+        from idl_ray.implicit.mu_fixed_point import solve_fixed_point_mu
 
+        solve = solve_fixed_point_mu if cfg["well_posedness"] == "mu_inf" else solve_fixed_point
         dtype, device = cfg["dtype"], cfg["device"]
         A, B, C, D = self._device_weights(dtype, device)
         act = self._activation_object()
@@ -588,7 +612,7 @@ class SIM:
                 U, "inputs", "SIM.predict", where=f"batch {index} (samples {seen} to {seen + U.shape[0] - 1})"
             )
             seen += U.shape[0]
-            X, fp_stats = solve_fixed_point(A, U @ B.T, act, cfg["fixed_point"])
+            X, fp_stats = solve(A, U @ B.T, act, cfg["fixed_point"])
             outputs.append(X @ C.T + U @ D.T)
             iters.append(fp_stats.sample_iterations.to(torch.float64).cpu())
             if return_states:
@@ -653,7 +677,9 @@ class SIM:
         cfg = self._validated()
         A, B, C, D = self._device_weights(cfg["dtype"], torch.device("cpu"))
         fp = cfg["fixed_point"]
-        settings = {"fixed_point": fp.method, "tol": fp.tol, "max_iter": fp.max_iter} | options
+        settings = {
+            "fixed_point": fp.method, "tol": fp.tol, "max_iter": fp.max_iter, "well_posedness": cfg["well_posedness"]
+        } | options  # fmt: skip
         return ImplicitModel.from_weights(
             A, B, C, D, activation=self._activation_object(), kappa=self.kappa_, bias=self.bias_, **settings
         )

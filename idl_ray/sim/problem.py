@@ -31,7 +31,12 @@ from idl_ray.errors import ConfigError, ShapeError
 if TYPE_CHECKING:
     from idl_ray.sim.solvers.certificate import DualityGap
 
-__all__ = ["VARIANTS", "GramStats", "SIMProblem", "SampleData", "as_tensor"]
+__all__ = ["CONSTRAINTS", "VARIANTS", "GramStats", "SIMProblem", "SampleData", "as_tensor"]
+
+#: The bounds a stage-1 problem can put on the A-part of each row w of [A B]: ``"inf_norm"``,
+#: ``||w[:n]||_1 <= kappa`` (so ||A||_inf <= kappa), or ``"mu_inf"``, ``w_d + sum_{j<n, j!=d} |w_j| <= kappa``
+#: with d the row's diagonal column (so mu_inf(A) <= kappa).
+CONSTRAINTS = ("inf_norm", "mu_inf")
 
 #: The problem variants: l1 (lasso), l1 + l2 (elastic net), exact state matching (W Phi = T as equality
 #: constraints, l1 objective), and unconstrained, unregularised least squares.
@@ -246,6 +251,13 @@ class SIMProblem:
         None means all ones (the plain lasso). ``w_ij = inf`` holds ``W_ij = 0`` exactly for every lam,
         lam = 0 included (the effective threshold is :attr:`thresholds`). Stored expanded to (rows, d).
         Every solver honours them or raises a ConfigError naming itself and ``l1_weights``.
+    constraint : {"inf_norm", "mu_inf"}
+        The kappa bound on each row's constrained part: ``||w[:n]||_1 <= kappa`` (default) or, for stage 1,
+        ``w_d + sum_{j < n, j != d} |w_j| <= kappa`` with ``d = row_offset + i`` for row ``i`` (the
+        diagonal of A), i.e. ``mu_inf(A) <= kappa`` (:mod:`~idl_ray.implicit.mu_projection`).
+    row_offset : int >= 0
+        With ``"mu_inf"``: the diagonal column of row 0 (a block of rows of a larger stage-1 problem
+        starts at its first row's index; :meth:`row_block` sets it).
 
     Attributes
     ----------
@@ -270,6 +282,8 @@ class SIMProblem:
     variant: str = "lasso"
     samples: SampleData | None = None
     l1_weights: torch.Tensor | None = None
+    constraint: str = "inf_norm"
+    row_offset: int = 0
 
     def __post_init__(self) -> None:
         owner = "SIMProblem"
@@ -302,6 +316,20 @@ class SIMProblem:
         self.l2 = check_positive_float(self.l2, "l2", owner, allow_zero=True)
         if self.kappa is not None:
             self.kappa = check_kappa(self.kappa, owner)
+        if self.constraint not in CONSTRAINTS:
+            raise bad_parameter("constraint", owner, f"one of {list(CONSTRAINTS)}", self.constraint)
+        if isinstance(self.row_offset, bool) or not isinstance(self.row_offset, int) or self.row_offset < 0:
+            raise bad_parameter("row_offset", owner, "an int >= 0", self.row_offset)
+        if (
+            self.constraint == "mu_inf"
+            and self.constrained
+            and self.row_offset + self.rows > self.n_constrained
+        ):
+            raise ConfigError(
+                f"SIMProblem with constraint='mu_inf' needs every row's diagonal column (row_offset + row) "
+                f"among the n_constrained = {self.n_constrained} constrained columns; got {self.rows} rows "
+                f"from row_offset = {self.row_offset}. It applies to stage 1 ([A B], rows = n)."
+            )
         if self.variant == "least_squares" and (self.lam or self.l2 or self.kappa is not None):
             raise ConfigError(
                 "SIMProblem variant 'least_squares' is unregularised and unconstrained: lam and l2 must be "
@@ -397,8 +425,9 @@ class SIMProblem:
         """The sub-problem of a block of target rows (rows are independent given G)."""
         samples = None if self.samples is None else self.samples.row_block(index)
         weights = None if self.l1_weights is None else self.l1_weights[index]
+        offset = self.row_offset + (index.indices(self.rows)[0] if self.constraint == "mu_inf" else 0)
         return dataclasses.replace(
-            self, stats=self.stats.row_block(index), samples=samples, l1_weights=weights
+            self, stats=self.stats.row_block(index), samples=samples, l1_weights=weights, row_offset=offset
         )
 
     # ----------------------------------------------------------------- views
@@ -430,6 +459,48 @@ class SIMProblem:
     def constrained(self) -> bool:
         """Whether the kappa bound applies (kappa set and some columns constrained)."""
         return self.kappa is not None and self.n_constrained > 0
+
+    @property
+    def mu_constrained(self) -> bool:
+        """Whether the bound is the ``mu_inf`` row constraint (and applies)."""
+        return self.constrained and self.constraint == "mu_inf"
+
+    def diagonal_columns(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The diagonal column of each row (``row_offset + i``), int64, shape (rows,)."""
+        return torch.arange(self.rows, device=device) + self.row_offset
+
+    def constraint_settings(self, device: torch.device | str | None = None) -> dict[str, Any]:
+        """Keywords the kernels take for the ``mu_inf`` constraint (``condition``, ``diagonal``); empty
+        for ``inf_norm``, so the l1-ball code paths see exactly what they saw before."""
+        if not self.mu_constrained:
+            return {}
+        return {"condition": "mu_inf", "diagonal": self.diagonal_columns(device)}
+
+    def project_onto_bound(self, W: torch.Tensor) -> torch.Tensor:
+        """W (rows x d) with each row's constrained part projected onto the bound (the l1 ball of radius
+        kappa, or the mu_inf set): a no-op for feasible rows, used to make a solver's answer exact after
+        rounding. Unconstrained problems return W unchanged."""
+        if not self.constrained:
+            return W
+        nc = self.n_constrained
+        if self.mu_constrained:
+            from idl_ray.implicit.mu_projection import prox_mu_rows
+
+            return prox_mu_rows(W, float(self.kappa), nc, diagonal=self.diagonal_columns(W.device))
+        from idl_ray.implicit.projection import project_rows_onto_l1_ball
+
+        W = W.clone()
+        W[:, :nc] = project_rows_onto_l1_ball(W[:, :nc], float(self.kappa))
+        return W
+
+    def _row_bound_values(self, Wt: torch.Tensor) -> torch.Tensor:
+        """Per-row value of the bounded quantity (l1 norm or mu row value) of the constrained part."""
+        block = Wt[:, : self.n_constrained]
+        if self.constraint != "mu_inf":
+            return block.abs().sum(dim=1)
+        from idl_ray.implicit.mu_projection import mu_inf_rows
+
+        return mu_inf_rows(block, self.n_constrained, diagonal=self.diagonal_columns(Wt.device))
 
     def scaled(
         self, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
@@ -483,6 +554,7 @@ class SIMProblem:
             "lam": self.thresholds,
             "kappa": self.kappa,
             "n_constrained": self.n_constrained,
+            **self.constraint_settings(Wt.device),
         }
         target_sq = self.target_sq.to(Wt.device) / self.num_samples
         other = None if dual_point is None else self._weights(dual_point)
@@ -495,24 +567,34 @@ class SIMProblem:
         return float(quad.clamp_min(0)) / self.num_samples
 
     def constraint_violation(self, W: Any) -> float:
-        """max(0, max_i ||W[i, :n_constrained]||_1 - kappa); 0 when unconstrained or feasible."""
+        """max(0, max_i ||W[i, :n_constrained]||_1 - kappa) (the mu row values with ``"mu_inf"``); 0 when
+        unconstrained or feasible."""
         if not self.constrained:
             return 0.0
         Wt = self._weights(W)
-        worst = float(Wt[:, : self.n_constrained].abs().sum(dim=1).max())
+        worst = float(self._row_bound_values(Wt).max())
         return max(0.0, worst - float(self.kappa))
 
     def constraint_norm(self, W: Any) -> float:
-        """max_i ||W[i, :n_constrained]||_1 (||A||_inf for stage 1); 0 when nothing is constrained."""
+        """max_i ||W[i, :n_constrained]||_1 (||A||_inf for stage 1), or mu_inf(A) with ``"mu_inf"``; 0 when
+        nothing is constrained."""
         if self.n_constrained == 0:
             return 0.0
         Wt = self._weights(W)
-        return float(Wt[:, : self.n_constrained].abs().sum(dim=1).max())
+        if self.constraint == "mu_inf" and self.row_offset + self.rows > self.n_constrained:
+            return float(Wt[:, : self.n_constrained].abs().sum(dim=1).max())
+        return float(self._row_bound_values(Wt).max())
 
     def __repr__(self) -> str:
         return (
             f"SIMProblem(dim={self.dim}, rows={self.rows}, num_samples={self.num_samples}, "
             f"n_constrained={self.n_constrained}, lam={self.lam}, l2={self.l2}, kappa={self.kappa}, "
             f"variant={self.variant!r}, samples={'yes' if self.samples is not None else 'no'}"
-            f"{', l1_weights=yes' if self.l1_weights is not None else ''})"
+            f"{', l1_weights=yes' if self.l1_weights is not None else ''}"
+            + (
+                f", constraint={self.constraint!r}, row_offset={self.row_offset}"
+                if self.constraint != "inf_norm"
+                else ""
+            )
+            + ")"
         )

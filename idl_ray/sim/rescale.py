@@ -12,6 +12,11 @@ going through the layers in order (A* is strictly block lower-triangular),
 
 makes ``||A'||_inf <= target``: the teacher's own (A', B') is feasible for the SIM problem, so a solve
 with a small lam can reproduce it. Layers that already satisfy the bound keep s_k = 1.
+
+The teacher's A* has a zero diagonal, and scaling keeps it zero (``s_i a_ii / s_i``), so its
+``mu_inf(A') = max_i (a'_ii + sum_{j != i} |a'_ij|)`` equals ``||A'||_inf``: the same scales make the
+teacher feasible for the wider ``mu_inf`` bound (``condition="mu_inf"``). For a general diagonal the
+rule reads ``s_k = min(1, min_i (target - a_ii) / sum_{j != i} |A*_ij| / s_j)``, which is what is computed.
 """
 
 from __future__ import annotations
@@ -26,16 +31,28 @@ __all__ = ["HOMOGENEOUS_ACTIVATIONS", "layer_scales", "scale_teacher_weights"]
 HOMOGENEOUS_ACTIVATIONS = frozenset({"relu", "leaky_relu"})
 
 
-def layer_scales(structure: TeacherStructure, kappa: float, *, margin: float = 0.999) -> torch.Tensor:
-    """Per-unit positive scales s (shape (n,), float64; constant within each layer) as described above."""
+def layer_scales(
+    structure: TeacherStructure, kappa: float, *, margin: float = 0.999, condition: str = "inf_norm"
+) -> torch.Tensor:
+    """Per-unit positive scales s (shape (n,), float64; constant within each layer) as described above;
+    ``condition="mu_inf"`` makes the rescaled teacher satisfy ``mu_inf(A') <= margin * kappa`` instead."""
     A = structure.A.abs().to(torch.float64)
-    scales = torch.ones(A.shape[0], dtype=torch.float64)
+    n = A.shape[0]
+    diag = torch.zeros(n, dtype=torch.float64)
+    if condition == "mu_inf":  # the diagonal is not scaled and counts with its sign
+        diag = torch.diagonal(structure.A).to(torch.float64).clone()
+        A = A - torch.diag_embed(A.diagonal())
+    scales = torch.ones(n, dtype=torch.float64)
     target = margin * kappa
     for block in structure.layer_slices:
-        rows = A[block] / scales  # divides column j by s_j (later layers' columns are zero)
-        worst = float(rows.sum(dim=1).max()) if rows.numel() else 0.0
-        if worst > target:
-            scales[block] = target / worst
+        rows = (A[block] / scales).sum(dim=1)  # divides column j by s_j (later layers' columns are zero)
+        if rows.numel() == 0:
+            continue
+        room = target - diag[block]
+        over = diag[block] + rows > target
+        if bool(over.any()):
+            ratio = room[over] / rows[over]
+            scales[block] = float(ratio.clamp_min(0).min())
     return scales
 
 

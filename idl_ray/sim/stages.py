@@ -43,21 +43,40 @@ def stage_batch(
 
 
 def fixed_point_weights(
-    A: torch.Tensor, B: torch.Tensor, kappa: float, dtype: torch.dtype, device: Any
+    A: torch.Tensor,
+    B: torch.Tensor,
+    kappa: float,
+    dtype: torch.dtype,
+    device: Any,
+    well_posedness: str = "inf_norm",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in the prediction dtype on ``device``; A's rows re-projected after rounding to float32."""
+    """(A, B) in the prediction dtype on ``device``; A's rows re-projected after rounding to float32 (onto
+    the l1 ball, or onto the mu_inf set with ``well_posedness="mu_inf"``)."""
     Ad = A.to(device=device, dtype=dtype)
-    if dtype != torch.float64:
-        Ad = project_rows_onto_l1_ball(Ad, kappa)  # rounding to float32 must not break the bound
+    if dtype != torch.float64:  # rounding to float32 must not break the bound
+        if well_posedness == "mu_inf":
+            from idl_ray.implicit.mu_projection import project_onto_mu_ball
+
+            Ad = project_onto_mu_ball(Ad, kappa)
+        else:
+            Ad = project_rows_onto_l1_ball(Ad, kappa)
     return Ad, B.to(device=device, dtype=dtype)
 
 
 def regenerated_features(
-    Ad: torch.Tensor, Bd: torch.Tensor, U: torch.Tensor, activation: Any, fixed_point: Any
+    Ad: torch.Tensor,
+    Bd: torch.Tensor,
+    U: torch.Tensor,
+    activation: Any,
+    fixed_point: Any,
+    well_posedness: str = "inf_norm",
 ) -> torch.Tensor:
-    """Stage-2 features ``[X_hat, U]`` (b, n + p) with X_hat the fitted model's equilibrium on ``U`` (b, p)."""
+    """Stage-2 features ``[X_hat, U]`` (b, n + p) with X_hat the fitted model's equilibrium on ``U`` (b, p)
+    (by the diagonal-implicit iteration with ``well_posedness="mu_inf"``)."""
     from idl_ray.implicit.fixed_point import solve_fixed_point
+    from idl_ray.implicit.mu_fixed_point import solve_fixed_point_mu
 
+    solve = solve_fixed_point_mu if well_posedness == "mu_inf" else solve_fixed_point
     Ud = U.to(device=Ad.device, dtype=Ad.dtype)
-    X, _ = solve_fixed_point(Ad, Ud @ Bd.T, activation, fixed_point)
+    X, _ = solve(Ad, Ud @ Bd.T, activation, fixed_point)
     return torch.cat([X, Ud], dim=1)

@@ -9,7 +9,6 @@ import torch
 
 from idl_ray._validation import resolve_settings
 from idl_ray.errors import ConvergenceWarning
-from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
@@ -39,6 +38,10 @@ class ADMMSolver(BaseSolver):
     and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
     block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
 
+    It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
+    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
+    rows are not polished.
+
     Parameters
     ----------
     rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
@@ -65,6 +68,7 @@ class ADMMSolver(BaseSolver):
     """
 
     supports_l1_weights = True
+    constraints = frozenset({"inf_norm", "mu_inf"})
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class ADMMSolver(BaseSolver):
         lam: float | torch.Tensor,
         kappa: float | None,
         n_constrained: int,
+        **constraint: Any,
     ) -> ADMMState | None:
         """Rows of Z0 = prox(W_ls) (W_ls = R H^+, the minimum-norm least-squares fit) that are already
         certified optimal, or all rows when lam = 0; zeros (a cold start) for the others; U0 = (R - Z0 H) /
@@ -128,8 +133,8 @@ class ADMMSolver(BaseSolver):
         inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
         W0 = ((R @ factor.Q) * inv) @ factor.Q.T
         rho = initial_rho(H, self.options)
-        Z0 = prox(W0, lam / rho, kappa, n_constrained)
-        settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+        Z0 = prox(W0, lam / rho, kappa, n_constrained, **constraint)
+        settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, **constraint}
         warm = duality_gap(Z0, H, R, target_sq, **settings)
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
@@ -154,7 +159,9 @@ class ADMMSolver(BaseSolver):
             H, R = scaling.gram(H), scaling.targets(R)
             thresholds, kappa = scaling.thresholds(lam, problem.rows), scaling.radius(problem.kappa)
         factor = self.factor_for(problem, H, scaled=scaling is not None)
-        settings = {"lam": thresholds, "kappa": kappa, "n_constrained": nc}
+        settings = {
+            "lam": thresholds, "kappa": kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
+        }  # fmt: skip
         state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
@@ -164,7 +171,7 @@ class ADMMSolver(BaseSolver):
         dual_point = stats.dual_point
         if scaling is not None:
             W, dual_point = scaling.from_scaled(W), scaling.from_scaled(dual_point)
-            W[:, :nc] = project_rows_onto_l1_ball(W[:, :nc], problem.kappa)  # exact after the division
+            W = problem.project_onto_bound(W)  # exact after the division
         if not stats.converged and self.warn:
             stop = (
                 f"stalled after {stats.iterations} steps (objective and gap unchanged for "

@@ -39,6 +39,7 @@ import time
 import torch
 
 from idl_ray._validation import Options, bad_parameter, check_positive_float, check_positive_int
+from idl_ray.implicit.mu_projection import prox_mu_rows
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 
 __all__ = [
@@ -279,7 +280,13 @@ def soft_threshold(V: torch.Tensor, threshold: float | torch.Tensor) -> torch.Te
 
 
 def prox(
-    V: torch.Tensor, threshold: float | torch.Tensor, kappa: float | None, n_constrained: int
+    V: torch.Tensor,
+    threshold: float | torch.Tensor,
+    kappa: float | None,
+    n_constrained: int,
+    *,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """prox of ``threshold ||.||_1 + indicator(||row[:n_constrained]||_1 <= kappa)`` applied row-wise.
 
@@ -292,13 +299,23 @@ def prox(
         still the prox with the bound (soft-thresholds compose, and a zero entry stays zero)
     kappa : float or None (None: no constraint)
     n_constrained : int, the leading columns under the l1-ball constraint (the A-part of [A B])
+    condition : "inf_norm" (the l1 ball above) or "mu_inf": the constraint is
+        ``row[d] + sum_{j < n_constrained, j != d} |row[j]| <= kappa`` with ``d = diagonal[i]`` for row i,
+        and the prox is :func:`~idl_ray.implicit.mu_projection.prox_mu_rows` (not a projection of the
+        soft-threshold: the diagonal is shifted before it is thresholded)
+    diagonal : Tensor of int64 (rows,), the diagonal column of each row (``"mu_inf"`` only)
 
     Returns
     -------
-    Tensor, shape (rows, d); the constrained part of every row has l1 norm <= kappa exactly.
+    Tensor, shape (rows, d); the constrained part of every row has l1 norm <= kappa exactly (mu row value
+    <= kappa up to a few ulps with ``"mu_inf"``).
     """
     if isinstance(threshold, torch.Tensor):
-        Z = soft_threshold(V, threshold.to(device=V.device, dtype=V.dtype))
+        threshold = threshold.to(device=V.device, dtype=V.dtype)
+    if condition == "mu_inf" and kappa is not None and n_constrained > 0:
+        return prox_mu_rows(V, kappa, n_constrained, threshold=threshold, diagonal=diagonal)
+    if isinstance(threshold, torch.Tensor):
+        Z = soft_threshold(V, threshold)
     else:
         Z = soft_threshold(V, threshold) if threshold > 0 else V.clone()
     if kappa is not None and n_constrained > 0:
@@ -325,6 +342,8 @@ def relaxed_step(
     kappa: float | None,
     n_constrained: int,
     relaxation: float = 1.0,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One over-relaxed ADMM step from (Z, U) on a block of rows (shapes (rows, d)); returns (W, Z, U).
 
@@ -334,7 +353,7 @@ def relaxed_step(
     W = factor.solve(Rt + rho * (Z - U), rho)
     W_hat = W if relaxation == 1.0 else relaxation * W + (1.0 - relaxation) * Z
     V = W_hat + U
-    Z_next = prox(V, lam / rho, kappa, n_constrained)
+    Z_next = prox(V, lam / rho, kappa, n_constrained, condition=condition, diagonal=diagonal)
     return W, Z_next, V - Z_next
 
 

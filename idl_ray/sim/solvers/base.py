@@ -126,6 +126,8 @@ class BaseSolver(abc.ABC):
     variants : frozenset of str, the problem variants it solves
     supports_l1_weights : bool, True if it honours ``problem.l1_weights`` (per-entry l1 weights); a solver
         that does not raises a ConfigError naming itself and ``l1_weights`` rather than ignoring them
+    constraints : frozenset of str, the kappa bounds it enforces (``SIMProblem.constraint``): "inf_norm",
+        and "mu_inf" for the solvers that support it
     """
 
     name: ClassVar[str] = "base"
@@ -133,6 +135,7 @@ class BaseSolver(abc.ABC):
     samples_optional: ClassVar[bool] = False
     variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
     supports_l1_weights: ClassVar[bool] = False
+    constraints: ClassVar[frozenset[str]] = frozenset({"inf_norm"})
 
     def solve(self, problem: SIMProblem) -> SolveResult:
         """Solve ``problem``; the stats' objective and constraint numbers come from the problem."""
@@ -150,6 +153,12 @@ class BaseSolver(abc.ABC):
                 f"{type(self).__name__} does not support per-entry l1 weights, but the problem has "
                 "'l1_weights' set. Use ADMMSolver, CVXSolver or ProjectedGDLowRankSolver (full rank), or "
                 "solve without l1_weights."
+            )
+        if problem.constrained and problem.constraint not in self.constraints:
+            raise ConfigError(
+                f"{type(self).__name__} does not support constraint={problem.constraint!r} "
+                f"(SIM(well_posedness={problem.constraint!r})); it enforces {sorted(self.constraints)}. Use "
+                "ADMMSolver or CVXSolver, which support 'mu_inf'."
             )
         if self.needs_samples and not self.samples_optional and problem.samples is None:
             raise ConfigError(

@@ -32,11 +32,25 @@ Per-entry thresholds (l1 weights, :mod:`~idl_ray.sim.solvers.weights`): with ``h
 an entry with ``t_j = inf`` (held at 0) constrains nothing (it drops out of both terms). The scale s is
 then the largest in [0, 1] with ``s |v_j| <= t_j`` on the free block, and an entry with ``t_j = 0`` in the
 free block is held to the same rounding tolerance as lam = 0.
+
+**The mu_inf constraint** (``condition="mu_inf"``: ``w_d + sum_{j in O} |w_j| <= kappa`` with ``d`` the
+row's diagonal column and ``O`` the other constrained columns). For ``h(w) = lam ||w||_1`` plus that
+indicator, a multiplier ``mu >= 0`` on the constraint gives
+
+    h*(v) = kappa * max(0, max_{j in O} (|v_j| - lam), v_d - lam)
+
+when ``v_d >= -lam``, ``|v_j| - lam <= v_d + lam`` for ``j in O`` and ``|v_j| <= lam`` for the free
+columns, and ``+inf`` otherwise (the set is unbounded along ``-e_d`` and along ``e_j - sign e_d``
+combinations, hence the middle condition). Each condition has the form ``s a <= b`` with ``b >= 0``,
+so the largest ``s`` in [0, 1] that meets them all is ``min(1, b / a)`` over the violated ones; at the
+optimum ``v`` lies in the subdifferential of ``h`` and ``s = 1``. With per-entry thresholds the same
+holds with ``lam`` replaced by ``t_d``, ``t_j`` and ``t_j + t_d`` in the conditions and in the conjugate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -109,6 +123,8 @@ def duality_gap(
     n_constrained: int,
     feasibility_tol: float = 1e-10,
     dual_point: torch.Tensor | None = None,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> DualityGap:
     """The duality gap of each row of W (see the module docstring for the formulas).
 
@@ -125,6 +141,8 @@ def duality_gap(
     dual_point : optional Tensor (rows, d), other weights (feasible or not) whose residual gives a second
         dual point; the better bound is kept per row (any point gives a valid bound, so a solver can offer
         one, e.g. ADMM's unconstrained iterate, without being trusted)
+    condition : "inf_norm" (the l1 ball) or "mu_inf" (see the module docstring)
+    diagonal : Tensor of int64 (rows,), the diagonal column of each row (``"mu_inf"`` only)
 
     Returns
     -------
@@ -136,6 +154,8 @@ def duality_gap(
         "n_constrained": n_constrained,
         "feasibility_tol": feasibility_tol,
     }
+    if condition == "mu_inf":
+        settings.update(condition=condition, diagonal=diagonal)
     W = W.to(H.dtype)
     gaps = duality_gap_from_product(W, W @ H, R, target_sq, **settings)
     if dual_point is None:
@@ -155,6 +175,8 @@ def duality_gap_from_product(
     kappa: float | None,
     n_constrained: int,
     feasibility_tol: float = 1e-10,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> DualityGap:
     """:func:`duality_gap` given the product ``HW = W H`` (rows x d) instead of H.
 
@@ -172,6 +194,14 @@ def duality_gap_from_product(
     tiny = torch.finfo(W.dtype).tiny
     # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
     zero_tol = feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    if nc > 0 and condition == "mu_inf":
+        dual = _mu_dual(V, residual_sq, c, rw, lam, float(kappa), nc, diagonal, zero_tol)
+        return DualityGap(
+            primal=primal.to(torch.float64),
+            dual=dual.clamp_min(0).to(torch.float64),
+            baseline=(0.5 * c).to(torch.float64),
+            rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
+        )
     if isinstance(lam, torch.Tensor):
         t = lam.to(device=W.device, dtype=W.dtype)
         if nc < W.shape[1]:
@@ -202,3 +232,48 @@ def duality_gap_from_product(
         baseline=(0.5 * c).to(torch.float64),
         rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
     )
+
+
+def _mu_dual(
+    V: torch.Tensor,
+    residual_sq: torch.Tensor,
+    c: torch.Tensor,
+    rw: torch.Tensor,
+    lam: Threshold,
+    kappa: float,
+    nc: int,
+    diagonal: torch.Tensor | None,
+    zero_tol: float,
+) -> torch.Tensor:
+    """D(s e) for the mu_inf constraint: s from the conditions ``s a <= b`` of the module docstring, with
+    per-entry thresholds t (a float lam is t = lam everywhere): ``-v_d <= t_d``, ``|v_j| - v_d <= t_j + t_d``
+    on the other constrained columns, ``|v_j| <= t_j`` on the free ones (a zero ``b`` accepts a violation up
+    to ``zero_tol``; an infinite t, an entry held at 0, constrains nothing)."""
+    rows = V.shape[0]
+    t = (
+        lam.to(device=V.device, dtype=V.dtype).expand_as(V)
+        if isinstance(lam, torch.Tensor)
+        else torch.full_like(V, float(lam))
+    )
+    cols = (torch.arange(rows, device=V.device) if diagonal is None else diagonal.to(V.device)).reshape(
+        rows, 1
+    )
+    v_d = V.gather(1, cols)
+    t_d = t.gather(1, cols)
+    off = V[:, :nc].abs()
+    t_off = t[:, :nc]
+    is_diag = torch.zeros_like(off, dtype=torch.bool).scatter(1, cols, True)
+    # the diagonal's own entry in the middle condition only repeats -v_d <= 2 t_d, implied by the first
+    conditions = [(-v_d, t_d), ((off - v_d).masked_fill(is_diag, -math.inf), t_off + t_d)]
+    if nc < V.shape[1]:
+        conditions.append((V[:, nc:].abs(), t[:, nc:]))
+    s = torch.ones(rows, dtype=V.dtype, device=V.device)
+    tiny = torch.finfo(V.dtype).tiny
+    for a, b in conditions:
+        allowed = torch.where(b > 0, b, torch.full_like(b, zero_tol))
+        ratio = torch.where(a > allowed, b / a.clamp_min(tiny), torch.ones_like(a))
+        s = torch.minimum(s, ratio.amin(dim=1))
+    excess_off = (s[:, None] * off - t_off).masked_fill(is_diag, -math.inf).amax(dim=1)
+    excess_d = (s[:, None] * v_d - t_d).squeeze(1)
+    conjugate = kappa * torch.maximum(excess_off, excess_d).clamp_min(0)
+    return -0.5 * s * s * residual_sq + s * (c - rw) - conjugate

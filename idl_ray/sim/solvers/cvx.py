@@ -10,7 +10,10 @@ problem's objective up to a constant. One cvxpy program is built per worker with
 cvxpy canonicalises once and each further row only updates parameter data (DPP). Rows are split across
 ``n_jobs`` workers (threads or processes). The ``"exact"`` variant (|W Phi - T| <= tol element-wise,
 minimise the regulariser) needs the raw samples. A final l1-ball projection of the constrained part
-removes the solver's tolerance-level violations, so the bound holds exactly.
+removes the solver's tolerance-level violations, so the bound holds exactly. With
+``SIMProblem(constraint="mu_inf")`` the constraint is ``w_d + sum_{j<n, j != d} |w_j| <= kappa`` (the row's
+diagonal column ``d`` selected by parameters, so the program is still built once) and the final step is
+the projection onto that set (:func:`~idl_ray.implicit.mu_projection.prox_mu_rows`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from idl_ray._validation import bad_parameter, check_choice, check_positive_float, check_positive_int
 from idl_ray.errors import ConvergenceWarning, SolverError
+from idl_ray.implicit.mu_projection import prox_mu_rows
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, register_solver
@@ -43,7 +47,13 @@ def _row_programs(payload: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
     lam, kappa, nc = payload["lam"], payload["kappa"], payload["n_constrained"]
     w = cp.Variable(d)
     constraints = []
-    if kappa is not None and nc > 0:
+    mu_rows = payload.get("diagonal")  # the diagonal column of each row under mu_inf, else None
+    if kappa is not None and nc > 0 and mu_rows is not None:
+        # w_d + sum_{j<n, j != d} |w_j| <= kappa with d changing per row: parameters (DPP) select it
+        pick = cp.Parameter(nc)
+        others = cp.Parameter(nc, nonneg=True)
+        constraints.append(pick @ w[:nc] + cp.norm1(cp.multiply(others, w[:nc])) <= kappa)
+    elif kappa is not None and nc > 0:
         constraints.append(cp.norm1(w[:nc]) <= kappa)
     reg = 0
     weighted = payload.get("thresholds") is not None
@@ -72,6 +82,9 @@ def _row_programs(payload: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
     out = np.zeros((targets.shape[0], d))
     statuses = []
     for i in range(targets.shape[0]):
+        if mu_rows is not None and kappa is not None and nc > 0:
+            pick.value = np.eye(nc)[mu_rows[i]]
+            others.value = 1.0 - pick.value
         if payload["mode"] == "exact":
             t.value = targets[i]
             tol.value = payload["exact_tol"][i]
@@ -113,6 +126,7 @@ class CVXSolver(BaseSolver):
 
     variants = frozenset({"lasso", "elastic_net", "least_squares", "exact"})
     supports_l1_weights = True
+    constraints = frozenset({"inf_norm", "mu_inf"})
 
     def __init__(
         self,
@@ -193,6 +207,8 @@ class CVXSolver(BaseSolver):
         for k in range(jobs):
             lo, hi = bounds[k], bounds[k + 1]
             payloads.append({**base, **{name: value[lo:hi] for name, value in blocks.items()}})
+            if problem.mu_constrained:
+                payloads[-1]["diagonal"] = problem.diagonal_columns().numpy()[lo:hi]
         if jobs == 1:
             results = [_row_programs(payloads[0])]
         else:
@@ -226,7 +242,11 @@ class CVXSolver(BaseSolver):
             )
         if problem.l1_weights is not None:  # entries of infinite weight: exactly 0, not the solver's 1e-12
             W[torch.isinf(problem.l1_weights.cpu())] = 0.0
-        if problem.constrained:
+        if problem.mu_constrained:  # the prox with no threshold: the Euclidean projection onto the mu set
+            W = prox_mu_rows(
+                W, float(problem.kappa), problem.n_constrained, diagonal=problem.diagonal_columns()
+            )
+        elif problem.constrained:
             nc = problem.n_constrained
             W[:, :nc] = project_rows_onto_l1_ball(W[:, :nc], float(problem.kappa))
         status = "optimal" if not inaccurate else "optimal_inaccurate"

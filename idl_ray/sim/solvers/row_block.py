@@ -130,8 +130,17 @@ class RowBlockADMM:
         n_constrained: int,
         options: ADMMOptions,
         state: ADMMState | None = None,
+        condition: str = "inf_norm",
+        diagonal: torch.Tensor | None = None,
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
+        # "mu_inf": the diagonal column of each row of the block (the prox and the certificate need it)
+        self.condition = condition if kappa is not None and n_constrained > 0 else "inf_norm"
+        if self.condition == "mu_inf":
+            rows_ = R.shape[0]
+            self.diagonal = (
+                (torch.arange(rows_) if diagonal is None else diagonal).to(R.device).reshape(rows_)
+            )
         self.target_sq = target_sq.to(device=R.device, dtype=R.dtype)
         self.lam: Threshold = (
             lam.to(device=R.device, dtype=R.dtype) if isinstance(lam, torch.Tensor) else float(lam)
@@ -159,14 +168,23 @@ class RowBlockADMM:
     def _settings(self) -> dict[str, Any]:
         return {"lam": self.lam, "kappa": self.kappa, "n_constrained": self.n_constrained}
 
+    def _constraint_settings(self, rows: torch.Tensor) -> dict[str, Any]:
+        """``condition`` and ``diagonal`` of the rows ``rows`` under mu_inf; empty for the l1 ball."""
+        if self.condition != "mu_inf":
+            return {}
+        return {"condition": "mu_inf", "diagonal": self.diagonal[rows]}
+
     def _map(
-        self, R_rows: torch.Tensor, rho: float, lam_rows: Threshold
+        self, R_rows: torch.Tensor, rho: float, lam_rows: Threshold, rows: torch.Tensor | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """T(x) for x = [Z, U] (rows x 2d) of the rows ``idx`` of the active block."""
+        """T(x) for x = [Z, U] (rows x 2d) of the rows ``idx`` of the active block (``lam_rows``: their l1
+        thresholds; ``rows``: the block rows behind ``R_rows``, needed under mu_inf)."""
         d = R_rows.shape[1]
         settings = self._settings()
+        diagonal = None if self.condition != "mu_inf" or rows is None else self.diagonal[rows]
 
         def step(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            extra = {} if diagonal is None else {"condition": "mu_inf", "diagonal": diagonal[idx]}
             _, Z, U = relaxed_step(
                 self.factor,
                 R_rows[idx],
@@ -175,6 +193,7 @@ class RowBlockADMM:
                 rho=rho,
                 relaxation=self.options.relaxation,
                 **{**settings, "lam": take_rows(lam_rows, idx)},
+                **extra,
             )
             return torch.cat([Z, U], dim=1)
 
@@ -197,7 +216,15 @@ class RowBlockADMM:
             else dual_point(self.factor, R_rows, ADMMState(W=Z, Z=Z, U=U, rho=rho))
         )
         settings = {**self._settings(), "lam": take_rows(self.lam, rows)}
-        return duality_gap(Z, self.H, R_rows, self.target_sq[rows], dual_point=W, **settings)
+        return duality_gap(
+            Z,
+            self.H,
+            R_rows,
+            self.target_sq[rows],
+            dual_point=W,
+            **settings,
+            **self._constraint_settings(rows),
+        )
 
     def _dual_at(self, W: torch.Tensor, rows: torch.Tensor, rho: float) -> torch.Tensor:
         """U = (r - H w) / rho: the scaled dual of ADMM's fixed point at W."""
@@ -236,7 +263,8 @@ class RowBlockADMM:
             if gaps is not None:
                 self._record_gaps(active, gaps)
                 ok = self._certified(gaps)
-                if options.polish and not bool(ok.all()):
+                # polishing solves on the l1-ball's active set; under mu_inf it is not done
+                if options.polish and self.condition != "mu_inf" and not bool(ok.all()):
                     Z, U, ok = self._polish(Z, U, active, gaps, ok, rho)
                 self.certified[active[ok]] = True
                 primal, dual = self.gaps_total()
@@ -261,7 +289,7 @@ class RowBlockADMM:
             R_active = self.R[active]
             x = torch.cat([Z[active], U[active]], dim=1)
             local = torch.arange(active.numel(), device=x.device)
-            step = self._map(R_active, rho, take_rows(self.lam, active))
+            step = self._map(R_active, rho, take_rows(self.lam, active), active)
             accelerator = AndersonAccelerator(step, options.anderson) if options.anderson else None
             gx = step(x, local)
             iteration += 1
@@ -421,6 +449,8 @@ def admm_solve(
     state: ADMMState | None = None,
     factor: GramFactor | None = None,
     progress: str | None = None,
+    condition: str = "inf_norm",
+    diagonal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ADMMStats]:
     """Solve the Gram-form problem for all rows of W at once, certified by the duality gap.
 
@@ -439,6 +469,10 @@ def admm_solve(
     state : ADMMState to resume from (a checkpoint or warm start); zeros by default
     factor : a precomputed GramFactor of G (reused across stages or restarts)
     progress : a description for a tqdm bar of the steps, or None (no bar)
+    condition : "inf_norm" (the l1-ball bound) or "mu_inf" (``w_d + sum_{j<n, j != d} |w_j| <= kappa``,
+        :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`; no polishing)
+    diagonal : Tensor of int64 (rows,), the diagonal column of each row under "mu_inf" (default: row i
+        at column i)
 
     Returns
     -------
@@ -483,6 +517,8 @@ def admm_solve(
         n_constrained=n_constrained,
         options=options,
         state=state,
+        condition=condition,
+        diagonal=diagonal,
     )
     report = block.run(options.max_iter - block.state.iteration, progress=progress)
     stats = ADMMStats(
