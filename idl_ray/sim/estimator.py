@@ -33,7 +33,7 @@ from idl_ray._validation import (
     reject_unknown_kwargs,
 )
 from idl_ray.errors import ConfigError, NotFittedError, ShapeError
-from idl_ray.implicit.mu_projection import project_onto_mu_ball
+from idl_ray.implicit.mu_projection import mu_inf, project_onto_mu_ball
 from idl_ray.implicit.projection import inf_norm, project_rows_onto_l1_ball
 from idl_ray.sim.extraction import (
     StateRecorder,
@@ -724,6 +724,8 @@ class SIM:
             else {"min": float(self.scales_.min()), "max": float(self.scales_.max())},
             inference_iterations=self.inference_stats_,
             **self._lipschitz_fields(),
+            well_posedness=self.well_posedness,
+            mu_inf=mu_inf(self.A_) if self.well_posedness == "mu_inf" else None,
         )
 
     def _lipschitz_fields(self) -> dict[str, float | None]:

@@ -33,6 +33,9 @@ class SIMSummary:
     #: certified l-inf Lipschitz bounds of input -> output (idl_ray.robustness.lipschitz_bound)
     lipschitz_bound: float | None = None
     lipschitz_bound_elementwise: float | None = None
+    #: the bound kept on A ("inf_norm" or "mu_inf") and, for "mu_inf", mu_inf(A) itself
+    well_posedness: str = "inf_norm"
+    mu_inf: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,7 +44,9 @@ class SIMSummary:
         lines = [
             f"SIM: n={self.hidden} hidden, p={self.inputs} inputs{' (incl. bias)' if self.bias else ''}, "
             f"q={self.outputs} outputs, activation={self.activation}",
-            f"  ||A||_inf = {self.a_inf_norm:.6g} (kappa = {self.kappa:g})",
+            f"  ||A||_inf = {self.a_inf_norm:.6g} (kappa = {self.kappa:g})"
+            if self.mu_inf is None
+            else f"  mu_inf(A) = {self.mu_inf:.6g} (kappa = {self.kappa:g}; ||A||_inf = {self.a_inf_norm:.6g})",
             "  sparsity (fraction of zeros): " + ", ".join(f"{k} {v:.1%}" for k, v in self.sparsity.items()),
             f"  solver {self.solver}: stage 1 {self.solve_time_s.get('stage1', 0):.3g} s "
             f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
@@ -57,7 +62,7 @@ class SIMSummary:
         if self.lipschitz_bound is not None:
             elementwise = self.lipschitz_bound_elementwise
             lines.append(
-                f"  l-inf Lipschitz bound: {self.lipschitz_bound:.4g} (||D|| + ||C|| ||B|| / (1 - ||A||))"
+                f"  l-inf Lipschitz bound: {self.lipschitz_bound:.4g} (||D|| + ||C|| ||B|| / (1 - k))"
                 + ("" if elementwise is None else f", {elementwise:.4g} (elementwise)")
             )
         if self.scales:

@@ -42,6 +42,9 @@ def test_mu_fit_predicts_as_well_as_the_inf_norm_fit(fits, acc, teacher, digits)
     assert sim.stats_["stage1"].constraint_violation == 0.0
     assert jacobi_rate(sim.A_) < 1
     assert sim.well_posedness == "mu_inf"
+    summary = sim.summary()
+    assert summary.mu_inf == pytest.approx(mu_inf(sim.A_)) and "mu_inf(A) =" in str(summary)
+    assert fits["inf_norm"].summary().mu_inf is None
     # its objective is no worse than the inf-norm fit's: the mu set contains the inf-norm ball
     objective = {k: s.stats_["stage1"].objective for k, s in fits.items()}
     assert objective["mu_inf"] <= objective["inf_norm"] * (1 + 1e-5)
