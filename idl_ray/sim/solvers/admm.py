@@ -44,6 +44,11 @@ class ADMMSolver(BaseSolver):
         optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
         with lam = 0 every row starts there; other rows start cold from W = 0.
 
+    ``solve(problem, initial=W0)`` starts from given weights instead (a lambda path passes the previous
+    point): Z0 = W0 = prox_{0}(W0) (the A-parts projected onto the kappa ball, so the start is feasible),
+    U0 = (R - Z0 H) / rho, the scaled dual of ADMM's fixed point at Z0. Rows where the least-squares
+    warm point above is already certified still take that one (with ``warm_start``).
+
     Examples
     --------
     >>> import torch
@@ -94,6 +99,8 @@ class ADMMSolver(BaseSolver):
             self._factor_G, self._factor_key = problem.G, key
         return self._factor
 
+    uses_initial = True
+
     def _warm_state(
         self,
         factor: GramFactor,
@@ -104,12 +111,21 @@ class ADMMSolver(BaseSolver):
         lam: float,
         kappa: float | None,
         n_constrained: int,
+        initial: torch.Tensor | None = None,
     ) -> ADMMState | None:
         """Rows of Z0 = prox(W_ls) (W_ls = R H^+, the minimum-norm least-squares fit) that are already
         certified optimal, or all rows when lam = 0; zeros (a cold start) for the others; U0 = (R - Z0 H) /
         rho, the dual of ADMM's fixed point at Z0. None when no row takes the warm point. Measured on the
         digits teachers, a warm row that is not already optimal saves nothing at lam > 0 and can cost
-        steps (its dense support takes longer to settle than a cold one grows)."""
+        steps (its dense support takes longer to settle than a cold one grows).
+
+        With ``initial`` (the previous point of a lambda path, whose support is close), the other rows
+        start from it instead, per row only where its duality gap is at most a cold start's (so the start
+        is never certified-worse than zeros). Measured on the 64-input digits teacher (20 lams over six
+        decades): stage 1 took fewer steps from the previous point at every lam with the default
+        ``check_every``; stage 2 took up to 6 % more steps at a few small lams, and with ``check_every=5``
+        one stage-1 point took 49 steps against 30 cold. ADMM's step count depends on the path of the
+        adapted rho, not only on how close the start is, so fewer steps are typical, not guaranteed."""
         s = factor.eigenvalues
         cut = 1e-10 * float(s.max().clamp_min(torch.finfo(s.dtype).tiny))
         inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
@@ -121,19 +137,35 @@ class ADMMSolver(BaseSolver):
         # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
         use = warm.certified(self.options.gap_tol) | (lam == 0)
+        if initial is not None:
+            given = initial_state(initial, H, R, rho, kappa=kappa, n_constrained=n_constrained).Z
+            # per row, the given start only where its certified suboptimality beats a cold start's
+            zero = duality_gap(torch.zeros_like(given), H, R, target_sq, **settings).gaps
+            closer = duality_gap(given, H, R, target_sq, **settings).gaps <= zero
+            Z0 = torch.where(use[:, None], Z0, torch.where(closer[:, None], given, torch.zeros_like(Z0)))
+            return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
         if not bool(use.any()):
             return None
         Z0 = torch.where(use[:, None], Z0, torch.zeros_like(Z0))
         return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
 
-    def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _solve(
+        self, problem: SIMProblem, initial: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
         factor = self.factor_for(problem, H)
         lam = 0.0 if problem.variant == "least_squares" else problem.lam
         nc = problem.n_constrained if problem.kappa is not None else 0
         settings = {"lam": lam, "kappa": problem.kappa, "n_constrained": nc}
-        state = self._warm_state(factor, H, R, target_sq, **settings) if self.warm_start else None
+        if self.warm_start:
+            state = self._warm_state(factor, H, R, target_sq, **settings, initial=initial)
+        elif initial is not None:
+            state = initial_state(
+                initial, H, R, initial_rho(H, self.options), kappa=problem.kappa, n_constrained=nc
+            )
+        else:
+            state = None
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
@@ -167,6 +199,22 @@ class ADMMSolver(BaseSolver):
                 "polished_rows": stats.polished_rows,
                 "certified_rows": stats.certified_rows,
                 "warm_start": state is not None,
+                "initial": initial is not None,
             },
         }
         return W, info
+
+
+def initial_state(
+    initial: torch.Tensor,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    rho: float,
+    *,
+    kappa: float | None,
+    n_constrained: int,
+) -> ADMMState:
+    """The ADMM state at given weights: Z0 = W0 = ``initial`` with its A-parts projected onto the kappa
+    ball (feasible), U0 = (R - Z0 H) / rho (the scaled dual that makes Z0 a fixed point of the W-update)."""
+    Z0 = prox(initial.to(device=H.device, dtype=H.dtype), 0.0, kappa, n_constrained)
+    return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
