@@ -12,6 +12,8 @@ _EXPORTS: dict[str, str] = {
     "SIMProblem": "idl_ray.sim.problem",
     "GramStats": "idl_ray.sim.problem",
     "SampleData": "idl_ray.sim.problem",
+    "SIMPath": "idl_ray.sim.path",
+    "sim_path": "idl_ray.sim.path",
     "extract_states": "idl_ray.sim.extraction",
     "teacher_weights": "idl_ray.sim.extraction",
     "StateRecorder": "idl_ray.sim.extraction",
