@@ -86,6 +86,8 @@ class SolverWorker:
         self.block: RowBlockADMM | None = None
         self.block_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.settings: dict[str, Any] = {}
+        #: (key, H, factor) of the last Gram set up in rows mode (kept by reset)
+        self.gram_cache: tuple[Any, torch.Tensor, GramFactor] | None = None
         # consensus mode
         self.local: ConsensusLocalState | None = None
         self.Hk: torch.Tensor | None = None
@@ -99,8 +101,16 @@ class SolverWorker:
         return self.info()
 
     def reset(self) -> None:
-        """Drop the shard and the solver state (the pool is reused for another solve)."""
+        """Drop the shard and the solver state (the pool is reused for another solve); the factored H of
+        the last gram solve is kept, so the next solve on the same Gram (stage 2, a lambda path's next
+        point) neither ships nor factors it again."""
+        cache = self.gram_cache
         self.__init__(self.rank, torch.get_num_threads())
+        self.gram_cache = cache
+
+    def has_gram(self, key: Any) -> bool:
+        """Whether this worker holds the factored H of the Gram named ``key`` (see :meth:`setup_rows`)."""
+        return key is not None and self.gram_cache is not None and self.gram_cache[0] == key
 
     # ------------------------------------------------------------------ information
     def info(self) -> dict[str, Any]:
@@ -140,7 +150,7 @@ class SolverWorker:
     # ------------------------------------------------------------------ rows mode (gram strategy)
     def setup_rows(
         self,
-        H: torch.Tensor,
+        H: torch.Tensor | None,
         Rt: torch.Tensor,
         target_sq: torch.Tensor,
         state: ADMMState,
@@ -149,11 +159,21 @@ class SolverWorker:
         kappa: float | None,
         n_constrained: int,
         options: ADMMOptions,
+        key: Any = None,
     ) -> float:
-        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state."""
+        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
+
+        ``H=None`` takes the cached H named ``key`` (a Gram this worker already holds, see
+        :meth:`has_gram`); a given H is factored and cached under ``key``."""
         start = time.perf_counter()
-        H = H.to(self.device, DTYPE)
-        self.factor = GramFactor(H)
+        if H is None:
+            if not self.has_gram(key):
+                raise DistributedError(f"Solver worker {self.rank} holds no Gram named {key!r}; ship H.")
+            _, H, self.factor = self.gram_cache
+        else:
+            H = H.to(self.device, DTYPE)
+            self.factor = GramFactor(H)
+            self.gram_cache = (key, H, self.factor) if key is not None else None
         self.block_args = (H, Rt.to(self.device, DTYPE), target_sq.to(self.device, DTYPE))
         self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
         self.set_state(state)

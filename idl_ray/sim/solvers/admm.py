@@ -138,11 +138,8 @@ class ADMMSolver(BaseSolver):
         # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
         use = warm.certified(self.options.gap_tol) | (lam == 0)
         if initial is not None:
-            given = initial_state(initial, H, R, rho, kappa=kappa, n_constrained=n_constrained).Z
-            # per row, the given start only where its certified suboptimality beats a cold start's
-            zero = duality_gap(torch.zeros_like(given), H, R, target_sq, **settings).gaps
-            closer = duality_gap(given, H, R, target_sq, **settings).gaps <= zero
-            Z0 = torch.where(use[:, None], Z0, torch.where(closer[:, None], given, torch.zeros_like(Z0)))
+            given = initial_state(initial, H, R, target_sq, rho, **settings).Z
+            Z0 = torch.where(use[:, None], Z0, given)
             return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
         if not bool(use.any()):
             return None
@@ -161,9 +158,7 @@ class ADMMSolver(BaseSolver):
         if self.warm_start:
             state = self._warm_state(factor, H, R, target_sq, **settings, initial=initial)
         elif initial is not None:
-            state = initial_state(
-                initial, H, R, initial_rho(H, self.options), kappa=problem.kappa, n_constrained=nc
-            )
+            state = initial_state(initial, H, R, target_sq, initial_rho(H, self.options), **settings)
         else:
             state = None
         stage = "ADMM (A, B)" if nc else "ADMM"
@@ -209,12 +204,30 @@ def initial_state(
     initial: torch.Tensor,
     H: torch.Tensor,
     R: torch.Tensor,
+    target_sq: torch.Tensor,
     rho: float,
     *,
+    lam: float,
     kappa: float | None,
     n_constrained: int,
 ) -> ADMMState:
-    """The ADMM state at given weights: Z0 = W0 = ``initial`` with its A-parts projected onto the kappa
-    ball (feasible), U0 = (R - Z0 H) / rho (the scaled dual that makes Z0 a fixed point of the W-update)."""
-    Z0 = prox(initial.to(device=H.device, dtype=H.dtype), 0.0, kappa, n_constrained)
+    """The ADMM state at given weights W0 (a warm start; shared with the Ray gram strategy).
+
+    Z0 = W0 with its A-parts projected onto the kappa ball (feasible), kept per row only where its
+    duality gap is at most that of a cold start (W = 0), else 0; U0 = (R - Z0 H) / rho, the scaled dual
+    that makes Z0 a fixed point of the W-update.
+
+    Parameters
+    ----------
+    initial : Tensor (rows, d); H : Tensor (d, d); R : Tensor (rows, d); target_sq : Tensor (rows,)
+    rho : float > 0; lam, kappa, n_constrained : the stage's settings
+    """
+    given = prox(initial.to(device=H.device, dtype=H.dtype), 0.0, kappa, n_constrained)
+    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained}
+    zero = torch.zeros_like(given)
+    closer = (
+        duality_gap(given, H, R, target_sq, **settings).gaps
+        <= duality_gap(zero, H, R, target_sq, **settings).gaps
+    )
+    Z0 = torch.where(closer[:, None], given, zero)
     return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
