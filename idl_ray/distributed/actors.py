@@ -160,6 +160,7 @@ class SolverWorker:
         n_constrained: int,
         options: ADMMOptions,
         key: Any = None,
+        polish_first: bool = False,
     ) -> float:
         """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
 
@@ -175,7 +176,13 @@ class SolverWorker:
             self.factor = GramFactor(H)
             self.gram_cache = (key, H, self.factor) if key is not None else None
         self.block_args = (H, Rt.to(self.device, DTYPE), target_sq.to(self.device, DTYPE))
-        self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+        self.settings = {
+            "lam": lam,
+            "kappa": kappa,
+            "n_constrained": n_constrained,
+            "options": options,
+            "polish_first": polish_first,
+        }
         self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start

@@ -175,7 +175,13 @@ def _run_gram(
     start = time.perf_counter()
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
     timings.add("communication", time.perf_counter() - start)
-    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+    settings = {
+        "lam": lam,
+        "kappa": kappa,
+        "n_constrained": n_constrained,
+        "options": options,
+        "polish_first": initial is not None,  # a warm start: polish its support at the first check
+    }
     chunk = max(checkpointer.every, 10 * options.check_every)
     H_ref: list[Any] = []  # put in the object store once, and only if some worker lacks it
     shipped = 0
