@@ -30,6 +30,12 @@ class ADMMSolver(BaseSolver):
     iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
     and reused when the same Gram comes back (stage 2 shares stage 1's G), so a SIM fit factors once.
 
+    ``solve(problem, initial=W0)`` starts from given weights (a lambda path passes the previous point):
+    Z0 = W0 with its A-parts projected onto the kappa ball (a feasible start), U0 = (R - Z0 H) / rho (the
+    scaled dual of ADMM's fixed point at Z0), kept per row where its duality gap is at most a cold
+    start's, and every row is polished on that support at the first check. Rows where the least-squares
+    warm point (``warm_start``) is already certified still take that one.
+
     Parameters
     ----------
     rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
@@ -43,11 +49,6 @@ class ADMMSolver(BaseSolver):
         cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
         optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
         with lam = 0 every row starts there; other rows start cold from W = 0.
-
-    ``solve(problem, initial=W0)`` starts from given weights instead (a lambda path passes the previous
-    point): Z0 = W0 = prox_{0}(W0) (the A-parts projected onto the kappa ball, so the start is feasible),
-    U0 = (R - Z0 H) / rho, the scaled dual of ADMM's fixed point at Z0. Rows where the least-squares
-    warm point above is already certified still take that one (with ``warm_start``).
 
     Examples
     --------
@@ -125,7 +126,7 @@ class ADMMSolver(BaseSolver):
         check (rows the polish certifies take no step; the others keep their start and a cold start's
         polish schedule). Measured on the 64-input digits teacher with biases (20 lams from lam_max down
         six decades): 36 to 37 of the 40 stage solves take no ADMM step; before the first-check polish
-        the warm start saved 0 to 45 % of the steps and took up to 6 % more on 2 of 40 stages. A stage
+        the warm start saved 0 to 45 % of the steps and took up to 9 % more on 6 of 40 stages. A stage
         the polish does not certify runs ADMM, whose step count depends on the adapted rho's path and not
         only on how close the start is: in one run 3 of 40 stage-2 solves took 82 to 120 steps against
         89 to 90 cold, so fewer steps than a cold start are typical, not guaranteed (the benchmark prints
