@@ -326,6 +326,7 @@ def sim_path(
     solver_obj = ADMM_default(cfg["device"], sim.progress) if solver is None else get_solver(solver)
     if cfg["variant"] not in solver_obj.variants:
         raise ConfigError(f"{type(solver_obj).__name__} does not solve the '{cfg['variant']}' variant.")
+    _warn_if_actors_restart(solver_obj)
     keep_samples = solver_obj.needs_samples
     recorded = sim._record(teacher, data, cfg, keep_samples)
     n = recorded.structure.num_hidden
@@ -375,6 +376,21 @@ def sim_path(
         extraction_time_s=recorded.time_s,
         time_s=time.perf_counter() - start,
     )
+
+
+def _warn_if_actors_restart(solver: Any) -> None:
+    """A Ray solver that neither keeps its actors nor uses a started pool starts new ones per solve."""
+    run_config = getattr(solver, "run_config", None)
+    if run_config is None or getattr(solver, "_shared_pool", None) is not None:
+        return
+    if not run_config.keep_workers:
+        warnings.warn(
+            f"{type(solver).__name__} was built without keep_workers=True: every point of the path starts "
+            "new actors and sends them the Gram again. Pass keep_workers=True (and call solver.close() "
+            "afterwards) or workers=<a started WorkerPool>.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_test_data(test_data: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

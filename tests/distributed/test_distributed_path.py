@@ -63,3 +63,11 @@ def test_ray_solver_starts_from_initial(worker_pools):
     assert cold.stats.extra["gram_shipped"] == 2 and warm.stats.extra["gram_shipped"] == 0
     other = solver.solve(random_problem(seed=4))  # another Gram is shipped again
     assert other.stats.extra["gram_shipped"] == 2
+
+
+def test_a_solver_that_restarts_its_actors_is_warned_about(teacher_and_inputs):
+    teacher, inputs = teacher_and_inputs
+    solver = RayADMMSolver(num_workers=1, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
+    with pytest.warns(UserWarning, match="keep_workers=True"):
+        path = sim().fit_path(teacher, inputs, n_lams=1, solver=solver)
+    assert path.rows[0]["nnz"] == 0
