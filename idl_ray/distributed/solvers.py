@@ -194,6 +194,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
     Minimises ``1/(2m) ||T - W Phi||^2 + lam ||W||_1 + l2/2 ||W||^2`` subject to
     ``||W[i, :n_constrained]||_1 <= kappa`` (see :class:`~idl_ray.sim.problem.SIMProblem`).
 
+    Warm starts and repeated solves (gram strategy): ``solve(problem, initial=W0)`` starts every block from
+    the given weights (see :class:`~idl_ray.sim.solvers.ADMMSolver`); the consensus strategy starts cold.
+    With kept workers (``keep_workers=True`` or ``workers=``) each worker keeps the factored H of its last
+    solve, named after the problem's G object, l2 and m: a solve on the same G (stage 2 after stage 1, every
+    point of :meth:`SIM.fit_path <idl_ray.sim.estimator.SIM.fit_path>`) sends and factors nothing, and
+    ``stats.extra["gram_shipped"]`` counts the workers H was sent to.
+
     Parameters
     ----------
     num_workers : int, default 2
