@@ -102,7 +102,8 @@ class SIMPath:
         ``converged``, ``iterations_1`` / ``iterations_2``, ``time_s`` (both solves), and with test data
         ``accuracy`` and ``attacked_accuracy@eps`` per ``attack_eps``
     teacher : dict, the teacher's ``accuracy`` (with test data), ``lipschitz`` (its implicit form in the
-        fitted coordinates, when well-posed there) and ``attacked_accuracy@eps``
+        fitted coordinates, when well-posed there), ``A_inf``, ``nnz`` and ``frac_nonzero`` of that form, and
+        ``attacked_accuracy@eps``
     lam_max : float, the smallest lam that zeroes every entry of both stages
     extraction_time_s : float, the one pass over the data
     time_s : float, the whole path (extraction included)
@@ -207,8 +208,13 @@ class SIMPath:
         left.plot([row["frac_nonzero"] for row in self.rows], acc, "o-", label="SIM path")
         left.set_xlabel("fraction of nonzeros in (A, B, C, D)")
         left.set_ylabel("test accuracy")
-        left.axhline(self.teacher["accuracy"], color="k", linestyle="--", label="teacher")
-        lips = [(row["lipschitz"], row["accuracy"]) for row in self.rows if row["lipschitz"] is not None]
+        left.axhline(self.teacher["accuracy"], color="k", linestyle="--", linewidth=0.8)
+        if self.teacher.get("frac_nonzero") is not None:
+            left.plot(
+                [self.teacher["frac_nonzero"]], [self.teacher["accuracy"]], "k*", ms=12, label="teacher"
+            )
+        # a bound of 0 (an all-zero, constant model) has no place on the log axis
+        lips = [(row["lipschitz"], row["accuracy"]) for row in self.rows if row["lipschitz"]]
         if lips:
             right.plot([x for x, _ in lips], [y for _, y in lips], "o-", label="SIM path")
         if self.teacher.get("lipschitz") is not None:
@@ -480,6 +486,7 @@ def _teacher_row(
         "lipschitz": _lipschitz({"A": A, "B": B, "C": C, "D": D}, structure.bias),
         "A_inf": float(A.abs().sum(dim=1).max()) if A.numel() else 0.0,
         "nnz": sum(nonzeros(W) for W in (A, B, C, D)),
+        "frac_nonzero": sum(nonzeros(W) for W in (A, B, C, D)) / sum(W.numel() for W in (A, B, C, D)),
     }
     if x is not None:
         parameter = next(teacher.parameters(), None)
