@@ -153,8 +153,8 @@ class RowBlockADMM:
         # round that certified nothing (a support far from right costs solves and gains nothing)
         self._polish_period = _POLISH_ALL_EVERY
         self._next_periodic = 1 if polish_first else _POLISH_ALL_EVERY
-        # the first polish of a warm start keeps only rows it certifies: a polish on a support that is
-        # not yet right moves the others to a point that measured as a worse start for ADMM than their own
+        # the first polish of a warm start keeps only the rows it certifies, so the others run ADMM from
+        # the given start, as they would without it
         self._first_polish_certifies_only = polish_first
 
     # ------------------------------------------------------------------ the map and its pieces
