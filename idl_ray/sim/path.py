@@ -491,8 +491,9 @@ def _teacher_row(
     if x is not None:
         parameter = next(teacher.parameters(), None)
         dtype = parameter.dtype if parameter is not None else torch.float32
+        device = parameter.device if parameter is not None else torch.device("cpu")
         with torch.no_grad():
-            out = teacher(x.to(dtype))
+            out = teacher(x.to(device=device, dtype=dtype))
         row["accuracy"] = float((out.argmax(dim=1).cpu() == y).double().mean())
         for eps in eps_list:
             row[f"attacked_accuracy@{eps:g}"] = _attacked(teacher, x, y, eps)
