@@ -18,6 +18,11 @@ Usage::
 
     python benchmarks/bench_sim_path.py --sizes 64 --threads 1
     python benchmarks/bench_sim_path.py --sizes 784 --n-lams 8 --max-iter 2000 --threads 1   # slow here
+    python benchmarks/bench_sim_path.py --sizes 64 --ray-workers 2 --repeats 1   # RayADMMSolver, one pool
+
+With ``--ray-workers`` both sides use ``RayADMMSolver`` on the same started actors (no actor start-up on
+either side): the path's one solver keeps the factored H on the workers for every point, while each cold
+fit's fresh solver sends and factors H again and starts cold.
 """
 
 from __future__ import annotations
@@ -41,12 +46,24 @@ from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim import SIM
 from idl_ray.sim.solvers import ADMMSolver
 
+#: with --ray-workers: the started actors every Ray solver of the run uses (cold fits and path alike)
+POOL: list = []
 
-def solver(args) -> ADMMSolver:
+
+def solver(args):
+    """A fresh solver: ADMMSolver, or with --ray-workers a RayADMMSolver (gram) on the run's started actors
+    (a fresh instance names its Gram anew, so a cold fit sends and factors H again, as a new solver must)."""
     options = {} if args.max_iter is None else {"max_iter": args.max_iter}
     if args.check_every is not None:
         options["check_every"] = args.check_every
-    return ADMMSolver(device="cpu", warn=False, **options)
+    if not args.ray_workers:
+        return ADMMSolver(device="cpu", warn=False, **options)
+    from idl_ray.distributed import RayADMMSolver, RayRunConfig, WorkerPool
+
+    if not POOL:
+        config = RayRunConfig(num_workers=args.ray_workers, cpus_per_worker=0.5, use_gpu=False)
+        POOL.append(WorkerPool(config))
+    return RayADMMSolver(workers=POOL[0], warn=False, **options)
 
 
 def run_case(p: int, args) -> dict:
@@ -183,12 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iter", type=int, default=None, help="cap the solver (default: its own)")
     parser.add_argument("--check-every", type=int, default=None, help="ADMM steps between certificates")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (path, cold fits); medians")
+    parser.add_argument(
+        "--ray-workers", type=int, default=0, help="RayADMMSolver (gram) on this many started local actors"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    if args.ray_workers:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        machine += f", RayADMMSolver on {args.ray_workers} started actors (ray {ray.__version__})"
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {machine}")
     cases = []
     for p in (int(s) for s in args.sizes.split(",")):
@@ -197,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(case)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "cases": cases}, indent=2) + "\n")
+    if POOL:
+        import ray
+
+        POOL[0].shutdown()
+        ray.shutdown()
     return 0
 
 
