@@ -129,8 +129,9 @@ class ADMMSolver(BaseSolver):
         the warm start saved 0 to 45 % of the steps and took up to 9 % more on 6 of 40 stages. A stage
         the polish does not certify runs ADMM, whose step count depends on the adapted rho's path and not
         only on how close the start is: in one run 3 of 40 stage-2 solves took 82 to 120 steps against
-        89 to 90 cold, so fewer steps than a cold start are typical, not guaranteed (the benchmark prints
-        the count)."""
+        89 to 90 cold, and on the 784-input teacher one stage-2 solve took 132 steps against 58 cold, so
+        fewer steps than a cold start are typical, not guaranteed (``benchmarks/bench_sim_path.py``
+        prints the count)."""
         s = factor.eigenvalues
         cut = 1e-10 * float(s.max().clamp_min(torch.finfo(s.dtype).tiny))
         inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
