@@ -35,6 +35,8 @@ from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor
 from idl_ray.sim.solvers.row_block import BlockReport, RowBlockADMM
 
 DTYPE = torch.float64
+#: factored Grams a worker keeps between solves (a SIM fit has two: stage 1 equilibrated, stage 2)
+_GRAMS_KEPT = 2
 
 
 @dataclasses.dataclass
@@ -86,6 +88,9 @@ class SolverWorker:
         self.block: RowBlockADMM | None = None
         self.block_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.settings: dict[str, Any] = {}
+        #: key -> (H, factor) of the last Grams set up in rows mode, oldest first (kept by reset): two, a
+        #: SIM fit's equilibrated stage-1 H and its stage-2 H
+        self.gram_cache: dict[Any, tuple[torch.Tensor, GramFactor]] = {}
         # consensus mode
         self.local: ConsensusLocalState | None = None
         self.Hk: torch.Tensor | None = None
@@ -99,8 +104,16 @@ class SolverWorker:
         return self.info()
 
     def reset(self) -> None:
-        """Drop the shard and the solver state (the pool is reused for another solve)."""
+        """Drop the shard and the solver state (the pool is reused for another solve); the factored Hs of
+        the last gram solves are kept, so the next solve on the same Gram (stage 2, a lambda path's next
+        point) neither ships nor factors it again."""
+        cache = self.gram_cache
         self.__init__(self.rank, torch.get_num_threads())
+        self.gram_cache = cache
+
+    def has_gram(self, key: Any) -> bool:
+        """Whether this worker holds the factored H of the Gram named ``key`` (see :meth:`setup_rows`)."""
+        return key is not None and key in self.gram_cache
 
     # ------------------------------------------------------------------ information
     def info(self) -> dict[str, Any]:
@@ -140,7 +153,7 @@ class SolverWorker:
     # ------------------------------------------------------------------ rows mode (gram strategy)
     def setup_rows(
         self,
-        H: torch.Tensor,
+        H: torch.Tensor | None,
         Rt: torch.Tensor,
         target_sq: torch.Tensor,
         state: ADMMState,
@@ -149,13 +162,33 @@ class SolverWorker:
         kappa: float | None,
         n_constrained: int,
         options: ADMMOptions,
+        key: Any = None,
+        polish_first: bool = False,
     ) -> float:
-        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state."""
+        """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
+
+        ``H=None`` takes the cached H named ``key`` (a Gram this worker already holds, see
+        :meth:`has_gram`); a given H is factored and cached under ``key``."""
         start = time.perf_counter()
-        H = H.to(self.device, DTYPE)
-        self.factor = GramFactor(H)
+        if H is None:
+            if not self.has_gram(key):
+                raise DistributedError(f"Solver worker {self.rank} holds no Gram named {key!r}; ship H.")
+            H, self.factor = self.gram_cache[key]
+        else:
+            H = H.to(self.device, DTYPE)
+            self.factor = GramFactor(H)
+            if key is not None:
+                self.gram_cache[key] = (H, self.factor)
+                while len(self.gram_cache) > _GRAMS_KEPT:
+                    self.gram_cache.pop(next(iter(self.gram_cache)))
         self.block_args = (H, Rt.to(self.device, DTYPE), target_sq.to(self.device, DTYPE))
-        self.settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, "options": options}
+        self.settings = {
+            "lam": lam,
+            "kappa": kappa,
+            "n_constrained": n_constrained,
+            "options": options,
+            "polish_first": polish_first,
+        }
         self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start

@@ -27,6 +27,7 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
+from idl_ray.sim.solvers.admm import initial_state
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
 from idl_ray.sim.solvers.weights import take_rows
 
@@ -73,6 +74,8 @@ class RunInfo:
     stalled: bool = False
     #: rows finished by support polishing (consensus)
     polished_rows: int = 0
+    #: workers H was shipped to and factored on (gram; 0 when all held it from an earlier solve)
+    gram_shipped: int = 0
 
     @classmethod
     def of_loop(
@@ -148,6 +151,8 @@ def _run_gram(
     checkpointer: Checkpointer,
     reporter: ProgressReporter,
     timings: Timings,
+    initial: torch.Tensor | None = None,
+    gram_key: Any = None,
 ) -> tuple[torch.Tensor, RunInfo]:
     """Row-sharded, certified ADMM on ``1/2 tr(W H W^T) - tr(W Rt^T) + lam ||W||_1`` with the kappa bound.
 
@@ -156,6 +161,10 @@ def _run_gram(
     pool : WorkerPool (its workers need no samples here)
     H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64, target_sq : Tensor (rows,) (||t||^2 / m)
     lam : float, or per-entry thresholds (rows, d) from l1 weights: each worker gets its block's rows
+    initial : Tensor (rows, d) or None, weights to start from (see
+        :func:`~idl_ray.sim.solvers.admm.initial_state`); zeros by default
+    gram_key : hashable or None, a name for H: workers that already hold the factored H under this name
+        (from an earlier solve on a kept pool) are not sent it again
 
     Returns
     -------
@@ -166,26 +175,57 @@ def _run_gram(
     blocks = split_rows(rows, pool.size)
     rho0 = initial_rho(H, options)
     start = time.perf_counter()
-    H_ref = ray.put(H.contiguous())
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
     timings.add("communication", time.perf_counter() - start)
-    settings = {"kappa": kappa, "n_constrained": n_constrained, "options": options}
+    settings = {
+        "kappa": kappa,
+        "n_constrained": n_constrained,
+        "options": options,
+        "polish_first": initial is not None,  # a warm start: polish its support at the first check
+    }
     lams = [take_rows(lam, block) for block in blocks]
     lams = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in lams]
     chunk = max(checkpointer.every, 10 * options.check_every)
+    H_ref: list[Any] = []  # put in the object store once, and only if some worker lacks it
+    shipped = 0
 
     def setup(ranks: list[int], states: list[ADMMState]) -> None:
+        nonlocal shipped
         begin = time.perf_counter()
+        held = [False] * len(ranks)
+        if gram_key is not None:
+            held = resources.get(
+                [pool.actors[k].has_gram.remote(gram_key) for k in ranks],
+                pool.config.timeout_s,
+                "the workers to report their cached Gram",
+            )
+        if not all(held) and not H_ref:
+            H_ref.append(ray.put(H.contiguous()))
         refs = [
             pool.actors[k].setup_rows.remote(
-                H_ref, Rt_refs[k], target_sq[blocks[k]].contiguous(), states[k], lam=lams[k], **settings
+                None if have else H_ref[0],
+                Rt_refs[k],
+                target_sq[blocks[k]].contiguous(),
+                states[k],
+                lam=lams[k],
+                key=gram_key,
+                **settings,
             )
-            for k in ranks
+            for k, have in zip(ranks, held)
         ]
         factor_s = resources.get(refs, pool.config.timeout_s, "the workers to factor H")
+        shipped += sum(not have for have in held)
         timings.round_trip(time.perf_counter() - begin, factor_s, phase="factor")
 
-    zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
+    if initial is None:
+        zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
+    else:
+        start_state = initial_state(
+            initial, H, Rt, target_sq, rho0, lam=lam, kappa=kappa, n_constrained=n_constrained
+        )
+        zero_states = [
+            ADMMState(W=start_state.W[b], Z=start_state.Z[b], U=start_state.U[b], rho=rho0) for b in blocks
+        ]
     pool.retry("factor", lambda: setup(list(range(pool.size)), zero_states))
     checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
 
@@ -272,6 +312,7 @@ def _run_gram(
         relative_gap=relative_gap,
         stalled=stalled,
     )
+    info.gram_shipped = shipped
     return W, info
 
 

@@ -224,8 +224,10 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             **self.run_config.to_dict(),
         }
 
-    def solve(self, problem: SIMProblem | ShardedProblem) -> SolveResult:  # type: ignore[override]
-        """Solve a :class:`SIMProblem` or a :class:`ShardedProblem`."""
+    def solve(  # type: ignore[override]
+        self, problem: SIMProblem | ShardedProblem, initial: torch.Tensor | None = None
+    ) -> SolveResult:
+        """Solve a :class:`SIMProblem` or a :class:`ShardedProblem` (``initial`` is checked and ignored)."""
         if isinstance(problem, ShardedProblem):
             start = time.perf_counter()
             W, info, stats_problem = self._run(problem)
@@ -242,7 +244,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 extra=info["extra"],
             )
             return SolveResult(weights=W, stats=result_stats)
-        return super().solve(problem)
+        return super().solve(problem, initial=initial)
 
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
         W, info, _ = self._run(problem)

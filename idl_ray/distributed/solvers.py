@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -176,6 +177,7 @@ class _RaySolverMixin:
                     "checkpoints": info.checkpoints,
                     "relative_gap": info.relative_gap,
                     "polished_rows": info.polished_rows,
+                    "gram_shipped": info.gram_shipped,
                 }
             )
         return extra
@@ -192,6 +194,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
 
     Minimises ``1/(2m) ||T - W Phi||^2 + lam ||W||_1 + l2/2 ||W||^2`` subject to
     ``||W[i, :n_constrained]||_1 <= kappa`` (see :class:`~idl_ray.sim.problem.SIMProblem`).
+
+    Warm starts and repeated solves (gram strategy): ``solve(problem, initial=W0)`` starts every block from
+    the given weights (see :class:`~idl_ray.sim.solvers.ADMMSolver`); the consensus strategy starts cold.
+    With kept workers (``keep_workers=True`` or ``workers=``) each worker keeps the factored H of its last
+    solve, named after the problem's G object, l2 and m: a solve on the same G (stage 2 after stage 1, every
+    point of :meth:`SIM.fit_path <idl_ray.sim.estimator.SIM.fit_path>`) sends and factors nothing, and
+    ``stats.extra["gram_shipped"]`` counts the workers H was sent to.
 
     Parameters
     ----------
@@ -239,6 +248,9 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
     """
 
     variants = frozenset({"lasso", "elastic_net", "least_squares"})
+    uses_initial = True  # the gram strategy starts from ``solve(problem, initial=W0)``; consensus ignores it
+    _gram_G: torch.Tensor | None = None
+    _gram_name: tuple[Any, ...] | None = None
 
     #: both strategies honour ``problem.l1_weights``: gram gives each worker its rows' thresholds,
     #: consensus applies them in the driver's prox and certificate
@@ -275,11 +287,13 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         self._params = {"strategy": self.strategy, **self.options.to_dict(), **self.run_config.to_dict()}
 
     # ------------------------------------------------------------------ public entry points
-    def solve(self, problem: SIMProblem | ShardedProblem) -> SolveResult:  # type: ignore[override]
+    def solve(  # type: ignore[override]
+        self, problem: SIMProblem | ShardedProblem, initial: torch.Tensor | None = None
+    ) -> SolveResult:
         """Solve a :class:`SIMProblem` (like ``ADMMSolver``) or a :class:`ShardedProblem` (shards in actors)."""
         if isinstance(problem, ShardedProblem):
             return self._solve_sharded(problem)
-        return super().solve(problem)
+        return super().solve(problem, initial=initial)
 
     def reduce(self, problem: ShardedProblem) -> SIMProblem:
         """Load the shards inside the actors and return the summed single-process problem (no solve)."""
@@ -291,13 +305,15 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             self._release_pool(pool)
 
     # ------------------------------------------------------------------ BaseSolver hook (SIMProblem)
-    def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _solve(
+        self, problem: SIMProblem, initial: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         timings = Timings()
         if self.strategy == "gram":
             with timings.phase("startup"):
                 pool = self._acquire_pool()
             try:
-                W, info = self._gram(pool, problem, timings)
+                W, info = self._gram(pool, problem, timings, initial, self._gram_key(problem))
                 return W, self._info(pool, timings, info)
             finally:
                 self._release_pool(pool)
@@ -315,8 +331,24 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         finally:
             self._release_pool(pool)
 
-    def _gram(self, pool: WorkerPool, problem: SIMProblem, timings: Timings) -> tuple[torch.Tensor, RunInfo]:
-        """The gram strategy on started workers: broadcast H once, rows sharded, ADMM on each block."""
+    def _gram_key(self, problem: SIMProblem) -> str:
+        """A name for this problem's H = G/m + l2 I: the same while the same G object (and l2, m) comes back
+        (stage 2 after stage 1, every point of a lambda path), so kept workers factor it once."""
+        ident = (problem.l2, problem.num_samples, problem.dim)
+        if self._gram_G is not problem.G or self._gram_name is None or self._gram_name[0] != ident:
+            self._gram_G, self._gram_name = problem.G, (ident, uuid.uuid4().hex)
+        return self._gram_name[1]
+
+    def _gram(
+        self,
+        pool: WorkerPool,
+        problem: SIMProblem,
+        timings: Timings,
+        initial: torch.Tensor | None = None,
+        gram_key: str | None = None,
+    ) -> tuple[torch.Tensor, RunInfo]:
+        """The gram strategy on started workers: broadcast H once (or not at all when the workers hold it
+        under ``gram_key``), rows sharded, ADMM on each block from ``initial`` (zeros by default)."""
         lam, kappa, n_constrained = self._penalties(problem)
         H, R = problem.scaled(dtype=torch.float64)
         scaling = BlockScaling.for_stage(H, n_constrained) if self.options.equilibrate else None
@@ -324,6 +356,10 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         if scaling is not None:  # the workers solve the block-equilibrated problem (as ADMMSolver does)
             H, R = scaling.gram(H), scaling.targets(R)
             thresholds, kappa = scaling.thresholds(lam, R.shape[0]), scaling.radius(kappa)
+            if initial is not None:
+                initial = scaling.to_scaled(initial.to(torch.float64))
+            if gram_key is not None:  # the equilibrated H is another matrix: its own name on the workers
+                gram_key = f"{gram_key}:equilibrated-{n_constrained}"
         W, info = run_gram(
             pool,
             H,
@@ -336,6 +372,8 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             checkpointer=self._checkpointer(),
             reporter=self._reporter(),
             timings=timings,
+            initial=initial,
+            gram_key=gram_key,
         )
         if scaling is not None:
             W = scaling.from_scaled(W)

@@ -62,6 +62,10 @@ class SimJobConfig(Options):
     output_dir: str | None = None
     quiet: bool = False
     attack_eps: tuple[float, ...] = ()
+    path: bool = False
+    n_lams: int = 20
+    lam_ratio: float = 1e-3
+    max_accuracy_drop: float = 0.01
 
     FLAG_HELP: ClassVar[dict[str, str]] = {
         "dataset": "embedded data set used when --data is not given",
@@ -80,6 +84,10 @@ class SimJobConfig(Options):
         "output_dir": "run directory (default: runs/sim-<UTC timestamp>/)",
         "quiet": "no progress bars or step logs; print only the run directory",
         "attack_eps": "l-inf radii, comma-separated: teacher and SIM accuracy under FGSM and PGD on held-out data",
+        "path": "fit a lambda path instead of one lam: path.csv, path.json, path.png (--lam is not used)",
+        "n_lams": "with --path: points from lam_max (all weights zero) down to lam_ratio * lam_max",
+        "lam_ratio": "with --path: the smallest lam as a fraction of lam_max",
+        "max_accuracy_drop": "with --path: the saved model is the sparsest within this accuracy loss",
     }
 
     #: the allowed values of the choice options (listed by ``--help``)
@@ -112,6 +120,7 @@ class SimJobConfig(Options):
         if self.strategy is not None:
             check_choice(self.strategy, "strategy", owner, self.CHOICES["strategy"])
         self._check_solver_options(owner)
+        self._check_path_options(owner)
         fraction = self.test_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise bad_parameter("test_fraction", owner, "a float in (0, 1)", fraction)
@@ -122,6 +131,19 @@ class SimJobConfig(Options):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise bad_parameter(name, owner, "a non-empty string or None", value)
+
+    def _check_path_options(self, owner: str) -> None:
+        if not isinstance(self.path, bool):
+            raise bad_parameter("path", owner, "a bool", self.path)
+        check_positive_int(self.n_lams, "n_lams", owner)
+        check_positive_float(self.lam_ratio, "lam_ratio", owner)
+        if self.lam_ratio > 1:
+            raise bad_parameter("lam_ratio", owner, "a float in (0, 1]", self.lam_ratio)
+        check_positive_float(self.max_accuracy_drop, "max_accuracy_drop", owner, allow_zero=True)
+        if self.path and self.solver == "lstsq":
+            raise bad_parameter(
+                "solver", owner, "an l1 solver with --path", self.solver, "lstsq has no lam; use admm."
+            )
 
     def _check_solver_options(self, owner: str) -> None:
         """Options the chosen solver would silently ignore are refused, naming the solvers that take them."""
@@ -180,8 +202,12 @@ def make_solver(config: SimJobConfig):
     if config.cpus_per_worker is not None:
         run["cpus_per_worker"] = config.cpus_per_worker
     if config.solver == "ray-admm":  # a tqdm bar per stage with the certificate, unless --quiet
-        return distributed.RayADMMSolver(
-            strategy=config.strategy or "gram", use_gpu=config.use_gpu, progress=not config.quiet, **run
+        return distributed.RayADMMSolver(  # a path keeps its actors (and their factored Gram) for all points
+            strategy=config.strategy or "gram",
+            use_gpu=config.use_gpu,
+            progress=not config.quiet,
+            keep_workers=config.path,
+            **run,
         )
     if config.solver == "ray-cvx":
         return distributed.RayCVXSolver(**run)
@@ -286,6 +312,10 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
     teacher, teacher_info = prepare_teacher(config, data, log=say)
     times["teacher"] = time.perf_counter() - start
 
+    if config.path:
+        from idl_ray.jobs.path_job import run_path
+
+        return run_path(config, solver, folder, data, teacher, teacher_info, times, log=log)
     start = time.perf_counter()
     sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
     inputs: Any = data.x_train

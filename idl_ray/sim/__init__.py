@@ -13,6 +13,8 @@ _EXPORTS: dict[str, str] = {
     "GramStats": "idl_ray.sim.problem",
     "SampleData": "idl_ray.sim.problem",
     "SparsityTarget": "idl_ray.sim.targets",
+    "SIMPath": "idl_ray.sim.path",
+    "sim_path": "idl_ray.sim.path",
     "extract_states": "idl_ray.sim.extraction",
     "teacher_weights": "idl_ray.sim.extraction",
     "StateRecorder": "idl_ray.sim.extraction",

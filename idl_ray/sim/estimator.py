@@ -13,6 +13,7 @@ both with the same solver and the objective of :class:`~idl_ray.sim.problem.SIMP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -332,6 +333,13 @@ class SIM:
 
             return fit_dataset(self, teacher, data, solver_obj, cfg)
         keep_samples = solver_obj.needs_samples or cfg["variant"] == "exact"
+        recorded = self._record(teacher, data, cfg, keep_samples)
+        return self._fit_stages(
+            *recorded.stage_inputs(), solver_obj, cfg, recorded.regenerate, recorded.time_s
+        )
+
+    def _record(self, teacher: nn.Module, data: Any, cfg: dict[str, Any], keep_samples: bool) -> Recorded:
+        """One pass of the teacher over ``data``: the statistics (and samples) both stages are fitted on."""
         start = time.perf_counter()
         recorder = StateRecorder(teacher, dtype=cfg["dtype"])
         stats: GramStats | None = None
@@ -372,16 +380,17 @@ class SIM:
         if stats is None or structure is None:
             raise ConfigError("SIM.fit got no samples: the data is empty. Pass at least one batch of inputs.")
         samples = SampleData(torch.cat(feats), torch.cat(targs)) if keep_samples else None
-        return self._fit_stages(
-            structure,
-            scales,
-            stats,
-            samples,
-            solver_obj,
-            cfg,
-            lambda A, B: self._regenerated(A, B, inputs_cache, structure, cfg, keep_samples),
-            time.perf_counter() - start,
-        )
+        regenerate = lambda A, B: self._regenerated(A, B, inputs_cache, structure, cfg, keep_samples)  # noqa: E731
+        return Recorded(structure, scales, stats, samples, regenerate, time.perf_counter() - start)
+
+    def fit_path(self, teacher: nn.Module, data: Any, lams: Any = None, **options: Any) -> Any:
+        """Fit along a decreasing lam sequence, each point warm-started from the previous: returns a
+        :class:`~idl_ray.sim.path.SIMPath` (one fitted SIM per lam, a table, ``best``, ``plot``). Options:
+        ``n_lams``, ``lam_ratio``, ``solver``, ``test_data``, ``attack_eps``; see
+        :func:`idl_ray.sim.path.sim_path`. This SIM's settings apply; it is not fitted itself."""
+        from idl_ray.sim.path import sim_path
+
+        return sim_path(self, teacher, data, lams, **options)
 
     def fit_states(self, path: str | Path, solver: str | BaseSolver | None = None) -> SIM:
         """Fit from states written by :func:`idl_ray.distributed.write_states` (a Parquet directory).
@@ -411,9 +420,12 @@ class SIM:
         cfg: dict[str, Any],
         regenerate: Any,
         extraction_time: float,
+        initial: dict[str, torch.Tensor] | None = None,
     ) -> SIM:
         """Solve stage 1 on ``stats``, then stage 2 (on ``regenerate(A, B) -> (stats, samples)`` with
-        ``regenerate_states``), and set the fitted attributes. Every fitting path ends here."""
+        ``regenerate_states``), and set the fitted attributes. Every fitting path ends here. ``initial``
+        ("stage1": [A B], "stage2": [C D]) warm-starts the solver (a lambda path's previous point)."""
+        initial = initial or {}
         n = structure.num_hidden
         variant = cfg["variant"]
         kappa = None if variant == "least_squares" else cfg["kappa"]
@@ -430,7 +442,9 @@ class SIM:
             constraint=cfg.get("well_posedness", "inf_norm"),
         )
         weighting, bias = cfg["weighting"], structure.bias
-        result1, stage1 = solve_stage(stage1, solver_obj, weighting, stage=1, n=n, bias=bias)
+        result1, stage1 = solve_stage(
+            stage1, solver_obj, weighting, stage=1, n=n, bias=bias, initial=initial.get("stage1")
+        )
         W1 = result1.weights.detach().to("cpu", torch.float64)
         A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
         if kappa is not None:  # no-op for constrained solvers; guards rounding
@@ -449,7 +463,9 @@ class SIM:
             variant=variant,
             samples=samples2,
         )
-        result2, stage2 = solve_stage(stage2, solver_obj, weighting, stage=2, n=n, bias=bias)
+        result2, stage2 = solve_stage(
+            stage2, solver_obj, weighting, stage=2, n=n, bias=bias, initial=initial.get("stage2")
+        )
         W2 = result2.weights.detach().to("cpu", torch.float64)
         self.A_, self.B_ = A, B
         self.C_, self.D_ = W2[:, :n].contiguous(), W2[:, n:].contiguous()
@@ -852,6 +868,21 @@ class SIM:
     def evaluate(self, dataloader: Any) -> float:
         """torchidl-style test accuracy through the dataloader (its transforms apply)."""
         return self.score(dataloader, metric="accuracy")
+
+
+@dataclasses.dataclass
+class Recorded:
+    """What one pass of the teacher over the data gives ``SIM._fit_stages`` (and a lambda path)."""
+
+    structure: TeacherStructure
+    scales: torch.Tensor | None
+    stats: GramStats
+    samples: SampleData | None
+    regenerate: Any
+    time_s: float
+
+    def stage_inputs(self) -> tuple[Any, ...]:
+        return self.structure, self.scales, self.stats, self.samples
 
 
 def ADMM_default(device: torch.device, progress: bool = False) -> BaseSolver:

@@ -76,7 +76,12 @@ class ReweightedFit:
 
 
 def reweighted_solve(
-    problem: SIMProblem, solver: BaseSolver, *, rounds: int, eps: float = 0.1
+    problem: SIMProblem,
+    solver: BaseSolver,
+    *,
+    rounds: int,
+    eps: float = 0.1,
+    initial: torch.Tensor | None = None,
 ) -> ReweightedFit:
     """Solve ``problem``, then ``rounds`` reweighted problems (see the module docstring).
 
@@ -86,6 +91,8 @@ def reweighted_solve(
     solver : a solver that honours ``l1_weights`` (ADMMSolver, CVXSolver, ...)
     rounds : int >= 0, the number of reweighted solves after the first
     eps : float > 0, the relative smoothing of the weights
+    initial : Tensor (rows, d) or None, weights the first solve starts from; every later round starts from
+        the previous round's answer (solvers without ``uses_initial`` start cold)
 
     Returns
     -------
@@ -98,12 +105,12 @@ def reweighted_solve(
         raise bad_parameter("problem", owner, "a SIMProblem", type(problem).__name__)
     base = problem.l1_weights
     weights: list[torch.Tensor | None] = [base]
-    result = solver.solve(problem)
+    result = solver.solve(problem, initial=initial)
     records = [_record(problem, result)]
     for _ in range(rounds):
         w = reweighting_weights(result.weights, eps, base)
         current = problem.replace(l1_weights=w)
-        result = solver.solve(current)
+        result = solver.solve(current, initial=result.weights)
         weights.append(current.l1_weights)
         records.append(_record(current, result))
     return ReweightedFit(result=result, weights=weights, rounds=records)

@@ -120,7 +120,14 @@ def robust_l1_weights(
 
 
 def solve_stage(
-    problem: SIMProblem, solver: BaseSolver, weighting: StageWeighting, *, stage: int, n: int, bias: bool
+    problem: SIMProblem,
+    solver: BaseSolver,
+    weighting: StageWeighting,
+    *,
+    stage: int,
+    n: int,
+    bias: bool,
+    initial: torch.Tensor | None = None,
 ) -> tuple[SolveResult, SIMProblem]:
     """Solve one SIM stage under ``weighting``; the result (with ``stats.extra["weighting"]``) and the
     problem whose objective the result minimises (the refit's for a target, the last round's for
@@ -134,9 +141,11 @@ def solve_stage(
     stage : 1 or 2
     n : int, the number of hidden states (A's columns in stage 1)
     bias : bool, whether the last column is the bias
+    initial : Tensor (rows, d) or None, weights to start from (a lambda path's previous point); a sparsity
+        target's bisection starts cold
     """
     if not weighting.active:
-        return solver.solve(problem), problem
+        return solver.solve(problem, initial=initial), problem
     base = robust_l1_weights(stage, problem.rows, problem.dim, n, weighting.robust_weight, bias=bias)
     if base is not None:
         problem = problem.replace(l1_weights=base)
@@ -146,10 +155,12 @@ def solve_stage(
         result, solved = fit.result, fit.problem
         record["target"] = {**weighting.target.to_dict(), **fit.summary()}
     elif weighting.reweight_rounds:
-        rw = reweighted_solve(problem, solver, rounds=weighting.reweight_rounds, eps=weighting.reweight_eps)
+        rw = reweighted_solve(
+            problem, solver, rounds=weighting.reweight_rounds, eps=weighting.reweight_eps, initial=initial
+        )
         result, solved = rw.result, problem.replace(l1_weights=rw.weights[-1])
         record["reweighting"] = {"eps": weighting.reweight_eps, **rw.summary()}
     else:
-        result, solved = solver.solve(problem), problem
+        result, solved = solver.solve(problem, initial=initial), problem
     result.stats.extra["weighting"] = record
     return result, solved

@@ -9,6 +9,11 @@ Writing your own solver: subclass :class:`BaseSolver`, set ``name`` (and ``needs
 of ``iterations``, ``converged``, ``status``, ``history``, ``extra``, and ``dual_point`` (weights whose
 residual gives a better dual bound for the certificate, e.g. ADMM's unconstrained iterate). Register it with
 :func:`register_solver` to make it available by name.
+
+Warm starts: ``solve(problem, initial=W0)`` passes starting weights (rows x d) to solvers that set
+``uses_initial = True``; their ``_solve`` then takes ``initial`` as a keyword. ADMMSolver uses it; the
+others (LeastSquareSolver, CVXSolver, ProjectedGDLowRankSolver and the Ray solvers except RayADMMSolver)
+accept and ignore it, so a caller such as :func:`idl_ray.sim.path.sim_path` can pass it to any solver.
 """
 
 from __future__ import annotations
@@ -114,6 +119,21 @@ def check_dtype(dtype: Any, owner: str) -> torch.dtype:
     return dtype
 
 
+def check_initial(initial: Any, problem: SIMProblem, owner: str) -> torch.Tensor | None:
+    """None, or ``initial`` as a finite float64 CPU tensor of shape (problem.rows, problem.dim)."""
+    if initial is None:
+        return None
+    shape = (problem.rows, problem.dim)
+    if not isinstance(initial, torch.Tensor) or tuple(initial.shape) != shape:
+        got = tuple(initial.shape) if isinstance(initial, torch.Tensor) else type(initial).__name__
+        raise bad_parameter("initial", f"{owner}.solve", f"None or a tensor of shape {shape}", got)
+    if not initial.is_floating_point() or not bool(torch.isfinite(initial).all()):
+        raise bad_parameter(
+            "initial", f"{owner}.solve", "a finite floating-point tensor", "non-finite values"
+        )
+    return initial.detach().to("cpu", torch.float64)
+
+
 class BaseSolver(abc.ABC):
     """Base class of SIM solvers.
 
@@ -128,6 +148,8 @@ class BaseSolver(abc.ABC):
         that does not raises a ConfigError naming itself and ``l1_weights`` rather than ignoring them
     constraints : frozenset of str, the kappa bounds it enforces (``SIMProblem.constraint``): "inf_norm",
         and "mu_inf" for the solvers that support it
+    uses_initial : bool, True if ``_solve`` takes ``initial`` (a warm start) as a keyword; otherwise
+        ``solve(problem, initial=...)`` checks and ignores it
     """
 
     name: ClassVar[str] = "base"
@@ -136,9 +158,18 @@ class BaseSolver(abc.ABC):
     variants: ClassVar[frozenset[str]] = frozenset({"lasso", "elastic_net", "least_squares"})
     supports_l1_weights: ClassVar[bool] = False
     constraints: ClassVar[frozenset[str]] = frozenset({"inf_norm"})
+    uses_initial: ClassVar[bool] = False
 
-    def solve(self, problem: SIMProblem) -> SolveResult:
-        """Solve ``problem``; the stats' objective and constraint numbers come from the problem."""
+    def solve(self, problem: SIMProblem, initial: torch.Tensor | None = None) -> SolveResult:
+        """Solve ``problem``; the stats' objective and constraint numbers come from the problem.
+
+        Parameters
+        ----------
+        problem : SIMProblem
+        initial : Tensor of shape (rows, d) or None
+            Weights to start from (a warm start, e.g. the previous point of a lambda path). Used only by
+            solvers with ``uses_initial`` (ADMMSolver); checked, then ignored, by the others.
+        """
         if not isinstance(problem, SIMProblem):
             raise ConfigTypeError(
                 f"{type(self).__name__}.solve expects a SIMProblem. Got {type(problem).__name__}."
@@ -166,8 +197,12 @@ class BaseSolver(abc.ABC):
                 "statistics. Build it with SIMProblem.from_samples(..., keep_samples=True) (SIM does this "
                 "automatically for solvers that need samples)."
             )
+        initial = check_initial(initial, problem, type(self).__name__)
         start = time.perf_counter()
-        W, info = self._solve(problem)
+        if self.uses_initial:
+            W, info = self._solve(problem, initial=initial)  # type: ignore[call-arg]
+        else:
+            W, info = self._solve(problem)
         elapsed = time.perf_counter() - start
         certificate = problem.duality_gap(W, info.get("dual_point"))
         stats = SolverStats(

@@ -156,6 +156,10 @@ def polish_rows(
     candidate : Tensor (rows, d), polished rows where ``ok`` and W's rows elsewhere
     ok : bool Tensor (rows,), where a sign-consistent candidate was found
     """
+    if rows is None and W.shape[0] > 1:  # every pass for all rows at once (the same algorithm)
+        from idl_ray.sim.solvers.polish_batched import polish_rows_batched
+
+        return polish_rows_batched(H, R, W, lam=lam, kappa=kappa, n_constrained=n_constrained)
     candidate = W.clone()
     ok = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     indices = range(W.shape[0]) if rows is None else rows.tolist()

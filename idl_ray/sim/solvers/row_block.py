@@ -46,7 +46,7 @@ from idl_ray.sim.solvers.admm_kernels import (
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.polish import POLISH_BELOW, polish_if_better
+from idl_ray.sim.solvers.polish import POLISH_BELOW, Polished, polish_if_better
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
@@ -116,6 +116,9 @@ class RowBlockADMM:
         aligned with R; :mod:`~idl_ray.sim.solvers.weights`)
     options : ADMMOptions
     state : ADMMState to start from (a warm start or a checkpoint); zeros by default
+    polish_first : bool, polish every row at the first check (a warm start from a nearby problem, e.g. the
+        previous point of a lambda path: its support is a good guess, and a polish on the right support
+        certifies the row without a step)
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class RowBlockADMM:
         state: ADMMState | None = None,
         condition: str = "inf_norm",
         diagonal: torch.Tensor | None = None,
+        polish_first: bool = False,
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
         # "mu_inf": the diagonal column of each row of the block (the prox and the certificate need it)
@@ -162,7 +166,10 @@ class RowBlockADMM:
         # every uncertified row is polished every _polish_period checks; the period doubles after a
         # round that certified nothing (a support far from right costs solves and gains nothing)
         self._polish_period = _POLISH_ALL_EVERY
-        self._next_periodic = _POLISH_ALL_EVERY
+        self._next_periodic = 1 if polish_first else _POLISH_ALL_EVERY
+        # the first polish of a warm start keeps only the rows it certifies, so the others run ADMM from
+        # the given start, as they would without it
+        self._first_polish_certifies_only = polish_first
 
     # ------------------------------------------------------------------ the map and its pieces
     def _settings(self) -> dict[str, Any]:
@@ -381,8 +388,12 @@ class RowBlockADMM:
         if periodic:
             self._next_periodic = self._checks + self._polish_period
         eligible = ~ok & ((relative < POLISH_BELOW) | settled | periodic)
+        first = self._first_polish_certifies_only
         newly = self._polish_rows(Z, U, active, gaps, eligible, rho) if bool(eligible.any()) else 0
-        if periodic and newly == 0:
+        if first:  # a warm start's extra polish: the other rows keep a cold start's schedule
+            self._checks, self._next_periodic = 0, _POLISH_ALL_EVERY
+            self._last_signs[active] = 2.0
+        elif periodic and newly == 0:
             self._polish_period = min(2 * self._polish_period, _POLISH_PERIOD_MAX)
         return Z, U, self._certified(gaps)
 
@@ -407,6 +418,9 @@ class RowBlockADMM:
             below=math.inf,
             **self._settings(),
         )
+        if polished is not None and self._first_polish_certifies_only:
+            polished = self._certifying_only(polished)
+        self._first_polish_certifies_only = False
         if polished is None:
             return 0
         take = polished.positions
@@ -419,6 +433,24 @@ class RowBlockADMM:
         newly = int(self._certified(gaps)[take].sum())
         self.polished_rows += newly
         return newly
+
+    def _certifying_only(self, polished: Polished) -> Polished | None:
+        """The polished rows that meet gap_tol (None if none does)."""
+        assert self.gaps is not None
+        keep = polished.gaps.certified(self.options.gap_tol, mean_primal=float(self.gaps.primal.abs().mean()))
+        if not bool(keep.any()):
+            return None
+        gaps = polished.gaps
+        return Polished(
+            positions=polished.positions[keep],
+            weights=polished.weights[keep],
+            gaps=dataclasses.replace(
+                gaps,
+                primal=gaps.primal[keep],
+                dual=gaps.dual[keep],
+                baseline=None if gaps.baseline is None else gaps.baseline[keep],
+            ),
+        )
 
     def _adapted_rho(self, x: torch.Tensor, gx: torch.Tensor, rho: float, d: int) -> float:
         """OSQP's rule on the last step: rho * sqrt(normalised primal / normalised dual residual).
@@ -451,6 +483,7 @@ def admm_solve(
     progress: str | None = None,
     condition: str = "inf_norm",
     diagonal: torch.Tensor | None = None,
+    polish_first: bool = False,
 ) -> tuple[torch.Tensor, ADMMStats]:
     """Solve the Gram-form problem for all rows of W at once, certified by the duality gap.
 
@@ -473,6 +506,7 @@ def admm_solve(
         :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`; no polishing)
     diagonal : Tensor of int64 (rows,), the diagonal column of each row under "mu_inf" (default: row i
         at column i)
+    polish_first : polish every row at the first check (see :class:`RowBlockADMM`; for warm starts)
 
     Returns
     -------
@@ -519,6 +553,7 @@ def admm_solve(
         state=state,
         condition=condition,
         diagonal=diagonal,
+        polish_first=polish_first,
     )
     report = block.run(options.max_iter - block.state.iteration, progress=progress)
     stats = ADMMStats(

@@ -1,0 +1,189 @@
+"""The active-set polish of :mod:`~idl_ray.sim.solvers.polish`, for many rows at once.
+
+The same algorithm as ``polish._polish_row`` (solve the KKT system on the support, drop entries whose sign
+flips, switch the kappa bound on or off, add the largest violations off the support, at most ``_MAX_ADDED``
+per pass and ``_MAX_PASSES`` passes), with every pass run on all pending rows together: the supports are
+gathered into a padded batch (rows x k_max, padding entries decoupled by an identity block), so each pass
+is one batched LU of (k_max + 1)^2 systems instead of one small factorisation per row in a Python loop.
+A lambda path polishes every row at every point, so this is where its time goes.
+
+Rows end as in the per-row version: an optimum (``ok``), or no answer (a non-finite solve, an empty bound
+row, the passes run out), where the caller keeps its own iterate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from idl_ray.sim.solvers.polish import _MAX_ADDED, _MAX_PASSES
+
+__all__ = ["polish_rows_batched"]
+
+
+def polish_rows_batched(
+    H: torch.Tensor,
+    R: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    lam: float | torch.Tensor,
+    kappa: float | None,
+    n_constrained: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Polish every row of W on its support (see :func:`~idl_ray.sim.solvers.polish.polish_rows`).
+
+    Parameters
+    ----------
+    H : Tensor (d, d); R : Tensor (n, d); W : Tensor (n, d), the supports and signs to start from
+    lam : float >= 0, or per-entry thresholds (n, d) in [0, inf] (an infinite one holds its entry at 0)
+    kappa : float or None; n_constrained : int, the columns under the kappa bound
+
+    Returns
+    -------
+    candidate : Tensor (n, d), polished rows where ``ok`` and W's rows elsewhere
+    ok : bool Tensor (n,)
+    """
+    n, d = W.shape
+    device, dtype = W.device, W.dtype
+    constrained = kappa is not None and n_constrained > 0
+    nc = n_constrained if constrained else 0
+    is_constrained = torch.arange(d, device=device) < nc
+    T = (
+        lam.to(device=device, dtype=dtype).expand(n, d)
+        if isinstance(lam, torch.Tensor)
+        else torch.full((n, d), float(lam), dtype=dtype, device=device)
+    )
+    held = torch.isinf(T)
+    support = (W != 0) & ~held
+    sigma = torch.sign(W)
+    active = (
+        (W[:, :nc].abs().sum(dim=1) >= float(kappa) * (1 - 1e-9))
+        if constrained
+        else W.new_zeros(n, dtype=torch.bool)
+    )
+    tiny = torch.finfo(dtype).tiny
+    finite_max = torch.where(held, torch.zeros_like(T), T).amax(dim=1)
+    tolerance = 1e-9 * torch.maximum(R.abs().amax(dim=1), finite_max).clamp_min(tiny)
+    candidate = W.clone()
+    ok = torch.zeros(n, dtype=torch.bool, device=device)
+    pending = torch.ones(n, dtype=torch.bool, device=device)
+    for _ in range(_MAX_PASSES):
+        rows = torch.nonzero(pending).flatten()
+        if rows.numel() == 0:
+            break
+        S, sig_all, act = support[rows], sigma[rows], active[rows]
+        k = S.sum(dim=1)
+        kmax = int(k.max())
+        # the support's columns first (in increasing order, as torch.nonzero gives them), then the others
+        order = torch.argsort((~S).to(torch.int8), dim=1, stable=True)[:, :kmax]
+        valid = torch.arange(kmax, device=device)[None, :] < k[:, None]
+        sig = sig_all.gather(1, order) * valid
+        a = torch.where(order < nc, sig, torch.zeros_like(sig)) if constrained else None
+        bordered = act & (k > 0)
+        if constrained:
+            empty_bound = bordered & ~(a != 0).any(dim=1)
+            if bool(empty_bound.any()):
+                pending[rows[empty_bound]] = False
+        w_S, nu = _solve_on_supports(H, R[rows], T[rows], order, valid, sig, a, bordered, kappa)
+        finite = torch.isfinite(w_S).all(dim=1) & torch.isfinite(nu)
+        go_on = pending[rows] & finite
+        pending[rows[~finite]] = False
+        # entries whose sign flips leave the support
+        flips = (torch.sign(w_S) != sig) & valid & go_on[:, None]
+        flipped = flips.any(dim=1)
+        if bool(flipped.any()):
+            r_idx, c_idx = torch.nonzero(flips, as_tuple=True)
+            columns = order[r_idx, c_idx]
+            support[rows[r_idx], columns] = False
+            sigma[rows[r_idx], columns] = 0
+        go_on = go_on & ~flipped
+        # a bound with a negative multiplier is inactive
+        released = go_on & bordered & (nu < 0)
+        active[rows[released]] = False
+        go_on = go_on & ~released
+        nu = torch.where(bordered, nu, torch.zeros_like(nu))
+        cand = torch.zeros(rows.numel(), d, dtype=dtype, device=device)
+        cand.scatter_(1, order, torch.where(valid, w_S, torch.zeros_like(w_S)))
+        if constrained:
+            over = go_on & ~act & (cand[:, :nc].abs().sum(dim=1) > float(kappa))
+            active[rows[over]] = True
+            go_on = go_on & ~over
+        if not bool(go_on.any()):
+            continue
+        keep = torch.nonzero(go_on).flatten()
+        here, cand_k, nu_k = rows[keep], cand[keep], nu[keep].clamp_min(0.0)
+        v = R[here] - cand_k @ H
+        bound = T[here] + torch.where(is_constrained[None, :], nu_k[:, None], torch.zeros_like(v))
+        violation = torch.where(support[here], torch.zeros_like(v), v.abs() - bound)
+        violating = violation > tolerance[here][:, None]
+        done = ~violating.any(dim=1)
+        if bool(done.any()):
+            finished = here[done]
+            feasible = torch.ones_like(done[done])
+            if constrained:
+                feasible = cand_k[done][:, :nc].abs().sum(dim=1) <= float(kappa) * (1 + 1e-12)
+            candidate[finished[feasible]] = cand_k[done][feasible]
+            ok[finished[feasible]] = True
+            pending[finished] = False
+        grow = ~done
+        if bool(grow.any()):
+            scores = torch.where(
+                violating[grow], violation[grow], torch.full_like(violation[grow], -torch.inf)
+            )
+            top = torch.topk(scores, min(_MAX_ADDED, d), dim=1)
+            take = torch.isfinite(top.values)
+            r_idx = torch.nonzero(take, as_tuple=True)[0]
+            columns = top.indices[take]
+            target = here[grow][r_idx]
+            support[target, columns] = True
+            sigma[target, columns] = torch.sign(v[grow][r_idx, columns])
+    return candidate, ok
+
+
+def _solve_on_supports(
+    H: torch.Tensor,
+    R: torch.Tensor,
+    T: torch.Tensor,
+    order: torch.Tensor,
+    valid: torch.Tensor,
+    sig: torch.Tensor,
+    a: torch.Tensor | None,
+    bordered: torch.Tensor,
+    kappa: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_S (rows x k_max, 0 on padding), nu (rows,)) from the padded KKT systems, as ``_solve_on_support``:
+    a relative ridge of 1e-12 and two steps of iterative refinement against the unregularised system."""
+    r, kmax = order.shape
+    dtype, device = H.dtype, H.device
+    if kmax == 0:
+        return H.new_zeros(r, 0), H.new_zeros(r)
+    size = kmax + (1 if a is not None else 0)
+    pair = valid[:, :, None] & valid[:, None, :]
+    K = torch.zeros(r, size, size, dtype=dtype, device=device)
+    K[:, :kmax, :kmax] = torch.where(
+        pair, H[order[:, :, None], order[:, None, :]], torch.zeros((), dtype=dtype)
+    )
+    eye = torch.eye(kmax, dtype=dtype, device=device).expand(r, kmax, kmax)
+    K[:, :kmax, :kmax] += torch.where(valid[:, :, None] & eye.bool(), 0.0, eye)  # padding: identity
+    rhs = torch.zeros(r, size, dtype=dtype, device=device)
+    # padding picks an entry that may hold an infinite threshold: where() drops its inf * 0
+    rhs[:, :kmax] = torch.where(valid, R.gather(1, order) - T.gather(1, order) * sig, torch.zeros_like(sig))
+    diag = torch.where(valid, torch.diagonal(K[:, :kmax, :kmax], dim1=1, dim2=2).abs(), torch.zeros_like(sig))
+    ridge = 1e-12 * diag.amax(dim=1).clamp_min(torch.finfo(dtype).tiny)
+    K_reg = K + ridge[:, None, None] * torch.eye(size, dtype=dtype, device=device)
+    if a is not None:
+        border = torch.where(bordered[:, None], a, torch.zeros_like(a))
+        K[:, :kmax, kmax] = border
+        K[:, kmax, :kmax] = border
+        K_reg[:, :kmax, kmax] = border
+        K_reg[:, kmax, :kmax] = border
+        # an unbordered row gets nu = 0 from a decoupled 1 * nu = 0
+        K[:, kmax, kmax] = torch.where(bordered, torch.zeros_like(ridge), torch.ones_like(ridge))
+        K_reg[:, kmax, kmax] = torch.where(bordered, -ridge, 1.0 + ridge)
+        rhs[:, kmax] = torch.where(bordered, torch.full_like(ridge, float(kappa)), torch.zeros_like(ridge))
+    lu, pivots = torch.linalg.lu_factor(K_reg)
+    x = torch.linalg.lu_solve(lu, pivots, rhs[:, :, None])[:, :, 0]
+    for _ in range(2):
+        residual = rhs - (K @ x[:, :, None])[:, :, 0]
+        x = x + torch.linalg.lu_solve(lu, pivots, residual[:, :, None])[:, :, 0]
+    nu = x[:, kmax] if a is not None else x.new_zeros(r)
+    return x[:, :kmax], nu
