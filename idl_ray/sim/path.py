@@ -43,6 +43,7 @@ import torch
 from idl_ray._validation import bad_parameter, check_positive_float, check_positive_int
 from idl_ray.errors import ConfigError, WellPosednessError
 from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.weighting import robust_l1_weights
 
 if TYPE_CHECKING:
     from idl_ray.sim.estimator import SIM
@@ -322,6 +323,11 @@ def sim_path(
             "SIM.fit_path records the states in this process; a ray.data.Dataset is not supported here. "
             "Pass tensors or a DataLoader, or run SIM.fit per lam."
         )
+    if cfg["weighting"].target is not None:
+        raise ConfigError(
+            "SIM.fit_path sweeps lam, but SIM(target=...) replaces lam by a sparsity target. Fit the target "
+            "with SIM.fit, or drop target for the path."
+        )
     if sim.regenerate_states:
         raise ConfigError(
             "SIM.fit_path does not support regenerate_states=True (stage 2's statistics would change at "
@@ -336,9 +342,23 @@ def sim_path(
     keep_samples = solver_obj.needs_samples
     recorded = sim._record(teacher, data, cfg, keep_samples)
     n = recorded.structure.num_hidden
-    stages = [
-        SIMProblem(stats=recorded.stats.row_block(slice(0, n)), n_constrained=n, lam=0.0, kappa=cfg["kappa"]),
-        SIMProblem(stats=recorded.stats.row_block(slice(n, None)), n_constrained=0, lam=0.0),
+    stats1, stats2 = recorded.stats.row_block(slice(0, n)), recorded.stats.row_block(slice(n, None))
+    robust = cfg["weighting"].robust_weight
+    bias = recorded.structure.bias
+    stages = [  # with robust_weight, lam_max divides by the weights the fits use
+        SIMProblem(
+            stats=stats1,
+            n_constrained=n,
+            lam=0.0,
+            kappa=cfg["kappa"],
+            l1_weights=robust_l1_weights(1, stats1.rows, stats1.dim, n, robust, bias=bias),
+        ),
+        SIMProblem(
+            stats=stats2,
+            n_constrained=0,
+            lam=0.0,
+            l1_weights=robust_l1_weights(2, stats2.rows, stats2.dim, n, robust, bias=bias),
+        ),
     ]
     top = max(lam_max(problem) for problem in stages)
     if lams is None:
@@ -422,17 +442,10 @@ def _check_eps(attack_eps: Any) -> list[float]:
     return [check_positive_float(eps, "attack_eps", _OWNER) for eps in values]
 
 
-def _attacked(model: Any, x: torch.Tensor, y: torch.Tensor, eps: float) -> float | None:
+def _attacked(model: Any, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
     """``idl_ray.robustness.attack_accuracy(model, x, y, eps)`` when the attacks module is installed."""
-    try:
-        from idl_ray.robustness import attack_accuracy  # type: ignore[attr-defined]
-    except ImportError:
-        warnings.warn(
-            "attack_eps was given but idl_ray.robustness.attack_accuracy is not available; the "
-            "attacked_accuracy columns are left empty.",
-            stacklevel=3,
-        )
-        return None
+    from idl_ray.robustness import attack_accuracy
+
     return float(attack_accuracy(model, x, y, eps))
 
 

@@ -95,6 +95,24 @@ def test_lam_max_is_the_smallest_lam_that_zeroes_both_stages(tanh_path, tanh_tea
     assert top == pytest.approx(expected, rel=1e-12)
 
 
+def test_lam_max_with_robust_weights_zeroes_both_stages(tanh_teacher, inputs):
+    """robust_weight = 1 doubles every weight but the bias column's: lam_max is then set by the entries
+    |Rt/m| / w, and lam_max itself zeroes everything while a slightly smaller lam does not."""
+    sim = tanh_sim().set_params(robust_weight=1.0)
+    path = sim.fit_path(
+        tanh_teacher, inputs, lams=None, n_lams=2, solver=ADMMSolver(device="cpu", warn=False, **TIGHT)
+    )
+    top = path.lam_max
+    assert path.rows[0]["lam"] == pytest.approx(top) and path.rows[0]["nnz"] == 0
+    problems = path.models[0].problems_
+    expected = max(float(((p.Rt / p.num_samples).abs() / p.l1_weights).max()) for p in problems.values())
+    assert top == pytest.approx(expected, rel=1e-12)
+    below = sim.fit_path(
+        tanh_teacher, inputs, lams=[0.999 * top], solver=ADMMSolver(device="cpu", warn=False, **TIGHT)
+    )
+    assert below.rows[0]["nnz"] > 0
+
+
 def test_lam_max_leaves_out_columns_fixed_by_kappa_zero():
     Phi = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     T = Phi @ torch.tensor([[5.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, -0.25]], dtype=torch.float64).T
@@ -218,3 +236,5 @@ def test_bad_arguments(tanh_teacher, inputs):
         tanh_sim().fit_path(tanh_teacher, inputs, test_data=inputs)
     with pytest.raises(ConfigError, match="regenerate_states"):
         tanh_sim().set_params(regenerate_states=True).fit_path(tanh_teacher, inputs)
+    with pytest.raises(ConfigError, match="target"):
+        tanh_sim().set_params(target={"fraction_removed": 0.5}).fit_path(tanh_teacher, inputs)
