@@ -27,6 +27,7 @@ from bench_sim import digits_data, train_teacher
 
 from idl_ray.robustness import attack_accuracy, lipschitz_bound
 from idl_ray.sim import SIM
+from idl_ray.sim.solvers import ADMMSolver
 
 
 def floats(text: str) -> list[float]:
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lam", type=float, default=None, help="SIM's l1 weight (default: SIM's default)")
     parser.add_argument("--epochs", type=int, default=40, help="teacher training epochs")
     parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--max-iter", type=int, default=None, help="cap the ADMM solves (default: its own)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in settings:
         params = {"kappa": args.kappa, **({} if args.lam is None else {"lam": args.lam}), **extra}
         start = time.perf_counter()
-        sim = SIM(**params).fit(teacher, X_train)
+        solver = None if args.max_iter is None else ADMMSolver(max_iter=args.max_iter, warn=False)
+        sim = SIM(**params).fit(teacher, X_train, solver=solver)
         fit_s = time.perf_counter() - start
         structure = structure or sim.structure_
         row = {

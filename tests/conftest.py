@@ -19,3 +19,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed() -> None:
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Small problems run fastest (and steadiest on a shared machine) on one intra-op thread; folders of
+    small-problem tests make this autouse in their conftest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

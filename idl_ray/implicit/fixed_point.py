@@ -950,25 +950,40 @@ def solve_fixed_point(
     (True, True)
     """
     owner = "solve_fixed_point"
-    opts = FixedPointOptions.coerce(options)
     act = activation if isinstance(activation, Activation) else resolve_activation(activation, owner=owner)
+    # f(0) = phi(BU) is the first iterate, without the product with A
+    return run_forward(owner, A, BU, options, x0, lambda A_: (RowMap(A_.t(), BU.detach(), act.fn), act.fn))
+
+
+def run_forward(
+    owner: str,
+    A: torch.Tensor,
+    BU: torch.Tensor,
+    options: FixedPointOptions | dict[str, Any] | None,
+    x0: torch.Tensor | None,
+    build: Callable[[torch.Tensor], tuple[RowMap, Callable[[torch.Tensor], torch.Tensor]]],
+    label: str = "",
+) -> tuple[torch.Tensor, FixedPointStats]:
+    """The checks and the run every forward solve shares: ``build(A) -> (map, first)`` gives the row map
+    to iterate and the function whose value at BU is the first iterate (a splitting of A, as under
+    mu_inf, builds another map); ``label`` names the iteration in the warning."""
+    opts = FixedPointOptions.coerce(options)
     n = _check_square(A, owner)
     if BU.dim() != 2 or BU.shape[1] != n:
         raise ShapeError(f"The 'BU' argument of {owner} must have shape (batch, {n}). Got {tuple(BU.shape)}.")
     if x0 is not None:
         _check_rows(x0, "x0", tuple(BU.shape), owner)
     with torch.no_grad():
+        fmap, first = build(A.detach())
         if x0 is None:
-            # f(0) = phi(BU), the first iterate, without the product with A; on a copy, since a user's
-            # phi may work in place and BU must stay intact
-            x0 = act.fn(BU.detach().clone())
-        fmap = RowMap(A.detach().t(), BU.detach(), act.fn)
+            # on a copy, since a user's phi may work in place and BU must stay intact
+            x0 = first(BU.detach().clone())
         X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
         # after the solve, once (the iterations stay free of it): with an overflowing test the "converged"
         # above may be false, and it is refused here
         _check_magnitude(X, opts, "the state X", owner)
     if opts.warn and not stats.all_converged:
-        _warn(stats, "The fixed-point solve X = phi(X A^T + BU)", stacklevel=3)
+        _warn(stats, f"The fixed-point solve X = phi(X A^T + BU){label}", stacklevel=4)
     return X, stats
 
 
@@ -998,18 +1013,34 @@ def solve_adjoint(
     stats : FixedPointStats
     """
     owner = "solve_adjoint"
+    return run_adjoint(owner, A, J, G, options, v0, lambda A_, J_: (RowMap(A_, G.detach(), None, J_), J_))
+
+
+def run_adjoint(
+    owner: str,
+    A: torch.Tensor,
+    J: torch.Tensor,
+    G: torch.Tensor,
+    options: FixedPointOptions | dict[str, Any] | None,
+    v0: torch.Tensor | None,
+    build: Callable[[torch.Tensor, torch.Tensor], tuple[RowMap, torch.Tensor]],
+    label: str = "",
+) -> tuple[torch.Tensor, FixedPointStats]:
+    """The checks and the run every adjoint solve shares: ``build(A, J) -> (map, S)`` gives the row map
+    ``V -> S * (V M + G)`` and the scaling S whose ``S * G`` is the default start; ``label`` names the
+    iteration in the warning."""
     opts = FixedPointOptions.coerce(options)
     n = _check_square(A, owner)
     if G.dim() != 2 or G.shape[1] != n:
         raise ShapeError(f"The 'G' argument of {owner} must have shape (batch, {n}). Got {tuple(G.shape)}.")
     _check_rows(J, "J", tuple(G.shape), owner)
     with torch.no_grad():
+        fmap, S = build(A.detach(), J.detach())
         if v0 is None:
-            v0 = J * G
+            v0 = S * G
         else:
             _check_rows(v0, "v0", tuple(G.shape), owner)
-        fmap = RowMap(A.detach(), G.detach(), None, J.detach())
         V, stats = FIXED_POINT_METHODS[opts.method](fmap, v0, opts)
     if opts.warn and not stats.all_converged:
-        _warn(stats, "The adjoint (backward) solve V = J * (V A + G)", stacklevel=3)
+        _warn(stats, f"The adjoint (backward) solve V = J * (V A + G){label}", stacklevel=4)
     return V, stats

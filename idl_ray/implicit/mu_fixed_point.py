@@ -46,17 +46,15 @@ from typing import Any
 
 import torch
 
-from idl_ray.errors import ShapeError, WellPosednessError
+from idl_ray.errors import WellPosednessError
 from idl_ray.implicit.activations import Activation, resolve_activation
 from idl_ray.implicit.fixed_point import (
-    FIXED_POINT_METHODS,
     FixedPointOptions,
     FixedPointStats,
     RowMap,
-    _check_magnitude,
-    _check_rows,
     _check_square,
-    _warn,
+    run_adjoint,
+    run_forward,
 )
 
 __all__ = ["diagonal_solver", "jacobi_rate", "solve_adjoint_mu", "solve_fixed_point_mu"]
@@ -171,24 +169,14 @@ def solve_fixed_point_mu(
     (True, True)
     """
     owner = "solve_fixed_point_mu"
-    opts = FixedPointOptions.coerce(options)
     act = activation if isinstance(activation, Activation) else resolve_activation(activation, owner=owner)
-    n = _check_square(A, owner)
-    if BU.dim() != 2 or BU.shape[1] != n:
-        raise ShapeError(f"The 'BU' argument of {owner} must have shape (batch, {n}). Got {tuple(BU.shape)}.")
-    if x0 is not None:
-        _check_rows(x0, "x0", tuple(BU.shape), owner)
-    with torch.no_grad():
-        diag, off = _split(A.detach(), owner)
+
+    def build(A_: torch.Tensor):
+        diag, off = _split(A_, owner)
         psi = diagonal_solver(act, diag)
-        if x0 is None:
-            x0 = psi(BU.detach().clone())  # the first iterate from zero
-        fmap = RowMap(off.t(), BU.detach(), psi)
-        X, stats = FIXED_POINT_METHODS[opts.method](fmap, x0.detach().to(BU.dtype), opts)
-        _check_magnitude(X, opts, "the state X", owner)
-    if opts.warn and not stats.all_converged:
-        _warn(stats, "The fixed-point solve X = phi(X A^T + BU) (diagonal-implicit, mu_inf)", stacklevel=3)
-    return X, stats
+        return RowMap(off.t(), BU.detach(), psi), psi
+
+    return run_forward(owner, A, BU, options, x0, build, label=" (diagonal-implicit, mu_inf)")
 
 
 def solve_adjoint_mu(
@@ -214,23 +202,10 @@ def solve_adjoint_mu(
     stats : FixedPointStats
     """
     owner = "solve_adjoint_mu"
-    opts = FixedPointOptions.coerce(options)
-    n = _check_square(A, owner)
-    if G.dim() != 2 or G.shape[1] != n:
-        raise ShapeError(f"The 'G' argument of {owner} must have shape (batch, {n}). Got {tuple(G.shape)}.")
-    _check_rows(J, "J", tuple(G.shape), owner)
-    with torch.no_grad():
-        diag, off = _split(A.detach(), owner)
-        J = J.detach()
-        S = J / (1.0 - J * diag)
-        if v0 is None:
-            v0 = S * G
-        else:
-            _check_rows(v0, "v0", tuple(G.shape), owner)
-        fmap = RowMap(off, G.detach(), None, S)
-        V, stats = FIXED_POINT_METHODS[opts.method](fmap, v0, opts)
-    if opts.warn and not stats.all_converged:
-        _warn(
-            stats, "The adjoint (backward) solve V = J * (V A + G) (diagonal-implicit, mu_inf)", stacklevel=3
-        )
-    return V, stats
+
+    def build(A_: torch.Tensor, J_: torch.Tensor):
+        diag, off = _split(A_, owner)
+        S = J_ / (1.0 - J_ * diag)
+        return RowMap(off, G.detach(), None, S), S
+
+    return run_adjoint(owner, A, J, G, options, v0, build, label=" (diagonal-implicit, mu_inf)")
