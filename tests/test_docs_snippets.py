@@ -3,6 +3,7 @@ give the same numbers every run."""
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
 import re
@@ -79,6 +80,21 @@ def test_readme_sim_snippet_is_standalone_and_reproducible() -> None:
     first, second = run_snippet(teacher_part), run_snippet(teacher_part)
     assert finish(first) == finish(second)
     assert float(finish(full).split()[0]) > 0.9
+
+
+@pytest.mark.slow
+def test_readme_sparsity_snippet_runs_and_is_sparse_and_more_robust() -> None:
+    out = finish(run_snippet(python_blocks(ROOT / "README.md")["Sparsity and robustness"])).splitlines()
+    accuracy, nonzeros = out[0].split(" ", 1)
+    assert float(accuracy) > 0.9
+    counts = ast.literal_eval(nonzeros)  # {'A': ..., 'B': ..., 'C': ..., 'D': ...}
+    assert (
+        counts["A"] + counts["B"] < 64 * 65 + 32 * 64
+    )  # sparser than the teacher's own W1 (with biases), W2
+    robust_bound, sparse_bound = (float(v) for v in out[1].split())
+    assert robust_bound < sparse_bound  # the robustness weights lower the certified bound
+    attacked = ast.literal_eval(out[2])
+    assert len(attacked) == 2 and attacked[0] >= attacked[1] > 0.5
 
 
 @pytest.mark.slow
