@@ -53,6 +53,9 @@ def _check_run_dir(folder: pathlib.Path, solver: str) -> dict:
     assert report["sim_accuracy"] >= report["teacher_accuracy"] - 0.05
     for name in ("config.yaml", "report.md", "model/sim.json", "model/weights.safetensors", "teacher.pt"):
         assert (folder / name).is_file(), name
+    if solver == "ray-admm":  # one set of actors serves both stages (started once, closed by the job)
+        pids = [report["certificate"][stage]["pids"] for stage in ("stage1", "stage2")]
+        assert pids[0] == pids[1] and len(pids[0]) == report["config"]["workers"], pids
     return report
 
 

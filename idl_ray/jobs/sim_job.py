@@ -202,16 +202,18 @@ def make_solver(config: SimJobConfig):
     if config.cpus_per_worker is not None:
         run["cpus_per_worker"] = config.cpus_per_worker
     if config.solver == "ray-admm":  # a tqdm bar per stage with the certificate, unless --quiet
-        return distributed.RayADMMSolver(  # a path keeps its actors (and their factored Gram) for all points
+        # the actors (and their factored Grams) serve both stages and every point of a path: one start-up
+        # per job (the job closes them); they start after extraction, whose Ray Data actors need the CPUs
+        return distributed.RayADMMSolver(
             strategy=config.strategy or "gram",
             use_gpu=config.use_gpu,
             progress=not config.quiet,
-            keep_workers=config.path,
+            keep_workers=True,
             **run,
         )
     if config.solver == "ray-cvx":
         return distributed.RayCVXSolver(**run)
-    return distributed.RayProjectedGDSolver(use_gpu=config.use_gpu, **run)
+    return distributed.RayProjectedGDSolver(use_gpu=config.use_gpu, keep_workers=True, **run)
 
 
 def prepare_teacher(config: SimJobConfig, data, *, log=print) -> tuple[Any, dict[str, Any]]:
@@ -261,6 +263,9 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
             _check_cluster(solver)
         return _run(config, solver, folder, log)
     finally:
+        close = getattr(solver, "close", None)
+        if close is not None:  # kept actors end with the job
+            close()
         if started_ray:
             import ray
 
@@ -396,7 +401,13 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
 
 def _certificate(stats) -> dict[str, Any]:
     """What the solver certifies for one stage: status, the stopping test, the bound."""
-    extra = {k: v for k, v in stats.extra.items() if isinstance(v, (int, float, bool, str)) or v is None}
+
+    def plain(v: Any) -> bool:  # scalars, and lists of them (a Ray solver's worker pids and devices)
+        if isinstance(v, list):
+            return all(plain(x) for x in v)
+        return isinstance(v, (int, float, bool, str)) or v is None
+
+    extra = {k: v for k, v in stats.extra.items() if plain(v)}
     return {
         "solver": stats.solver,
         "status": stats.status,
