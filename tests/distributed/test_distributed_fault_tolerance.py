@@ -141,11 +141,14 @@ def test_sharded_shard_is_reloaded_by_the_recreated_actor(problem, reference):
 
 
 def test_without_restart_budget_the_failure_is_reported(problem):
+    # rounds of 10 steps (chunk = max(checkpoint_every, 10 check_every)): the problem needs ~24, so the kill
+    # after the first round is met by the next round's call, never raced by the final gather
     solver = RayADMMSolver(
         num_workers=2,
         use_gpu=False,
         cpus_per_worker=0.2,
         max_restarts=0,
+        checkpoint_every=5,
         callback=KillOnce(at=10),
         timeout_s=TIMEOUT_S,
         **TOL,
