@@ -194,16 +194,10 @@ def duality_gap_from_product(
     tiny = torch.finfo(W.dtype).tiny
     # with lam > 0 the dual point is rescaled exactly; lam = 0 needs v_B = 0, accepted up to rounding
     zero_tol = feasibility_tol * float(R.abs().max().clamp_min(torch.finfo(R.dtype).tiny))
+    t = _entry_thresholds(lam, V)
     if nc > 0 and condition == "mu_inf":
-        dual = _mu_dual(V, residual_sq, c, rw, lam, float(kappa), nc, diagonal, zero_tol)
-        return DualityGap(
-            primal=primal.to(torch.float64),
-            dual=dual.clamp_min(0).to(torch.float64),
-            baseline=(0.5 * c).to(torch.float64),
-            rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
-        )
-    if isinstance(lam, torch.Tensor):
-        t = lam.to(device=W.device, dtype=W.dtype)
+        dual = _mu_dual(V, residual_sq, c, rw, t, float(kappa), nc, diagonal, zero_tol)
+    else:
         if nc < W.shape[1]:
             t_free, v_free = t[:, nc:], V[:, nc:].abs()
             limit = torch.where(t_free > 0, t_free, torch.full_like(t_free, zero_tol))
@@ -215,16 +209,6 @@ def duality_gap_from_product(
         if nc > 0:
             excess = (s[:, None] * V[:, :nc].abs() - t[:, :nc]).clamp_min(0)  # inf t: -inf -> 0
             dual = dual - float(kappa) * excess.amax(dim=1)
-    else:
-        limit = lam if lam > 0 else zero_tol
-        if nc < W.shape[1]:
-            v_free = V[:, nc:].abs().amax(dim=1)
-            s = torch.where(v_free > limit, lam / v_free.clamp_min(tiny), 1.0)
-        else:
-            s = torch.ones_like(primal)
-        dual = -0.5 * s * s * residual_sq + s * (c - rw)
-        if nc > 0:
-            dual = dual - float(kappa) * (s * V[:, :nc].abs().amax(dim=1) - lam).clamp_min(0)
     dual = dual.clamp_min(0)  # P >= 0 always (squares and norms): 0 is a valid lower bound too
     return DualityGap(
         primal=primal.to(torch.float64),
@@ -234,27 +218,29 @@ def duality_gap_from_product(
     )
 
 
+def _entry_thresholds(lam: Threshold, V: torch.Tensor) -> torch.Tensor:
+    """Per-entry thresholds shaped like V (rows x d): a float lam is the same threshold everywhere."""
+    if isinstance(lam, torch.Tensor):
+        return lam.to(device=V.device, dtype=V.dtype).expand_as(V)
+    return torch.full_like(V, float(lam))
+
+
 def _mu_dual(
     V: torch.Tensor,
     residual_sq: torch.Tensor,
     c: torch.Tensor,
     rw: torch.Tensor,
-    lam: Threshold,
+    t: torch.Tensor,
     kappa: float,
     nc: int,
     diagonal: torch.Tensor | None,
     zero_tol: float,
 ) -> torch.Tensor:
     """D(s e) for the mu_inf constraint: s from the conditions ``s a <= b`` of the module docstring, with
-    per-entry thresholds t (a float lam is t = lam everywhere): ``-v_d <= t_d``, ``|v_j| - v_d <= t_j + t_d``
+    per-entry thresholds t (rows x d): ``-v_d <= t_d``, ``|v_j| - v_d <= t_j + t_d``
     on the other constrained columns, ``|v_j| <= t_j`` on the free ones (a zero ``b`` accepts a violation up
     to ``zero_tol``; an infinite t, an entry held at 0, constrains nothing)."""
     rows = V.shape[0]
-    t = (
-        lam.to(device=V.device, dtype=V.dtype).expand_as(V)
-        if isinstance(lam, torch.Tensor)
-        else torch.full_like(V, float(lam))
-    )
     cols = (torch.arange(rows, device=V.device) if diagonal is None else diagonal.to(V.device)).reshape(
         rows, 1
     )
