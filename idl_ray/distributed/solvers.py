@@ -31,7 +31,7 @@ from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning
 from idl_ray.sim.problem import GramStats, SIMProblem
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
-from idl_ray.sim.solvers.scaling import BlockScaling
+from idl_ray.sim.solvers.scaling import ScaledStage
 
 STRATEGIES = ("gram", "consensus")
 
@@ -351,34 +351,28 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
         under ``gram_key``), rows sharded, ADMM on each block from ``initial`` (zeros by default)."""
         lam, kappa, n_constrained = self._penalties(problem)
         H, R = problem.scaled(dtype=torch.float64)
-        scaling = BlockScaling.for_stage(H, n_constrained) if self.options.equilibrate else None
-        thresholds: float | torch.Tensor = lam
-        if scaling is not None:  # the workers solve the block-equilibrated problem (as ADMMSolver does)
-            H, R = scaling.gram(H), scaling.targets(R)
-            thresholds, kappa = scaling.thresholds(lam, R.shape[0]), scaling.radius(kappa)
-            if initial is not None:
-                initial = scaling.to_scaled(initial.to(torch.float64))
-            if gram_key is not None:  # the equilibrated H is another matrix: its own name on the workers
-                gram_key = f"{gram_key}:equilibrated-{n_constrained}"
+        # the workers solve the block-equilibrated problem of a bounded stage, as ADMMSolver does
+        scaled = ScaledStage.of(
+            H, R, lam, kappa, n_constrained, equilibrate=self.options.equilibrate, initial=initial
+        )
+        if gram_key is not None and scaled.scaling is not None:  # another matrix: its own name on the workers
+            gram_key = f"{gram_key}:equilibrated-{n_constrained}"
         W, info = run_gram(
             pool,
-            H,
-            R,
+            scaled.H,
+            scaled.R,
             problem.target_sq / problem.num_samples,
-            lam=thresholds,
-            kappa=kappa,
+            lam=scaled.lam,
+            kappa=scaled.kappa,
             n_constrained=n_constrained,
             options=self.options,
             checkpointer=self._checkpointer(),
             reporter=self._reporter(),
             timings=timings,
-            initial=initial,
+            initial=scaled.initial,
             gram_key=gram_key,
         )
-        if scaling is not None:
-            W = scaling.from_scaled(W)
-            W = problem.project_onto_bound(W)
-        return W, info
+        return scaled.weights(W, problem), info
 
     # ------------------------------------------------------------------ ShardedProblem
     def _solve_sharded(self, sharded: ShardedProblem) -> SolveResult:

@@ -20,7 +20,7 @@ from idl_ray.sim.solvers.admm_kernels import (
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.row_block import admm_solve
-from idl_ray.sim.solvers.scaling import BlockScaling
+from idl_ray.sim.solvers.scaling import ScaledStage
 
 __all__ = ["ADMMSolver"]
 
@@ -180,17 +180,16 @@ class ADMMSolver(BaseSolver):
         if isinstance(lam, torch.Tensor):
             lam = lam.to(device=self.device, dtype=self.dtype)
         nc = problem.n_constrained if problem.kappa is not None else 0
-        scaling = BlockScaling.for_stage(H, nc) if self.options.equilibrate else None
-        kappa = problem.kappa
-        thresholds: float | torch.Tensor = lam
-        if scaling is not None:  # the same problem in equilibrated columns; mapped back below
-            H, R = scaling.gram(H), scaling.targets(R)
-            thresholds, kappa = scaling.thresholds(lam, problem.rows), scaling.radius(problem.kappa)
-            if initial is not None:
-                initial = scaling.to_scaled(initial.to(device=self.device, dtype=self.dtype))
-        factor = self.factor_for(problem, H, scaled=scaling is not None)
+        if initial is not None:
+            initial = initial.to(device=self.device, dtype=self.dtype)
+        # the same problem in equilibrated columns (for a bounded stage); mapped back below
+        scaled = ScaledStage.of(
+            H, R, lam, problem.kappa, nc, equilibrate=self.options.equilibrate, initial=initial
+        )
+        H, R, initial = scaled.H, scaled.R, scaled.initial
+        factor = self.factor_for(problem, H, scaled=scaled.scaling is not None)
         settings = {
-            "lam": thresholds, "kappa": kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
+            "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
         if self.warm_start:
             state = self._warm_state(factor, H, R, target_sq, **settings, initial=initial)
@@ -203,10 +202,7 @@ class ADMMSolver(BaseSolver):
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
             progress=stage if self.progress else None, polish_first=initial is not None, **settings,
         )  # fmt: skip
-        dual_point = stats.dual_point
-        if scaling is not None:
-            W, dual_point = scaling.from_scaled(W), scaling.from_scaled(dual_point)
-            W = problem.project_onto_bound(W)  # exact after the division
+        W, dual_point = scaled.weights(W, problem), scaled.dual_point(stats.dual_point)
         if not stats.converged and self.warn:
             stop = (
                 f"stalled after {stats.iterations} steps (objective and gap unchanged for "
@@ -235,7 +231,7 @@ class ADMMSolver(BaseSolver):
                 "polished_rows": stats.polished_rows,
                 "certified_rows": stats.certified_rows,
                 "warm_start": state is not None,
-                "equilibrated": scaling is not None,
+                "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,
             },
         }

@@ -25,10 +25,14 @@ stages.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["BlockScaling"]
+if TYPE_CHECKING:
+    from idl_ray.sim.problem import SIMProblem
+
+__all__ = ["BlockScaling", "ScaledStage"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,3 +89,51 @@ class BlockScaling:
     def from_scaled(self, W_s: torch.Tensor) -> torch.Tensor:
         """w = w_s S^{-1} (rows x d)."""
         return W_s / self.scales.to(W_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledStage:
+    """A stage in the variables a solver iterates on: equilibrated when ``scaling`` is set, else as given."""
+
+    scaling: BlockScaling | None
+    H: torch.Tensor
+    R: torch.Tensor
+    lam: float | torch.Tensor
+    kappa: float | None
+    initial: torch.Tensor | None
+
+    @classmethod
+    def of(
+        cls,
+        H: torch.Tensor,
+        R: torch.Tensor,
+        lam: float | torch.Tensor,
+        kappa: float | None,
+        n_constrained: int,
+        *,
+        equilibrate: bool,
+        initial: torch.Tensor | None = None,
+    ) -> ScaledStage:
+        """H (d x d), R (rows x d), lam (float or rows x d), the bound and a start, equilibrated when
+        ``equilibrate`` and the stage has a bound (:meth:`BlockScaling.for_stage`)."""
+        scaling = BlockScaling.for_stage(H, n_constrained) if equilibrate else None
+        if scaling is None:
+            return cls(None, H, R, lam, kappa, initial)
+        return cls(
+            scaling,
+            scaling.gram(H),
+            scaling.targets(R),
+            scaling.thresholds(lam, R.shape[0]),
+            scaling.radius(kappa),
+            None if initial is None else scaling.to_scaled(initial.to(R)),
+        )
+
+    def weights(self, W: torch.Tensor, problem: SIMProblem) -> torch.Tensor:
+        """A solver's answer (rows x d) in the stage's own variables, the bound exact after the division."""
+        if self.scaling is None:
+            return W
+        return problem.project_onto_bound(self.scaling.from_scaled(W))
+
+    def dual_point(self, W: torch.Tensor | None) -> torch.Tensor | None:
+        """A dual point (weights whose residual gives the certificate's dual) in the stage's own variables."""
+        return W if W is None or self.scaling is None else self.scaling.from_scaled(W)
