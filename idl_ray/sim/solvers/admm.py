@@ -230,6 +230,8 @@ class ADMMSolver(BaseSolver):
                 "rank": factor.rank,
                 "polished_rows": stats.polished_rows,
                 "certified_rows": stats.certified_rows,
+                "interior_point_rows": stats.interior_point_rows,
+                "interior_point_iterations": stats.interior_point_iterations,
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,

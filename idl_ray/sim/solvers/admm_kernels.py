@@ -95,6 +95,14 @@ class ADMMOptions(Options):
     stall_checks : int >= 0
         Stop early, uncertified (``stalled``), when over this many checks the objective fell by less than
         gap_tol / 100 of itself and the gap did not halve (0: run to max_iter).
+    interior_point : bool
+        Hand the rows still uncertified after ``interior_point_after`` steps (or at a stall) to the batched
+        interior point of :mod:`~idl_ray.sim.solvers.interior_point` (20-30 Newton steps to a certified optimum
+        on any conditioning), once per solve, when its predicted cost is below that of the ADMM steps left.
+        l1-ball bound (or none) with every finite threshold > 0; not under ``mu_inf``.
+    interior_point_after : int >= 0
+        ADMM steps before the hand-over (rank-deficient Grams of upsampled images need it; on well-conditioned
+        ones ADMM certifies every row within it).
     mu, tau : float
         Residual-balancing ratio and factor of the consensus strategy (mu > 1, tau > 1).
     """
@@ -112,6 +120,8 @@ class ADMMOptions(Options):
     equilibrate: bool = True
     rho_scale: float = 0.05
     stall_checks: int = 40
+    interior_point: bool = True
+    interior_point_after: int = 100
     mu: float = 10.0
     tau: float = 2.0
 
@@ -126,7 +136,7 @@ class ADMMOptions(Options):
         if self.abs_tol == 0 and self.rel_tol == 0:
             raise bad_parameter("abs_tol", owner, "> 0 when rel_tol is 0", self.abs_tol)
         check_positive_int(self.check_every, "check_every", owner)
-        for name in ("adaptive_rho", "polish", "equilibrate"):
+        for name in ("adaptive_rho", "polish", "equilibrate", "interior_point"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_parameter(name, owner, "a bool", getattr(self, name))
         check_positive_float(self.relaxation, "relaxation", owner)
@@ -135,6 +145,7 @@ class ADMMOptions(Options):
         check_positive_int(self.anderson, "anderson", owner, allow_zero=True)
         check_positive_float(self.rho_scale, "rho_scale", owner)
         check_positive_int(self.stall_checks, "stall_checks", owner, allow_zero=True)
+        check_positive_int(self.interior_point_after, "interior_point_after", owner, allow_zero=True)
         for name in ("mu", "tau"):
             value = getattr(self, name)
             check_positive_float(value, name, owner)
@@ -180,6 +191,15 @@ class GramFactor:
     @property
     def dim(self) -> int:
         return self.Q.shape[0]
+
+    def range_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_r, s_r): the eigenvectors (d x r) and eigenvalues (r,) above ``RANK_CUT`` of the largest, so
+        ``G ~= Q_r diag(s_r) Q_r^T`` (the thin factor the interior point works with)."""
+        if self._low_rank:
+            return self._Q_range, self._s_range
+        largest = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
+        keep = self.eigenvalues > self.RANK_CUT * largest
+        return self.Q[:, keep], self.eigenvalues[keep]
 
     def inverse(self, rho: float) -> torch.Tensor:
         """(G + rho I)^{-1}, shape (d, d)."""

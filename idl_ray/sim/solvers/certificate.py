@@ -18,7 +18,9 @@ s in [0, 1] that makes ``||s v_B||_inf <= lam`` for ``v = X^T e = r - H w``. Eve
 
     ||e||^2 = w^T H w - 2 r^T w + c,      theta^T y = s (c - r^T w),      X^T theta = s v.
 
-Since P >= 0, ``max(D(theta), 0)`` is a lower bound too (it certifies an exact fit, P* = 0, even where the
+The residual is a difference of terms that can be 1e6 times larger than itself (small lam on a rank-deficient
+Gram gives large weights), so a gap below ``1000 eps`` times those terms is rounding, and is accepted as zero
+(:meth:`DualityGap.certified`). Since P >= 0, ``max(D(theta), 0)`` is a lower bound too (it certifies an exact fit, P* = 0, even where the
 rescaled dual point is poor). Weak duality makes ``gap = P(w) - D >= P(w) - P*`` a bound on the suboptimality of a feasible w,
 and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (rows x d)(d x d) product.
 
@@ -73,7 +75,8 @@ class DualityGap:
 
     primal: torch.Tensor
     dual: torch.Tensor
-    #: per-row objective of W = 0 (c / 2): the scale of the rounding error of the gap itself
+    #: per-row size of the terms the objective is computed from, ``(|w^T H w| + 2 |r^T w| + c) / 2`` (c / 2 at
+    #: W = 0): the objective is their difference, so its rounding error scales with them, not with itself
     baseline: torch.Tensor | None = None
     #: relative rounding level of the dtype the gap was computed in
     rounding: float = _ROUNDING
@@ -213,7 +216,7 @@ def duality_gap_from_product(
     return DualityGap(
         primal=primal.to(torch.float64),
         dual=dual.to(torch.float64),
-        baseline=(0.5 * c).to(torch.float64),
+        baseline=(0.5 * (wHw.abs() + 2.0 * rw.abs() + c.abs())).to(torch.float64),
         rounding=max(_ROUNDING, 64 * torch.finfo(W.dtype).eps),
     )
 

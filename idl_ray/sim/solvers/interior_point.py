@@ -1,0 +1,373 @@
+"""A batched primal-dual interior point on the reduced dual of a SIM stage: the finisher of the Gram-form ADMM.
+
+First-order methods crawl on the rank-deficient Grams of upsampled images (rank(G) ~ 120 of d ~ 900): the
+lasso optimum is far from unique there and ADMM's iterates drift along the optimal face while the duality
+gap stays at 1e-5 after thousands of steps. An interior point does not care about the conditioning: about
+20-30 Newton steps reach a certified optimum at every lam (issue 9). Its steps are costly (one r x r
+Cholesky per row, ``rows r^2 d`` flops to form it), so the ADMM of :mod:`~idl_ray.sim.solvers.row_block`
+runs first and hands over only the rows it has not certified.
+
+**The reduced dual.** With ``H = F^T F`` (``F = diag(sqrt(s)) Q^T``, r x d, from the eigendecomposition of H
+that the ADMM already holds, eigenvalues below ``GramFactor.RANK_CUT`` dropped) and ``F^T b = r``, a row's
+problem is ``min_w 1/2 ||F w - b||^2 + h(w)`` with ``h(w) = sum_j t_j |w_j| + indicator(sum_{j in A} |w_j|
+<= kappa)`` (A: the ``n_constrained`` leading columns, absent without a bound). Its Fenchel dual over
+``theta in R^r`` (:mod:`~idl_ray.sim.solvers.certificate`) is the quadratic program::
+
+    minimise_{theta, tau}   1/2 ||theta||^2 - b^T theta + kappa tau
+    subject to               |f_j^T theta| <= t_j             for j in B (the free columns)
+                             |f_j^T theta| <= t_j + tau       for j in A,       tau >= 0
+
+(``tau = max_{j in A} (|f_j^T theta| - t_j)_+``, the conjugate of the bound). Its multipliers z+, z- >= 0 on
+the upper and lower constraints are the primal weights, ``w = z+ - z-``, and stationarity in theta gives
+``theta = b - F w``, the residual. A column with ``t_j = inf`` (an entry held at 0) has no constraint and
+``w_j = 0``.
+
+**The iteration** is Mehrotra's predictor-corrector (infeasible start, one step length for primal and dual,
+0.99 of the way to the boundary), batched over rows. Eliminating the slacks and multipliers leaves, per row,
+the (r + 1) x (r + 1) system::
+
+    [ I + F diag(D+ + D-) F^T      -F ((D+ - D-) a) ] [ d theta ]
+    [ -((D+ - D-) a)^T F^T     sum_A (D+ + D-) + D_tau ] [ d tau   ]  =  rhs,       D = z / s
+
+solved by one Cholesky of the leading block (>= I: never singular) and a Schur complement for tau. Cost per
+iteration: ``2 rows r^2 d`` flops (forming the blocks) plus ``rows r^3 / 3``, in chunks of rows that keep the
+``rows x r x d`` intermediate within :data:`MEMORY_BUDGET_BYTES`.
+
+**Stopping** is the solver's own certificate: after every iteration the weights (A-parts scaled onto the
+kappa ball, a no-op up to rounding) are scored by the duality gap of the full problem (the caller's
+``certify``), each row keeps its best-gap iterate, and certified rows leave the batch. The interior point
+never decides optimality itself, so a truncated spectrum or an inexact Newton step can cost iterations but
+never a wrong certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.certificate import DualityGap
+from idl_ray.sim.solvers.weights import Threshold
+
+__all__ = ["InteriorPointResult", "MEMORY_BUDGET_BYTES", "interior_point_cost", "interior_point_rows"]
+
+#: the largest rows x r x d float64 intermediate one chunk of rows may form
+MEMORY_BUDGET_BYTES = 256 * 2**20
+#: starting multipliers (primal weights) and bound variable tau: both of the order of a fitted weight
+_START = 0.01
+#: fraction of the step to the boundary
+_TO_BOUNDARY = 0.99
+#: D = z / s is kept within [1 / cap, cap] so the Newton blocks stay representable near the end
+_SCALING_CAP = 1e14
+#: a row whose complementarity fell below this has converged as far as float64 allows
+_MU_FLOOR = 1e-30
+
+#: (weights of the rows, their row indices) -> (their DualityGap, bool mask of certified rows)
+Certify = Callable[[torch.Tensor, torch.Tensor], tuple[DualityGap, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InteriorPointResult:
+    """Best iterate per row and its certificate.
+
+    ``weights`` (rows x d, feasible), ``gaps`` their DualityGap, ``certified`` (rows,) bool,
+    ``iterations`` the Newton steps taken (the most any row took), ``time_s``.
+    """
+
+    weights: torch.Tensor
+    gaps: DualityGap
+    certified: torch.Tensor
+    iterations: int
+    time_s: float
+
+
+def interior_point_cost(rows: int, rank: int, d: int, iterations: int = 25) -> float:
+    """Flops of ``iterations`` interior-point steps on ``rows`` rows (forming and factoring the blocks)."""
+    return float(iterations) * rows * (2.0 * rank * rank * d + rank**3 / 3.0)
+
+
+def interior_point_rows(
+    factor: GramFactor,
+    R: torch.Tensor,
+    *,
+    lam: Threshold,
+    kappa: float | None,
+    n_constrained: int,
+    certify: Certify,
+    max_iter: int = 50,
+) -> InteriorPointResult:
+    """Solve the rows of R (a block's uncertified rows) by the batched interior point of the module docstring.
+
+    Parameters
+    ----------
+    factor : GramFactor of H (d x d), the matrix of the problem (its eigendecomposition gives F)
+    R : Tensor (rows, d), the rows' linear terms (Rt/m)
+    lam : float >= 0, or Tensor (rows, d) of per-entry thresholds in [0, inf] (inf: entry held at 0)
+    kappa : float in [0, 1) or None (no bound); n_constrained : int, the bounded leading columns
+    certify : ``(W_rows, rows) -> (DualityGap, certified mask)`` of the full problem, rows indexing R
+    max_iter : int, Newton steps at most
+
+    Returns
+    -------
+    InteriorPointResult (weights in R's dtype and device)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from idl_ray.sim.solvers.certificate import duality_gap
+    >>> Phi = torch.randn(6, 200, dtype=torch.float64); T = torch.randn(3, 200, dtype=torch.float64)
+    >>> H, R, c = Phi @ Phi.T / 200, T @ Phi.T / 200, (T * T).sum(1) / 200
+    >>> def certify(W, rows):
+    ...     gaps = duality_gap(W, H, R[rows], c[rows], lam=0.1, kappa=0.5, n_constrained=3)
+    ...     return gaps, gaps.certified(1e-9)
+    >>> result = interior_point_rows(GramFactor(H), R, lam=0.1, kappa=0.5, n_constrained=3, certify=certify)
+    >>> bool(result.certified.all()), bool(result.weights[:, :3].abs().sum(1).max() <= 0.5)
+    (True, True)
+    """
+    start = time.perf_counter()
+    out_dtype, device = R.dtype, R.device
+    dtype = torch.float64
+    rows, d = R.shape
+    Q, s = factor.range_basis()
+    Q, s = Q.to(device=device, dtype=dtype), s.to(device=device, dtype=dtype)
+    F = (Q * s.sqrt()).T.contiguous()  # r x d, F^T F = H on its range
+    b = (R.to(dtype) @ Q) / s.sqrt()  # rows x r, F^T b = r
+    t = (
+        lam.to(device=device, dtype=dtype).clone()
+        if isinstance(lam, torch.Tensor)
+        else torch.full((rows, d), float(lam), dtype=dtype, device=device)
+    )
+    nc = n_constrained if kappa is not None else 0
+    if nc > 0 and float(kappa) == 0.0:  # the bound holds w_A = 0: those entries have no constraint
+        t[:, :nc] = math.inf
+        nc = 0
+    state = _State.start(b, t, nc, F.shape[0])
+    best = torch.zeros(rows, d, dtype=dtype, device=device)
+    best_gaps: DualityGap | None = None
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    stuck = torch.zeros_like(done)
+    iterations = 0
+    for iteration in range(max_iter + 1):
+        active = torch.nonzero(~done & ~stuck).flatten()
+        if active.numel() == 0:
+            break
+        W = state.weights(active, float(kappa) if nc else None, nc)
+        gaps, ok = certify(W.to(out_dtype), active)
+        best_gaps = _keep_best(best, best_gaps, W, gaps, active, rows)
+        done[active[ok]] = True
+        active = active[~ok]
+        if active.numel() == 0 or iteration == max_iter:
+            break
+        stuck[active] = state.converged(active)
+        active = active[~stuck[active]]
+        if active.numel() == 0:
+            break
+        chunk = max(1, int(MEMORY_BUDGET_BYTES // max(8 * F.shape[0] * d, 1)))
+        for part in active.split(chunk):
+            state.newton_step(part, F, b, t, float(kappa) if nc else 0.0, nc)
+        iterations = iteration + 1
+    assert best_gaps is not None
+    return InteriorPointResult(
+        weights=best.to(out_dtype),
+        gaps=best_gaps,
+        certified=done,
+        iterations=iterations,
+        time_s=time.perf_counter() - start,
+    )
+
+
+def _keep_best(
+    best: torch.Tensor,
+    best_gaps: DualityGap | None,
+    W: torch.Tensor,
+    gaps: DualityGap,
+    rows: torch.Tensor,
+    n: int,
+) -> DualityGap:
+    """Store W's rows where their gap beats the best so far (in place); the updated best gaps."""
+    if best_gaps is None:
+        inf = torch.full((n,), math.inf, dtype=torch.float64, device=W.device)
+        best_gaps = DualityGap(
+            primal=inf.clone(), dual=torch.zeros_like(inf), baseline=torch.zeros_like(inf), rounding=gaps.rounding
+        )
+    improved = gaps.gaps < best_gaps.gaps[rows]
+    take = rows[improved]
+    best[take] = W[improved]
+    best_gaps.primal[take] = gaps.primal[improved]
+    best_gaps.dual[take] = gaps.dual[improved]
+    if gaps.baseline is not None and best_gaps.baseline is not None:
+        best_gaps.baseline[take] = gaps.baseline[improved]
+    return best_gaps
+
+
+@dataclasses.dataclass
+class _State:
+    """The interior-point iterate of every row (see the module docstring for the variables).
+
+    theta (rows, r); tau, s_tau, z_tau (rows, 1) (unused without a bound); s+, s-, z+, z- (rows, d);
+    ``live`` (rows, d) float: 1 where the column has a constraint (finite threshold), 0 where it is held at 0.
+    """
+
+    theta: torch.Tensor
+    tau: torch.Tensor
+    s_tau: torch.Tensor
+    z_tau: torch.Tensor
+    s_plus: torch.Tensor
+    s_minus: torch.Tensor
+    z_plus: torch.Tensor
+    z_minus: torch.Tensor
+    live: torch.Tensor
+    bounded: bool
+    mu: torch.Tensor
+
+    @classmethod
+    def start(cls, b: torch.Tensor, t: torch.Tensor, nc: int, r: int) -> _State:
+        """theta = 0, tau = w = 0.01 (split evenly), slacks at their constraint (shifted off zero)."""
+        rows, d = t.shape
+        live = torch.isfinite(t).to(b.dtype)
+        t.nan_to_num_(posinf=0.0)  # held entries: any finite value, they are masked out
+        bounded = nc > 0
+        a = _bounded_columns(d, nc, b)
+        tau = torch.full((rows, 1), _START if bounded else 0.0, dtype=b.dtype, device=b.device)
+        finite = t[live > 0]
+        floor = max(float(finite.abs().max()) if finite.numel() else 0.0, 1e-8) * 1e-2
+        slack = (t + a * tau).clamp_min(floor) * live + (1 - live)
+        z = _START * live
+        return cls(
+            theta=torch.zeros(rows, r, dtype=b.dtype, device=b.device),
+            tau=tau,
+            s_tau=tau.clone() if bounded else torch.ones_like(tau),
+            z_tau=torch.ones_like(tau),
+            s_plus=slack,
+            s_minus=slack.clone(),
+            z_plus=z,
+            z_minus=z.clone(),
+            live=live,
+            bounded=bounded,
+            mu=torch.ones(rows, dtype=b.dtype, device=b.device),
+        )
+
+    def weights(self, rows: torch.Tensor, kappa: float | None, nc: int) -> torch.Tensor:
+        """w = z+ - z- of the rows ``rows``, A-parts scaled onto the kappa ball (feasible exactly)."""
+        W = (self.z_plus[rows] - self.z_minus[rows]) * self.live[rows]
+        if kappa is not None and nc > 0:
+            norms = W[:, :nc].abs().sum(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
+            W[:, :nc] = W[:, :nc] * (kappa / norms).clamp(max=1.0)[:, None]
+        return W
+
+    def converged(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows whose complementarity is at the float64 floor: more steps cannot change them."""
+        return self.mu[rows] < _MU_FLOOR
+
+    def newton_step(
+        self, rows: torch.Tensor, F: torch.Tensor, b_all: torch.Tensor, t_all: torch.Tensor, kappa: float, nc: int
+    ) -> None:
+        """One Mehrotra predictor-corrector step of the rows ``rows`` (in place)."""
+        bounded = self.bounded
+        d = F.shape[1]
+        a = _bounded_columns(d, nc, F)
+        live = self.live[rows]
+        b, t = b_all[rows], t_all[rows]
+        theta, tau, s_tau, z_tau = self.theta[rows], self.tau[rows], self.s_tau[rows], self.z_tau[rows]
+        sp, sm, zp, zm = self.s_plus[rows], self.s_minus[rows], self.z_plus[rows], self.z_minus[rows]
+        count = 2 * live.sum(dim=1, keepdim=True) + (1 if bounded else 0)
+
+        v = theta @ F
+        r_theta = theta - b + (zp - zm) @ F.T
+        shift = a * tau
+        r_plus = (v - shift + sp - t) * live
+        r_minus = (-v - shift + sm - t) * live
+        comp = (sp * zp + sm * zm).sum(dim=1, keepdim=True)
+        if bounded:
+            r_tau = kappa - ((zp + zm) * a).sum(dim=1, keepdim=True) - z_tau
+            r_nu = s_tau - tau
+            comp = comp + s_tau * z_tau
+        mu = comp / count
+        self.mu[rows] = mu[:, 0]
+        Dp = (zp / sp).clamp(1 / _SCALING_CAP, _SCALING_CAP) * live
+        Dm = (zm / sm).clamp(1 / _SCALING_CAP, _SCALING_CAP) * live
+        delta = Dp + Dm
+        X = F[None] * delta.sqrt()[:, None, :]
+        eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
+        M = torch.baddbmm(eye, X, X.transpose(1, 2))
+        del X
+        L, info = torch.linalg.cholesky_ex(M)
+        if bool((info > 0).any()):  # only rounding can make M (>= I) fail: a relative ridge fixes it
+            M = M + 1e-12 * M.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * eye
+            L, _ = torch.linalg.cholesky_ex(M)
+        if bounded:
+            c = ((Dp - Dm) * a) @ F.T
+            D_tau = z_tau / s_tau
+            e = (delta * a).sum(dim=1, keepdim=True) + D_tau
+            Mc = torch.cholesky_solve(c[:, :, None], L)[:, :, 0]
+            schur = (e - (c * Mc).sum(dim=1, keepdim=True)).clamp_min(torch.finfo(F.dtype).tiny)
+
+        def direction(rc_plus, rc_minus, rc_tau):
+            gp = Dp * r_plus + rc_plus / sp * live
+            gm = Dm * r_minus + rc_minus / sm * live
+            Mr = torch.cholesky_solve((-r_theta - (gp - gm) @ F.T)[:, :, None], L)[:, :, 0]
+            if bounded:
+                g_tau = D_tau * r_nu + rc_tau / s_tau
+                rhs_tau = -r_tau + ((gp + gm) * a).sum(dim=1, keepdim=True) + g_tau
+                d_tau = (rhs_tau + (c * Mr).sum(dim=1, keepdim=True)) / schur
+                d_theta = Mr + Mc * d_tau
+                dz_tau = g_tau - D_tau * d_tau
+                ds_tau = (rc_tau - s_tau * dz_tau) / z_tau
+            else:
+                d_theta, d_tau = Mr, torch.zeros_like(tau)
+                dz_tau = ds_tau = torch.zeros_like(tau)
+            fd = d_theta @ F
+            dzp = (Dp * (fd - a * d_tau) + gp) * live
+            dzm = (Dm * (-fd - a * d_tau) + gm) * live
+            dsp = (rc_plus - sp * dzp) / zp.clamp_min(torch.finfo(F.dtype).tiny) * live
+            dsm = (rc_minus - sm * dzm) / zm.clamp_min(torch.finfo(F.dtype).tiny) * live
+            return d_theta, d_tau, dzp, dzm, dsp, dsm, dz_tau, ds_tau
+
+        def step_length(step):
+            _, _, dzp, dzm, dsp, dsm, dz_tau, ds_tau = step
+            pairs = [(sp, dsp), (sm, dsm), (zp, dzp), (zm, dzm), (s_tau, ds_tau), (z_tau, dz_tau)]
+            lengths = [_to_boundary(x, dx) for x, dx in pairs]
+            return torch.stack(lengths).amin(dim=0).clamp(max=1.0)[:, None]
+
+        affine = direction(-sp * zp, -sm * zm, -s_tau * z_tau)
+        alpha = step_length(affine)
+        _, _, dzp, dzm, dsp, dsm, dz_tau, ds_tau = affine
+        comp_affine = ((sp + alpha * dsp) * (zp + alpha * dzp) + (sm + alpha * dsm) * (zm + alpha * dzm)).sum(
+            dim=1, keepdim=True
+        )
+        if bounded:
+            comp_affine = comp_affine + (s_tau + alpha * ds_tau) * (z_tau + alpha * dz_tau)
+        sigma_mu = ((comp_affine / count) / mu.clamp_min(torch.finfo(F.dtype).tiny)).clamp(0, 1) ** 3 * mu
+        step = direction(
+            (-sp * zp - dsp * dzp + sigma_mu) * live,
+            (-sm * zm - dsm * dzm + sigma_mu) * live,
+            -s_tau * z_tau - ds_tau * dz_tau + sigma_mu,
+        )
+        alpha = _TO_BOUNDARY * step_length(step)
+        d_theta, d_tau, dzp, dzm, dsp, dsm, dz_tau, ds_tau = step
+        self.theta[rows] = theta + alpha * d_theta
+        self.s_plus[rows] = sp + alpha * dsp
+        self.s_minus[rows] = sm + alpha * dsm
+        self.z_plus[rows] = zp + alpha * dzp
+        self.z_minus[rows] = zm + alpha * dzm
+        if bounded:
+            self.tau[rows] = tau + alpha * d_tau
+            self.s_tau[rows] = s_tau + alpha * ds_tau
+            self.z_tau[rows] = z_tau + alpha * dz_tau
+
+
+def _bounded_columns(d: int, nc: int, like: torch.Tensor) -> torch.Tensor:
+    """The indicator a (d,) of the bounded columns."""
+    a = torch.zeros(d, dtype=like.dtype, device=like.device)
+    a[:nc] = 1.0
+    return a
+
+
+def _to_boundary(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest step keeping x + step dx >= 0 (inf when no entry decreases)."""
+    ratio = torch.where(dx < 0, -x / dx.clamp(max=-torch.finfo(x.dtype).tiny), torch.full_like(x, math.inf))
+    return ratio.amin(dim=1)
