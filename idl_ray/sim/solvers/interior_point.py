@@ -53,7 +53,7 @@ from idl_ray.sim.solvers.admm_kernels import GramFactor
 from idl_ray.sim.solvers.certificate import DualityGap
 from idl_ray.sim.solvers.weights import Threshold
 
-__all__ = ["InteriorPointResult", "MEMORY_BUDGET_BYTES", "interior_point_cost", "interior_point_rows"]
+__all__ = ["MEMORY_BUDGET_BYTES", "InteriorPointResult", "interior_point_cost", "interior_point_rows"]
 
 #: the largest rows x r x d float64 intermediate one chunk of rows may form
 MEMORY_BUDGET_BYTES = 256 * 2**20
@@ -192,7 +192,10 @@ def _keep_best(
     if best_gaps is None:
         inf = torch.full((n,), math.inf, dtype=torch.float64, device=W.device)
         best_gaps = DualityGap(
-            primal=inf.clone(), dual=torch.zeros_like(inf), baseline=torch.zeros_like(inf), rounding=gaps.rounding
+            primal=inf.clone(),
+            dual=torch.zeros_like(inf),
+            baseline=torch.zeros_like(inf),
+            rounding=gaps.rounding,
         )
     improved = gaps.gaps < best_gaps.gaps[rows]
     take = rows[improved]
@@ -264,7 +267,13 @@ class _State:
         return self.mu[rows] < _MU_FLOOR
 
     def newton_step(
-        self, rows: torch.Tensor, F: torch.Tensor, b_all: torch.Tensor, t_all: torch.Tensor, kappa: float, nc: int
+        self,
+        rows: torch.Tensor,
+        F: torch.Tensor,
+        b_all: torch.Tensor,
+        t_all: torch.Tensor,
+        kappa: float,
+        nc: int,
     ) -> None:
         """One Mehrotra predictor-corrector step of the rows ``rows`` (in place)."""
         bounded = self.bounded
