@@ -147,13 +147,14 @@ def test_acceleration_and_polish_change_the_speed_not_the_answer(references) -> 
     fast = ADMMSolver(device="cpu").solve(problem)
     assert fast.stats.converged and fast.stats.iterations < 1000
     assert abs(fast.stats.objective - optimum) <= 1e-5 * optimum
-    # plain ADMM (no acceleration, no polish, fixed rho) crawls on this singular Gram: 5x the steps do not
-    # reach the certificate, and its point is no better than the accelerated one
+    # plain ADMM (no acceleration, no polish, fixed rho, no interior-point hand-over) crawls on this singular
+    # Gram: 5x the steps do not reach the certificate, and its point is no better than the accelerated one
     with pytest.warns(ConvergenceWarning, match="relative duality gap"):
         plain = ADMMSolver(
             device="cpu",
             anderson=0,
             polish=False,
+            interior_point=False,
             relaxation=1.0,
             adaptive_rho=False,
             max_iter=5 * fast.stats.iterations,

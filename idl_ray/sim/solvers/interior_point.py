@@ -63,6 +63,14 @@ _START = 0.01
 _TO_BOUNDARY = 0.99
 #: D = z / s is kept within [1 / cap, cap] so the Newton blocks stay representable near the end
 _SCALING_CAP = 1e14
+#: a constraint whose smaller slack is at least this fraction of its band is inactive (its weight is 0)
+_INACTIVE = 1e-3
+#: cuts tried, largest first, on a row certified only with its raw multipliers (relative to its largest entry)
+_SMALL = (1e-6, 1e-9, 1e-12)
+#: a cut at least this large counts as sparse (smaller cuts only remove rounding)
+_SPARSE_CUT = 1e-9
+#: extra Newton steps a row certified only with its raw multipliers may take to certify a sparse point
+_SPARSE_STEPS = 3
 #: a row whose complementarity fell below this has converged as far as float64 allows
 _MU_FLOOR = 1e-30
 
@@ -149,17 +157,24 @@ def interior_point_rows(
     best = torch.zeros(rows, d, dtype=dtype, device=device)
     best_gaps: DualityGap | None = None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
+    certified = torch.zeros_like(done)
+    late = torch.zeros(rows, dtype=torch.int64, device=device)
     stuck = torch.zeros_like(done)
     iterations = 0
     for iteration in range(max_iter + 1):
         active = torch.nonzero(~done & ~stuck).flatten()
         if active.numel() == 0:
             break
-        W = state.weights(active, float(kappa) if nc else None, nc)
-        gaps, ok = certify(W.to(out_dtype), active)
-        best_gaps = _keep_best(best, best_gaps, W, gaps, active, rows)
-        done[active[ok]] = True
-        active = active[~ok]
+        W, gaps, ok, sparse = _certified_weights(
+            state, active, float(kappa) if nc else None, nc, certify, out_dtype
+        )
+        best_gaps = _keep_best(best, best_gaps, W, gaps, ok, active, rows)
+        # a row certified only with its O(mu) entries takes a few more steps to certify its sparse point
+        late[active[ok & ~sparse]] += 1
+        finished = sparse | (ok & (late[active] > _SPARSE_STEPS))
+        certified[active[ok]] = True
+        done[active[finished]] = True
+        active = active[~finished]
         if active.numel() == 0 or iteration == max_iter:
             break
         stuck[active] = state.converged(active)
@@ -174,9 +189,64 @@ def interior_point_rows(
     return InteriorPointResult(
         weights=best.to(out_dtype),
         gaps=best_gaps,
-        certified=done,
+        certified=certified,
         iterations=iterations,
         time_s=time.perf_counter() - start,
+    )
+
+
+def _certified_weights(
+    state: _State, rows: torch.Tensor, kappa: float | None, nc: int, certify: Certify, dtype: torch.dtype
+) -> tuple[torch.Tensor, DualityGap, torch.Tensor, torch.Tensor]:
+    """The rows' weights with the exact zeros of a sparse optimum where they still certify.
+
+    Two candidates every step: the raw multipliers and the same with inactive entries set to 0
+    (:meth:`_State.weights`); the cleaned one wins where it certifies or has the smaller gap. A row certified
+    only raw then tries its entries below ``_SMALL`` of its largest set to 0, the largest cut first, and
+    takes the first that still certifies: sparsity never costs the certificate.
+
+    Returns (weights, their gaps, certified, certified sparse: cleaned or cut at >= ``_SPARSE_CUT``).
+    """
+    raw = state.weights(rows, kappa, nc, clean=False).to(dtype)
+    clean = state.weights(rows, kappa, nc, clean=True).to(dtype)
+    gaps_raw, ok_raw = certify(raw, rows)
+    gaps_clean, ok_clean = certify(clean, rows)
+    take = ok_clean | (~ok_raw & (gaps_clean.gaps <= gaps_raw.gaps))
+    W = torch.where(take[:, None], clean, raw)
+    gaps = _where(take, gaps_clean, gaps_raw)
+    ok = ok_clean | ok_raw
+    sparse = ok_clean.clone()
+    pending = torch.nonzero(ok & ~ok_clean).flatten()
+    for cut in _SMALL:
+        if pending.numel() == 0:
+            break
+        candidate = W[pending]
+        small = candidate.abs() <= cut * candidate.abs().amax(dim=1, keepdim=True)
+        changes = (small & (candidate != 0)).any(dim=1)
+        pending, candidate, small = pending[changes], candidate[changes], small[changes]
+        if pending.numel() == 0:
+            break
+        candidate = candidate.masked_fill(small, 0.0)
+        cut_gaps, cut_ok = certify(candidate, rows[pending])
+        won = pending[cut_ok]
+        W[won] = candidate[cut_ok]
+        gaps.primal[won] = cut_gaps.primal[cut_ok]
+        gaps.dual[won] = cut_gaps.dual[cut_ok]
+        if gaps.baseline is not None and cut_gaps.baseline is not None:
+            gaps.baseline[won] = cut_gaps.baseline[cut_ok]
+        sparse[won] = cut >= _SPARSE_CUT
+        pending = pending[~cut_ok]
+    return W, gaps, ok, sparse
+
+
+def _where(mask: torch.Tensor, a: DualityGap, b: DualityGap) -> DualityGap:
+    """Row-wise choice between two certificates of the same rows (a new object)."""
+    baseline = None if a.baseline is None or b.baseline is None else torch.where(mask, a.baseline, b.baseline)
+    return DualityGap(
+        primal=torch.where(mask, a.primal, b.primal),
+        dual=torch.where(mask, a.dual, b.dual),
+        baseline=baseline,
+        rounding=a.rounding,
     )
 
 
@@ -185,10 +255,12 @@ def _keep_best(
     best_gaps: DualityGap | None,
     W: torch.Tensor,
     gaps: DualityGap,
+    ok: torch.Tensor,
     rows: torch.Tensor,
     n: int,
 ) -> DualityGap:
-    """Store W's rows where their gap beats the best so far (in place); the updated best gaps."""
+    """Store W's rows where they are certified (``ok``: the sparse point the row leaves with) or their gap
+    beats the best so far (in place); the updated best gaps."""
     if best_gaps is None:
         inf = torch.full((n,), math.inf, dtype=torch.float64, device=W.device)
         best_gaps = DualityGap(
@@ -197,7 +269,7 @@ def _keep_best(
             baseline=torch.zeros_like(inf),
             rounding=gaps.rounding,
         )
-    improved = gaps.gaps < best_gaps.gaps[rows]
+    improved = ok | (gaps.gaps < best_gaps.gaps[rows])
     take = rows[improved]
     best[take] = W[improved]
     best_gaps.primal[take] = gaps.primal[improved]
@@ -254,9 +326,22 @@ class _State:
             mu=torch.ones(rows, dtype=b.dtype, device=b.device),
         )
 
-    def weights(self, rows: torch.Tensor, kappa: float | None, nc: int) -> torch.Tensor:
-        """w = z+ - z- of the rows ``rows``, A-parts scaled onto the kappa ball (feasible exactly)."""
-        W = (self.z_plus[rows] - self.z_minus[rows]) * self.live[rows]
+    def weights(self, rows: torch.Tensor, kappa: float | None, nc: int, *, clean: bool) -> torch.Tensor:
+        """w = z+ - z- of the rows ``rows`` (with ``clean``: the entries of inactive constraints set to 0),
+        A-parts scaled onto the kappa ball (feasible exactly).
+
+        Complementary slackness makes w_j = 0 wherever the dual constraint is strictly inactive,
+        ``|f_j^T theta| < t_j (+ tau)``; the interior point leaves O(mu / slack) there instead. An entry whose
+        smaller slack is at least ``_INACTIVE`` of its band ``t_j (+ tau)`` is set to 0, so the answer has the
+        exact zeros of a sparse optimum; nearly active entries are kept whatever their size (on a rank-deficient
+        Gram many are weakly active and the optimum spreads over them). A wrong call only costs a gap, which the
+        certificate sees.
+        """
+        zp, zm = self.z_plus[rows], self.z_minus[rows]
+        sp, sm = self.s_plus[rows], self.s_minus[rows]
+        W = (zp - zm) * self.live[rows]
+        if clean:
+            W = W * (torch.minimum(sp, sm) < _INACTIVE * 0.5 * (sp + sm))
         if kappa is not None and nc > 0:
             norms = W[:, :nc].abs().sum(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
             W[:, :nc] = W[:, :nc] * (kappa / norms).clamp(max=1.0)[:, None]

@@ -355,24 +355,26 @@ class RowBlockADMM:
     def _interior_point_due(self, iteration: int) -> bool:
         """Whether the uncertified rows go to the interior point now (see the module docstring, step 5)."""
         options = self.options
-        if not options.interior_point or self._interior_point_tried or self.condition == "mu_inf":
+        if not self._interior_point_applies or self._interior_point_tried:
             return False
         if iteration < options.interior_point_after and not self._stalled():
             return False
-        if isinstance(self.lam, torch.Tensor):
-            finite = self.lam[torch.isfinite(self.lam)]
-            smallest = float(finite.min()) if finite.numel() else math.inf
-        else:
-            smallest = self.lam
-        if smallest <= 0:  # a zero threshold is an equality in the dual: no interior
-            return False
-        rank, d = self.factor.rank, self.R.shape[1]
-        if rank == 0:
-            return False
         # ski rental: only when it is predicted cheaper than the ADMM steps the budget still allows
+        rank, d = self.factor.rank, self.R.shape[1]
         step_cost = 4.0 * d * (rank if 3 * rank <= d else d)
         left = max(options.max_iter - iteration, 0)
         return interior_point_cost(1, rank, d) <= left * step_cost
+
+    @property
+    def _interior_point_applies(self) -> bool:
+        """The interior point is enabled and applies to this block: the l1 ball (or no bound), every finite
+        threshold > 0 (a zero one is an equality in the dual, which has no interior), and a Gram of rank > 0."""
+        if not self.options.interior_point or self.condition == "mu_inf" or self.factor.rank == 0:
+            return False
+        if isinstance(self.lam, torch.Tensor):
+            finite = self.lam[torch.isfinite(self.lam)]
+            return bool(finite.numel() == 0 or float(finite.min()) > 0)
+        return self.lam > 0
 
     def _interior_point(
         self, Z: torch.Tensor, U: torch.Tensor, active: torch.Tensor, gaps: DualityGap, rho: float
@@ -383,9 +385,14 @@ class RowBlockADMM:
         open_ = torch.nonzero(~ok).flatten()
         rows = active[open_]
 
+        assert self.gaps is not None
+        primal = self.gaps.primal.clone()  # the block's objective with the interior point's rows updated
+
         def certify(W: torch.Tensor, local: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
             row_gaps = self.certificate(W, rows[local])
-            return row_gaps, self._certified(row_gaps)
+            primal[rows[local]] = torch.minimum(primal[rows[local]], row_gaps.primal)
+            mean = float(primal.abs().mean())
+            return row_gaps, row_gaps.certified(self.options.gap_tol, mean_primal=mean)
 
         result = interior_point_rows(
             self.factor,
@@ -468,8 +475,11 @@ class RowBlockADMM:
             self._next_periodic = self._checks + self._polish_period
         # a support larger than rank(H) makes H_SS singular: the optimum on it is not unique and the polish
         # (a ridge solve) almost never certifies; at p = 784 such attempts were 2/3 of the solve's time
-        small = (Z[active] != 0).sum(dim=1) <= self.factor.rank
-        eligible = ~ok & small & ((relative < POLISH_BELOW) | settled | periodic)
+        # (such rows go to the interior point when it applies; at lam = 0 it does not, and the ridge solve there
+        # does certify)
+        eligible = ~ok & ((relative < POLISH_BELOW) | settled | periodic)
+        if self._interior_point_applies:
+            eligible &= (Z[active] != 0).sum(dim=1) <= self.factor.rank
         first = self._first_polish_certifies_only
         newly = self._polish_rows(Z, U, active, gaps, eligible, rho) if bool(eligible.any()) else 0
         if first:  # a warm start's extra polish: the other rows keep a cold start's schedule

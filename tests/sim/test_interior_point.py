@@ -1,0 +1,162 @@
+"""The batched interior point (``idl_ray.sim.solvers.interior_point``) and ADMM's hand-over to it.
+
+References are independent: Clarabel on the sample form written here with cvxpy, and the closed form of the
+lasso on an orthogonal design (a soft-threshold per entry).
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import idl_ray.sim.solvers.interior_point as interior_point
+from idl_ray.errors import ConfigError
+from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.solvers import ADMMSolver
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, GramFactor
+from idl_ray.sim.solvers.certificate import duality_gap
+from idl_ray.sim.solvers.interior_point import interior_point_rows
+
+N, P, M = 5, 16, 60
+TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_iter": 500}
+
+
+def samples(*, rank_deficient: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [hidden, pixels] (M x (N + P)) and targets (M x N); rank-deficient pixels span 4 directions,
+    as upsampled images do (rank(G) = 9 of 21)."""
+    gen = torch.Generator().manual_seed(seed)
+    if rank_deficient:
+        pixels = torch.rand(M, 4, generator=gen, dtype=torch.float64) @ torch.rand(
+            4, P, generator=gen, dtype=torch.float64
+        )
+    else:
+        pixels = torch.rand(M, P, generator=gen, dtype=torch.float64)
+    hidden = (pixels @ torch.randn(P, N, generator=gen, dtype=torch.float64) * 0.3).relu()
+    features = torch.cat([hidden, pixels], dim=1)
+    W_true = torch.randn(N, N + P, generator=gen, dtype=torch.float64) * 0.5
+    targets = features @ W_true.T + 0.05 * torch.randn(M, N, generator=gen, dtype=torch.float64)
+    return features, targets
+
+
+def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> np.ndarray:
+    """Per-row optimum objective of 1/(2M) ||t - F w||^2 + sum_j t_j |w_j| (+ ||w_A||_1 <= kappa)."""
+    F, T = features.numpy(), targets.numpy()
+    values = []
+    for i in range(T.shape[1]):
+        w = cp.Variable(F.shape[1])
+        held = np.isinf(thresholds[i])
+        finite = np.where(held, 0.0, thresholds[i])
+        objective = 0.5 / M * cp.sum_squares(T[:, i] - F @ w) + cp.sum(cp.multiply(finite, cp.abs(w)))
+        constraints = [w[held] == 0] if held.any() else []
+        if kappa is not None:
+            constraints.append(cp.norm1(w[:N]) <= kappa)
+        program = cp.Problem(cp.Minimize(objective), constraints)
+        program.solve(solver="CLARABEL", **TIGHT)
+        values.append(program.value)
+    return np.array(values)
+
+
+def gram_form(features, targets):
+    return features.T @ features / M, targets.T @ features / M, (targets * targets).sum(0) / M
+
+
+def solve(H, R, c, lam, kappa, *, tol=1e-9):
+    def certify(W, rows):
+        gaps = duality_gap(W, H, R[rows], c[rows], lam=lam if not torch.is_tensor(lam) else lam[rows],
+                           kappa=kappa, n_constrained=N)  # fmt: skip
+        return gaps, gaps.certified(tol)
+
+    return interior_point_rows(GramFactor(H), R, lam=lam, kappa=kappa, n_constrained=N, certify=certify)
+
+
+@pytest.mark.parametrize("rank_deficient", [True, False])
+@pytest.mark.parametrize("kappa", [0.5, None])
+@pytest.mark.parametrize("lam", [1e-4, 1e-2])
+def test_matches_clarabel(rank_deficient: bool, kappa: float | None, lam: float) -> None:
+    features, targets = samples(rank_deficient=rank_deficient)
+    H, R, c = gram_form(features, targets)
+    result = solve(H, R, c, lam, kappa)
+    assert bool(result.certified.all())
+    if kappa is not None:
+        assert float(result.weights[:, :N].abs().sum(1).max()) <= kappa * (1 + 1e-15)
+    ours = duality_gap(result.weights, H, R, c, lam=lam, kappa=kappa, n_constrained=N)
+    reference = clarabel(features, targets, np.full((N, N + P), lam), kappa)
+    np.testing.assert_allclose(ours.primal.numpy(), reference, rtol=1e-6, atol=1e-10)
+    # the certificate bounds the true suboptimality (up to Clarabel's own accuracy)
+    assert bool(((ours.primal.numpy() - reference) <= ours.gaps.numpy() + 1e-9).all())
+
+
+def test_per_entry_thresholds_and_held_entries() -> None:
+    features, targets = samples(rank_deficient=True, seed=3)
+    H, R, c = gram_form(features, targets)
+    gen = torch.Generator().manual_seed(1)
+    thresholds = 1e-3 * (0.2 + 2.8 * torch.rand(N, N + P, generator=gen, dtype=torch.float64))
+    thresholds[torch.rand(N, N + P, generator=gen) < 0.2] = torch.inf
+    thresholds[2, :N] = torch.inf  # a row whose A-part is held at 0
+    result = solve(H, R, c, thresholds, 0.6)
+    assert bool(result.certified.all())
+    assert bool((result.weights[torch.isinf(thresholds)] == 0).all())
+    ours = duality_gap(result.weights, H, R, c, lam=thresholds, kappa=0.6, n_constrained=N).primal
+    np.testing.assert_allclose(ours.numpy(), clarabel(features, targets, thresholds.numpy(), 0.6), rtol=1e-6)
+
+
+def test_orthogonal_design_is_a_soft_threshold() -> None:
+    """H = diag(h), no bound: w_j = soft(r_j, t) / h_j exactly."""
+    gen = torch.Generator().manual_seed(0)
+    h = 0.5 + torch.rand(N + P, generator=gen, dtype=torch.float64)
+    H = torch.diag(h)
+    R = torch.randn(3, N + P, generator=gen, dtype=torch.float64) * 0.1
+    c = (R * R / h).sum(1) + 1.0
+    result = solve(H, R, c, 0.05, None, tol=1e-11)
+    expected = torch.sign(R) * (R.abs() - 0.05).clamp_min(0) / h
+    torch.testing.assert_close(result.weights, expected, atol=1e-8, rtol=0)
+
+
+def test_zero_kappa_holds_the_bounded_block_at_zero() -> None:
+    features, targets = samples(rank_deficient=False, seed=5)
+    H, R, c = gram_form(features, targets)
+    result = solve(H, R, c, 1e-3, 0.0)
+    assert bool(result.certified.all())
+    assert bool((result.weights[:, :N] == 0).all())
+
+
+def test_row_chunks_give_the_same_answer(monkeypatch) -> None:
+    features, targets = samples(rank_deficient=True, seed=7)
+    H, R, c = gram_form(features, targets)
+    whole = solve(H, R, c, 1e-3, 0.5)
+    monkeypatch.setattr(interior_point, "MEMORY_BUDGET_BYTES", 1)  # one row per chunk
+    chunked = solve(H, R, c, 1e-3, 0.5)
+    torch.testing.assert_close(chunked.weights, whole.weights, atol=1e-12, rtol=0)
+
+
+def test_admm_hands_uncertified_rows_over() -> None:
+    """On a rank-deficient Gram, ADMM with an immediate hand-over certifies through the interior point and
+    reaches Clarabel's optimum; without it, the same optimum (the hand-over changes the route, not the answer)."""
+    features, targets = samples(rank_deficient=True, seed=11)
+    problem = SIMProblem.from_samples(features, targets, lam=1e-4, kappa=0.5, n_constrained=N)
+    handed = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
+    assert handed.stats.converged
+    assert handed.stats.extra["interior_point_rows"] > 0
+    assert handed.stats.extra["interior_point_iterations"] > 0
+    plain = ADMMSolver(device="cpu", interior_point=False, max_iter=50_000, stall_checks=0).solve(problem)
+    assert plain.stats.extra["interior_point_rows"] == 0
+    reference = clarabel(features, targets, np.full((N, N + P), 1e-4), 0.5).sum()
+    assert abs(handed.stats.objective - reference) <= 1e-6 * reference
+    assert handed.stats.objective <= plain.stats.objective * (1 + 2e-7)  # both within gap_tol = 1e-7
+    assert float(handed.weights[:, :N].abs().sum(1).max()) <= 0.5
+
+
+def test_no_hand_over_at_lam_zero() -> None:
+    """A zero threshold is an equality in the dual (no interior): ADMM keeps those rows."""
+    features, targets = samples(rank_deficient=True, seed=2)
+    problem = SIMProblem.from_samples(features, targets, lam=0.0, kappa=0.3, n_constrained=N)
+    result = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
+    assert result.stats.extra["interior_point_iterations"] == 0
+
+
+@pytest.mark.parametrize("name, value", [("interior_point_after", -1), ("interior_point", "yes")])
+def test_bad_options(name: str, value) -> None:
+    with pytest.raises(ConfigError, match=name):
+        ADMMOptions(**{name: value})
