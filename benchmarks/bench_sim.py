@@ -135,7 +135,9 @@ def run_cvx(problems) -> dict:
     return {"time_s": time.perf_counter() - start, "W1": r1.weights, "W2": r2.weights}
 
 
-def run_torchidl(states: dict, n: int, device: torch.device, epochs_ab: int | None = None) -> dict:
+def run_torchidl(
+    states: dict, n: int, device: torch.device, epochs_ab: int | None = None, lam_summed: float | None = None
+) -> dict:
     """torchidl.sim.solvers.ADMMSolver with its defaults on the same (scaled) states.
 
     With ``epochs_ab`` (fewer than its default 1000; stage 2 gets epochs_ab / 10, its default ratio) the run is
@@ -144,10 +146,13 @@ def run_torchidl(states: dict, n: int, device: torch.device, epochs_ab: int | No
     """
     from torchidl.sim.solvers import ADMMSolver as TorchIDLADMM
 
+    settings = {} if lam_summed is None else {"lambda_y": lam_summed, "lambda_z": lam_summed}
     if epochs_ab is None:
-        solver = TorchIDLADMM()  # defaults: 1000 / 100 epochs, lambda 1e-6, rho 10, 100 rows per batch
+        solver = TorchIDLADMM(
+            **settings
+        )  # defaults: 1000 / 100 epochs, lambda 1e-6, rho 10, 100 rows per batch
     else:
-        solver = TorchIDLADMM(num_epoch_ab=epochs_ab, num_epoch_cd=max(1, epochs_ab // 10))
+        solver = TorchIDLADMM(num_epoch_ab=epochs_ab, num_epoch_cd=max(1, epochs_ab // 10), **settings)
     config = {"activation_fn": torch.relu, "device": str(device), "atol": 1e-6, "kappa": states["kappa"]}
     X, U, Z, Y = (states[k].numpy().astype("float32") for k in ("X", "U", "Z", "Y"))
     sink = io.StringIO()
@@ -182,7 +187,7 @@ def size_case(p: int, args, device: torch.device) -> dict:
     Z = states.Z.double() * scales[:, None]
     X = states.X.double() * scales[:, None]
     U, Y = states.U.double(), states.Y.double()
-    lam = TORCHIDL_LAMBDA / m
+    lam = TORCHIDL_LAMBDA / m if args.lam is None else args.lam
     features = torch.cat([X, U]).T
     stats = GramStats.from_batch(features, torch.cat([Z, Y]).T)
     problems = (
@@ -193,6 +198,7 @@ def size_case(p: int, args, device: torch.device) -> dict:
         "p": p,
         "n": n,
         "m": m,
+        "lam": lam,
         "teacher_accuracy": teacher_acc,
         "scales": [float(scales.min()), float(scales.max())],
     }
@@ -229,6 +235,7 @@ def size_case(p: int, args, device: torch.device) -> dict:
                     n,
                     device,
                     args.torchidl_epochs_large if p == 784 else None,
+                    None if args.lam is None else args.lam * m,
                 ),
             )
         except Exception as exc:  # report exactly why a reference piece could not run
@@ -324,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="truncate torchidl at p = 784 to this many stage-1 epochs and extrapolate its time (default: its 1000)",
+    )
+    parser.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="SIM lam for both solvers (torchidl gets lambda = lam * m on its summed loss); default: torchidl's 1e-6 / m",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")

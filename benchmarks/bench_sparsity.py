@@ -86,8 +86,13 @@ def run_size(p: int, args) -> dict:
         lam = best.lam * factor
         start = time.perf_counter()
         sim = SIM(**base, lam=lam, reweight_rounds=3).fit(teacher, X, solver=solver())
-        row = record(f"reweighted x3, lam {lam:.3g}", sim, Xt, yt, teacher_nnz, dense, time.perf_counter() - start)
-        print(f"  {row['fit']}: accuracy {row['accuracy']:.4f}, removed {row['removed_vs_teacher']:.1%}", flush=True)
+        row = record(
+            f"reweighted x3, lam {lam:.3g}", sim, Xt, yt, teacher_nnz, dense, time.perf_counter() - start
+        )
+        print(
+            f"  {row['fit']}: accuracy {row['accuracy']:.4f}, removed {row['removed_vs_teacher']:.1%}",
+            flush=True,
+        )
         candidates.append(row)
     within = [r for r in candidates if r["accuracy"] >= teacher_acc - 0.01 - 1e-12]
     if within:
@@ -95,19 +100,33 @@ def run_size(p: int, args) -> dict:
     for x in args.targets:
         start = time.perf_counter()
         sim = SIM(**base, target=SparsityTarget(fraction_removed=x)).fit(teacher, X, solver=solver())
-        fits.append(record(f"target {x:.0%} of dense", sim, Xt, yt, teacher_nnz, dense, time.perf_counter() - start))
-    print(f"\np = {p} (teacher accuracy {teacher_acc:.4f}; removed: fraction of the teacher's (A, B) nonzeros)")
-    print(f"{'fit':<34} {'accuracy':>8} {'nnz(A,B)':>9} {'removed':>8} {'of dense':>9} {'Lipschitz':>10} {'time s':>7}")
+        fits.append(
+            record(f"target {x:.0%} of dense", sim, Xt, yt, teacher_nnz, dense, time.perf_counter() - start)
+        )
+    print(
+        f"\np = {p} (teacher accuracy {teacher_acc:.4f}; removed: fraction of the teacher's (A, B) nonzeros)"
+    )
+    print(
+        f"{'fit':<34} {'accuracy':>8} {'nnz(A,B)':>9} {'removed':>8} {'of dense':>9} {'Lipschitz':>10} {'time s':>7}"
+    )
     for r in fits:
         print(
             f"{r['fit']:<34} {r['accuracy']:8.4f} {r['nnz_AB']:9d} {r['removed_vs_teacher']:8.1%} "
             f"{r['removed_vs_dense']:9.1%} {r['lipschitz']:10.3g} {r['time_s']:7.1f}"
         )
-    return {"p": p, "teacher_accuracy": teacher_acc, "teacher_nnz_AB": teacher_nnz, "dense_AB": dense, "fits": fits}
+    return {
+        "p": p,
+        "teacher_accuracy": teacher_acc,
+        "teacher_nnz_AB": teacher_nnz,
+        "dense_AB": dense,
+        "fits": fits,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="64")
     parser.add_argument("--kappa", type=float, default=0.95)
     parser.add_argument("--n-lams", type=int, default=20)

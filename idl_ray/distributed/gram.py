@@ -76,6 +76,8 @@ class RunInfo:
     polished_rows: int = 0
     #: workers H was shipped to and factored on (gram; 0 when all held it from an earlier solve)
     gram_shipped: int = 0
+    #: rows the workers certified by the interior-point hand-over (gram)
+    interior_point_rows: int = 0
 
     @classmethod
     def of_loop(
@@ -238,6 +240,7 @@ def _run_gram(
     W: torch.Tensor | None = None
     history: list[dict[str, float]] = []
     converged = stalled = False
+    interior_point_rows = 0
     relative_gap: float | None = None
     rho = rho0
     while iteration < options.max_iter or W is None:
@@ -268,6 +271,7 @@ def _run_gram(
         stalled = not converged and all(r.certified or r.stalled for r in reports)
         rho = max(r.rho for r in reports)
         certified_rows = sum(r.certified_rows for r in reports)
+        interior_point_rows = sum(r.interior_point_rows for r in reports)
         history.append(
             {
                 "iteration": iteration,
@@ -313,6 +317,7 @@ def _run_gram(
         stalled=stalled,
     )
     info.gram_shipped = shipped
+    info.interior_point_rows = interior_point_rows
     return W, info
 
 

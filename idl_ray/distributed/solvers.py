@@ -178,6 +178,7 @@ class _RaySolverMixin:
                     "relative_gap": info.relative_gap,
                     "polished_rows": info.polished_rows,
                     "gram_shipped": info.gram_shipped,
+                    "interior_point_rows": info.interior_point_rows,
                 }
             )
         return extra

@@ -113,3 +113,20 @@ def test_polishing_on_partial_supports(worker_pools):
         result = solver.solve(problem)
         assert bool((result.weights.abs().sum(dim=0) == 0).any())  # some column is zero in every row
         _assert_certified_optimum(result, problem, reference)
+
+
+def test_gram_workers_hand_rows_to_the_interior_point(problem, cvx, worker_pools):
+    """The gram strategy's workers run the same hand-over as ADMMSolver (RowBlockADMM): with it forced at the
+    first check, the rows are certified by the interior point on each worker's shard, and the answer is the
+    CVX optimum and the single-process one."""
+    from idl_ray.sim.solvers import ADMMSolver
+
+    solver = RayADMMSolver(
+        workers=worker_pools(2), strategy="gram", timeout_s=TIMEOUT_S, interior_point_after=0
+    )
+    result = solver.solve(problem)
+    _assert_certified_optimum(result, problem, cvx)
+    assert result.stats.extra["interior_point_rows"] > 0
+    local = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
+    assert local.stats.extra["interior_point_rows"] == result.stats.extra["interior_point_rows"]
+    assert relative_gap(result.stats.objective, local.stats.objective) < 1e-7

@@ -232,6 +232,7 @@ class ADMMSolver(BaseSolver):
                 "certified_rows": stats.certified_rows,
                 "interior_point_rows": stats.interior_point_rows,
                 "interior_point_iterations": stats.interior_point_iterations,
+                "vertex_rows": stats.vertex_rows,
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,

@@ -100,6 +100,10 @@ class ADMMOptions(Options):
         interior point of :mod:`~idl_ray.sim.solvers.interior_point` (20-30 Newton steps to a certified optimum
         on any conditioning), once per solve, when its predicted cost is below that of the ADMM steps left.
         l1-ball bound (or none) with every finite threshold > 0; not under ``mu_inf``.
+    vertex : bool
+        Where rank(H) < d, move each certified row with more nonzeros than the rank to a vertex of its optimal
+        face (:mod:`~idl_ray.sim.solvers.vertex`; at most rank + 2 nonzeros) when that still certifies: the
+        optimum is not unique there, and the vertex is the sparse one.
     interior_point_after : int >= 0
         ADMM steps before the hand-over (rank-deficient Grams of upsampled images need it; on well-conditioned
         ones ADMM certifies every row within it).
@@ -122,6 +126,7 @@ class ADMMOptions(Options):
     stall_checks: int = 40
     interior_point: bool = True
     interior_point_after: int = 100
+    vertex: bool = True
     mu: float = 10.0
     tau: float = 2.0
 
@@ -136,7 +141,7 @@ class ADMMOptions(Options):
         if self.abs_tol == 0 and self.rel_tol == 0:
             raise bad_parameter("abs_tol", owner, "> 0 when rel_tol is 0", self.abs_tol)
         check_positive_int(self.check_every, "check_every", owner)
-        for name in ("adaptive_rho", "polish", "equilibrate", "interior_point"):
+        for name in ("adaptive_rho", "polish", "equilibrate", "interior_point", "vertex"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_parameter(name, owner, "a bool", getattr(self, name))
         check_positive_float(self.relaxation, "relaxation", owner)

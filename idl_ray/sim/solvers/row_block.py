@@ -22,6 +22,8 @@ One round of the loop (:meth:`RowBlockADMM.run`) on the rows not yet certified:
    batched interior point (:mod:`~idl_ray.sim.solvers.interior_point`): on the rank-deficient Grams of
    upsampled images ADMM's end game crawls (gap ~1e-5 after 8,000 steps) where 20-30 Newton steps certify
    every row. A row takes the interior point's answer where its gap is smaller (U reset as for a polish).
+6. at the end, certified rows with more nonzeros than rank(H) move to a vertex of their optimal face (the
+   optimum is not unique there; :mod:`~idl_ray.sim.solvers.vertex`) where that still certifies.
 
 Iterations are counted as ADMM map evaluations, accelerated or not. The cap ``max_iter`` is a guard: a solve
 that reaches it reports ``converged=False`` with the gap it reached, never a success. A solve whose objective
@@ -52,6 +54,7 @@ from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.interior_point import interior_point_cost, interior_point_rows
 from idl_ray.sim.solvers.polish import POLISH_BELOW, Polished, polish_if_better
+from idl_ray.sim.solvers.vertex import vertex_candidates
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
@@ -89,6 +92,8 @@ class ADMMStats:
     #: rows certified by the interior-point hand-over, and its Newton steps (0 when it did not run)
     interior_point_rows: int = 0
     interior_point_iterations: int = 0
+    #: rows moved to a sparser vertex of their optimal face (:mod:`~idl_ray.sim.solvers.vertex`)
+    vertex_rows: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     #: ADMM's unconstrained iterate at the end, a second dual point for the certificate (rows x d)
     dual_point: torch.Tensor | None = None
@@ -110,6 +115,7 @@ class BlockReport:
     time_s: float
     interior_point_rows: int = 0
     interior_point_iterations: int = 0
+    vertex_rows: int = 0
 
     @property
     def gap(self) -> float:
@@ -173,6 +179,8 @@ class RowBlockADMM:
         self.interior_point_rows = 0
         self.interior_point_iterations = 0
         self._interior_point_tried = False
+        self._vertex_tried = torch.zeros(rows, dtype=torch.bool, device=R.device)
+        self.vertex_rows = 0
         self.history: list[dict[str, float]] = []
         # the sign pattern of each row at the previous check: an unchanged pattern calls for a polish
         self._last_signs = torch.full_like(R, 2.0)
@@ -333,6 +341,8 @@ class RowBlockADMM:
                 if new_rho != rho:
                     U[active] = U[active] * (rho / new_rho)
                     rho = new_rho
+        if options.vertex:
+            Z = self._to_vertices(Z)
         self.state = ADMMState(W=Z.clone(), Z=Z, U=U, rho=rho, iteration=iteration)
         primal, dual = self.gaps_total()
         certified = bool(self.certified.all())
@@ -349,7 +359,46 @@ class RowBlockADMM:
             time_s=time.perf_counter() - start,
             interior_point_rows=self.interior_point_rows,
             interior_point_iterations=self.interior_point_iterations,
+            vertex_rows=self.vertex_rows,
         )
+
+    # ------------------------------------------------------------------ the sparsest optimum
+    def _to_vertices(self, Z: torch.Tensor) -> torch.Tensor:
+        """Certified rows with more nonzeros than rank(H) move to a vertex of their optimal face where it
+        still certifies (:mod:`~idl_ray.sim.solvers.vertex`); each row is tried once per solve. The dual
+        (U) is unchanged: every point of the face has the same H w."""
+        rank = self.factor.rank
+        if self.condition == "mu_inf" or rank == 0 or rank >= self.R.shape[1]:
+            return Z
+        todo = self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
+        rows = torch.nonzero(todo).flatten()
+        self._vertex_tried |= self.certified
+        if rows.numel() == 0:
+            return Z
+        Q, s = self.factor.range_basis()
+        F = (Q * s.sqrt()).T
+        candidates, found = vertex_candidates(
+            F, Z[rows], lam=take_rows(self.lam, rows), kappa=self.kappa, n_constrained=self.n_constrained
+        )
+        if not bool(found.any()):
+            return Z
+        rows, candidates = rows[found], candidates[found]
+        gaps = self.certificate(candidates, rows)
+        keep = self._certified(gaps) & ((candidates != 0).sum(dim=1) < (Z[rows] != 0).sum(dim=1))
+        if bool(keep.any()):
+            Z = Z.clone()
+            Z[rows[keep]] = candidates[keep]
+            self._record_gaps(
+                rows[keep],
+                DualityGap(
+                    gaps.primal[keep],
+                    gaps.dual[keep],
+                    None if gaps.baseline is None else gaps.baseline[keep],
+                    gaps.rounding,
+                ),
+            )
+            self.vertex_rows += int(keep.sum())
+        return Z
 
     # ------------------------------------------------------------------ the interior-point hand-over
     def _interior_point_due(self, iteration: int) -> bool:
@@ -663,6 +712,7 @@ def admm_solve(
         rows=report.rows,
         interior_point_rows=report.interior_point_rows,
         interior_point_iterations=report.interior_point_iterations,
+        vertex_rows=report.vertex_rows,
         history=block.history,
     )
     stats.dual_point = dual_point(factor, Rt, block.state)

@@ -1,0 +1,98 @@
+"""The sparsest-optimum step (``idl_ray.sim.solvers.vertex``): on a Gram whose lasso optimum is not unique,
+certified rows move to a vertex of their optimal face, with the same objective (checked against Clarabel).
+
+Duplicated features make the optimum non-unique in a way with a closed-form answer: any split of a weight
+between two identical columns with the same sign is optimal, and a vertex puts it all on one of them.
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.solvers import ADMMSolver
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.vertex import vertex_candidates
+
+N, M = 4, 80
+
+
+def duplicated_problem(
+    lam: float, kappa: float | None, seed: int = 0
+) -> tuple[SIMProblem, torch.Tensor, torch.Tensor]:
+    """Features [hidden (N), pixels (6), the same 6 pixels again, 6 more copies]: rank 10 of d = 22."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(M, 6, generator=gen, dtype=torch.float64)
+    hidden = torch.rand(M, N, generator=gen, dtype=torch.float64)  # independent of the pixels
+    features = torch.cat([hidden, pixels, pixels, pixels], dim=1)
+    targets = torch.cat([hidden, pixels], dim=1) @ torch.randn(N + 6, N, generator=gen, dtype=torch.float64)
+    targets = targets + 0.05 * torch.randn(M, N, generator=gen, dtype=torch.float64)
+    problem = SIMProblem.from_samples(features, targets, lam=lam, kappa=kappa, n_constrained=N)
+    return problem, features, targets
+
+
+def clarabel_objective(features, targets, lam: float, kappa: float | None) -> float:
+    F, T = features.numpy(), targets.numpy()
+    total = 0.0
+    for i in range(T.shape[1]):
+        w = cp.Variable(F.shape[1])
+        constraints = [cp.norm1(w[:N]) <= kappa] if kappa is not None else []
+        program = cp.Problem(
+            cp.Minimize(0.5 / M * cp.sum_squares(T[:, i] - F @ w) + lam * cp.norm1(w)), constraints
+        )
+        program.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        total += program.value
+    return total
+
+
+def test_vertex_of_a_split_weight_is_on_one_copy() -> None:
+    """A row spreading each pixel's weight evenly over its three identical columns (21 nonzeros > rank 10):
+    the vertex keeps one copy per pixel, carrying the sum, and the hidden weights as they were."""
+    problem, _, _ = duplicated_problem(1e-3, None)
+    H, _ = problem.scaled()
+    factor = GramFactor(H)
+    Q, s = factor.range_basis()
+    F = (Q * s.sqrt()).T
+    assert factor.rank == N + 6
+    W = torch.zeros(1, H.shape[0], dtype=torch.float64)
+    W[0, :N] = torch.tensor([0.2, -0.3, 0.05, 0.0], dtype=torch.float64)
+    pixel_weights = torch.tensor([0.3, -0.6, 0.9, 0.15, -0.3, 0.45], dtype=torch.float64)
+    W[0, N:] = (pixel_weights / 3).repeat(3)
+    candidates, found = vertex_candidates(F, W, lam=1e-3, kappa=None, n_constrained=N)
+    assert bool(found[0])
+    copies = candidates[0, N:].reshape(3, 6)
+    assert bool(((copies != 0).sum(dim=0) == 1).all())
+    torch.testing.assert_close(copies.sum(dim=0), pixel_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(candidates[0, :N], W[0, :N], rtol=1e-10, atol=1e-12)
+    # same fitted value and the same l1 norm: a point of the same optimal face
+    torch.testing.assert_close(candidates @ H, W @ H, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(candidates.abs().sum(), W.abs().sum())
+
+
+def test_admm_returns_a_sparser_optimum_with_the_same_objective() -> None:
+    for lam, kappa in [(1e-3, 0.8), (1e-4, None)]:
+        problem, features, targets = duplicated_problem(lam, kappa, seed=1)
+        sparse = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
+        dense = ADMMSolver(device="cpu", interior_point_after=0, vertex=False).solve(problem)
+        assert sparse.stats.converged and dense.stats.converged
+        assert sparse.stats.extra["vertex_rows"] > 0
+        assert int((sparse.weights != 0).sum()) < int((dense.weights != 0).sum())
+        rank = GramFactor(problem.scaled()[0]).rank
+        moved = (sparse.weights != dense.weights).any(dim=1)
+        assert bool(((sparse.weights[moved] != 0).sum(dim=1) <= rank + 2).all())
+        reference = clarabel_objective(features, targets, lam, kappa)
+        assert abs(sparse.stats.objective - reference) <= 1e-6 * reference
+        if kappa is not None:
+            assert float(sparse.weights[:, :N].abs().sum(1).max()) <= kappa
+
+
+def test_vertex_off_and_full_rank_change_nothing() -> None:
+    gen = torch.Generator().manual_seed(4)
+    features = torch.rand(M, 10, generator=gen, dtype=torch.float64)
+    targets = features @ torch.randn(10, N, generator=gen, dtype=torch.float64)
+    problem = SIMProblem.from_samples(features, targets, lam=1e-3, kappa=0.5, n_constrained=N)
+    result = ADMMSolver(device="cpu").solve(problem)
+    assert result.stats.extra["vertex_rows"] == 0  # full rank: the optimum is unique
+    assert np.isfinite(result.stats.objective)
