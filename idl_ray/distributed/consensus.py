@@ -29,6 +29,12 @@ only). The solve stops when every row is certified. Boyd's residuals (s7.1)::
 are kept for rho balancing only (``mu``/``tau``, every ``check_every`` iterations, applied one iteration
 later, when the workers next hear from the driver). The answer is Z (or the polished rows), the output of
 the prox, so the kappa bound holds exactly.
+
+Interior-point hand-over: as in the single-process solver, the rows still uncertified after
+``interior_point_after`` iterations go once to the batched interior point, here on the driver: H is gathered
+once (``sum_k G_k / m + l2 I``, one d x d round trip, the full-column case of the polish's H_SS), and
+:func:`~idl_ray.sim.solvers.finish.finish_rows` solves and certifies them (and moves them to a vertex of their
+optimal face where the optimum is not unique).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from idl_ray.distributed.gram import RunInfo, roll_back
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
+from idl_ray.sim.solvers.finish import finish_rows
 
 _INLINE_BYTES = 64 * 1024
 
@@ -146,7 +153,8 @@ def _run_consensus(
     kept_dual = torch.zeros(rows, dtype=torch.float64)
     done = torch.zeros(rows, dtype=torch.bool)
     rho = pending = rho0
-    iteration = polished_rows = 0
+    iteration = polished_rows = interior_point_rows = 0
+    handed = False
     history: list[dict[str, float]] = []
     converged = False
     sums: ResidualSums | None = None
@@ -238,8 +246,30 @@ def _run_consensus(
             relative_gap = float((primal - dual).clamp_min(0).sum()) / max(
                 abs(float(primal.sum())), torch.finfo(torch.float64).tiny
             )
-            record.update({"relative_gap": relative_gap, "certified_rows": int(done.sum())})
             converged = bool(done.all())
+            if not converged and not handed and _hand_over_due(options, iteration, lam):
+                handed = True
+                with timings.phase("interior point"):
+                    H = restricted_hessian(torch.arange(d))
+                    current = torch.where(done, kept_primal, gaps.primal)
+                    finished = finish_rows(
+                        H, R, certificate.target_sq, torch.nonzero(~done).flatten(), lam=lam, kappa=kappa,
+                        n_constrained=nc, gap_tol=options.gap_tol, current_primal=current,
+                        vertex=options.vertex,
+                    )  # fmt: skip
+                got = finished.rows[finished.certified]
+                kept[got] = finished.weights[finished.certified]
+                kept_primal[got] = finished.gaps.primal[finished.certified]
+                kept_dual[got] = finished.gaps.dual[finished.certified]
+                done[got] = True
+                interior_point_rows += int(got.numel())
+                primal = torch.where(done, kept_primal, gaps.primal)
+                dual = torch.where(done, kept_dual, gaps.dual)
+                relative_gap = float((primal - dual).clamp_min(0).sum()) / max(
+                    abs(float(primal.sum())), torch.finfo(torch.float64).tiny
+                )
+                converged = bool(done.all())
+            record.update({"relative_gap": relative_gap, "certified_rows": int(done.sum())})
         history.append(record)
         reporter.update(
             ProgressEvent(
@@ -292,7 +322,18 @@ def _run_consensus(
         relative_gap=relative_gap,
     )
     info.polished_rows = polished_rows
+    info.interior_point_rows = interior_point_rows
     return W, info
+
+
+def _hand_over_due(options: ADMMOptions, iteration: int, lam: float | torch.Tensor) -> bool:
+    """The interior-point hand-over applies (enabled, every finite threshold > 0) and its step count came."""
+    if not options.interior_point or iteration < options.interior_point_after:
+        return False
+    if isinstance(lam, torch.Tensor):
+        finite = lam[torch.isfinite(lam)]
+        return bool(finite.numel() == 0 or float(finite.min()) > 0)
+    return float(lam) > 0
 
 
 def _values(states: list[ConsensusLocalState], relaxation: float) -> list[torch.Tensor] | None:

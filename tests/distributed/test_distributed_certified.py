@@ -70,8 +70,10 @@ def test_consensus_reaches_the_certified_optimum(settings, problem, cvx, worker_
 
 def test_polishing_pays_on_consensus(problem, worker_pools):
     pool = worker_pools(2)
-    plain = RayADMMSolver(workers=pool, strategy="consensus", polish=False, timeout_s=TIMEOUT_S)
-    polished = RayADMMSolver(workers=pool, strategy="consensus", timeout_s=TIMEOUT_S)
+    # without the interior-point hand-over, which would finish both runs at iteration 100
+    alone = {"timeout_s": TIMEOUT_S, "interior_point": False}
+    plain = RayADMMSolver(workers=pool, strategy="consensus", polish=False, **alone)
+    polished = RayADMMSolver(workers=pool, strategy="consensus", **alone)
     with_polish, without = polished.solve(problem).stats, plain.solve(problem).stats
     assert with_polish.extra["polished_rows"] > 0
     assert with_polish.iterations < without.iterations
@@ -130,3 +132,14 @@ def test_gram_workers_hand_rows_to_the_interior_point(problem, cvx, worker_pools
     local = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
     assert local.stats.extra["interior_point_rows"] == result.stats.extra["interior_point_rows"]
     assert relative_gap(result.stats.objective, local.stats.objective) < 1e-7
+
+
+def test_consensus_hands_rows_to_the_interior_point(problem, cvx, worker_pools):
+    """Consensus gathers H once at the hand-over and finishes the uncertified rows on the driver."""
+    solver = RayADMMSolver(
+        workers=worker_pools(2), strategy="consensus", timeout_s=TIMEOUT_S, interior_point_after=0
+    )
+    result = solver.solve(problem)
+    _assert_certified_optimum(result, problem, cvx)
+    assert result.stats.extra["interior_point_rows"] > 0
+    assert result.stats.iterations == solver.options.check_every  # finished at the first check

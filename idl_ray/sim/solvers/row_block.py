@@ -370,7 +370,9 @@ class RowBlockADMM:
         rank = self.factor.rank
         if self.condition == "mu_inf" or rank == 0 or rank >= self.R.shape[1]:
             return Z
-        todo = self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
+        todo = (
+            self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
+        )  # vertex_candidates filters more
         rows = torch.nonzero(todo).flatten()
         self._vertex_tried |= self.certified
         if rows.numel() == 0:

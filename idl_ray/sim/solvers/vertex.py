@@ -28,6 +28,8 @@ __all__ = ["vertex_candidates"]
 
 #: columns whose pivoted-QR diagonal is below this fraction of the first are dependent
 _RANK_TOL = 1e-10
+#: rows are tried only with more than this multiple of rank(H) nonzeros (a vertex has at most rank + 2)
+_WORTH = 1.25
 #: a bound counts as active when ||w_A||_1 is within this relative distance of kappa
 _ACTIVE_BOUND = 1e-9
 
@@ -65,7 +67,7 @@ def vertex_candidates(
         for i in range(W_cpu.shape[0]):
             w = W_cpu[i]
             support = torch.nonzero(w).flatten()
-            if support.numel() <= F_np.shape[0]:  # no more nonzeros than rank(H): nothing to remove
+            if support.numel() <= _WORTH * F_np.shape[0]:  # a vertex has <= rank + 2: little to remove
                 continue
             t = take_rows(lam, i)
             t_row = t.to("cpu", torch.float64)[support] if isinstance(t, torch.Tensor) else None

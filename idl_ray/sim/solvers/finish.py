@@ -1,0 +1,82 @@
+"""Finish a set of rows exactly: the interior point, then the sparsest-optimum step, on one H.
+
+For drivers that hold H but not a :class:`~idl_ray.sim.solvers.row_block.RowBlockADMM` (the consensus strategy
+gathers H once for it). The single-process ADMM runs the same two kernels inside its loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
+from idl_ray.sim.solvers.interior_point import interior_point_rows
+from idl_ray.sim.solvers.vertex import vertex_candidates
+from idl_ray.sim.solvers.weights import Threshold, take_rows
+
+__all__ = ["Finished", "finish_rows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """``rows`` (indices into R), their ``weights`` (len(rows) x d), ``gaps`` and ``certified`` mask."""
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+    gaps: DualityGap
+    certified: torch.Tensor
+    iterations: int
+
+
+def finish_rows(
+    H: torch.Tensor,
+    R: torch.Tensor,
+    target_sq: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    lam: Threshold,
+    kappa: float | None,
+    n_constrained: int,
+    gap_tol: float,
+    current_primal: torch.Tensor,
+    vertex: bool = True,
+) -> Finished:
+    """Solve the rows ``rows`` of (H, R) by the interior point and certify them (gap_tol against the stage's
+    mean objective, from ``current_primal`` (n,) updated as these rows improve); certified rows with more
+    nonzeros than rank(H) then move to a vertex of their optimal face where it still certifies.
+
+    Parameters
+    ----------
+    H : Tensor (d, d), G/m + l2 I; R : Tensor (n, d), Rt/m; target_sq : Tensor (n,), ||t||^2/m
+    rows : 1-D index tensor into R; lam : float or thresholds aligned with R; kappa, n_constrained : the bound
+    """
+    factor = GramFactor(H)
+    lam_rows = take_rows(lam, rows)
+    nc = n_constrained if kappa is not None else 0
+    settings = {"kappa": kappa, "n_constrained": nc}
+    primal = current_primal.to(torch.float64).clone()
+
+    def certify(W: torch.Tensor, local: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
+        index = rows[local]
+        gaps = duality_gap(W, H, R[index], target_sq[index], lam=take_rows(lam_rows, local), **settings)
+        primal[index] = torch.minimum(primal[index], gaps.primal)
+        return gaps, gaps.certified(gap_tol, mean_primal=float(primal.abs().mean()))
+
+    result = interior_point_rows(factor, R[rows], lam=lam_rows, certify=certify, **settings)
+    weights, gaps, certified = result.weights, result.gaps, result.certified
+    if vertex and 0 < factor.rank < H.shape[0] and bool(certified.any()):
+        Q, s = factor.range_basis()
+        chosen = torch.nonzero(certified).flatten()
+        candidates, found = vertex_candidates(
+            (Q * s.sqrt()).T, weights[chosen], lam=take_rows(lam_rows, chosen), **settings
+        )
+        if bool(found.any()):
+            chosen, candidates = chosen[found], candidates[found]
+            new, ok = certify(candidates, chosen)
+            take = chosen[ok]
+            weights = weights.clone()
+            weights[take] = candidates[ok]
+            gaps.primal[take], gaps.dual[take] = new.primal[ok], new.dual[ok]
+    return Finished(rows=rows, weights=weights, gaps=gaps, certified=certified, iterations=result.iterations)
