@@ -30,8 +30,8 @@ the (r + 1) x (r + 1) system::
     [ -((D+ - D-) a)^T F^T     sum_A (D+ + D-) + D_tau ] [ d tau   ]  =  rhs,       D = z / s
 
 solved by one Cholesky of the leading block (>= I: never singular) and a Schur complement for tau. Cost per
-iteration: ``2 rows r^2 d`` flops (forming the blocks) plus ``rows r^3 / 3``, in chunks of rows that keep the
-``rows x r x d`` intermediate within :data:`MEMORY_BUDGET_BYTES`.
+iteration: ``rows r^2 d`` flops (forming the blocks from the products ``f_k f_l``, formed once, when they fit
+:data:`MEMORY_BUDGET_BYTES`; else twice that, in chunks of rows) plus ``rows r^3 / 3``.
 
 **Stopping** is the solver's own certificate: after every iteration the weights (A-parts scaled onto the
 kappa ball, a no-op up to rounding) are scored by the duality gap of the full problem (the caller's
@@ -154,6 +154,7 @@ def interior_point_rows(
         t[:, :nc] = math.inf
         nc = 0
     state = _State.start(b, t, nc, F.shape[0])
+    blocks = _NormalBlocks(F)
     best = torch.zeros(rows, d, dtype=dtype, device=device)
     best_gaps: DualityGap | None = None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -181,9 +182,9 @@ def interior_point_rows(
         active = active[~stuck[active]]
         if active.numel() == 0:
             break
-        chunk = max(1, int(MEMORY_BUDGET_BYTES // max(8 * F.shape[0] * d, 1)))
+        chunk = blocks.chunk_rows
         for part in active.split(chunk):
-            state.newton_step(part, F, b, t, float(kappa) if nc else 0.0, nc)
+            state.newton_step(part, F, b, t, float(kappa) if nc else 0.0, nc, blocks)
         iterations = iteration + 1
     assert best_gaps is not None
     return InteriorPointResult(
@@ -359,6 +360,7 @@ class _State:
         t_all: torch.Tensor,
         kappa: float,
         nc: int,
+        blocks: _NormalBlocks,
     ) -> None:
         """One Mehrotra predictor-corrector step of the rows ``rows`` (in place)."""
         bounded = self.bounded
@@ -385,10 +387,8 @@ class _State:
         Dp = (zp / sp).clamp(1 / _SCALING_CAP, _SCALING_CAP) * live
         Dm = (zm / sm).clamp(1 / _SCALING_CAP, _SCALING_CAP) * live
         delta = Dp + Dm
-        X = F[None] * delta.sqrt()[:, None, :]
         eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-        M = torch.baddbmm(eye, X, X.transpose(1, 2))
-        del X
+        M = blocks.normal_matrices(delta) + eye
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info > 0).any()):  # only rounding can make M (>= I) fail: a relative ridge fixes it
             M = M + 1e-12 * M.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * eye
@@ -452,6 +452,40 @@ class _State:
             self.tau[rows] = tau + alpha * d_tau
             self.s_tau[rows] = s_tau + alpha * ds_tau
             self.z_tau[rows] = z_tau + alpha * dz_tau
+
+
+class _NormalBlocks:
+    """``F diag(delta_i) F^T`` (r x r) for a batch of rows' delta (rows x d).
+
+    When the products ``f_k f_l`` (d x r(r+1)/2, the upper triangle) fit :data:`MEMORY_BUDGET_BYTES`, they are
+    formed once and every step is one GEMM ``delta P``: no rows x r x d intermediate is written per step
+    (on the 28x28 digits teacher that write was as costly as the product). Otherwise the batched product
+    ``(F sqrt(delta)) (F sqrt(delta))^T`` runs in chunks of rows within the same budget.
+    """
+
+    def __init__(self, F: torch.Tensor) -> None:
+        r, d = F.shape
+        self.r = r
+        self.upper = torch.triu_indices(r, r, device=F.device)
+        pairs = self.upper.shape[1]
+        self.F = F
+        self.P: torch.Tensor | None = None
+        if 8 * d * pairs <= MEMORY_BUDGET_BYTES:
+            self.P = (F[self.upper[0]] * F[self.upper[1]]).T.contiguous()  # d x pairs
+            self.chunk_rows = max(1, int(MEMORY_BUDGET_BYTES // max(8 * (pairs + r * r), 1)))
+        else:
+            self.chunk_rows = max(1, int(MEMORY_BUDGET_BYTES // max(8 * r * d, 1)))
+
+    def normal_matrices(self, delta: torch.Tensor) -> torch.Tensor:
+        """(rows, r, r) symmetric ``F diag(delta_i) F^T``."""
+        if self.P is None:
+            X = self.F[None] * delta.sqrt()[:, None, :]
+            return torch.bmm(X, X.transpose(1, 2))
+        upper = delta @ self.P  # rows x pairs
+        M = torch.zeros(delta.shape[0], self.r, self.r, dtype=delta.dtype, device=delta.device)
+        M[:, self.upper[0], self.upper[1]] = upper
+        M[:, self.upper[1], self.upper[0]] = upper
+        return M
 
 
 def _bounded_columns(d: int, nc: int, like: torch.Tensor) -> torch.Tensor:
