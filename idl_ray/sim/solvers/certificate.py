@@ -81,6 +81,15 @@ class DualityGap:
     #: relative rounding level of the dtype the gap was computed in
     rounding: float = _ROUNDING
 
+    def set_rows(self, rows: torch.Tensor, other: DualityGap, mask: torch.Tensor | None = None) -> None:
+        """Overwrite the entries ``rows`` with ``other``'s (with ``other``'s entries ``mask`` when given), in
+        place: a row whose weights changed takes the certificate of its new weights."""
+        pick = (lambda x: x) if mask is None else (lambda x: x[mask])
+        self.primal[rows] = pick(other.primal)
+        self.dual[rows] = pick(other.dual)
+        if self.baseline is not None and other.baseline is not None:
+            self.baseline[rows] = pick(other.baseline)
+
     @property
     def gaps(self) -> torch.Tensor:
         """Per-row gaps P_i - D_i (>= 0 up to rounding)."""

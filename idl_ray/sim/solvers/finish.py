@@ -78,5 +78,5 @@ def finish_rows(
             take = chosen[ok]
             weights = weights.clone()
             weights[take] = candidates[ok]
-            gaps.primal[take], gaps.dual[take] = new.primal[ok], new.dual[ok]
+            gaps.set_rows(take, new, ok)
     return Finished(rows=rows, weights=weights, gaps=gaps, certified=certified, iterations=result.iterations)

@@ -231,10 +231,7 @@ def _certified_weights(
         cut_gaps, cut_ok = certify(candidate, rows[pending])
         won = pending[cut_ok]
         W[won] = candidate[cut_ok]
-        gaps.primal[won] = cut_gaps.primal[cut_ok]
-        gaps.dual[won] = cut_gaps.dual[cut_ok]
-        if gaps.baseline is not None and cut_gaps.baseline is not None:
-            gaps.baseline[won] = cut_gaps.baseline[cut_ok]
+        gaps.set_rows(won, cut_gaps, cut_ok)
         sparse[won] = cut >= _SPARSE_CUT
         pending = pending[~cut_ok]
     return W, gaps, ok, sparse
@@ -271,12 +268,8 @@ def _keep_best(
             rounding=gaps.rounding,
         )
     improved = ok | (gaps.gaps < best_gaps.gaps[rows])
-    take = rows[improved]
-    best[take] = W[improved]
-    best_gaps.primal[take] = gaps.primal[improved]
-    best_gaps.dual[take] = gaps.dual[improved]
-    if gaps.baseline is not None and best_gaps.baseline is not None:
-        best_gaps.baseline[take] = gaps.baseline[improved]
+    best[rows[improved]] = W[improved]
+    best_gaps.set_rows(rows[improved], gaps, improved)
     return best_gaps
 
 

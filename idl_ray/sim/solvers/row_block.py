@@ -458,10 +458,7 @@ class RowBlockADMM:
         take, positions = rows[better], open_[better]
         Z[take] = result.weights[better]
         U[take] = self._dual_at(result.weights[better], take, rho)
-        gaps.primal[positions] = result.gaps.primal[better]
-        gaps.dual[positions] = result.gaps.dual[better]
-        if gaps.baseline is not None and result.gaps.baseline is not None:
-            gaps.baseline[positions] = result.gaps.baseline[better]
+        gaps.set_rows(positions, result.gaps, better)
         self._record_gaps(active, gaps)
         # a row the interior point certified stays certified, as a row frozen by ADMM does, although the
         # block's mean objective (the scale of the test) fell with the rows it improved
