@@ -160,3 +160,16 @@ def test_no_hand_over_at_lam_zero() -> None:
 def test_bad_options(name: str, value) -> None:
     with pytest.raises(ConfigError, match=name):
         ADMMOptions(**{name: value})
+
+
+def test_float32_solver_hands_over_in_float64() -> None:
+    """The interior point computes in float64 whatever the solver's dtype; the float32 answer is close to the
+    float64 optimum (float32's certificate itself cannot resolve much below 1e-2 here)."""
+    features, targets = samples(rank_deficient=True, seed=13)
+    problem = SIMProblem.from_samples(features, targets, lam=1e-3, kappa=0.5, n_constrained=N)
+    optimum = ADMMSolver(device="cpu").solve(problem).stats.objective
+    result = ADMMSolver(device="cpu", dtype=torch.float32, interior_point_after=0).solve(problem)
+    assert result.weights.dtype == torch.float32
+    assert result.stats.extra["interior_point_iterations"] > 0
+    assert float(result.weights[:, :N].double().abs().sum(1).max()) <= 0.5 * (1 + 1e-6)
+    assert (problem.objective(result.weights.double()) - optimum) <= 1e-4 * optimum

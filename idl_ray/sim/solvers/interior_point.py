@@ -268,7 +268,7 @@ def _keep_best(
             rounding=gaps.rounding,
         )
     improved = ok | (gaps.gaps < best_gaps.gaps[rows])
-    best[rows[improved]] = W[improved]
+    best[rows[improved]] = W[improved].to(best.dtype)
     best_gaps.set_rows(rows[improved], gaps, improved)
     return best_gaps
 
