@@ -156,7 +156,8 @@ def interior_point_rows(
     state = _State.start(b, t, nc, F.shape[0])
     blocks = _NormalBlocks(F)
     best = torch.zeros(rows, d, dtype=dtype, device=device)
-    best_gaps: DualityGap | None = None
+    unset = torch.full((rows,), math.inf, dtype=torch.float64, device=device)
+    best_gaps = DualityGap(primal=unset, dual=torch.zeros_like(unset), baseline=torch.zeros_like(unset))
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     certified = torch.zeros_like(done)
     late = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -169,7 +170,7 @@ def interior_point_rows(
         W, gaps, ok, sparse = _certified_weights(
             state, active, float(kappa) if nc else None, nc, certify, out_dtype
         )
-        best_gaps = _keep_best(best, best_gaps, W, gaps, ok, active, rows)
+        _keep_best(best, best_gaps, W, gaps, ok, active)
         # a row certified only with its O(mu) entries takes a few more steps to certify its sparse point
         late[active[ok & ~sparse]] += 1
         finished = sparse | (ok & (late[active] > _SPARSE_STEPS))
@@ -186,7 +187,6 @@ def interior_point_rows(
         for part in active.split(chunk):
             state.newton_step(part, F, b, t, float(kappa) if nc else 0.0, nc, blocks)
         iterations = iteration + 1
-    assert best_gaps is not None
     return InteriorPointResult(
         weights=best.to(out_dtype),
         gaps=best_gaps,
@@ -250,27 +250,17 @@ def _where(mask: torch.Tensor, a: DualityGap, b: DualityGap) -> DualityGap:
 
 def _keep_best(
     best: torch.Tensor,
-    best_gaps: DualityGap | None,
+    best_gaps: DualityGap,
     W: torch.Tensor,
     gaps: DualityGap,
     ok: torch.Tensor,
     rows: torch.Tensor,
-    n: int,
-) -> DualityGap:
-    """Store W's rows where they are certified (``ok``: the sparse point the row leaves with) or their gap
-    beats the best so far (in place); the updated best gaps."""
-    if best_gaps is None:
-        inf = torch.full((n,), math.inf, dtype=torch.float64, device=W.device)
-        best_gaps = DualityGap(
-            primal=inf.clone(),
-            dual=torch.zeros_like(inf),
-            baseline=torch.zeros_like(inf),
-            rounding=gaps.rounding,
-        )
+) -> None:
+    """Store W's rows (in place) where they are certified (``ok``: the sparse point the row leaves with) or
+    their gap beats the best so far."""
     improved = ok | (gaps.gaps < best_gaps.gaps[rows])
     best[rows[improved]] = W[improved].to(best.dtype)
     best_gaps.set_rows(rows[improved], gaps, improved)
-    return best_gaps
 
 
 @dataclasses.dataclass

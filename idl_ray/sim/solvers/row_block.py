@@ -179,6 +179,9 @@ class RowBlockADMM:
         self.interior_point_rows = 0
         self.interior_point_iterations = 0
         self._interior_point_tried = False
+        # a warm start (a lambda path's previous point) hands over at its first check: the rows its polish did
+        # not certify are where ADMM crawls, and the interior point does not use a start anyway
+        self._hand_over_at = self.state.iteration if polish_first else options.interior_point_after
         self._vertex_tried = torch.zeros(rows, dtype=torch.bool, device=R.device)
         self.vertex_rows = 0
         self.history: list[dict[str, float]] = []
@@ -408,7 +411,7 @@ class RowBlockADMM:
         options = self.options
         if not self._interior_point_applies or self._interior_point_tried:
             return False
-        if iteration < options.interior_point_after and not self._stalled():
+        if iteration < self._hand_over_at and not self._stalled():
             return False
         # ski rental: only when it is predicted cheaper than the ADMM steps the budget still allows
         rank, d = self.factor.rank, self.R.shape[1]
