@@ -179,9 +179,13 @@ class RowBlockADMM:
         self.interior_point_rows = 0
         self.interior_point_iterations = 0
         self._interior_point_tried = False
-        # a warm start (a lambda path's previous point) hands over at its first check: the rows its polish did
-        # not certify are where ADMM crawls, and the interior point does not use a start anyway
-        self._hand_over_at = self.state.iteration if polish_first else options.interior_point_after
+        # a warm start (a lambda path's previous point) on a low-rank Gram hands over at its first check: the
+        # rows its polish did not certify are where ADMM crawls (measured: p = 784 path 1.63x -> 2.18x the cold
+        # fits); on a well-conditioned Gram ADMM finishes them in tens of steps, cheaper than Newton steps
+        low_rank = 3 * factor.rank <= factor.dim
+        self._hand_over_at = (
+            self.state.iteration if polish_first and low_rank else options.interior_point_after
+        )
         self._vertex_tried = torch.zeros(rows, dtype=torch.bool, device=R.device)
         self.vertex_rows = 0
         self.history: list[dict[str, float]] = []
