@@ -80,8 +80,7 @@ class ShardCertificate:
             full = W.clone()  # zero outside ``index`` (the union of the supports)
             full[rows[:, None], index[None, :]] = Wc
             everything = self(full)
-            baseline = None if everything.baseline is None else everything.baseline[rows]
-            return DualityGap(everything.primal[rows], everything.dual[rows], baseline, everything.rounding)
+            return everything.take(rows)
 
         polished = polish_if_better(
             H_SS,

@@ -81,6 +81,11 @@ class DualityGap:
     #: relative rounding level of the dtype the gap was computed in
     rounding: float = _ROUNDING
 
+    def take(self, mask: torch.Tensor) -> DualityGap:
+        """The certificate of the rows ``mask`` (a bool mask or an index tensor)."""
+        baseline = None if self.baseline is None else self.baseline[mask]
+        return DualityGap(self.primal[mask], self.dual[mask], baseline, self.rounding)
+
     def set_rows(self, rows: torch.Tensor, other: DualityGap, mask: torch.Tensor | None = None) -> None:
         """Overwrite the entries ``rows`` with ``other``'s (with ``other``'s entries ``mask`` when given), in
         place: a row whose weights changed takes the certificate of its new weights."""

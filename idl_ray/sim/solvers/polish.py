@@ -241,13 +241,4 @@ def polish_if_better(
     better = found & (new.gaps < gaps.gaps[positions]) & (new.primal <= gaps.primal[positions] + slack)
     if not bool(better.any()):
         return None
-    return Polished(
-        positions=positions[better],
-        weights=candidate[better],
-        gaps=DualityGap(
-            new.primal[better],
-            new.dual[better],
-            None if new.baseline is None else new.baseline[better],
-            new.rounding,
-        ),
-    )
+    return Polished(positions=positions[better], weights=candidate[better], gaps=new.take(better))

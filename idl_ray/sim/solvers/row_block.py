@@ -377,9 +377,8 @@ class RowBlockADMM:
         rank = self.factor.rank
         if self.condition == "mu_inf" or rank == 0 or rank >= self.R.shape[1]:
             return Z
-        todo = (
-            self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
-        )  # vertex_candidates filters more
+        # (vertex_candidates skips more rows: those with too few nonzeros to gain much)
+        todo = self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
         rows = torch.nonzero(todo).flatten()
         self._vertex_tried |= self.certified
         if rows.numel() == 0:
@@ -397,15 +396,7 @@ class RowBlockADMM:
         if bool(keep.any()):
             Z = Z.clone()
             Z[rows[keep]] = candidates[keep]
-            self._record_gaps(
-                rows[keep],
-                DualityGap(
-                    gaps.primal[keep],
-                    gaps.dual[keep],
-                    None if gaps.baseline is None else gaps.baseline[keep],
-                    gaps.rounding,
-                ),
-            )
+            self._record_gaps(rows[keep], gaps.take(keep))
             self.vertex_rows += int(keep.sum())
         return Z
 
@@ -587,16 +578,8 @@ class RowBlockADMM:
         keep = polished.gaps.certified(self.options.gap_tol, mean_primal=float(self.gaps.primal.abs().mean()))
         if not bool(keep.any()):
             return None
-        gaps = polished.gaps
         return Polished(
-            positions=polished.positions[keep],
-            weights=polished.weights[keep],
-            gaps=dataclasses.replace(
-                gaps,
-                primal=gaps.primal[keep],
-                dual=gaps.dual[keep],
-                baseline=None if gaps.baseline is None else gaps.baseline[keep],
-            ),
+            positions=polished.positions[keep], weights=polished.weights[keep], gaps=polished.gaps.take(keep)
         )
 
     def _adapted_rho(self, x: torch.Tensor, gx: torch.Tensor, rho: float, d: int) -> float:
