@@ -173,3 +173,19 @@ def test_float32_solver_hands_over_in_float64() -> None:
     assert result.stats.extra["interior_point_iterations"] > 0
     assert float(result.weights[:, :N].double().abs().sum(1).max()) <= 0.5 * (1 + 1e-6)
     assert (problem.objective(result.weights.double()) - optimum) <= 1e-4 * optimum
+
+
+def test_hand_over_waits_where_the_interior_point_is_costly() -> None:
+    """A full-rank Gram (d = 200, correlated columns): the interior point would cost as much as ~3,000 ADMM
+    steps by flops, so even with interior_point_after=0 the hand-over waits (~90 steps), and ADMM certifies
+    first (in ~70 steps; handing over at the first check would have run the interior point)."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3000, 200, generator=gen, dtype=torch.float64)
+    features = 0.98 * base[:, :1] + 0.02 * base
+    mixing = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    targets = features[:, :8] @ mixing + 0.5 * torch.randn(3000, 8, generator=gen, dtype=torch.float64)
+    problem = SIMProblem.from_samples(features, targets, lam=1e-5, kappa=0.2, n_constrained=8)
+    result = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
+    assert result.stats.converged
+    assert result.stats.extra["interior_point_iterations"] == 0
+    assert 25 < result.stats.iterations < 90  # past the first check, before the hand-over

@@ -105,8 +105,9 @@ class ADMMOptions(Options):
         face (:mod:`~idl_ray.sim.solvers.vertex`; at most rank + 2 nonzeros) when that still certifies: the
         optimum is not unique there, and the vertex is the sparse one.
     interior_point_after : int >= 0
-        ADMM steps before the hand-over (rank-deficient Grams of upsampled images need it; on well-conditioned
-        ones ADMM certifies every row within it).
+        ADMM steps before the hand-over, at least (rank-deficient Grams of upsampled images need it; on
+        well-conditioned ones ADMM certifies every row within it). Where the interior point is costly (a
+        full-rank d ~ 900 Gram) the hand-over waits until the steps taken cost 1/32 of it by flops (~400 steps).
     mu, tau : float
         Residual-balancing ratio and factor of the consensus strategy (mu > 1, tau > 1).
     """

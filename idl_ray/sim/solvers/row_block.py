@@ -67,6 +67,8 @@ _TINY = torch.finfo(torch.float64).tiny
 #: gap, whose dual point is rescaled, still looks poor)
 _POLISH_ALL_EVERY = 4
 _POLISH_PERIOD_MAX = 64
+#: ADMM hands over once its steps have cost 1 / this (by flops) of the interior point's predicted cost
+_HAND_OVER_SHARE = 32.0
 
 
 @dataclasses.dataclass
@@ -184,7 +186,9 @@ class RowBlockADMM:
         # fits); on a well-conditioned Gram ADMM finishes them in tens of steps, cheaper than Newton steps
         low_rank = 3 * factor.rank <= factor.dim
         self._hand_over_at = (
-            self.state.iteration if polish_first and low_rank else options.interior_point_after
+            self.state.iteration
+            if polish_first and low_rank
+            else max(options.interior_point_after, self._steps_worth_a_hand_over())
         )
         self._vertex_tried = torch.zeros(rows, dtype=torch.bool, device=R.device)
         self.vertex_rows = 0
@@ -408,11 +412,27 @@ class RowBlockADMM:
             return False
         if iteration < self._hand_over_at and not self._stalled():
             return False
-        # ski rental: only when it is predicted cheaper than the ADMM steps the budget still allows
-        rank, d = self.factor.rank, self.R.shape[1]
-        step_cost = 4.0 * d * (rank if 3 * rank <= d else d)
+        # never when it is predicted dearer than all the ADMM steps the budget still allows
         left = max(options.max_iter - iteration, 0)
-        return interior_point_cost(1, rank, d) <= left * step_cost
+        return interior_point_cost(1, self.factor.rank, self.R.shape[1]) <= left * self._step_cost()
+
+    def _step_cost(self) -> float:
+        """Flops of one ADMM step per row: two thin products on a low-rank Gram, one dense one otherwise."""
+        rank, d = self.factor.rank, self.R.shape[1]
+        return 4.0 * d * (rank if 3 * rank <= d else d)
+
+    def _steps_worth_a_hand_over(self) -> int:
+        """ADMM steps after which the hand-over pays (ski rental): when the steps taken cost
+        ``1 / _HAND_OVER_SHARE`` of the interior point (by flops; an ADMM step costs several times its flops
+        in practice, and on the Grams where ADMM crawls it would take thousands more). 50-60 steps on the
+        digits teachers (below the default ``interior_point_after``), ~400 on a full-rank d = 900 Gram, where
+        ADMM usually certifies first and the interior point would cost minutes."""
+        rank = self.factor.rank
+        if rank == 0:
+            return 0
+        return math.ceil(
+            interior_point_cost(1, rank, self.R.shape[1]) / (_HAND_OVER_SHARE * self._step_cost())
+        )
 
     @property
     def _interior_point_applies(self) -> bool:
