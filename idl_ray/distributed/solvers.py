@@ -8,6 +8,7 @@ samples stay in shards (object store, Parquet files, Ray Dataset) loaded inside 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 import warnings
@@ -114,9 +115,43 @@ class _RaySolverMixin:
     last_timings_: dict[str, float]
     _pool: WorkerPool | None = None
     _shared_pool: WorkerPool | None = None
+    _starting: threading.Thread | None = None
+    _start_error: BaseException | None = None
+
+    def start_workers(self) -> None:
+        """Start the kept actors now, on a background thread, so their start-up overlaps the caller's own work
+        (the sim job trains its teacher meanwhile); the next solve waits for them, and a failure to start is
+        raised there. Needs ``keep_workers=True``; a no-op when they are started or starting."""
+        if not self.run_config.keep_workers:
+            raise ConfigError(
+                f"{type(self).__name__}.start_workers() keeps the actors for later solves: construct the "
+                "solver with keep_workers=True."
+            )
+        if self._pool is not None or self._starting is not None:
+            return
+
+        def start() -> None:
+            try:
+                self._pool = WorkerPool(self.run_config)
+            except BaseException as exc:  # raised by the solve that waits for the pool
+                self._start_error = exc
+
+        self._starting = threading.Thread(target=start, name="idl_ray-start-workers", daemon=True)
+        self._starting.start()
+
+    def _wait_started(self) -> None:
+        """Join a :meth:`start_workers` thread; re-raise its failure."""
+        if self._starting is None:
+            return
+        self._starting.join()
+        self._starting = None
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
 
     def _acquire_pool(self) -> WorkerPool:
         """A started pool: the caller's (``workers=``), the kept one (``keep_workers``), or a new one."""
+        self._wait_started()
         if self._shared_pool is not None:
             if not self._shared_pool.actors:
                 raise ConfigError("The WorkerPool passed as workers= was shut down; start a new one.")
@@ -141,6 +176,10 @@ class _RaySolverMixin:
 
     def close(self) -> None:
         """Stop kept actors and free their resources (no-op without ``keep_workers``)."""
+        try:
+            self._wait_started()
+        except BaseException:  # closing: a pool that failed to start holds nothing
+            pass
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -154,6 +193,7 @@ class _RaySolverMixin:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_pool"] = state["_shared_pool"] = None  # actor handles do not travel with a pickled solver
+        state["_starting"] = state["_start_error"] = None
         state["callback"] = None
         return state
 

@@ -203,7 +203,7 @@ def make_solver(config: SimJobConfig):
         run["cpus_per_worker"] = config.cpus_per_worker
     if config.solver == "ray-admm":  # a tqdm bar per stage with the certificate, unless --quiet
         # the actors (and their factored Grams) serve both stages and every point of a path: one start-up
-        # per job (the job closes them); they start after extraction, whose Ray Data actors need the CPUs
+        # per job (the job closes them), overlapping the teacher's training (_start_workers_early)
         return distributed.RayADMMSolver(
             strategy=config.strategy or "gram",
             use_gpu=config.use_gpu,
@@ -259,9 +259,12 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     folder = make_run_dir("sim", config.output_dir)
     started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
     try:
+        stream_cpus = None
         if config.solver in ("ray-admm", "ray-pgd"):  # actors for the whole solve (ray-cvx queues tasks)
             _check_cluster(solver)
-        return _run(config, solver, folder, log)
+            if not config.path:
+                stream_cpus = _start_workers_early(config, solver)
+        return _run(config, solver, folder, log, stream_cpus=stream_cpus)
     finally:
         close = getattr(solver, "close", None)
         if close is not None:  # kept actors end with the job
@@ -270,6 +273,36 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
+
+
+def _start_workers_early(config: SimJobConfig, solver: Any) -> float | None:
+    """Start the solver's actors while the teacher trains, when they can coexist with Ray Data's extraction
+    actors (which run between the two); returns the CPUs per extraction actor to use (None: the default).
+
+    Both fit at their defaults (1 CPU each) on a large enough cluster. On a smaller one, unless the user chose
+    ``--cpus-per-worker``, both share the CPUs evenly (half a CPU each for 2 + 2 actors on 2 CPUs): the solver
+    actors are idle during extraction and every actor runs one torch thread, so only the reservation changes.
+    Otherwise (GPU actors, or a chosen CPU count that does not fit) the actors start at the first solve.
+    """
+    import dataclasses
+
+    from idl_ray.distributed import resources
+    from idl_ray.distributed.extraction import StreamConfig
+
+    run = solver.run_config
+    totals = resources.cluster_totals()
+    if resources.resolve_use_gpu(run, totals):
+        return None
+    actors, per_actor = config.workers or 2, StreamConfig().cpus_per_actor
+    if run.num_workers * run.cpus_per_worker + actors * per_actor <= totals["CPU"]:
+        solver.start_workers()
+        return None
+    if config.cpus_per_worker is not None:
+        return None
+    share = totals["CPU"] / (run.num_workers + actors)
+    solver.run_config = dataclasses.replace(run, cpus_per_worker=share)
+    solver.start_workers()
+    return share
 
 
 def _check_cluster(solver: Any) -> None:
@@ -281,7 +314,9 @@ def _check_cluster(solver: Any) -> None:
     resources.check_resources(run, resources.resolve_use_gpu(run, totals), totals)
 
 
-def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
+def _run(
+    config: SimJobConfig, solver: Any, folder: Any, log, *, stream_cpus: float | None = None
+) -> dict[str, Any]:
     import torch
 
     from idl_ray.implicit.projection import inf_norm
@@ -328,7 +363,10 @@ def _run(config: SimJobConfig, solver: Any, folder: Any, log) -> dict[str, Any]:
         import ray
 
         inputs = ray.data.from_numpy(data.x_train.numpy())
-        sim.set_params(stream={"num_actors": config.workers or 2, "use_gpu": config.use_gpu})
+        stream = {"num_actors": config.workers or 2, "use_gpu": config.use_gpu}
+        if stream_cpus is not None:  # sharing the CPUs with the solver's actors, started early
+            stream["cpus_per_actor"] = stream_cpus
+        sim.set_params(stream=stream)
     sim.fit(teacher, inputs, solver=solver)
     fit_time = time.perf_counter() - start
     stats = sim.stats_

@@ -7,6 +7,7 @@ import torch
 from distributed_helpers import TIMEOUT_S, random_problem, relative_gap, shard
 
 from idl_ray.distributed import RayADMMSolver, ShardedProblem
+from idl_ray.errors import ConfigError
 from idl_ray.sim.solvers.admm import ADMMSolver
 
 # gap_tol for the certified solvers (single process, gram), abs/rel_tol for consensus's residual test
@@ -103,6 +104,28 @@ def test_kept_workers_serve_several_solves(problem, reference):
         check_same_answer(first, reference, problem)
         assert second.stats.converged
     assert solver._pool is None
+
+
+def test_workers_started_early_serve_the_solve(problem, reference):
+    """start_workers() starts the kept actors on a thread; the solve waits for them and uses them (same pids);
+    without keep_workers it is refused, and a start that fails is raised by the solve that waits for it."""
+    solver = RayADMMSolver(
+        num_workers=2, use_gpu=False, cpus_per_worker=0.2, keep_workers=True, timeout_s=TIMEOUT_S, **TOL
+    )
+    with solver:
+        solver.start_workers()
+        solver.start_workers()  # a second call while starting: no second pool
+        result = solver.solve(problem)
+        pool = solver._pool
+        assert pool is not None and result.stats.extra["pids"] == [i["pid"] for i in pool.infos]
+        check_same_answer(result, reference, problem)
+    with pytest.raises(ConfigError, match="keep_workers=True"):
+        RayADMMSolver(num_workers=1, cpus_per_worker=0.2).start_workers()
+    too_big = RayADMMSolver(num_workers=1, cpus_per_worker=10_000, keep_workers=True, timeout_s=TIMEOUT_S)
+    too_big.start_workers()
+    with pytest.raises(Exception, match="CPU"):
+        too_big.solve(problem)
+    too_big.close()
 
 
 def test_reduce_returns_the_single_process_problem(problem, ray_solver):
