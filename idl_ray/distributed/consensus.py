@@ -54,6 +54,7 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
 from idl_ray.sim.solvers.finish import finish_rows
+from idl_ray.sim.solvers.interior_point import positive_thresholds
 
 _INLINE_BYTES = 64 * 1024
 
@@ -330,10 +331,7 @@ def _hand_over_due(options: ADMMOptions, iteration: int, lam: float | torch.Tens
     """The interior-point hand-over applies (enabled, every finite threshold > 0) and its step count came."""
     if not options.interior_point or iteration < options.interior_point_after:
         return False
-    if isinstance(lam, torch.Tensor):
-        finite = lam[torch.isfinite(lam)]
-        return bool(finite.numel() == 0 or float(finite.min()) > 0)
-    return float(lam) > 0
+    return positive_thresholds(lam)
 
 
 def _values(states: list[ConsensusLocalState], relaxation: float) -> list[torch.Tensor] | None:

@@ -284,8 +284,6 @@ def _start_workers_early(config: SimJobConfig, solver: Any) -> float | None:
     actors are idle during extraction and every actor runs one torch thread, so only the reservation changes.
     Otherwise (GPU actors, or a chosen CPU count that does not fit) the actors start at the first solve.
     """
-    import dataclasses
-
     from idl_ray.distributed import resources
     from idl_ray.distributed.extraction import StreamConfig
 

@@ -53,8 +53,7 @@ def test_vertex_of_a_split_weight_is_on_one_copy() -> None:
     problem, _, _ = duplicated_problem(1e-3, None)
     H, _ = problem.scaled()
     factor = GramFactor(H)
-    Q, s = factor.range_basis()
-    F = (Q * s.sqrt()).T
+    F = factor.range_factor()
     assert factor.rank == N + 6
     W = torch.zeros(1, H.shape[0], dtype=torch.float64)
     W[0, :N] = torch.tensor([0.2, -0.3, 0.05, 0.0], dtype=torch.float64)

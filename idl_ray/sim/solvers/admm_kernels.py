@@ -207,6 +207,11 @@ class GramFactor:
         keep = self.eigenvalues > self.RANK_CUT * largest
         return self.Q[:, keep], self.eigenvalues[keep]
 
+    def range_factor(self) -> torch.Tensor:
+        """F = diag(sqrt(s_r)) Q_r^T (r x d), the thin factor with ``F^T F = G`` on its range."""
+        Q, s = self.range_basis()
+        return (Q * s.sqrt()).T.contiguous()
+
     def inverse(self, rho: float) -> torch.Tensor:
         """(G + rho I)^{-1}, shape (d, d)."""
         if self._cached_rho != rho or self._cached_inverse is None:

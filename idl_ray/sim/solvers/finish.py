@@ -13,7 +13,7 @@ import torch
 from idl_ray.sim.solvers.admm_kernels import GramFactor
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.interior_point import interior_point_rows
-from idl_ray.sim.solvers.vertex import vertex_candidates
+from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["Finished", "finish_rows"]
@@ -66,17 +66,11 @@ def finish_rows(
 
     result = interior_point_rows(factor, R[rows], lam=lam_rows, certify=certify, **settings)
     weights, gaps, certified = result.weights, result.gaps, result.certified
-    if vertex and 0 < factor.rank < H.shape[0] and bool(certified.any()):
-        Q, s = factor.range_basis()
+    if vertex:
         chosen = torch.nonzero(certified).flatten()
-        candidates, found = vertex_candidates(
-            (Q * s.sqrt()).T, weights[chosen], lam=take_rows(lam_rows, chosen), **settings
+        weights, moved, new = move_to_vertices(
+            factor, weights, chosen, lam=lam_rows, certify=certify, **settings
         )
-        if bool(found.any()):
-            chosen, candidates = chosen[found], candidates[found]
-            new, ok = certify(candidates, chosen)
-            take = chosen[ok]
-            weights = weights.clone()
-            weights[take] = candidates[ok]
-            gaps.set_rows(take, new, ok)
+        if new is not None:
+            gaps.set_rows(moved, new)
     return Finished(rows=rows, weights=weights, gaps=gaps, certified=certified, iterations=result.iterations)

@@ -53,7 +53,13 @@ from idl_ray.sim.solvers.admm_kernels import GramFactor
 from idl_ray.sim.solvers.certificate import DualityGap
 from idl_ray.sim.solvers.weights import Threshold
 
-__all__ = ["MEMORY_BUDGET_BYTES", "InteriorPointResult", "interior_point_cost", "interior_point_rows"]
+__all__ = [
+    "MEMORY_BUDGET_BYTES",
+    "InteriorPointResult",
+    "interior_point_cost",
+    "interior_point_rows",
+    "positive_thresholds",
+]
 
 #: the largest rows x r x d float64 intermediate one chunk of rows may form
 MEMORY_BUDGET_BYTES = 256 * 2**20
@@ -91,6 +97,15 @@ class InteriorPointResult:
     certified: torch.Tensor
     iterations: int
     time_s: float
+
+
+def positive_thresholds(lam: Threshold) -> bool:
+    """Every finite threshold is > 0: the dual then has an interior (a zero threshold is an equality
+    constraint on the dual, and the interior point does not apply)."""
+    if isinstance(lam, torch.Tensor):
+        finite = lam[torch.isfinite(lam)]
+        return bool(finite.numel() == 0 or float(finite.min()) > 0)
+    return float(lam) > 0
 
 
 def interior_point_cost(rows: int, rank: int, d: int, iterations: int = 25) -> float:
@@ -142,7 +157,7 @@ def interior_point_rows(
     rows, d = R.shape
     Q, s = factor.range_basis()
     Q, s = Q.to(device=device, dtype=dtype), s.to(device=device, dtype=dtype)
-    F = (Q * s.sqrt()).T.contiguous()  # r x d, F^T F = H on its range
+    F = factor.range_factor().to(device=device, dtype=dtype)  # r x d, F^T F = H on its range
     b = (R.to(dtype) @ Q) / s.sqrt()  # rows x r, F^T b = r
     t = (
         lam.to(device=device, dtype=dtype).clone()

@@ -52,9 +52,9 @@ from idl_ray.sim.solvers.admm_kernels import (
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.interior_point import interior_point_cost, interior_point_rows
+from idl_ray.sim.solvers.interior_point import interior_point_cost, interior_point_rows, positive_thresholds
 from idl_ray.sim.solvers.polish import POLISH_BELOW, Polished, polish_if_better
-from idl_ray.sim.solvers.vertex import vertex_candidates
+from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ADMMStats", "BlockReport", "RowBlockADMM", "admm_solve", "dual_point"]
@@ -181,6 +181,14 @@ class RowBlockADMM:
         self.interior_point_rows = 0
         self.interior_point_iterations = 0
         self._interior_point_tried = False
+        # the interior point is enabled and applies to this block: the l1 ball (or no bound), every finite
+        # threshold > 0, a Gram of rank > 0
+        self._interior_point_applies = (
+            options.interior_point
+            and self.condition != "mu_inf"
+            and factor.rank > 0
+            and positive_thresholds(self.lam)
+        )
         # a warm start (a lambda path's previous point) on a low-rank Gram hands over at its first check: the
         # rows its polish did not certify are where ADMM crawls (measured: p = 784 path 1.63x -> 2.18x the cold
         # fits); on a well-conditioned Gram ADMM finishes them in tens of steps, cheaper than Newton steps
@@ -378,30 +386,27 @@ class RowBlockADMM:
         """Certified rows with more nonzeros than rank(H) move to a vertex of their optimal face where it
         still certifies (:mod:`~idl_ray.sim.solvers.vertex`); each row is tried once per solve. The dual
         (U) is unchanged: every point of the face has the same H w."""
-        rank = self.factor.rank
-        if self.condition == "mu_inf" or rank == 0 or rank >= self.R.shape[1]:
+        if self.condition == "mu_inf":
             return Z
-        # (vertex_candidates skips more rows: those with too few nonzeros to gain much)
-        todo = self.certified & ~self._vertex_tried & ((Z != 0).sum(dim=1) > rank)
-        rows = torch.nonzero(todo).flatten()
+        rows = torch.nonzero(self.certified & ~self._vertex_tried).flatten()
         self._vertex_tried |= self.certified
-        if rows.numel() == 0:
-            return Z
-        Q, s = self.factor.range_basis()
-        F = (Q * s.sqrt()).T
-        candidates, found = vertex_candidates(
-            F, Z[rows], lam=take_rows(self.lam, rows), kappa=self.kappa, n_constrained=self.n_constrained
+
+        def certify(W: torch.Tensor, rows_: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
+            gaps = self.certificate(W, rows_)
+            return gaps, self._certified(gaps)
+
+        Z, moved, gaps = move_to_vertices(
+            self.factor,
+            Z,
+            rows,
+            lam=self.lam,
+            kappa=self.kappa,
+            n_constrained=self.n_constrained,
+            certify=certify,
         )
-        if not bool(found.any()):
-            return Z
-        rows, candidates = rows[found], candidates[found]
-        gaps = self.certificate(candidates, rows)
-        keep = self._certified(gaps) & ((candidates != 0).sum(dim=1) < (Z[rows] != 0).sum(dim=1))
-        if bool(keep.any()):
-            Z = Z.clone()
-            Z[rows[keep]] = candidates[keep]
-            self._record_gaps(rows[keep], gaps.take(keep))
-            self.vertex_rows += int(keep.sum())
+        if gaps is not None:
+            self._record_gaps(moved, gaps)
+            self.vertex_rows += int(moved.numel())
         return Z
 
     # ------------------------------------------------------------------ the interior-point hand-over
@@ -433,17 +438,6 @@ class RowBlockADMM:
         return math.ceil(
             interior_point_cost(1, rank, self.R.shape[1]) / (_HAND_OVER_SHARE * self._step_cost())
         )
-
-    @property
-    def _interior_point_applies(self) -> bool:
-        """The interior point is enabled and applies to this block: the l1 ball (or no bound), every finite
-        threshold > 0 (a zero one is an equality in the dual, which has no interior), and a Gram of rank > 0."""
-        if not self.options.interior_point or self.condition == "mu_inf" or self.factor.rank == 0:
-            return False
-        if isinstance(self.lam, torch.Tensor):
-            finite = self.lam[torch.isfinite(self.lam)]
-            return bool(finite.numel() == 0 or float(finite.min()) > 0)
-        return self.lam > 0
 
     def _interior_point(
         self, Z: torch.Tensor, U: torch.Tensor, active: torch.Tensor, gaps: DualityGap, rho: float

@@ -19,12 +19,16 @@ Cost per row: one pivoted QR of an (r + 2) x |E| matrix (LAPACK geqp3 via SciPy,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.certificate import DualityGap
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
-__all__ = ["vertex_candidates"]
+__all__ = ["move_to_vertices", "vertex_candidates"]
 
 #: columns whose pivoted-QR diagonal is below this fraction of the first are dependent
 _RANK_TOL = 1e-10
@@ -95,3 +99,44 @@ def vertex_candidates(
             candidates[i] = row
             found[i] = True
     return candidates.to(device=W.device, dtype=W.dtype), found.to(W.device)
+
+
+def move_to_vertices(
+    factor: GramFactor,
+    W: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    lam: Threshold,
+    kappa: float | None,
+    n_constrained: int,
+    certify: Callable[[torch.Tensor, torch.Tensor], tuple[DualityGap, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, DualityGap | None]:
+    """Move the (certified) rows ``rows`` of W to vertices of their optimal faces where these still certify.
+
+    Parameters
+    ----------
+    factor : GramFactor of H; W : Tensor (n, d); rows : 1-D index tensor into W
+    lam : float or thresholds aligned with W; kappa, n_constrained : the bound
+    certify : ``(weights, rows) -> (DualityGap, certified mask)`` of candidate weights for those rows
+
+    Returns
+    -------
+    W : Tensor (n, d), a new tensor when a row moved (W itself otherwise)
+    moved : the rows that moved (every one sparser: a vertex has at most rank + 2 nonzeros, and only rows
+        with more than 1.25 rank are tried)
+    gaps : DualityGap of the moved rows, or None when none moved
+    """
+    if rows.numel() == 0 or not 0 < factor.rank < W.shape[1]:
+        return W, rows[:0], None
+    candidates, found = vertex_candidates(
+        factor.range_factor(), W[rows], lam=take_rows(lam, rows), kappa=kappa, n_constrained=n_constrained
+    )
+    if not bool(found.any()):
+        return W, rows[:0], None
+    rows, candidates = rows[found], candidates[found]
+    gaps, ok = certify(candidates, rows)
+    if not bool(ok.any()):
+        return W, rows[:0], None
+    W = W.clone()
+    W[rows[ok]] = candidates[ok]
+    return W, rows[ok], gaps.take(ok)
