@@ -13,9 +13,9 @@ nonzeros than the l1 norm, is minimised by majorisation. ``eps`` is relative to 
 answer equal to its round-0 penalty ``sum_j w0_ij |W_ij|``, so ``lam`` keeps its meaning from round to round. A row that is entirely 0
 keeps ``w0``; entries with ``w0 = inf`` stay held at 0.
 
-Each round is a cold solve through the solver's public ``solve`` (ADMMSolver keeps the eigendecomposition of
-G across the rounds, since every round shares the same statistics): warm starts belong to the solvers'
-own API, not to this module.
+Each round goes through the solver's public ``solve``, warm-started from the previous round's answer
+(``initial=``; solvers without ``uses_initial`` start cold), and ADMMSolver keeps the eigendecomposition of G
+across the rounds, since every round shares the same statistics.
 """
 
 from __future__ import annotations
