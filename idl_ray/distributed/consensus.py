@@ -54,7 +54,7 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
 from idl_ray.sim.solvers.finish import finish_rows
-from idl_ray.sim.solvers.interior_point import positive_thresholds
+from idl_ray.sim.solvers.interior_point import interior_point_applies
 
 _INLINE_BYTES = 64 * 1024
 
@@ -248,7 +248,7 @@ def _run_consensus(
                 abs(float(primal.sum())), torch.finfo(torch.float64).tiny
             )
             converged = bool(done.all())
-            if not converged and not handed and _hand_over_due(options, iteration, lam):
+            if not converged and not handed and _hand_over_due(options, iteration, lam, nc, kappa):
                 handed = True
                 with timings.phase("interior point"):
                     H = restricted_hessian(torch.arange(d))
@@ -327,11 +327,13 @@ def _run_consensus(
     return W, info
 
 
-def _hand_over_due(options: ADMMOptions, iteration: int, lam: float | torch.Tensor) -> bool:
-    """The interior-point hand-over applies (enabled, every finite threshold > 0) and its step count came."""
+def _hand_over_due(
+    options: ADMMOptions, iteration: int, lam: float | torch.Tensor, n_constrained: int, kappa: float | None
+) -> bool:
+    """The interior-point hand-over applies (enabled, thresholds it handles) and its step count came."""
     if not options.interior_point or iteration < options.interior_point_after:
         return False
-    return positive_thresholds(lam)
+    return interior_point_applies(lam, n_constrained, kappa)
 
 
 def _values(states: list[ConsensusLocalState], relaxation: float) -> list[torch.Tensor] | None:

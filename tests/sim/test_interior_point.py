@@ -148,12 +148,69 @@ def test_admm_hands_uncertified_rows_over() -> None:
     assert float(handed.weights[:, :N].abs().sum(1).max()) <= 0.5
 
 
-def test_no_hand_over_at_lam_zero() -> None:
-    """A zero threshold is an equality in the dual (no interior): ADMM keeps those rows."""
+@pytest.mark.parametrize("rank_deficient", [True, False])
+@pytest.mark.parametrize("kappa", [0.3, 0.8])
+def test_lam_zero_eliminates_the_free_weights(rank_deficient: bool, kappa: float) -> None:
+    """lam = 0 with the bound: the unbounded weights are free (an equality in the dual), eliminated; the
+    interior point solves the bounded block and least squares the rest, to Clarabel's optimum."""
+    features, targets = samples(rank_deficient=rank_deficient, seed=2)
+    H, R, c = gram_form(features, targets)
+    result = solve(H, R, c, 0.0, kappa)
+    assert bool(result.certified.all())
+    assert float(result.weights[:, :N].abs().sum(1).max()) <= kappa * (1 + 1e-12)
+    ours = duality_gap(result.weights, H, R, c, lam=0.0, kappa=kappa, n_constrained=N).primal.numpy()
+    reference = clarabel(features, targets, np.zeros((N, N + P)), kappa)
+    assert bool((ours <= reference + 1e-6 * np.abs(reference) + 1e-10).all())
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-9)
+
+
+def test_free_columns_spanning_everything_give_least_squares() -> None:
+    """lam = 0 where the free (pixel) columns span the whole range (hidden units linear in the pixels): the
+    dual has no room left (theta = 0), the bounded block is 0 and the pixels carry the least-squares fit."""
+    gen = torch.Generator().manual_seed(4)
+    pixels = torch.rand(M, P, generator=gen, dtype=torch.float64)
+    hidden = pixels @ torch.randn(P, N, generator=gen, dtype=torch.float64)
+    features = torch.cat([hidden, pixels], dim=1)
+    targets = features @ torch.randn(N + P, N, generator=gen, dtype=torch.float64) + 0.05 * torch.randn(
+        M, N, generator=gen, dtype=torch.float64
+    )
+    H, R, c = gram_form(features, targets)
+    result = solve(H, R, c, 0.0, 0.5)
+    assert bool(result.certified.all())
+    assert result.iterations == 0  # nothing left for Newton steps
+    assert bool((result.weights[:, :N] == 0).all())
+    ours = duality_gap(result.weights, H, R, c, lam=0.0, kappa=0.5, n_constrained=N).primal.numpy()
+    least_squares = torch.linalg.lstsq(pixels, targets).solution
+    residual = ((targets - pixels @ least_squares) ** 2).sum(0).numpy() / (2 * M)
+    np.testing.assert_allclose(ours, residual, rtol=1e-8, atol=1e-12)
+
+
+def test_admm_hands_over_at_lam_zero() -> None:
+    """The ADMM's hand-over at lam = 0 (where it used to crawl for thousands of steps): the same optimum as
+    Clarabel, certified, and the bound exact."""
     features, targets = samples(rank_deficient=True, seed=2)
     problem = SIMProblem.from_samples(features, targets, lam=0.0, kappa=0.3, n_constrained=N)
     result = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
-    assert result.stats.extra["interior_point_iterations"] == 0
+    assert result.stats.converged
+    reference = clarabel(features, targets, np.zeros((N, N + P)), 0.3).sum()
+    assert abs(result.stats.objective - reference) <= 1e-6 * abs(reference) + 1e-10
+    assert float(result.weights[:, :N].abs().sum(1).max()) <= 0.3 * (1 + 1e-12)
+
+
+def test_where_the_interior_point_applies() -> None:
+    applies = interior_point.interior_point_applies
+    assert applies(1e-3) and applies(0.0, N, 0.5) and applies(0.0)
+    assert not applies(-1.0)
+    thresholds = torch.full((3, N + P), 1e-3, dtype=torch.float64)
+    thresholds[:, N + 2] = 0.0  # a free column in every row
+    thresholds[1, :N] = 0.0  # zeros on bounded columns
+    thresholds[2, N + 4] = torch.inf
+    assert applies(thresholds, N, 0.5)
+    thresholds[0, N + 5] = 0.0  # a zero in one row only: an equality in that row's dual alone
+    assert not applies(thresholds, N, 0.5)
+    thresholds[0, N + 5] = 1e-3
+    thresholds[1, :N] = 0.0
+    assert not applies(thresholds, N, None)  # without the bound those zeros are one row's equalities
 
 
 @pytest.mark.parametrize("name, value", [("interior_point_after", -1), ("interior_point", "yes")])

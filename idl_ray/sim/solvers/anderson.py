@@ -34,47 +34,80 @@ class AndersonAccelerator:
     step : callable ``(x, rows) -> T(x)`` applying the map to the rows ``rows`` (a 1-D index tensor) of
         a (len(rows), n) tensor
     memory : int >= 1, the number of differences kept per row
+
+    Notes
+    -----
+    The history lives in two ring buffers of shape (rows, memory, n), ``dF`` and ``dX + dF`` (the only two
+    combinations the extrapolation reads), and the memory x memory Gram ``dF^T dF`` is updated one column per
+    step (``rows n memory`` flops), so a step costs two thin batched products besides the map itself.
     """
 
     def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], memory: int) -> None:
         self.step = step
         self.memory = int(memory)
-        self.dX: list[torch.Tensor] = []
-        self.dF: list[torch.Tensor] = []
+        self._dF: torch.Tensor | None = None  # (rows, memory, n)
+        self._dS: torch.Tensor | None = None  # dX + dF, (rows, memory, n)
+        self._gram: torch.Tensor | None = None  # dF^T dF, (rows, memory, memory)
+        self._stored = 0
         self.evaluations = 0
         self.rejected = 0
 
     def reset(self) -> None:
         """Forget the history (after the map changed, e.g. a new rho)."""
-        self.dX.clear()
-        self.dF.clear()
+        self._dF = self._dS = self._gram = None
+        self._stored = 0
 
     def _apply(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
         return self.step(x, rows)
+
+    def _extrapolate(self, f: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+        """T(x) - (dX + dF) gamma with gamma = argmin ||f - dF gamma||^2 (regularised), every row."""
+        k = min(self._stored, self.memory)
+        dF, dS = self._dF[:, :k], self._dS[:, :k]
+        gram = self._gram[:, :k, :k]
+        trace = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(f.dtype).tiny)
+        eye = torch.eye(k, dtype=f.dtype, device=f.device)
+        # a row with no history left (all differences zeroed) solves 0 gamma = 0: the floor keeps it regular
+        floor = torch.finfo(f.dtype).tiny ** 0.5
+        gram = gram + (_REGULARISATION * trace + floor)[:, None, None] * eye
+        # solve_ex: no per-call error check (torch.linalg.solve costs ms on tiny batches); a row whose
+        # system failed gets gamma = 0, the plain step
+        gamma = torch.linalg.solve_ex(gram, torch.bmm(dF, f[:, :, None]))[0]
+        gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
+        return gx - torch.bmm(gamma.transpose(1, 2), dS)[:, 0]
+
+    def _remember(self, dx: torch.Tensor, df: torch.Tensor) -> None:
+        """Store one difference pair in the oldest slot and update the Gram's row and column."""
+        if self._dF is None:
+            rows, n = dx.shape
+            self._dF = torch.zeros(rows, self.memory, n, dtype=dx.dtype, device=dx.device)
+            self._dS = torch.zeros_like(self._dF)
+            self._gram = torch.zeros(rows, self.memory, self.memory, dtype=dx.dtype, device=dx.device)
+        slot = self._stored % self.memory
+        self._dF[:, slot] = df
+        self._dS[:, slot] = dx + df
+        column = torch.bmm(self._dF, df[:, :, None])[:, :, 0]  # (rows, memory); empty slots are 0
+        self._gram[:, slot, :] = column
+        self._gram[:, :, slot] = column
+        self._stored += 1
+
+    def _forget(self, rows: torch.Tensor) -> None:
+        """Zero the history of the rows ``rows`` (their next step is a plain one)."""
+        self._dF[rows] = 0.0
+        self._dS[rows] = 0.0
+        self._gram[rows] = 0.0
 
     def iterate(
         self, x: torch.Tensor, gx: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One accelerated step from x (with gx = T(x) known) on ``rows``; returns (x_next, T(x_next))."""
         f = gx - x
-        if not self.dX:
+        if self._stored == 0:
             x_next = gx
             g_next = self._apply(x_next, rows)
         else:
-            DX = torch.stack(self.dX, dim=2)  # (rows, n, k)
-            DF = torch.stack(self.dF, dim=2)
-            gram = DF.transpose(1, 2) @ DF
-            trace = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(torch.finfo(x.dtype).tiny)
-            eye = torch.eye(gram.shape[-1], dtype=x.dtype, device=x.device)
-            # a row with no history left (all differences zeroed) solves 0 gamma = 0: the floor keeps it regular
-            floor = torch.finfo(x.dtype).tiny ** 0.5
-            gram = gram + (_REGULARISATION * trace + floor)[:, None, None] * eye
-            # solve_ex: no per-call error check (torch.linalg.solve costs ms on tiny batches); a row whose
-            # system failed gets gamma = 0, the plain step
-            gamma = torch.linalg.solve_ex(gram, DF.transpose(1, 2) @ f[:, :, None])[0]
-            gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
-            x_next = gx - ((DX + DF) @ gamma)[:, :, 0]
+            x_next = self._extrapolate(f, gx)
             g_next = self._apply(x_next, rows)
             bad = (g_next - x_next).norm(dim=1) > f.norm(dim=1)
             if bool(bad.any()):
@@ -83,18 +116,11 @@ class AndersonAccelerator:
                 bad_rows = torch.nonzero(bad).flatten()
                 g_next = g_next.clone()
                 g_next[bad_rows] = self._apply(gx[bad_rows], rows[bad_rows])
-                # a rejected row restarts its history: zero its differences
-                keep = (~bad).to(x.dtype)[:, None]
-                self.dX = [d * keep for d in self.dX]
-                self.dF = [d * keep for d in self.dF]
-        self.dX.append(x_next - x)
-        self.dF.append((g_next - x_next) - f)
-        if len(self.dX) > self.memory:
-            self.dX.pop(0)
-            self.dF.pop(0)
+                self._forget(bad_rows)  # a rejected row restarts its history
+        self._remember(x_next - x, (g_next - x_next) - f)
         return x_next, g_next
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep the history of the rows ``keep`` (a bool mask) only, when the active rows shrink."""
-        self.dX = [d[keep] for d in self.dX]
-        self.dF = [d[keep] for d in self.dF]
+        if self._dF is not None:
+            self._dF, self._dS, self._gram = self._dF[keep], self._dS[keep], self._gram[keep]

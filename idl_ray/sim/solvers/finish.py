@@ -12,7 +12,7 @@ import torch
 
 from idl_ray.sim.solvers.admm_kernels import GramFactor
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.interior_point import interior_point_rows
+from idl_ray.sim.solvers.interior_point import SPARSE_STEPS, interior_point_rows
 from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
@@ -64,7 +64,9 @@ def finish_rows(
         primal[index] = torch.minimum(primal[index], gaps.primal)
         return gaps, gaps.certified(gap_tol, mean_primal=float(primal.abs().mean()))
 
-    result = interior_point_rows(factor, R[rows], lam=lam_rows, certify=certify, **settings)
+    result = interior_point_rows(
+        factor, R[rows], lam=lam_rows, certify=certify, sparse_steps=0 if vertex else SPARSE_STEPS, **settings
+    )
     weights, gaps, certified = result.weights, result.gaps, result.certified
     if vertex:
         chosen = torch.nonzero(certified).flatten()

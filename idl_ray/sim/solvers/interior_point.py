@@ -22,6 +22,14 @@ the upper and lower constraints are the primal weights, ``w = z+ - z-``, and sta
 ``theta = b - F w``, the residual. A column with ``t_j = inf`` (an entry held at 0) has no constraint and
 ``w_j = 0``.
 
+**Free weights (lam = 0).** A zero threshold on an unbounded column makes its dual constraint the equality
+``f_j^T theta = 0``, which has no interior. When those columns are the same in every row (lam = 0 on the
+free block, the stage-1 default of a ``lam = 0`` fit), theta is confined to the orthogonal complement of
+their span, ``theta = N phi``, and the same program runs in phi over the other columns (``F' = N^T F``);
+the free weights are then the least-squares fit of the rest (:class:`_FreeColumns`). A zero threshold on a
+bounded column needs nothing (its constraint ``|f_j^T theta| <= tau`` has an interior);
+:func:`interior_point_applies` says which thresholds the iteration handles.
+
 **The iteration** is Mehrotra's predictor-corrector (infeasible start, one step length for primal and dual,
 0.99 of the way to the boundary), batched over rows. Eliminating the slacks and multipliers leaves, per row,
 the (r + 1) x (r + 1) system::
@@ -55,7 +63,9 @@ from idl_ray.sim.solvers.weights import Threshold
 
 __all__ = [
     "MEMORY_BUDGET_BYTES",
+    "SPARSE_STEPS",
     "InteriorPointResult",
+    "interior_point_applies",
     "interior_point_cost",
     "interior_point_rows",
     "positive_thresholds",
@@ -76,7 +86,8 @@ _SMALL = (1e-6, 1e-9, 1e-12)
 #: a cut at least this large counts as sparse (smaller cuts only remove rounding)
 _SPARSE_CUT = 1e-9
 #: extra Newton steps a row certified only with its raw multipliers may take to certify a sparse point
-_SPARSE_STEPS = 3
+#: (by default; none when the vertex step follows)
+SPARSE_STEPS = 3
 #: a row whose complementarity fell below this has converged as far as float64 allows
 _MU_FLOOR = 1e-30
 
@@ -100,12 +111,30 @@ class InteriorPointResult:
 
 
 def positive_thresholds(lam: Threshold) -> bool:
-    """Every finite threshold is > 0: the dual then has an interior (a zero threshold is an equality
-    constraint on the dual, and the interior point does not apply)."""
+    """Every finite threshold is > 0 (then every optimum's support is where the dual constraint is active,
+    and supports larger than rank(H) mark a non-unique optimum)."""
     if isinstance(lam, torch.Tensor):
         finite = lam[torch.isfinite(lam)]
         return bool(finite.numel() == 0 or float(finite.min()) > 0)
     return float(lam) > 0
+
+
+def interior_point_applies(lam: Threshold, n_constrained: int = 0, kappa: float | None = None) -> bool:
+    """Whether the interior point applies to these thresholds: each finite one >= 0, and a zero threshold
+    only on a bounded column (``j < n_constrained`` with a bound: its dual constraint is ``|f_j^T theta| <=
+    tau``, which has an interior) or on an unbounded column that is zero in every row (a *free* weight,
+    eliminated from the dual: see the module docstring). A zero elsewhere is an equality in one row's dual
+    only, which the batched iteration does not handle (ADMM keeps those rows)."""
+    nc = n_constrained if kappa is not None and float(kappa) > 0 else 0
+    if not isinstance(lam, torch.Tensor):
+        return float(lam) >= 0
+    finite = torch.isfinite(lam)
+    if bool((lam[finite] < 0).any()):
+        return False
+    zero = lam == 0
+    loose = zero & ~zero.all(dim=0, keepdim=True)
+    loose[:, :nc] = False
+    return not bool(loose.any())
 
 
 def interior_point_cost(rows: int, rank: int, d: int, iterations: int = 25) -> float:
@@ -122,6 +151,7 @@ def interior_point_rows(
     n_constrained: int,
     certify: Certify,
     max_iter: int = 50,
+    sparse_steps: int = SPARSE_STEPS,
 ) -> InteriorPointResult:
     """Solve the rows of R (a block's uncertified rows) by the batched interior point of the module docstring.
 
@@ -133,6 +163,9 @@ def interior_point_rows(
     kappa : float in [0, 1) or None (no bound); n_constrained : int, the bounded leading columns
     certify : ``(W_rows, rows) -> (DualityGap, certified mask)`` of the full problem, rows indexing R
     max_iter : int, Newton steps at most
+    sparse_steps : int >= 0, extra steps a row certified only with its raw (dense) multipliers takes to
+        certify a sparse point; 0 when the caller moves certified rows to vertices anyway
+        (:mod:`~idl_ray.sim.solvers.vertex`), which makes them sparse without more Newton steps
 
     Returns
     -------
@@ -168,40 +201,29 @@ def interior_point_rows(
     if nc > 0 and float(kappa) == 0.0:  # the bound holds w_A = 0: those entries have no constraint
         t[:, :nc] = math.inf
         nc = 0
-    state = _State.start(b, t, nc, F.shape[0])
-    blocks = _NormalBlocks(F)
+    # free weights (zero threshold, no bound: the same columns in every row) leave the dual; w_free is the
+    # least-squares fit of what the other weights leave (see _FreeColumns)
+    free = _FreeColumns(F, t, nc)
+    F_kept, b_kept, t_kept = free.reduce(F, b, t)
+
+    def expand(W_kept: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
+        return free.expand(W_kept, b[rows_]).to(out_dtype)
+
     best = torch.zeros(rows, d, dtype=dtype, device=device)
     unset = torch.full((rows,), math.inf, dtype=torch.float64, device=device)
     best_gaps = DualityGap(primal=unset, dual=torch.zeros_like(unset), baseline=torch.zeros_like(unset))
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    certified = torch.zeros_like(done)
-    late = torch.zeros(rows, dtype=torch.int64, device=device)
-    stuck = torch.zeros_like(done)
+    certified = torch.zeros(rows, dtype=torch.bool, device=device)
     iterations = 0
-    for iteration in range(max_iter + 1):
-        active = torch.nonzero(~done & ~stuck).flatten()
-        if active.numel() == 0:
-            break
-        W, gaps, ok, sparse = _certified_weights(
-            state, active, float(kappa) if nc else None, nc, certify, out_dtype
+    if F_kept.shape[0] == 0 or F_kept.shape[1] == 0:  # the free columns fit everything: w_kept = 0 is optimal
+        everyone = torch.arange(rows, device=device)
+        W = expand(torch.zeros(rows, F_kept.shape[1], dtype=dtype, device=device), everyone)
+        gaps, ok = certify(W, everyone)
+        _keep_best(best, best_gaps, W, gaps, ok, everyone)
+        certified |= ok
+    else:
+        iterations = _iterate(
+            F_kept, b_kept, t_kept, nc, kappa, certify, expand, best, best_gaps, certified, max_iter, sparse_steps
         )
-        _keep_best(best, best_gaps, W, gaps, ok, active)
-        # a row certified only with its O(mu) entries takes a few more steps to certify its sparse point
-        late[active[ok & ~sparse]] += 1
-        finished = sparse | (ok & (late[active] > _SPARSE_STEPS))
-        certified[active[ok]] = True
-        done[active[finished]] = True
-        active = active[~finished]
-        if active.numel() == 0 or iteration == max_iter:
-            break
-        stuck[active] = state.converged(active)
-        active = active[~stuck[active]]
-        if active.numel() == 0:
-            break
-        chunk = blocks.chunk_rows
-        for part in active.split(chunk):
-            state.newton_step(part, F, b, t, float(kappa) if nc else 0.0, nc, blocks)
-        iterations = iteration + 1
     return InteriorPointResult(
         weights=best.to(out_dtype),
         gaps=best_gaps,
@@ -211,8 +233,62 @@ def interior_point_rows(
     )
 
 
+def _iterate(
+    F: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    nc: int,
+    kappa: float | None,
+    certify: Certify,
+    expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    best: torch.Tensor,
+    best_gaps: DualityGap,
+    certified: torch.Tensor,
+    max_iter: int,
+    sparse_steps: int,
+) -> int:
+    """Newton steps until every row is certified (sparse), stuck or at ``max_iter``; fills ``best``,
+    ``best_gaps`` and ``certified`` in place (full width); returns the steps taken."""
+    rows = b.shape[0]
+    device = b.device
+    bound = float(kappa) if nc else None
+    state = _State.start(b, t, nc, F.shape[0])
+    blocks = _NormalBlocks(F)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    late = torch.zeros(rows, dtype=torch.int64, device=device)
+    stuck = torch.zeros_like(done)
+    iterations = 0
+    for iteration in range(max_iter + 1):
+        active = torch.nonzero(~done & ~stuck).flatten()
+        if active.numel() == 0:
+            break
+        W, gaps, ok, sparse = _certified_weights(state, active, bound, nc, certify, expand)
+        _keep_best(best, best_gaps, W, gaps, ok, active)
+        # a row certified only with its O(mu) entries takes a few more steps to certify its sparse point
+        late[active[ok & ~sparse]] += 1
+        finished = sparse | (ok & (late[active] > sparse_steps))
+        certified[active[ok]] = True
+        done[active[finished]] = True
+        active = active[~finished]
+        if active.numel() == 0 or iteration == max_iter:
+            break
+        stuck[active] = state.converged(active)
+        active = active[~stuck[active]]
+        if active.numel() == 0:
+            break
+        for part in active.split(blocks.chunk_rows):
+            state.newton_step(part, F, b, t, bound or 0.0, nc, blocks)
+        iterations = iteration + 1
+    return iterations
+
+
 def _certified_weights(
-    state: _State, rows: torch.Tensor, kappa: float | None, nc: int, certify: Certify, dtype: torch.dtype
+    state: _State,
+    rows: torch.Tensor,
+    kappa: float | None,
+    nc: int,
+    certify: Certify,
+    expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, DualityGap, torch.Tensor, torch.Tensor]:
     """The rows' weights with the exact zeros of a sparse optimum where they still certify.
 
@@ -223,8 +299,8 @@ def _certified_weights(
 
     Returns (weights, their gaps, certified, certified sparse: cleaned or cut at >= ``_SPARSE_CUT``).
     """
-    raw = state.weights(rows, kappa, nc, clean=False).to(dtype)
-    clean = state.weights(rows, kappa, nc, clean=True).to(dtype)
+    raw = expand(state.weights(rows, kappa, nc, clean=False), rows)
+    clean = expand(state.weights(rows, kappa, nc, clean=True), rows)
     gaps_raw, ok_raw = certify(raw, rows)
     gaps_clean, ok_clean = certify(clean, rows)
     take = ok_clean | (~ok_raw & (gaps_clean.gaps <= gaps_raw.gaps))
@@ -276,6 +352,52 @@ def _keep_best(
     improved = ok | (gaps.gaps < best_gaps.gaps[rows])
     best[rows[improved]] = W[improved].to(best.dtype)
     best_gaps.set_rows(rows[improved], gaps, improved)
+
+
+class _FreeColumns:
+    """Weights with a zero threshold and no bound, in every row (lam = 0 on the unbounded columns).
+
+    Their dual constraints are equalities, ``f_j^T theta = 0``: theta lies in the orthogonal complement of
+    ``range(F_free)``, spanned by the columns of N (r x r', from an SVD of F_free), and with ``theta = N phi``
+    the dual is the same quadratic program in phi over the other ("kept") columns, with ``F' = N^T F_kept``
+    and ``b' = N^T b``. The free weights are then the least-squares fit of what the kept ones leave,
+    ``w_free = F_free^+ (b - F_kept w_kept)``, which makes ``b - F w = N phi``: the optimum of the full row.
+    Without free columns every method is the identity.
+    """
+
+    def __init__(self, F: torch.Tensor, t: torch.Tensor, nc: int) -> None:
+        zero = (t == 0).all(dim=0)
+        zero[:nc] = False  # a bounded column keeps its constraint |f_j^T theta| <= t_j + tau
+        self.free = torch.nonzero(zero).flatten()
+        self.kept = torch.nonzero(~zero).flatten()
+        self.N: torch.Tensor | None = None
+        if self.free.numel() == 0:
+            return
+        F_free = F[:, self.free]
+        U, S, Vh = torch.linalg.svd(F_free, full_matrices=True)
+        # the rank cut of the eigendecomposition F comes from, on singular values (F's are its square roots)
+        cut = float(S.max()) * math.sqrt(GramFactor.RANK_CUT) if S.numel() else 0.0
+        rank = int((S > cut).sum())
+        self.N = U[:, rank:]  # r x r', orthonormal, orthogonal to every free column
+        # F_free^+ = V_k S_k^-1 U_k^T, stored transposed for row-major products: (r, free)
+        self.pinv_T = (U[:, :rank] / S[:rank]) @ Vh[:rank]
+        self.F_kept = F[:, self.kept]
+
+    def reduce(self, F: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(F', b', t') of the reduced dual over the kept columns."""
+        if self.N is None:
+            return F, b, t
+        return self.N.T @ self.F_kept, b @ self.N, t[:, self.kept]
+
+    def expand(self, W_kept: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Full-width weights (rows x d) from the kept ones and the rows' b (rows x r)."""
+        if self.N is None:
+            return W_kept
+        d = self.kept.numel() + self.free.numel()
+        W = torch.zeros(W_kept.shape[0], d, dtype=W_kept.dtype, device=W_kept.device)
+        W[:, self.kept] = W_kept
+        W[:, self.free] = (b - W_kept @ self.F_kept.T) @ self.pinv_T
+        return W
 
 
 @dataclasses.dataclass
@@ -386,7 +508,8 @@ class _State:
         Dm = (zm / sm).clamp(1 / _SCALING_CAP, _SCALING_CAP) * live
         delta = Dp + Dm
         eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-        M = blocks.normal_matrices(delta) + eye
+        M = blocks.normal_matrices(delta)
+        M.diagonal(dim1=1, dim2=2).add_(1.0)
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info > 0).any()):  # only rounding can make M (>= I) fail: a relative ridge fixes it
             M = M + 1e-12 * M.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * eye
@@ -395,13 +518,13 @@ class _State:
             c = ((Dp - Dm) * a) @ F.T
             D_tau = z_tau / s_tau
             e = (delta * a).sum(dim=1, keepdim=True) + D_tau
-            Mc = torch.cholesky_solve(c[:, :, None], L)[:, :, 0]
+            Mc = _cholesky_solve(L, c)
             schur = (e - (c * Mc).sum(dim=1, keepdim=True)).clamp_min(torch.finfo(F.dtype).tiny)
 
         def direction(rc_plus, rc_minus, rc_tau):
             gp = Dp * r_plus + rc_plus / sp * live
             gm = Dm * r_minus + rc_minus / sm * live
-            Mr = torch.cholesky_solve((-r_theta - (gp - gm) @ F.T)[:, :, None], L)[:, :, 0]
+            Mr = _cholesky_solve(L, -r_theta - (gp - gm) @ F.T)
             if bounded:
                 g_tau = D_tau * r_nu + rc_tau / s_tau
                 rhs_tau = -r_tau + ((gp + gm) * a).sum(dim=1, keepdim=True) + g_tau
@@ -453,37 +576,44 @@ class _State:
 
 
 class _NormalBlocks:
-    """``F diag(delta_i) F^T`` (r x r) for a batch of rows' delta (rows x d).
+    """The lower triangle of ``F diag(delta_i) F^T`` (r x r) for a batch of rows' delta (rows x d): all a
+    Cholesky factorisation reads.
 
-    When the products ``f_k f_l`` (d x r(r+1)/2, the upper triangle) fit :data:`MEMORY_BUDGET_BYTES`, they are
-    formed once and every step is one GEMM ``delta P``: no rows x r x d intermediate is written per step
-    (on the 28x28 digits teacher that write was as costly as the product). Otherwise the batched product
-    ``(F sqrt(delta)) (F sqrt(delta))^T`` runs in chunks of rows within the same budget.
+    When the products ``f_k f_l`` (d x r(r+1)/2, k >= l) fit :data:`MEMORY_BUDGET_BYTES`, they are formed once
+    and every step is one GEMM ``delta P`` copied into the lower triangle: no rows x r x d intermediate is
+    written per step (on the 28x28 digits teacher that write was as costly as the product). Otherwise the
+    batched product ``(F sqrt(delta)) (F sqrt(delta))^T`` runs in chunks of rows within the same budget.
     """
 
     def __init__(self, F: torch.Tensor) -> None:
         r, d = F.shape
         self.r = r
-        self.upper = torch.triu_indices(r, r, device=F.device)
-        pairs = self.upper.shape[1]
+        lower = torch.tril_indices(r, r, device=F.device)
+        self.flat_lower = lower[0] * r + lower[1]
+        pairs = lower.shape[1]
         self.F = F
         self.P: torch.Tensor | None = None
         if 8 * d * pairs <= MEMORY_BUDGET_BYTES:
-            self.P = (F[self.upper[0]] * F[self.upper[1]]).T.contiguous()  # d x pairs
+            self.P = (F[lower[0]] * F[lower[1]]).T.contiguous()  # d x pairs
             self.chunk_rows = max(1, int(MEMORY_BUDGET_BYTES // max(8 * (pairs + r * r), 1)))
         else:
             self.chunk_rows = max(1, int(MEMORY_BUDGET_BYTES // max(8 * r * d, 1)))
 
     def normal_matrices(self, delta: torch.Tensor) -> torch.Tensor:
-        """(rows, r, r) symmetric ``F diag(delta_i) F^T``."""
+        """(rows, r, r) ``F diag(delta_i) F^T``, exact in the lower triangle (the upper may be 0)."""
         if self.P is None:
             X = self.F[None] * delta.sqrt()[:, None, :]
             return torch.bmm(X, X.transpose(1, 2))
-        upper = delta @ self.P  # rows x pairs
-        M = torch.zeros(delta.shape[0], self.r, self.r, dtype=delta.dtype, device=delta.device)
-        M[:, self.upper[0], self.upper[1]] = upper
-        M[:, self.upper[1], self.upper[0]] = upper
-        return M
+        M = torch.zeros(delta.shape[0], self.r * self.r, dtype=delta.dtype, device=delta.device)
+        M.index_copy_(1, self.flat_lower, delta @ self.P)
+        return M.view(delta.shape[0], self.r, self.r)
+
+
+def _cholesky_solve(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """x (rows, r) with L L^T x = rhs, L (rows, r, r) lower triangular: two triangular solves (a third of
+    ``torch.cholesky_solve``'s time on small batched systems)."""
+    y = torch.linalg.solve_triangular(L, rhs[:, :, None], upper=False)
+    return torch.linalg.solve_triangular(L.mT, y, upper=True)[:, :, 0]
 
 
 def _bounded_columns(d: int, nc: int, like: torch.Tensor) -> torch.Tensor:

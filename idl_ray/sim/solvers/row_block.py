@@ -52,7 +52,13 @@ from idl_ray.sim.solvers.admm_kernels import (
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.interior_point import interior_point_cost, interior_point_rows, positive_thresholds
+from idl_ray.sim.solvers.interior_point import (
+    SPARSE_STEPS,
+    interior_point_applies,
+    interior_point_cost,
+    interior_point_rows,
+    positive_thresholds,
+)
 from idl_ray.sim.solvers.polish import POLISH_BELOW, Polished, polish_if_better
 from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
@@ -181,14 +187,16 @@ class RowBlockADMM:
         self.interior_point_rows = 0
         self.interior_point_iterations = 0
         self._interior_point_tried = False
-        # the interior point is enabled and applies to this block: the l1 ball (or no bound), every finite
-        # threshold > 0, a Gram of rank > 0
+        # the interior point is enabled and applies to this block: the l1 ball (or no bound), thresholds it
+        # handles (interior_point_applies: > 0, or 0 on free columns), a Gram of rank > 0
         self._interior_point_applies = (
             options.interior_point
             and self.condition != "mu_inf"
             and factor.rank > 0
-            and positive_thresholds(self.lam)
+            and interior_point_applies(self.lam, n_constrained, kappa)
         )
+        # every threshold > 0: a support larger than rank(H) then marks a non-unique optimum (see _polish)
+        self._sparse_optimum = positive_thresholds(self.lam)
         # a warm start (a lambda path's previous point) on a low-rank Gram hands over at its first check: the
         # rows its polish did not certify are where ADMM crawls (measured: p = 784 path 1.63x -> 2.18x the cold
         # fits); on a well-conditioned Gram ADMM finishes them in tens of steps, cheaper than Newton steps
@@ -464,6 +472,7 @@ class RowBlockADMM:
             kappa=self.kappa,
             n_constrained=self.n_constrained,
             certify=certify,
+            sparse_steps=0 if self.options.vertex and self.condition != "mu_inf" else SPARSE_STEPS,
         )
         self.interior_point_iterations = result.iterations
         better = result.gaps.gaps < gaps.gaps[open_]
@@ -538,7 +547,7 @@ class RowBlockADMM:
         # (such rows go to the interior point when it applies; at lam = 0 it does not, and the ridge solve there
         # does certify)
         eligible = ~ok & ((relative < POLISH_BELOW) | settled | periodic)
-        if self._interior_point_applies:
+        if self._interior_point_applies and self._sparse_optimum:
             eligible &= (Z[active] != 0).sum(dim=1) <= self.factor.rank
         first = self._first_polish_certifies_only
         newly = self._polish_rows(Z, U, active, gaps, eligible, rho) if bool(eligible.any()) else 0
