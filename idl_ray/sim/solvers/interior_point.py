@@ -23,12 +23,12 @@ the upper and lower constraints are the primal weights, ``w = z+ - z-``, and sta
 ``w_j = 0``.
 
 **Free weights (lam = 0).** A zero threshold on an unbounded column makes its dual constraint the equality
-``f_j^T theta = 0``, which has no interior. When those columns are the same in every row (lam = 0 on the
-free block, the stage-1 default of a ``lam = 0`` fit), theta is confined to the orthogonal complement of
-their span, ``theta = N phi``, and the same program runs in phi over the other columns (``F' = N^T F``);
-the free weights are then the least-squares fit of the rest (:class:`_FreeColumns`). A zero threshold on a
-bounded column needs nothing (its constraint ``|f_j^T theta| <= tau`` has an interior);
-:func:`interior_point_applies` says which thresholds the iteration handles.
+``f_j^T theta = 0``, which has no interior. When those columns are the same in every row (a scalar lam = 0:
+every unbounded weight is free), theta is confined to the orthogonal complement of their span,
+``theta = N phi``, and the same program runs in phi over the other columns (``F' = N^T F``); the free
+weights are then the least-squares fit of the rest (:class:`_FreeColumns`). A zero threshold on a bounded
+column needs nothing (its constraint ``|f_j^T theta| <= tau`` has an interior); :func:`interior_point_applies`
+says which thresholds the iteration handles.
 
 **The iteration** is Mehrotra's predictor-corrector (infeasible start, one step length for primal and dual,
 0.99 of the way to the boundary), batched over rows. Eliminating the slacks and multipliers leaves, per row,
@@ -209,25 +209,22 @@ def interior_point_rows(
     def expand(W_kept: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
         return free.expand(W_kept, b[rows_]).to(out_dtype)
 
-    best = torch.zeros(rows, d, dtype=dtype, device=device)
-    unset = torch.full((rows,), math.inf, dtype=torch.float64, device=device)
-    best_gaps = DualityGap(primal=unset, dual=torch.zeros_like(unset), baseline=torch.zeros_like(unset))
-    certified = torch.zeros(rows, dtype=torch.bool, device=device)
-    iterations = 0
     if F_kept.shape[0] == 0 or F_kept.shape[1] == 0:  # the free columns fit everything: w_kept = 0 is optimal
+        best = _Best.empty(rows, d, device)
         everyone = torch.arange(rows, device=device)
         W = expand(torch.zeros(rows, F_kept.shape[1], dtype=dtype, device=device), everyone)
         gaps, ok = certify(W, everyone)
-        _keep_best(best, best_gaps, W, gaps, ok, everyone)
-        certified |= ok
+        best.keep(W, gaps, ok, everyone)
+        best.certified |= ok
+        iterations = 0
     else:
-        iterations = _iterate(
-            F_kept, b_kept, t_kept, nc, kappa, certify, expand, best, best_gaps, certified, max_iter, sparse_steps
+        best, iterations = _iterate(
+            F_kept, b_kept, t_kept, nc, kappa, certify, expand, d, max_iter, sparse_steps
         )
     return InteriorPointResult(
-        weights=best.to(out_dtype),
-        gaps=best_gaps,
-        certified=certified,
+        weights=best.weights.to(out_dtype),
+        gaps=best.gaps,
+        certified=best.certified,
         iterations=iterations,
         time_s=time.perf_counter() - start,
     )
@@ -241,16 +238,15 @@ def _iterate(
     kappa: float | None,
     certify: Certify,
     expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    best: torch.Tensor,
-    best_gaps: DualityGap,
-    certified: torch.Tensor,
+    d: int,
     max_iter: int,
     sparse_steps: int,
-) -> int:
-    """Newton steps until every row is certified (sparse), stuck or at ``max_iter``; fills ``best``,
-    ``best_gaps`` and ``certified`` in place (full width); returns the steps taken."""
+) -> tuple[_Best, int]:
+    """Newton steps until every row is certified (sparse), stuck or at ``max_iter``: the best full-width
+    (d) iterate of every row and the steps taken."""
     rows = b.shape[0]
     device = b.device
+    best = _Best.empty(rows, d, device)
     bound = float(kappa) if nc else None
     state = _State.start(b, t, nc, F.shape[0])
     blocks = _NormalBlocks(F)
@@ -263,11 +259,11 @@ def _iterate(
         if active.numel() == 0:
             break
         W, gaps, ok, sparse = _certified_weights(state, active, bound, nc, certify, expand)
-        _keep_best(best, best_gaps, W, gaps, ok, active)
+        best.keep(W, gaps, ok, active)
         # a row certified only with its O(mu) entries takes a few more steps to certify its sparse point
         late[active[ok & ~sparse]] += 1
         finished = sparse | (ok & (late[active] > sparse_steps))
-        certified[active[ok]] = True
+        best.certified[active[ok]] = True
         done[active[finished]] = True
         active = active[~finished]
         if active.numel() == 0 or iteration == max_iter:
@@ -279,7 +275,7 @@ def _iterate(
         for part in active.split(blocks.chunk_rows):
             state.newton_step(part, F, b, t, bound or 0.0, nc, blocks)
         iterations = iteration + 1
-    return iterations
+    return best, iterations
 
 
 def _certified_weights(
@@ -339,19 +335,29 @@ def _where(mask: torch.Tensor, a: DualityGap, b: DualityGap) -> DualityGap:
     )
 
 
-def _keep_best(
-    best: torch.Tensor,
-    best_gaps: DualityGap,
-    W: torch.Tensor,
-    gaps: DualityGap,
-    ok: torch.Tensor,
-    rows: torch.Tensor,
-) -> None:
-    """Store W's rows (in place) where they are certified (``ok``: the sparse point the row leaves with) or
-    their gap beats the best so far."""
-    improved = ok | (gaps.gaps < best_gaps.gaps[rows])
-    best[rows[improved]] = W[improved].to(best.dtype)
-    best_gaps.set_rows(rows[improved], gaps, improved)
+@dataclasses.dataclass
+class _Best:
+    """Each row's best iterate so far (full width, float64), its certificate and whether it is certified."""
+
+    weights: torch.Tensor
+    gaps: DualityGap
+    certified: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, d: int, device: torch.device) -> _Best:
+        unset = torch.full((rows,), math.inf, dtype=torch.float64, device=device)
+        return cls(
+            weights=torch.zeros(rows, d, dtype=torch.float64, device=device),
+            gaps=DualityGap(primal=unset, dual=torch.zeros_like(unset), baseline=torch.zeros_like(unset)),
+            certified=torch.zeros(rows, dtype=torch.bool, device=device),
+        )
+
+    def keep(self, W: torch.Tensor, gaps: DualityGap, ok: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store W's rows (in place) where they are certified (``ok``: the sparse point the row leaves with)
+        or their gap beats the best so far."""
+        improved = ok | (gaps.gaps < self.gaps.gaps[rows])
+        self.weights[rows[improved]] = W[improved].to(self.weights.dtype)
+        self.gaps.set_rows(rows[improved], gaps, improved)
 
 
 class _FreeColumns:

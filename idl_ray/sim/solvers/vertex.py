@@ -153,7 +153,9 @@ def _first_basis(
     on the 28x28 digits teacher) and on all of them when those do not span ``target``.
     """
     scaled = np.linalg.norm(M, axis=0) * u
-    candidates = [np.argsort(-scaled)[: _FIRST_COLUMNS * M.shape[0]]] if len(u) > _FIRST_COLUMNS * M.shape[0] else []
+    candidates = (
+        [np.argsort(-scaled)[: _FIRST_COLUMNS * M.shape[0]]] if len(u) > _FIRST_COLUMNS * M.shape[0] else []
+    )
     for columns in [*candidates, np.arange(len(u))]:
         Q, R_, pivots = qr(M[:, columns] * u[columns], mode="full", pivoting=True)
         diagonal = np.abs(np.diag(R_))
