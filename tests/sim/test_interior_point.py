@@ -122,13 +122,20 @@ def test_zero_kappa_holds_the_bounded_block_at_zero() -> None:
     assert bool((result.weights[:, :N] == 0).all())
 
 
-def test_row_chunks_give_the_same_answer(monkeypatch) -> None:
+def test_normal_matrix_routes_give_the_same_answer(monkeypatch) -> None:
+    """The Newton matrices from the products f_k f_l formed once (many rows), from batched products (a few
+    rows) and in chunks of one row (a small memory budget): the same iterates."""
     features, targets = samples(rank_deficient=True, seed=7)
     H, R, c = gram_form(features, targets)
-    whole = solve(H, R, c, 1e-3, 0.5)
+    monkeypatch.setattr(interior_point, "_PRODUCTS_FROM_ROWS", 0)  # N = 5 rows: the products route
+    products = solve(H, R, c, 1e-3, 0.5)
+    monkeypatch.setattr(interior_point, "_PRODUCTS_FROM_ROWS", 16)
+    batched = solve(H, R, c, 1e-3, 0.5)
     monkeypatch.setattr(interior_point, "MEMORY_BUDGET_BYTES", 1)  # one row per chunk
     chunked = solve(H, R, c, 1e-3, 0.5)
-    torch.testing.assert_close(chunked.weights, whole.weights, atol=1e-12, rtol=0)
+    assert bool(products.certified.all())
+    torch.testing.assert_close(batched.weights, products.weights, atol=1e-10, rtol=0)
+    torch.testing.assert_close(chunked.weights, batched.weights, atol=1e-12, rtol=0)
 
 
 def test_admm_hands_uncertified_rows_over() -> None:

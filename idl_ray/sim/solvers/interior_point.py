@@ -73,6 +73,8 @@ __all__ = [
 
 #: the largest rows x r x d float64 intermediate one chunk of rows may form
 MEMORY_BUDGET_BYTES = 256 * 2**20
+#: the products f_k f_l are formed once only for more rows than this (see _NormalBlocks)
+_PRODUCTS_FROM_ROWS = 16
 #: starting multipliers (primal weights) and bound variable tau: both of the order of a fitted weight
 _START = 0.01
 #: fraction of the step to the boundary
@@ -249,7 +251,7 @@ def _iterate(
     best = _Best.empty(rows, d, device)
     bound = float(kappa) if nc else None
     state = _State.start(b, t, nc, F.shape[0])
-    blocks = _NormalBlocks(F)
+    blocks = _NormalBlocks(F, rows)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     late = torch.zeros(rows, dtype=torch.int64, device=device)
     stuck = torch.zeros_like(done)
@@ -585,13 +587,15 @@ class _NormalBlocks:
     """The lower triangle of ``F diag(delta_i) F^T`` (r x r) for a batch of rows' delta (rows x d): all a
     Cholesky factorisation reads.
 
-    When the products ``f_k f_l`` (d x r(r+1)/2, k >= l) fit :data:`MEMORY_BUDGET_BYTES`, they are formed once
-    and every step is one GEMM ``delta P`` copied into the lower triangle: no rows x r x d intermediate is
-    written per step (on the 28x28 digits teacher that write was as costly as the product). Otherwise the
-    batched product ``(F sqrt(delta)) (F sqrt(delta))^T`` runs in chunks of rows within the same budget.
+    When the products ``f_k f_l`` (d x r(r+1)/2, k >= l) fit :data:`MEMORY_BUDGET_BYTES` and more than
+    :data:`_PRODUCTS_FROM_ROWS` rows share them, they are formed once and every step is one GEMM ``delta P``
+    copied into the lower triangle: no rows x r x d intermediate is written per step (on the 28x28 digits
+    teacher that write was as costly as the product). Otherwise the batched product
+    ``(F sqrt(delta)) (F sqrt(delta))^T`` runs in chunks of rows within the same budget (for a few rows the
+    GEMM is bound by reading P, 50 MB at r = 123, and forming P costs as much as ten steps).
     """
 
-    def __init__(self, F: torch.Tensor) -> None:
+    def __init__(self, F: torch.Tensor, rows: int) -> None:
         r, d = F.shape
         self.r = r
         lower = torch.tril_indices(r, r, device=F.device)
@@ -599,7 +603,7 @@ class _NormalBlocks:
         pairs = lower.shape[1]
         self.F = F
         self.P: torch.Tensor | None = None
-        if 8 * d * pairs <= MEMORY_BUDGET_BYTES:
+        if 8 * d * pairs <= MEMORY_BUDGET_BYTES and rows > _PRODUCTS_FROM_ROWS:
             self.P = (F[lower[0]] * F[lower[1]]).T.contiguous()  # d x pairs
             self.chunk_rows = max(1, int(MEMORY_BUDGET_BYTES // max(8 * (pairs + r * r), 1)))
         else:

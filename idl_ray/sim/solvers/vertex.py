@@ -68,6 +68,9 @@ def vertex_candidates(
     candidates : Tensor (rows, d), the vertex where found and W's row elsewhere
     found : bool Tensor (rows,), rows with a vertex sparser than W's row
     """
+    qualifies = (W != 0).sum(dim=1) > _WORTH * F.shape[0]  # a vertex has <= rank + 2: little to remove
+    if not bool(qualifies.any()):  # SciPy's import alone costs 0.2-0.3 s in a fresh process
+        return W.clone(), torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     from scipy.linalg import qr
     from threadpoolctl import threadpool_limits
 
