@@ -80,6 +80,7 @@ class SolverWorker:
         # the vertex step's pivoted QR comes from SciPy, whose import costs 0.2-0.3 s: paid here, while the
         # actors start (the sim job starts them during the teacher's training), not in the first solve
         import scipy.linalg  # noqa: F401
+
         self.rank = rank
         self.device = actor_device()
         self.sources: list[ShardSource] = []
