@@ -95,3 +95,50 @@ def test_vertex_off_and_full_rank_change_nothing() -> None:
     result = ADMMSolver(device="cpu").solve(problem)
     assert result.stats.extra["vertex_rows"] == 0  # full rank: the optimum is unique
     assert np.isfinite(result.stats.objective)
+
+
+def _first_basis_solution(M: np.ndarray, u0: np.ndarray) -> np.ndarray:
+    """The basic solution on the first basis the step picks (columns of M u0 by pivoted QR), written here
+    with NumPy's least squares: negative entries mean the first basis alone is not a vertex."""
+    from scipy.linalg import qr
+
+    R_, pivots = qr(M * u0, mode="r", pivoting=True)
+    diagonal = np.abs(np.diag(R_))
+    basis = pivots[: int((diagonal > 1e-10 * diagonal[0]).sum())]
+    return np.linalg.lstsq(M[:, basis], M @ u0, rcond=None)[0]
+
+
+def test_purification_reaches_a_vertex_of_the_polytope() -> None:
+    """From an interior point u0 > 0 of {u >= 0 : M u = M u0}, the basis exchanges end at a vertex: u >= 0,
+    the same M u, at most rank(M) nonzeros on independent columns; on these random polytopes the first
+    basis alone is not one (its basic solution has negative entries), so the exchanges are what gets there."""
+    from scipy.linalg import qr
+
+    from idl_ray.sim.solvers.vertex import _purified
+
+    needed_exchanges = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        rank = 5 if seed % 2 else 8  # odd seeds: 8 rows of rank 5 (dependent constraints, as with F_E)
+        M = rng.standard_normal((8, rank)) @ rng.standard_normal((rank, 40))
+        u0 = rng.random(40) + 0.05
+        needed_exchanges += bool((_first_basis_solution(M, u0) < -1e-9).any())
+        u = _purified(M, u0, qr)
+        assert u is not None
+        assert bool((u >= 0).all())
+        np.testing.assert_allclose(M @ u, M @ u0, rtol=0, atol=1e-9 * np.abs(M @ u0).max())
+        support = np.flatnonzero(u)
+        assert 0 < support.size <= rank
+        assert np.linalg.matrix_rank(M[:, support]) == support.size  # independent columns: a vertex
+    assert needed_exchanges >= 3
+
+
+def test_rows_already_sparse_are_left_as_they_are() -> None:
+    """Rows with at most 1.25 rank nonzeros are returned unchanged, and not found (no QR is run)."""
+    gen = torch.Generator().manual_seed(0)
+    F = torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    W = torch.zeros(3, 30, dtype=torch.float64)
+    W[:, :7] = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    candidates, found = vertex_candidates(F, W, lam=1e-3, kappa=None, n_constrained=0)
+    assert not bool(found.any())
+    torch.testing.assert_close(candidates, W, rtol=0, atol=0)
