@@ -48,7 +48,7 @@ def references() -> dict:
     return out
 
 
-GRID = [(1, lam, kappa) for lam in (0.0, 1e-5, 1e-3, 1e-2) for kappa in (0.5, 0.95)] + [
+GRID = [(1, lam, kappa) for lam in (0.0, 1e-5, 1e-3, 1e-2) for kappa in (0.5, 0.95, 0.99)] + [
     (2, lam, None) for lam in (1e-6, 1e-4, 1e-2)
 ]
 
