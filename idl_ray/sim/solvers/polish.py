@@ -23,6 +23,7 @@ Per-entry thresholds (l1 weights): ``lam sigma_S`` becomes ``t_S * sigma_S`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -67,10 +68,13 @@ def _solve_on_support(
     K_reg = K + ridge * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
     if a is not None:
         K_reg[k, k] = -ridge
-    lu = torch.linalg.lu_factor(K_reg)
-    x = torch.linalg.lu_solve(*lu, rhs[:, None])[:, 0]
+    # an exactly singular system (float32 rounding can swamp the ridge) is no error: NaN means "no answer"
+    lu, pivots, info = torch.linalg.lu_factor_ex(K_reg)
+    if int(info) > 0:
+        return torch.full((k,), math.nan, dtype=H.dtype, device=H.device), math.nan
+    x = torch.linalg.lu_solve(lu, pivots, rhs[:, None])[:, 0]
     for _ in range(2):
-        x = x + torch.linalg.lu_solve(*lu, (rhs - K @ x)[:, None])[:, 0]
+        x = x + torch.linalg.lu_solve(lu, pivots, (rhs - K @ x)[:, None])[:, 0]
     if a is None:
         return x, 0.0
     return x[:k], float(x[k])

@@ -13,6 +13,8 @@ row, the passes run out), where the caller keeps its own iterate.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from idl_ray.sim.solvers.polish import _MAX_ADDED, _MAX_PASSES
@@ -180,10 +182,13 @@ def _solve_on_supports(
         K[:, kmax, kmax] = torch.where(bordered, torch.zeros_like(ridge), torch.ones_like(ridge))
         K_reg[:, kmax, kmax] = torch.where(bordered, -ridge, 1.0 + ridge)
         rhs[:, kmax] = torch.where(bordered, torch.full_like(ridge, float(kappa)), torch.zeros_like(ridge))
-    lu, pivots = torch.linalg.lu_factor(K_reg)
+    # lu_factor_ex: an exactly singular system (possible in float32, whose rounding swamps the ridge) is no
+    # error here: its row gets NaN, which the caller reads as "no answer" and keeps its own iterate
+    lu, pivots, info = torch.linalg.lu_factor_ex(K_reg)
     x = torch.linalg.lu_solve(lu, pivots, rhs[:, :, None])[:, :, 0]
     for _ in range(2):
         residual = rhs - (K @ x[:, :, None])[:, :, 0]
         x = x + torch.linalg.lu_solve(lu, pivots, residual[:, :, None])[:, :, 0]
+    x = torch.where((info > 0)[:, None], torch.full_like(x, math.nan), x)
     nu = x[:, kmax] if a is not None else x.new_zeros(r)
     return x[:, :kmax], nu
