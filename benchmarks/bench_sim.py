@@ -212,6 +212,9 @@ def size_case(p: int, args, device: torch.device) -> dict:
             "objective_stage2": problems[1].objective(W2),
             "a_inf_norm": inf_norm(weights["A"]),
             "accuracy": sim_accuracy(weights, Xte, yte),
+            # (A, B) nonzeros: exact, and above 1e-6 of the largest |entry| (a solver's rounding-level entries)
+            "nnz_AB": int((W1 != 0).sum()),
+            "nnz_AB_1e-6": int((W1.abs() > 1e-6 * W1.abs().max()).sum()),
             **{
                 k: v
                 for k, v in res.items()
@@ -221,7 +224,8 @@ def size_case(p: int, args, device: torch.device) -> dict:
         print(
             f"  p={p} {name:9s} {res['time_s']:9.3f} s  obj1 {out[name]['objective_stage1']:.6e}  "
             f"obj2 {out[name]['objective_stage2']:.6e}  ||A||_inf {out[name]['a_inf_norm']:.6f}  "
-            f"acc {out[name]['accuracy']:.4f}  iterations {res.get('iterations')}",
+            f"acc {out[name]['accuracy']:.4f}  nnz(A,B) {out[name]['nnz_AB']} "
+            f"({out[name]['nnz_AB_1e-6']} above 1e-6 max)  iterations {res.get('iterations')}",
             flush=True,
         )
 
