@@ -108,7 +108,12 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
                 # the interior-point hand-over and the vertex step (ADMMSolver and the Ray gram strategy)
                 **{
                     k: stats.extra.get(k)
-                    for k in ("interior_point_rows", "interior_point_iterations", "vertex_rows", "polished_rows")
+                    for k in (
+                        "interior_point_rows",
+                        "interior_point_iterations",
+                        "vertex_rows",
+                        "polished_rows",
+                    )
                 },
             }
         results.append(record)
