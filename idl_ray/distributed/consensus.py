@@ -53,6 +53,7 @@ from idl_ray.distributed.gram import RunInfo, roll_back
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ResidualSums, balanced_rho, check_convergence, prox
+from idl_ray.sim.solvers.certificate import DualityGap
 from idl_ray.sim.solvers.finish import finish_rows
 from idl_ray.sim.solvers.interior_point import interior_point_applies
 
@@ -242,11 +243,7 @@ def _run_consensus(
                 polished_rows += int(ok[polished.positions].sum())
             kept[ok], kept_primal[ok], kept_dual[ok] = candidate[ok], gaps.primal[ok], gaps.dual[ok]
             done |= ok
-            primal = torch.where(done, kept_primal, gaps.primal)
-            dual = torch.where(done, kept_dual, gaps.dual)
-            relative_gap = float((primal - dual).clamp_min(0).sum()) / max(
-                abs(float(primal.sum())), torch.finfo(torch.float64).tiny
-            )
+            relative_gap = _relative_gap(done, kept_primal, kept_dual, gaps)
             converged = bool(done.all())
             if not converged and not handed and _hand_over_due(options, iteration, lam, nc, kappa):
                 handed = True
@@ -264,11 +261,7 @@ def _run_consensus(
                 kept_dual[got] = finished.gaps.dual[finished.certified]
                 done[got] = True
                 interior_point_rows += int(got.numel())
-                primal = torch.where(done, kept_primal, gaps.primal)
-                dual = torch.where(done, kept_dual, gaps.dual)
-                relative_gap = float((primal - dual).clamp_min(0).sum()) / max(
-                    abs(float(primal.sum())), torch.finfo(torch.float64).tiny
-                )
+                relative_gap = _relative_gap(done, kept_primal, kept_dual, gaps)
                 converged = bool(done.all())
             record.update({"relative_gap": relative_gap, "certified_rows": int(done.sum())})
         history.append(record)
@@ -325,6 +318,17 @@ def _run_consensus(
     info.polished_rows = polished_rows
     info.interior_point_rows = interior_point_rows
     return W, info
+
+
+def _relative_gap(
+    done: torch.Tensor, kept_primal: torch.Tensor, kept_dual: torch.Tensor, gaps: DualityGap
+) -> float:
+    """The stage's relative duality gap: sum of (P - D)_+ over sum of P, certified rows at their kept answer."""
+    primal = torch.where(done, kept_primal, gaps.primal)
+    dual = torch.where(done, kept_dual, gaps.dual)
+    return float((primal - dual).clamp_min(0).sum()) / max(
+        abs(float(primal.sum())), torch.finfo(torch.float64).tiny
+    )
 
 
 def _hand_over_due(
