@@ -99,7 +99,8 @@ class ADMMOptions(Options):
         Hand the rows still uncertified after ``interior_point_after`` steps (or at a stall) to the batched
         interior point of :mod:`~idl_ray.sim.solvers.interior_point` (20-30 Newton steps to a certified optimum
         on any conditioning), once per solve, when its predicted cost is below that of the ADMM steps left.
-        l1-ball bound (or none) with every finite threshold > 0; not under ``mu_inf``.
+        l1-ball bound (or none) with the thresholds of ``interior_point.interior_point_applies`` (every finite
+        one > 0, or lam = 0 on the unbounded weights, which are eliminated); not under ``mu_inf``.
     vertex : bool
         Where rank(H) < d, move each certified row with more nonzeros than the rank to a vertex of its optimal
         face (:mod:`~idl_ray.sim.solvers.vertex`; at most rank + 2 nonzeros) when that still certifies: the
@@ -184,12 +185,12 @@ class GramFactor:
         eigenvalues, self.Q = torch.linalg.eigh(0.5 * (G + G.T))
         self.eigenvalues = eigenvalues.clamp_min(0)
         largest = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
-        keep = self.eigenvalues > self.RANK_CUT * largest
-        self.rank = int(keep.sum())
+        self._range = self.eigenvalues > self.RANK_CUT * largest  # the eigenvalues kept (bool mask)
+        self.rank = int(self._range.sum())
         self._low_rank = 3 * self.rank <= self.dim
         if self._low_rank:
-            self._Q_range = self.Q[:, keep].contiguous()
-            self._s_range = self.eigenvalues[keep]
+            self._Q_range = self.Q[:, self._range].contiguous()
+            self._s_range = self.eigenvalues[self._range]
         self.factor_time_s = time.perf_counter() - start
         self._cached_rho: float | None = None
         self._cached_inverse: torch.Tensor | None = None
@@ -203,9 +204,7 @@ class GramFactor:
         ``G ~= Q_r diag(s_r) Q_r^T`` (the thin factor the interior point works with)."""
         if self._low_rank:
             return self._Q_range, self._s_range
-        largest = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
-        keep = self.eigenvalues > self.RANK_CUT * largest
-        return self.Q[:, keep], self.eigenvalues[keep]
+        return self.Q[:, self._range], self.eigenvalues[self._range]
 
     def range_factor(self) -> torch.Tensor:
         """F = diag(sqrt(s_r)) Q_r^T (r x d), the thin factor with ``F^T F = G`` on its range."""
