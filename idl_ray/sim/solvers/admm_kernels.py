@@ -199,6 +199,11 @@ class GramFactor:
     def dim(self) -> int:
         return self.Q.shape[0]
 
+    @property
+    def low_rank(self) -> bool:
+        """rank <= dim / 3: ``solve`` uses the thin range basis (and so does a step's cost)."""
+        return self._low_rank
+
     def range_basis(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_r, s_r): the eigenvectors (d x r) and eigenvalues (r,) above ``RANK_CUT`` of the largest, so
         ``G ~= Q_r diag(s_r) Q_r^T`` (the thin factor the interior point works with)."""

@@ -200,10 +200,9 @@ class RowBlockADMM:
         # a warm start (a lambda path's previous point) on a low-rank Gram hands over at its first check: the
         # rows its polish did not certify are where ADMM crawls (measured: p = 784 path 1.63x -> 2.18x the cold
         # fits); on a well-conditioned Gram ADMM finishes them in tens of steps, cheaper than Newton steps
-        low_rank = 3 * factor.rank <= factor.dim
         self._hand_over_at = (
             self.state.iteration
-            if polish_first and low_rank
+            if polish_first and factor.low_rank
             else max(options.interior_point_after, self._steps_worth_a_hand_over())
         )
         self._vertex_tried = torch.zeros(rows, dtype=torch.bool, device=R.device)
@@ -431,8 +430,8 @@ class RowBlockADMM:
 
     def _step_cost(self) -> float:
         """Flops of one ADMM step per row: two thin products on a low-rank Gram, one dense one otherwise."""
-        rank, d = self.factor.rank, self.R.shape[1]
-        return 4.0 * d * (rank if 3 * rank <= d else d)
+        rank, d = self.factor.rank, self.factor.dim
+        return 4.0 * d * (rank if self.factor.low_rank else d)
 
     def _steps_worth_a_hand_over(self) -> int:
         """ADMM steps after which the hand-over pays (ski rental): when the steps taken cost
@@ -544,8 +543,8 @@ class RowBlockADMM:
             self._next_periodic = self._checks + self._polish_period
         # a support larger than rank(H) makes H_SS singular: the optimum on it is not unique and the polish
         # (a ridge solve) almost never certifies; at p = 784 such attempts were 2/3 of the solve's time
-        # (such rows go to the interior point when it applies; at lam = 0 it does not, and the ridge solve there
-        # does certify)
+        # (such rows go to the interior point when it applies; with zero thresholds (lam = 0) a support larger
+        # than the rank is the dense least-squares optimum, which the ridge solve does certify)
         eligible = ~ok & ((relative < POLISH_BELOW) | settled | periodic)
         if self._interior_point_applies and self._sparse_optimum:
             eligible &= (Z[active] != 0).sum(dim=1) <= self.factor.rank
