@@ -358,13 +358,10 @@ def _run(
     sim = SIM(activation=config.activation, kappa=config.kappa, lam=config.lam, progress=not config.quiet)
     inputs: Any = data.x_train
     if config.solver.startswith("ray-"):  # the teacher runs on Ray Data actors too (streaming)
-        import numpy as np
         import ray
 
-        actors = config.workers or 2
-        # one block per extraction actor (from_numpy of one array makes one block: one actor would idle)
-        inputs = ray.data.from_numpy(np.array_split(data.x_train.numpy(), actors))
-        stream = {"num_actors": actors, "use_gpu": config.use_gpu}
+        inputs = ray.data.from_numpy(data.x_train.numpy())
+        stream = {"num_actors": config.workers or 2, "use_gpu": config.use_gpu}
         if stream_cpus is not None:  # sharing the CPUs with the solver's actors, started early
             stream["cpus_per_actor"] = stream_cpus
         sim.set_params(stream=stream)
