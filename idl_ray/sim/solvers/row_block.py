@@ -424,7 +424,11 @@ class RowBlockADMM:
         options = self.options
         if not self._interior_point_applies or self._interior_point_tried:
             return False
-        if iteration < self._hand_over_at and not self._stalled() and not self._idle(iteration, certified_now):
+        if (
+            iteration < self._hand_over_at
+            and not self._stalled()
+            and not self._idle(iteration, certified_now)
+        ):
             return False
         # never when it is predicted dearer than all the ADMM steps the budget still allows
         left = max(options.max_iter - iteration, 0)
