@@ -241,20 +241,6 @@ def test_float32_solver_hands_over_in_float64() -> None:
     assert (problem.objective(result.weights.double()) - optimum) <= 1e-4 * optimum
 
 
-def test_idle_admm_hands_over_before_interior_point_after() -> None:
-    """On a low-rank Gram where ADMM certifies no row between two checks past half of
-    ``interior_point_after`` (100), the rows go to the interior point then (~70 steps), not at 100, and the
-    answer is Clarabel's."""
-    features, targets = samples(rank_deficient=True, seed=0)
-    problem = SIMProblem.from_samples(features, targets, lam=1e-4, kappa=0.5, n_constrained=N)
-    result = ADMMSolver(device="cpu").solve(problem)
-    assert result.stats.converged
-    assert result.stats.extra["interior_point_rows"] == N
-    assert 50 <= result.stats.iterations < 100
-    reference = clarabel(features, targets, np.full((N, N + P), 1e-4), 0.5).sum()
-    assert abs(result.stats.objective - reference) <= 1e-6 * reference
-
-
 def test_hand_over_waits_where_the_interior_point_is_costly() -> None:
     """A full-rank Gram (d = 200, correlated columns): the interior point would cost as much as ~3,000 ADMM
     steps by flops, so even with interior_point_after=0 the hand-over waits (~90 steps), and ADMM certifies

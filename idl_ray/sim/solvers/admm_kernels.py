@@ -107,8 +107,7 @@ class ADMMOptions(Options):
         optimum is not unique there, and the vertex is the sparse one.
     interior_point_after : int >= 0
         ADMM steps before the hand-over, at least (rank-deficient Grams of upsampled images need it; on
-        well-conditioned ones ADMM certifies every row within it). On a low-rank Gram the hand-over comes
-        half-way there when a check certified no new row (ADMM is not finishing rows there). Where the interior point is costly (a
+        well-conditioned ones ADMM certifies every row within it). Where the interior point is costly (a
         full-rank d ~ 900 Gram) the hand-over waits until the steps taken cost 1/32 of it by flops (~400 steps).
     mu, tau : float
         Residual-balancing ratio and factor of the consensus strategy (mu > 1, tau > 1).

@@ -18,8 +18,7 @@ One round of the loop (:meth:`RowBlockADMM.run`) on the rows not yet certified:
    (U = (r - H w) / rho, the fixed point of ADMM at w);
 4. rho adapted from the ratio of the normalised primal and dual residuals (OSQP), by factors of at least
    2 so the map changes rarely (a change resets Anderson's memory);
-5. once per solve, after ``interior_point_after`` steps, at a stall, or on a low-rank Gram half-way there
-   when a check certified no new row, the rows still uncertified go to the
+5. once per solve, after ``interior_point_after`` steps or at a stall, the rows still uncertified go to the
    batched interior point (:mod:`~idl_ray.sim.solvers.interior_point`): on the rank-deficient Grams of
    upsampled images ADMM's end game crawls (gap ~1e-5 after 8,000 steps) where 20-30 Newton steps certify
    every row. A row takes the interior point's answer where its gap is smaller (U reset as for a polish).
@@ -322,8 +321,7 @@ class RowBlockADMM:
                 # polishing solves on the l1-ball's active set; under mu_inf it is not done
                 if options.polish and self.condition != "mu_inf" and not bool(ok.all()):
                     Z, U, ok = self._polish(Z, U, active, gaps, ok, rho)
-                certified_now = int(self.certified.sum()) + int(ok.sum())
-                if not bool(ok.all()) and self._interior_point_due(iteration, certified_now):
+                if not bool(ok.all()) and self._interior_point_due(iteration):
                     Z, U, ok = self._interior_point(Z, U, active, gaps, rho)
                 self.certified[active[ok]] = True
                 primal, dual = self.gaps_total()
@@ -419,32 +417,16 @@ class RowBlockADMM:
         return Z
 
     # ------------------------------------------------------------------ the interior-point hand-over
-    def _interior_point_due(self, iteration: int, certified_now: int) -> bool:
+    def _interior_point_due(self, iteration: int) -> bool:
         """Whether the uncertified rows go to the interior point now (see the module docstring, step 5)."""
         options = self.options
         if not self._interior_point_applies or self._interior_point_tried:
             return False
-        if (
-            iteration < self._hand_over_at
-            and not self._stalled()
-            and not self._idle(iteration, certified_now)
-        ):
+        if iteration < self._hand_over_at and not self._stalled():
             return False
         # never when it is predicted dearer than all the ADMM steps the budget still allows
         left = max(options.max_iter - iteration, 0)
         return interior_point_cost(1, self.factor.rank, self.R.shape[1]) <= left * self._step_cost()
-
-    def _idle(self, iteration: int, certified_now: int) -> bool:
-        """On a low-rank Gram, half-way to ``interior_point_after`` (and past the steps a hand-over is
-        worth): this check (``certified_now`` rows certified in all) certified no row the previous one had
-        not. There ADMM's end game crawls (the 28x28 digits teacher's stage 2 certified none of its 10 rows
-        in 126 steps, then 24 Newton steps certified all: handed over at 54 steps, the stage takes 0.34 s
-        instead of 0.45 s), so waiting for ``interior_point_after`` only costs steps; where ADMM is still
-        certifying rows (stage 1: 29 rows between steps 38 and 86) it goes on."""
-        due_half_way = max(self._steps_worth_a_hand_over(), self.options.interior_point_after // 2)
-        if not self.factor.low_rank or iteration < due_half_way or not self.history:
-            return False
-        return certified_now == self.history[-1]["certified_rows"]
 
     def _step_cost(self) -> float:
         """Flops of one ADMM step per row: two thin products on a low-rank Gram, one dense one otherwise."""
