@@ -142,3 +142,22 @@ def test_rows_already_sparse_are_left_as_they_are() -> None:
     candidates, found = vertex_candidates(F, W, lam=1e-3, kappa=None, n_constrained=0)
     assert not bool(found.any())
     torch.testing.assert_close(candidates, W, rtol=0, atol=0)
+
+
+def test_rows_purified_in_threads_equal_one_by_one(monkeypatch) -> None:
+    """With several torch threads the rows are purified concurrently (one per thread): the same vertices,
+    bit for bit, as one thread purifying them in turn, each row on its own copies of the face."""
+    gen = torch.Generator().manual_seed(3)
+    F = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    W = torch.rand(8, 40, generator=gen, dtype=torch.float64) * torch.sign(torch.randn(8, 40, generator=gen))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, found_one = vertex_candidates(F, W, lam=1e-3, kappa=None, n_constrained=0)
+        torch.set_num_threads(4)
+        many, found_many = vertex_candidates(F, W, lam=1e-3, kappa=None, n_constrained=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(found_one.all()) and torch.equal(found_one, found_many)
+    assert torch.equal(one, many)
+    assert bool(((one != 0).sum(dim=1) <= 6 + 2).all())  # vertices: at most rank + 2 nonzeros
