@@ -144,9 +144,9 @@ def test_rows_already_sparse_are_left_as_they_are() -> None:
     torch.testing.assert_close(candidates, W, rtol=0, atol=0)
 
 
-def test_rows_purified_in_threads_equal_one_by_one(monkeypatch) -> None:
-    """With several torch threads the rows are purified concurrently (one per thread): the same vertices,
-    bit for bit, as one thread purifying them in turn, each row on its own copies of the face."""
+def test_vertices_do_not_depend_on_the_thread_count() -> None:
+    """LAPACK runs on one thread inside the step whatever torch's thread count: the same vertices, bit for
+    bit, with 1 and 4 torch threads."""
     gen = torch.Generator().manual_seed(3)
     F = torch.randn(6, 40, generator=gen, dtype=torch.float64)
     W = torch.rand(8, 40, generator=gen, dtype=torch.float64) * torch.sign(torch.randn(8, 40, generator=gen))

@@ -21,15 +21,14 @@ is a vertex for ~60% of the rows). The candidate is then scored by the solver's 
 where it still certifies (and is sparser), so the step never costs optimality.
 
 Cost per row: one pivoted QR of an (r + 2) x |E| matrix (LAPACK geqp3 via SciPy, on the CPU) plus the rounds.
-Rows are purified concurrently, one per torch thread, each LAPACK call on one thread (on the 2-core VM, BLAS
-threads inside each call next to torch's OpenMP threads had doubled this step: 0.41 -> 0.82 s for the 64 rows
-of the 28x28 teacher's stage 1; one row per thread: 0.31 s).
+Each LAPACK call runs on one thread (on the 2-core VM, BLAS threads inside each call next to torch's OpenMP
+threads had doubled this step at torch's default 2 threads: 0.41 -> 0.82 s for the 64 rows of the 28x28
+teacher's stage 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -100,19 +99,12 @@ def vertex_candidates(
             rows.append((support < nc).to(torch.float64).numpy())
         jobs.append((i, support, signs, np.vstack(rows), u0))
 
-    def purify(job: tuple) -> np.ndarray | None:
-        return _purified(job[3], job[4], qr)
-
-    # rows are independent: one per thread, each LAPACK call single-threaded (the QR of a ~135 x 850 matrix
-    # gains nothing from threads, and BLAS threads next to torch's OpenMP ones doubled this step's time on
-    # 2 cores); SciPy releases the GIL inside LAPACK
-    workers = min(torch.get_num_threads(), len(jobs))
+    # each LAPACK call on one thread: the QR of a ~135 x 850 matrix gains nothing from threads, and BLAS
+    # threads next to torch's OpenMP ones doubled this step on 2 cores. Rows one after another: a pool of
+    # Python threads (SciPy releases the GIL inside LAPACK) gained 25% where the pivoted QR dominates and
+    # lost 85% where the rounds do (lam = 0: ~70 short calls per row, the threads queue for the GIL)
     with threadpool_limits(limits=1, user_api="blas"):
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                answers = list(pool.map(purify, jobs))
-        else:
-            answers = [purify(job) for job in jobs]
+        answers = [_purified(job[3], job[4], qr) for job in jobs]
     for (i, support, signs, _, _), u in zip(jobs, answers, strict=True):
         if u is None:
             continue
