@@ -188,7 +188,13 @@ def _first_basis(
 def _purified(M: np.ndarray, u0: np.ndarray, qr: Callable) -> np.ndarray | None:
     """A vertex of ``{u >= 0 : M u = M u0}`` reached from u0 > 0 by basis exchanges (the module docstring),
     or None when u0 is already one (full column rank) or the rounds run out."""
-    from scipy.linalg import qr_delete, qr_update, solve_triangular
+    from scipy.linalg import qr_delete, qr_update
+    from scipy.linalg.blas import dtrsv
+
+    def solve_triangular(R_k: np.ndarray, b: np.ndarray, trans: str = "N") -> np.ndarray:
+        # BLAS trsv directly: SciPy's solve_triangular validates its inputs on every call, ~10x the solve
+        # itself at these sizes (thousands of calls per stage at lam = 0)
+        return dtrsv(R_k, b, lower=0, trans=0 if trans == "N" else 1)
 
     u = u0.copy()
     target = M @ u
@@ -222,11 +228,11 @@ def _purified(M: np.ndarray, u0: np.ndarray, qr: Callable) -> np.ndarray | None:
         entering = int(np.argmax(score))
         if score[entering] <= _RANK_TOL * np.abs(coefficient).max() * u.max():
             # nothing can replace it: the face is thinner here
-            Q, R = qr_delete(Q, R, leaving, which="col")
+            Q, R = qr_delete(Q, R, leaving, which="col", check_finite=False)
             basis = np.delete(basis, leaving)
             if basis.size == 0:
                 return None
         else:
-            Q, R = qr_update(Q, R, M[:, entering] - M[:, basis[leaving]], unit)
+            Q, R = qr_update(Q, R, M[:, entering] - M[:, basis[leaving]], unit, check_finite=False)
             basis[leaving] = entering
     return None
