@@ -83,35 +83,31 @@ def vertex_candidates(
     candidates = W_cpu.clone()
     found = torch.zeros(W.shape[0], dtype=torch.bool)
     nc = n_constrained if kappa is not None else 0
-    jobs = []  # (row, support, signs, constraint matrix of its face, starting point)
-    for i in torch.nonzero(qualifies.cpu()).flatten().tolist():
-        w = W_cpu[i]
-        support = torch.nonzero(w).flatten()
-        t = take_rows(lam, i)
-        t_row = t.to("cpu", torch.float64)[support] if isinstance(t, torch.Tensor) else None
-        u0 = w[support].abs().numpy()
-        signs = torch.sign(w[support]).numpy()
-        rows = [
-            F_np[:, support.numpy()] * signs,
-            (t_row.numpy() if t_row is not None else np.full(len(u0), t)),
-        ]
-        if nc > 0 and abs(float(w[:nc].abs().sum()) - kappa) <= _ACTIVE_BOUND * max(kappa, 1e-300):
-            rows.append((support < nc).to(torch.float64).numpy())
-        jobs.append((i, support, signs, np.vstack(rows), u0))
-
     # each LAPACK call on one thread: the QR of a ~135 x 850 matrix gains nothing from threads, and BLAS
-    # threads next to torch's OpenMP ones doubled this step on 2 cores. Rows one after another: a pool of
-    # Python threads (SciPy releases the GIL inside LAPACK) gained 25% where the pivoted QR dominates and
-    # lost 85% where the rounds do (lam = 0: ~70 short calls per row, the threads queue for the GIL)
+    # threads next to torch's OpenMP ones doubled this step on 2 cores (docs/benchmarks/sim.md, fifth session)
     with threadpool_limits(limits=1, user_api="blas"):
-        answers = [_purified(job[3], job[4], qr) for job in jobs]
-    for (i, support, signs, _, _), u in zip(jobs, answers, strict=True):
-        if u is None:
-            continue
-        row = torch.zeros_like(W_cpu[i])
-        row[support] = torch.from_numpy(signs * u)
-        candidates[i] = row
-        found[i] = True
+        for i in range(W_cpu.shape[0]):
+            w = W_cpu[i]
+            support = torch.nonzero(w).flatten()
+            if support.numel() <= _WORTH * F_np.shape[0]:  # a vertex has <= rank + 2: little to remove
+                continue
+            t = take_rows(lam, i)
+            t_row = t.to("cpu", torch.float64)[support] if isinstance(t, torch.Tensor) else None
+            u0 = w[support].abs().numpy()
+            signs = torch.sign(w[support]).numpy()
+            rows = [
+                F_np[:, support.numpy()] * signs,
+                (t_row.numpy() if t_row is not None else np.full(len(u0), t)),
+            ]
+            if nc > 0 and abs(float(w[:nc].abs().sum()) - kappa) <= _ACTIVE_BOUND * max(kappa, 1e-300):
+                rows.append((support < nc).to(torch.float64).numpy())
+            u = _purified(np.vstack(rows), u0, qr)
+            if u is None:
+                continue
+            row = torch.zeros_like(w)
+            row[support] = torch.from_numpy(signs * u)
+            candidates[i] = row
+            found[i] = True
     return candidates.to(device=W.device, dtype=W.dtype), found.to(W.device)
 
 
