@@ -187,6 +187,9 @@ def _purified(M: np.ndarray, u0: np.ndarray, qr: Callable) -> np.ndarray | None:
     from scipy.linalg import qr_delete, qr_update
     from scipy.linalg.blas import dtrsv
 
+    # the Cython function under SciPy's batching decorator (~6 us of its ~25 us per call; 2-D inputs only here)
+    qr_update = getattr(qr_update, "__wrapped__", qr_update)
+
     def solve_triangular(R_k: np.ndarray, b: np.ndarray, trans: str = "N") -> np.ndarray:
         # BLAS trsv directly: SciPy's solve_triangular validates its inputs on every call, ~10x the solve
         # itself at these sizes (thousands of calls per stage at lam = 0)
@@ -211,18 +214,18 @@ def _purified(M: np.ndarray, u0: np.ndarray, qr: Callable) -> np.ndarray | None:
             x[basis] = np.clip(x_basis, 0.0, None)
             return x
         alpha = ratios[leaving]
-        nonbasic = np.ones(len(u), dtype=bool)
-        nonbasic[basis] = False
-        u[nonbasic] *= 1.0 - alpha
-        u[basis] = np.clip(u[basis] + alpha * step, 0.0, None)
+        moved = np.clip(u[basis] + alpha * step, 0.0, None)
+        u *= 1.0 - alpha  # the nonbasic entries; the basic ones are set just below
+        u[basis] = moved
         u[basis[leaving]] = 0.0
         # e_k^T M_B^+ M: the coefficient of the leaving column in every column's expansion on the basis
         unit = np.zeros(k)
         unit[leaving] = 1.0
-        coefficient = (Q[:, :k] @ solve_triangular(R[:k], unit, trans="T")) @ M
-        score = np.abs(coefficient) * u * nonbasic
+        magnitude = np.abs((Q[:, :k] @ solve_triangular(R[:k], unit, trans="T")) @ M)
+        score = magnitude * u
+        score[basis] = 0.0  # nonbasic columns only
         entering = int(np.argmax(score))
-        if score[entering] <= _RANK_TOL * np.abs(coefficient).max() * u.max():
+        if score[entering] <= _RANK_TOL * magnitude.max() * u.max():
             # nothing can replace it: the face is thinner here
             Q, R = qr_delete(Q, R, leaving, which="col", check_finite=False)
             basis = np.delete(basis, leaving)
