@@ -166,7 +166,9 @@ def _first_basis(
         [np.argsort(-scaled)[: _FIRST_COLUMNS * M.shape[0]]] if len(u) > _FIRST_COLUMNS * M.shape[0] else []
     )
     for columns in [*candidates, np.arange(len(u))]:
-        Q, R_, pivots = qr(M[:, columns] * u[columns], mode="full", pivoting=True)
+        Q, R_, pivots = qr(
+            M[:, columns] * u[columns], mode="full", pivoting=True, overwrite_a=True, check_finite=False
+        )
         diagonal = np.abs(np.diag(R_))
         if not diagonal.size or diagonal[0] <= 0:
             return None
