@@ -197,14 +197,17 @@ class SolverWorker:
         self.mode = "rows"
         return time.perf_counter() - start
 
-    def run_rows(self, max_steps: int) -> tuple[BlockReport, float]:
+    def run_rows(self, max_steps: int) -> tuple[BlockReport, float, torch.Tensor | None]:
         """Run the accelerated ADMM on the rows held until they are certified or ``max_steps`` more steps
-        were taken; the block's additive report (certificate sums) and the compute time."""
+        were taken; the block's additive report (certificate sums), the compute time, and the rows' weights
+        (Z, on CPU) when the block is finished (certified or stalled), so the driver needs no further round
+        trip to gather them."""
         start = time.perf_counter()
         if self.mode != "rows" or self.block is None:
             raise DistributedError(f"Solver worker {self.rank} was not set up for row ADMM.")
         report = self.block.run(max_steps)
-        return report, time.perf_counter() - start
+        finished = report.certified or report.stalled
+        return report, time.perf_counter() - start, self.weights() if finished else None
 
     def get_state(self) -> ADMMState:
         if self.block is None:

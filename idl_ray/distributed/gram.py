@@ -286,6 +286,10 @@ def _run_gram(
             )
         )
         if converged or stalled or iteration >= options.max_iter:
+            finished = [r[2] for r in results]
+            if all(w is not None for w in finished):  # every block sent its weights with its report
+                W = torch.cat(finished)
+                break
             begin = time.perf_counter()
             try:
                 W = torch.cat(pool.call("weights", what="gathering the weights"))
