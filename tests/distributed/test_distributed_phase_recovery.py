@@ -1,6 +1,7 @@
 """A solver actor SIGKILLed at any phase of a solve (start, load, Gram reduction, factorisation, the steps
-whose reply carries the weights, the gather after max_iter) is recreated and the solve ends with the answer of an undisturbed run; a second loss within the
-restart budget too; one loss past the budget is one DistributedError naming the actor and the phase.
+whose reply carries the weights, the gather after max_iter) is recreated and the solve ends with the answer of
+an undisturbed run; a second loss within the restart budget too; one loss past the budget is one
+DistributedError naming the actor and the phase.
 
 The kills go through ``WorkerPool.phase_hook``, called when a phase is about to send its calls: the
 victim's process is SIGKILLed and gone before the calls leave, so the phase always meets a dead actor.
@@ -98,10 +99,8 @@ def undisturbed(problem, pool):
         ("gram", "load"),
         ("gram", "gram"),
         ("gram", "factor"),
-        (
-            "gram",
-            "run_rows",
-        ),  # the steps, whose reply carries the finished blocks' weights (the final gather)
+        # the steps: their reply carries the finished blocks' weights (the final gather)
+        ("gram", "run_rows"),
         ("consensus", "load"),
         ("consensus", "factor"),
     ],
