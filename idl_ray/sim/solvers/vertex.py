@@ -86,11 +86,9 @@ def vertex_candidates(
     # each LAPACK call on one thread: the QR of a ~135 x 850 matrix gains nothing from threads, and BLAS
     # threads next to torch's OpenMP ones doubled this step on 2 cores (docs/benchmarks/sim.md, fifth session)
     with threadpool_limits(limits=1, user_api="blas"):
-        for i in range(W_cpu.shape[0]):
+        for i in torch.nonzero(qualifies.cpu()).flatten().tolist():
             w = W_cpu[i]
             support = torch.nonzero(w).flatten()
-            if support.numel() <= _WORTH * F_np.shape[0]:  # a vertex has <= rank + 2: little to remove
-                continue
             t = take_rows(lam, i)
             t_row = t.to("cpu", torch.float64)[support] if isinstance(t, torch.Tensor) else None
             u0 = w[support].abs().numpy()
