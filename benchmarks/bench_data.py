@@ -254,6 +254,12 @@ def main() -> None:
     parser.add_argument("--fit-m", type=float, default=0, help="m of the end-to-end SIM.fit (0: skip)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument(
+        "--compute",
+        choices=("auto", "tasks", "actors"),
+        default="auto",
+        help="StreamConfig.compute (auto: tasks on CPU)",
+    )
     parser.add_argument("--cpus-per-actor", type=float, default=0.5)
     parser.add_argument("--threads-per-actor", type=int, default=1)
     parser.add_argument("--object-store-mb", type=int, default=512, help="Ray Data's budget for the pass")
@@ -281,6 +287,7 @@ def main() -> None:
 
     config = StreamConfig(
         num_actors=args.actors,
+        compute=args.compute,
         batch_size=args.batch_size,
         cpus_per_actor=args.cpus_per_actor,
         threads_per_actor=args.threads_per_actor,

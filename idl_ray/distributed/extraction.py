@@ -1,11 +1,11 @@
-"""Streaming state extraction on Ray Data: a teacher in an actor pool, each batch reduced at once.
+"""Streaming state extraction on Ray Data: a teacher in k Ray workers, each batch reduced at once.
 
 ``SIM(...).fit(teacher, dataset)`` with a ``ray.data.Dataset`` of inputs lands here. The pipeline is
 
-    dataset --map_batches(_StateMapper, compute=ActorPoolStrategy(size=k))--> one row per batch --> driver
+    dataset --map_batches(_StateMapper, at most k at a time)--> one row per batch --> driver
 
-Each actor builds the in-process :class:`~idl_ray.sim.extraction.StateRecorder` once (the teacher is
-loaded once per actor, on the GPU Ray assigned when there is one) and, for every batch of b inputs,
+Each worker builds the in-process :class:`~idl_ray.sim.extraction.StateRecorder` once (the teacher is
+loaded once per worker, on the GPU Ray assigned when there is one) and, for every batch of b inputs,
 
     U, Z, X, Y = recorder.record(inputs)                       (exactly the in-process states)
     Phi^T, T^T = stage_batch(U, Z, X, Y, scales)               ([X S, U], [Z S, Y]; idl_ray.sim.stages)
@@ -15,15 +15,26 @@ and returns only those sums (d^2 + rows d + rows + 1 numbers, whatever b is). Th
 they arrive, so the states are never materialised anywhere and the memory in use is bounded by the
 settings of :class:`StreamConfig` (pool size x batch size, and Ray Data's object-store limit), not by
 the number of samples m. Stage 2 with ``regenerate_states`` is a second pass over the same dataset in
-which each actor solves the fitted model's fixed point X_hat = phi(X_hat A^T + U B^T) on its batch and
+which each worker solves the fitted model's fixed point X_hat = phi(X_hat A^T + U B^T) on its batch and
 returns the statistics of ``[X_hat, U] -> Y``.
 
 Because the per-batch step is the in-process one (same recorder, same ``stage_batch``, same
 ``regenerated_features``), the statistics equal the in-process ones up to the order of the float64 sums.
 
-Problems with the inputs do not crash an actor: the actor returns the error in its output row and the
+Problems with the inputs do not crash a worker: the worker returns the error in its output row and the
 driver raises it, typed, naming the rows of the dataset where it happened (the pipeline preserves
 order, so the driver knows each batch's position).
+
+**Workers: tasks or actors** (``StreamConfig.compute``). An actor pool (``ActorPoolStrategy``) starts new
+processes for every pass: on the 2-core VM 1.0-1.6 s before the first batch for an empty callable class,
+~2.2 s with torch imported, whatever the data size. Ray tasks (``TaskPoolStrategy``, at most k at a time)
+run in Ray's pooled worker processes, which keep their imports: the same empty pass over 1,400 rows takes
+0.04 s once the workers are warm (the first 0.8-1.3 s); the `idl-ray sim --solver ray-admm` job's
+extraction went from 2.9-3.0 s to 1.3-1.4 s, and at m = 100,000 (25 batches) both run at ~10,000
+samples/s (benchmarks/bench_data.py --compute). Each worker process keeps the teachers of the last
+passes it served (:func:`_map_in_task`), so a teacher is still loaded once per worker, not once per
+batch. The default ``"auto"`` takes tasks on CPU and actors on GPUs, where an actor holds its device and
+the teacher on it for the whole pass.
 """
 
 from __future__ import annotations
@@ -53,6 +64,11 @@ from idl_ray.sim.stages import fixed_point_weights, regenerated_features, stage_
 
 __all__ = ["StreamConfig", "StreamInfo", "fit_dataset", "reduce_dataset", "stream_states"]
 
+#: what runs the teacher: Ray tasks, an actor pool, or "auto" (tasks on CPU, actors on GPUs)
+COMPUTE_CHOICES = ("auto", "tasks", "actors")
+#: teachers a pooled worker process keeps: those of the last passes it served
+_KEPT_MAPPERS = 2
+
 _ERROR_TYPES: dict[str, type[IDLError]] = {
     "ConfigError": ConfigError,
     "ShapeError": ShapeError,
@@ -62,12 +78,18 @@ _ERROR_TYPES: dict[str, type[IDLError]] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StreamConfig(Options):
-    """How the teacher runs on Ray Data: the actor pool, the batches, the memory budget.
+    """How the teacher runs on Ray Data: the workers, the batches, the memory budget.
 
     Parameters
     ----------
     num_actors : int, default 2
-        Actors in the pool (``ray.data.ActorPoolStrategy(size=num_actors)``); each loads the teacher once.
+        Workers running the teacher at once (the actors of the pool, or the concurrent tasks); each loads
+        the teacher once.
+    compute : {"auto", "tasks", "actors"}, default "auto"
+        ``"tasks"``: Ray tasks in Ray's pooled worker processes (no pool to start: a pass over small data
+        takes ~0.05 s on a warm cluster where an actor pool takes ~2 s); ``"actors"``: an actor pool
+        (``ray.data.ActorPoolStrategy``), new processes per pass that hold the teacher on their device;
+        ``"auto"``: actors when the workers take GPUs, tasks otherwise.
     batch_size : int, default 4096
         Rows per ``map_batches`` batch. Each batch returns one d x d Gram, so larger batches send fewer
         bytes per sample; memory per actor grows with ``batch_size * (p + 2 n + q)``.
@@ -90,6 +112,7 @@ class StreamConfig(Options):
     """
 
     num_actors: int = 2
+    compute: str = "auto"
     batch_size: int = 4096
     cpus_per_actor: float = 1.0
     use_gpu: bool | None = None
@@ -101,6 +124,8 @@ class StreamConfig(Options):
     def _validate(self) -> None:
         owner = "StreamConfig"
         check_positive_int(self.num_actors, "num_actors", owner)
+        if self.compute not in COMPUTE_CHOICES:
+            raise bad_parameter("compute", owner, f"one of {COMPUTE_CHOICES}", self.compute)
         check_positive_int(self.batch_size, "batch_size", owner)
         check_positive_float(self.cpus_per_actor, "cpus_per_actor", owner, allow_zero=True)
         check_positive_float(self.gpus_per_actor, "gpus_per_actor", owner)
@@ -116,6 +141,10 @@ class StreamConfig(Options):
         if self.use_gpu is not None:
             return self.use_gpu
         return float(ray.cluster_resources().get("GPU", 0.0)) >= self.num_actors * self.gpus_per_actor
+
+    def uses_actors(self, use_gpu: bool) -> bool:
+        """Whether the pass runs on an actor pool (else on tasks), for workers with or without GPUs."""
+        return self.compute == "actors" or (self.compute == "auto" and use_gpu)
 
     def check_cpus(self, cluster_cpus: float) -> None:
         """Refuse a pool that cannot start, instead of letting Ray Data wait for it forever."""
@@ -139,7 +168,8 @@ class StreamInfo:
     ----------
     num_samples : int, rows streamed
     num_batches : int, batches (one reduced row each)
-    actors : int, distinct actors that produced batches (each loaded the teacher once)
+    actors : int, distinct workers (actors, or worker processes running tasks) that produced batches; each
+        loaded the teacher once
     time_s : float, wall-clock time of the pass (teacher, reduction in the actors, transfer, driver sums)
     driver_reduce_s : float, of which the driver spent adding the batches' statistics
     """
@@ -235,9 +265,9 @@ def prepare(
     return column, structure
 
 
-# ---------------------------------------------------------------------------------------- actors
+# ---------------------------------------------------------------------------------------- workers
 class _StateMapper:
-    """The ``map_batches`` callable class: one instance per actor, the teacher loaded in ``__init__``.
+    """The ``map_batches`` callable class: one instance per worker, the teacher loaded in ``__init__``.
 
     Modes: ``"stats"`` (one row per batch: the GramStats of ``[X S, U] -> [Z S, Y]``), ``"regenerate"``
     (the GramStats of ``[X_hat, U] -> Y``) and ``"states"`` (the states themselves, one row per sample,
@@ -251,7 +281,7 @@ class _StateMapper:
         torch.set_num_threads(spec["threads"])
         teacher = spec["teacher"]
         if callable(teacher) and not isinstance(teacher, nn.Module):
-            teacher = teacher()  # a factory: the teacher is built (or loaded) here, once per actor
+            teacher = teacher()  # a factory: the teacher is built (or loaded) here, once per worker
         self.device = actor_device()
         self.dtype = spec["dtype"]
         self.recorder = StateRecorder(teacher, dtype=self.dtype, device=self.device)
@@ -332,8 +362,25 @@ class _StateMapper:
         return self._row(np.zeros((d, d)), np.zeros((rows, d)), np.zeros(rows), 0, message)
 
 
+_MAPPERS: dict[str, _StateMapper] = {}
+
+
+def _map_in_task(batch: dict[str, Any], payload: list[Any]) -> dict[str, np.ndarray]:
+    """The ``map_batches`` function of a task-based pass: the worker process's mapper for this pass (built
+    at its first batch, from the pass's payload, and kept for the next ones) maps the batch. A worker keeps
+    the mappers of its last :data:`_KEPT_MAPPERS` passes, so an old teacher does not stay loaded for long."""
+    from idl_ray.distributed.device import assigned_gpu_ids
+
+    key = f"{payload[0].hex()}:{assigned_gpu_ids()}"  # a task on other GPUs builds its own
+    mapper = _MAPPERS.pop(key, None) or _StateMapper(payload)
+    _MAPPERS[key] = mapper  # most recent last
+    while len(_MAPPERS) > _KEPT_MAPPERS:
+        _MAPPERS.pop(next(iter(_MAPPERS)))
+    return mapper(batch)
+
+
 def raise_batch_error(message: str, first_row: int, column: str) -> None:
-    """Re-raise an actor's error (``"Type|rows|text"``) in the driver, naming the dataset rows."""
+    """Re-raise a worker's error (``"Type|rows|text"``) in the driver, naming the dataset rows."""
     kind, rows, text = message.split("|", 2)
     cls = _ERROR_TYPES.get(kind, ConfigError)
     raise cls(
@@ -353,7 +400,8 @@ def mapped(
     dtype: torch.dtype,
     **extra: Any,
 ) -> Any:
-    """``dataset.map_batches(_StateMapper, ...)`` on an actor pool, order preserved, memory bounded."""
+    """``dataset.map_batches(_StateMapper, ...)`` on tasks or an actor pool (``config.compute``), order
+    preserved, memory bounded."""
     spec = {
         "teacher": teacher,
         "structure": structure,
@@ -365,10 +413,21 @@ def mapped(
     }
     use_gpu = config.resolve_use_gpu()
     config.check_cpus(float(ray.cluster_resources().get("CPU", 0.0)))
+    payload = [ray.put(spec)]  # nested: fetched inside each worker, once
+    if config.uses_actors(use_gpu):
+        work: dict[str, Any] = {
+            "fn": _StateMapper,
+            "fn_constructor_kwargs": {"payload": payload},
+            "compute": ray.data.ActorPoolStrategy(size=config.num_actors),
+        }
+    else:
+        work = {
+            "fn": _map_in_task,
+            "fn_kwargs": {"payload": payload},
+            "compute": ray.data.TaskPoolStrategy(size=config.num_actors),
+        }
     out = dataset.map_batches(
-        _StateMapper,
-        fn_constructor_kwargs={"payload": [ray.put(spec)]},  # nested: fetched inside each actor, once
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        **work,
         batch_size=config.batch_size,
         batch_format="numpy",
         num_cpus=config.cpus_per_actor,

@@ -275,29 +275,61 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
             ray.shutdown()
 
 
+#: CPUs Ray Data's own tasks (reading the inputs) take: kept free when the job sizes its actors
+_DATA_TASK_CPUS = 1.0
+#: seconds to wait for that CPU (actors of earlier work release theirs asynchronously)
+_FREE_CPU_WAIT_S = 30.0
+
+
+def _free_cpus(wanted: float, wait_s: float) -> float:
+    """The cluster's free CPUs once at least ``wanted`` are free, or after ``wait_s`` seconds."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free >= wanted or time.monotonic() >= deadline:
+            return free
+        time.sleep(0.2)
+
+
 def _start_workers_early(config: SimJobConfig, solver: Any) -> float | None:
     """Start the solver's actors while the teacher trains, when they can coexist with Ray Data's extraction
     actors (which run between the two); returns the CPUs per extraction actor to use (None: the default).
 
-    Both fit at their defaults (1 CPU each) on a large enough cluster. On a smaller one, unless the user chose
-    ``--cpus-per-worker``, both share the CPUs evenly (half a CPU each for 2 + 2 actors on 2 CPUs): the solver
-    actors are idle during extraction and every actor runs one torch thread, so only the reservation changes.
-    Otherwise (GPU actors, or a chosen CPU count that does not fit) the actors start at the first solve.
+    Ray Data's own tasks (the read of the inputs, and any map tasks) take a whole CPU each, so one free CPU is
+    kept for them. The solver actors and the extraction workers fit at their defaults (1 CPU each) where the
+    cluster has enough free CPUs besides; otherwise, unless the user chose ``--cpus-per-worker``, they share
+    the rest evenly (a quarter of a CPU each for 2 + 2 on 2 free CPUs): the solver actors are idle during
+    extraction and every actor runs one torch thread, so only the reservation changes. With GPU actors, or a
+    chosen CPU count that does not fit, the actors start at the first solve. Free, not total, CPUs, and the
+    one kept: sized from the total on a cluster where other work held 0.2 CPU, the solver actors left Ray
+    Data's read task no whole CPU and the job waited for it forever.
     """
     from idl_ray.distributed import resources
     from idl_ray.distributed.extraction import StreamConfig
+    from idl_ray.errors import ClusterConfigError
 
     run = solver.run_config
     totals = resources.cluster_totals()
     if resources.resolve_use_gpu(run, totals):
         return None
+    free = _free_cpus(_DATA_TASK_CPUS, _FREE_CPU_WAIT_S)
+    if free < _DATA_TASK_CPUS:
+        raise ClusterConfigError(
+            f"The Ray cluster has {free:g} free CPU(s) (of {totals['CPU']:g}) after waiting "
+            f"{_FREE_CPU_WAIT_S:g} s; streaming the teacher's states "
+            f"through Ray Data needs at least {_DATA_TASK_CPUS:g} free for its read tasks. Stop the work that "
+            "holds the CPUs, or run on a cluster with more."
+        )
+    budget = free - _DATA_TASK_CPUS
     actors, per_actor = config.workers or 2, StreamConfig().cpus_per_actor
-    if run.num_workers * run.cpus_per_worker + actors * per_actor <= totals["CPU"]:
+    if run.num_workers * run.cpus_per_worker + actors * per_actor <= budget:
         solver.start_workers()
         return None
-    if config.cpus_per_worker is not None:
+    if config.cpus_per_worker is not None or budget <= 0:
         return None
-    share = totals["CPU"] / (run.num_workers + actors)
+    share = budget / (run.num_workers + actors)
     solver.run_config = dataclasses.replace(run, cpus_per_worker=share)
     solver.start_workers()
     return share

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,15 +107,16 @@ def digits_like():
     return teacher, x
 
 
-@pytest.mark.parametrize("regenerate", [False, True])
-def test_sim_fit_from_ray_dataset_equals_dataloader(regenerate, digits_like, ray_cluster):
+@pytest.mark.parametrize(("regenerate", "compute"), [(False, "auto"), (True, "auto"), (True, "actors")])
+def test_sim_fit_from_ray_dataset_equals_dataloader(regenerate, compute, digits_like, ray_cluster):
     teacher, x = digits_like
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
     settings = dict(kappa=0.5, lam=1e-4, regenerate_states=regenerate)
     reference = SIM(**settings).fit(teacher, loader, solver=ADMMSolver(device="cpu", **ADMM_TOL))
     # one block: Ray Data's batches of 64 are the DataLoader's, so the stage-2 fixed points match too
     ds = ray.data.from_numpy(x.numpy())
-    sim = SIM(**settings, stream=STREAM).fit(teacher, ds, solver=ADMMSolver(device="cpu", **ADMM_TOL))
+    stream = STREAM.replace(compute=compute)
+    sim = SIM(**settings, stream=stream).fit(teacher, ds, solver=ADMMSolver(device="cpu", **ADMM_TOL))
     assert sim.scales_ is not None  # the teacher is rescaled to the kappa bound, on both paths
     for key in ("A_", "B_", "C_", "D_"):
         assert _rel(getattr(sim, key), getattr(reference, key)) < 1e-6, key
@@ -221,18 +224,24 @@ class _Counter:
         return self.loads
 
 
-def test_teacher_loaded_once_per_actor(ray_cluster):
+@pytest.mark.parametrize("compute", ["tasks", "actors"])
+def test_teacher_loaded_once_per_worker(compute, ray_cluster):
     counter = _Counter.options(name="idl_ray_test_teacher_loads").remote()
+    driver = os.getpid()
     try:
 
-        def factory() -> nn.Module:  # defined here so that cloudpickle ships it by value to the actors
-            actor = ray.get_runtime_context().get_actor_id()
-            ray.get(ray.get_actor("idl_ray_test_teacher_loads").add.remote(actor or "driver"), timeout=60)
+        def factory() -> nn.Module:  # defined here so that cloudpickle ships it by value to the workers
+            who = (
+                "driver"
+                if os.getpid() == driver
+                else f"{os.getpid()}:{ray.get_runtime_context().get_actor_id()}"
+            )
+            ray.get(ray.get_actor("idl_ray_test_teacher_loads").add.remote(who), timeout=60)
             torch.manual_seed(5)
             return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
 
         x = torch.randn(400, 4)
-        config = STREAM.replace(batch_size=20)
+        config = STREAM.replace(batch_size=20, compute=compute)
         sim = SIM(kappa=0.5, stream=config).fit(
             factory, _dataset(x, blocks=8), solver=ADMMSolver(device="cpu")
         )
@@ -240,7 +249,7 @@ def test_teacher_loaded_once_per_actor(ray_cluster):
         loads = ray.get(counter.get.remote(), timeout=60)
         in_actors = [who for who in loads if who != "driver"]
         assert info.num_batches >= 20 and info.num_samples == 400  # batches do not span blocks
-        assert len(in_actors) == len(set(in_actors)) == info.actors  # once per actor, however many batches
+        assert len(in_actors) == len(set(in_actors)) == info.actors  # once per worker, however many batches
         assert 1 <= info.actors <= config.num_actors
         assert loads.count("driver") == 1  # the driver builds it once, to check and analyse it
     finally:
@@ -312,11 +321,20 @@ def test_stream_config_rejects_bad_values():
         StreamConfig(num_actors=0)
     with pytest.raises(ConfigError, match="use_gpu"):
         StreamConfig(use_gpu="yes")
+    with pytest.raises(ConfigError, match="compute"):
+        StreamConfig(compute="threads")
+    # tasks on CPU (no pool to start per pass), actors where each holds a GPU and the teacher on it
+    assert not StreamConfig().uses_actors(use_gpu=False) and StreamConfig().uses_actors(use_gpu=True)
+    assert StreamConfig(compute="actors").uses_actors(use_gpu=False)
+    assert not StreamConfig(compute="tasks").uses_actors(use_gpu=True)
     assert StreamConfig.from_dict({"batch_size": 8}).batch_size == 8
 
 
-def test_sim_job_streams_with_a_ray_solver(ray_cluster):
+def test_sim_job_streams_with_a_ray_solver(ray_cluster, worker_pools):
     from idl_ray.jobs.sim_job import SimJobConfig, run_sim_job
+
+    worker_pools(2)  # other work holds CPUs: the job sizes its actors from the free ones (from the total,
+    # its solver actor and extraction worker asked for 2 of the 1.8 free CPUs, and it waited forever)
 
     config = SimJobConfig(
         hidden=(16,), teacher_epochs=3, solver="ray-admm", workers=1, use_gpu=False, kappa=0.9
@@ -324,7 +342,31 @@ def test_sim_job_streams_with_a_ray_solver(ray_cluster):
     report = run_sim_job(config, log=lambda _: None)
     from idl_ray.datasets import load_dataset
 
-    extraction = report["streaming"]["extraction"]  # the states streamed through one Ray Data actor
+    extraction = report["streaming"]["extraction"]  # the states streamed through one Ray Data worker
     assert extraction["actors"] == 1
     assert extraction["num_samples"] == len(load_dataset("digits", seed=0).x_train)
     assert report["sim_accuracy"] >= report["teacher_accuracy"] - 0.05
+
+
+@ray.remote
+class _CPUHolder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_sim_job_without_a_free_cpu_for_ray_data_fails_fast(ray_cluster, monkeypatch):
+    from idl_ray.errors import ClusterConfigError
+    from idl_ray.jobs import sim_job
+    from idl_ray.jobs.sim_job import SimJobConfig, run_sim_job
+
+    monkeypatch.setattr(sim_job, "_FREE_CPU_WAIT_S", 1.0)  # the job waits this long for a CPU to free up
+
+    free = float(ray.available_resources().get("CPU", 0.0))
+    holder = _CPUHolder.options(num_cpus=free - 0.5).remote()  # leaves half a CPU: Ray Data's read needs one
+    try:
+        ray.get(holder.ready.remote(), timeout=60)
+        config = SimJobConfig(hidden=(16,), teacher_epochs=1, solver="ray-admm", workers=1, use_gpu=False)
+        with pytest.raises(ClusterConfigError, match=r"free CPU.*after waiting 1 s"):
+            run_sim_job(config, log=lambda _: None)
+    finally:
+        ray.kill(holder)
