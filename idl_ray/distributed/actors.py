@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import ray
 import torch
 
 from idl_ray.distributed.device import actor_device, assigned_gpu_ids
@@ -157,7 +158,7 @@ class SolverWorker:
     # ------------------------------------------------------------------ rows mode (gram strategy)
     def setup_rows(
         self,
-        H: torch.Tensor | None,
+        H: torch.Tensor | list[Any],
         Rt: torch.Tensor,
         target_sq: torch.Tensor,
         state: ADMMState,
@@ -168,18 +169,19 @@ class SolverWorker:
         options: ADMMOptions,
         key: Any = None,
         polish_first: bool = False,
-    ) -> float:
+    ) -> tuple[float, bool]:
         """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
 
-        ``H=None`` takes the cached H named ``key`` (a Gram this worker already holds, see
-        :meth:`has_gram`); a given H is factored and cached under ``key``."""
+        H is the matrix or ``[ref]``, a list holding its object reference (Ray does not resolve references
+        nested in a list): a worker that holds the Gram named ``key`` already (:meth:`has_gram`) uses its
+        cached factor and never fetches H; otherwise H is fetched, factored and cached under ``key``. So the
+        driver needs no round trip to ask which workers hold it. Returns (seconds, whether H was fetched)."""
         start = time.perf_counter()
-        if H is None:
-            if not self.has_gram(key):
-                raise DistributedError(f"Solver worker {self.rank} holds no Gram named {key!r}; ship H.")
+        fetched = not self.has_gram(key)
+        if not fetched:
             H, self.factor = self.gram_cache[key]
         else:
-            H = H.to(self.device, DTYPE)
+            H = (ray.get(H[0]) if isinstance(H, list) else H).to(self.device, DTYPE)
             self.factor = GramFactor(H)
             if key is not None:
                 self.gram_cache[key] = (H, self.factor)
@@ -195,7 +197,7 @@ class SolverWorker:
         }
         self.set_state(state)
         self.mode = "rows"
-        return time.perf_counter() - start
+        return time.perf_counter() - start, fetched
 
     def run_rows(self, max_steps: int) -> tuple[BlockReport, float, torch.Tensor | None]:
         """Run the accelerated ADMM on the rows held until they are certified or ``max_steps`` more steps

@@ -166,7 +166,7 @@ def _run_gram(
     initial : Tensor (rows, d) or None, weights to start from (see
         :func:`~idl_ray.sim.solvers.admm.initial_state`); zeros by default
     gram_key : hashable or None, a name for H: workers that already hold the factored H under this name
-        (from an earlier solve on a kept pool) are not sent it again
+        (from an earlier solve on a kept pool) do not fetch it again
 
     Returns
     -------
@@ -178,6 +178,8 @@ def _run_gram(
     rho0 = initial_rho(H, options)
     start = time.perf_counter()
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
+    # in the object store once; nested in a list, so only a worker without it cached fetches it
+    H_ref = [ray.put(H.contiguous())]
     timings.add("communication", time.perf_counter() - start)
     settings = {
         "kappa": kappa,
@@ -188,24 +190,14 @@ def _run_gram(
     lams = [take_rows(lam, block) for block in blocks]
     lams = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in lams]
     chunk = max(checkpointer.every, 10 * options.check_every)
-    H_ref: list[Any] = []  # put in the object store once, and only if some worker lacks it
     shipped = 0
 
     def setup(ranks: list[int], states: list[ADMMState]) -> None:
         nonlocal shipped
         begin = time.perf_counter()
-        held = [False] * len(ranks)
-        if gram_key is not None:
-            held = resources.get(
-                [pool.actors[k].has_gram.remote(gram_key) for k in ranks],
-                pool.config.timeout_s,
-                "the workers to report their cached Gram",
-            )
-        if not all(held) and not H_ref:
-            H_ref.append(ray.put(H.contiguous()))
         refs = [
             pool.actors[k].setup_rows.remote(
-                None if have else H_ref[0],
+                H_ref,
                 Rt_refs[k],
                 target_sq[blocks[k]].contiguous(),
                 states[k],
@@ -213,11 +205,11 @@ def _run_gram(
                 key=gram_key,
                 **settings,
             )
-            for k, have in zip(ranks, held)
+            for k in ranks
         ]
-        factor_s = resources.get(refs, pool.config.timeout_s, "the workers to factor H")
-        shipped += sum(not have for have in held)
-        timings.round_trip(time.perf_counter() - begin, factor_s, phase="factor")
+        results = resources.get(refs, pool.config.timeout_s, "the workers to factor H")
+        shipped += sum(fetched for _, fetched in results)
+        timings.round_trip(time.perf_counter() - begin, [seconds for seconds, _ in results], phase="factor")
 
     if initial is None:
         zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
