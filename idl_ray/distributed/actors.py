@@ -158,7 +158,7 @@ class SolverWorker:
     # ------------------------------------------------------------------ rows mode (gram strategy)
     def setup_rows(
         self,
-        H: torch.Tensor | list[Any],
+        H: list[Any],
         Rt: torch.Tensor,
         target_sq: torch.Tensor,
         state: ADMMState,
@@ -172,8 +172,8 @@ class SolverWorker:
     ) -> tuple[float, bool]:
         """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
 
-        H is the matrix or ``[ref]``, a list holding its object reference (Ray does not resolve references
-        nested in a list): a worker that holds the Gram named ``key`` already (:meth:`has_gram`) uses its
+        H is ``[ref]``, a list holding the object reference of H (Ray does not resolve references nested in a
+        list): a worker that holds the Gram named ``key`` already (:meth:`has_gram`) uses its
         cached factor and never fetches H; otherwise H is fetched, factored and cached under ``key``. So the
         driver needs no round trip to ask which workers hold it. Returns (seconds, whether H was fetched)."""
         start = time.perf_counter()
@@ -181,7 +181,7 @@ class SolverWorker:
         if not fetched:
             H, self.factor = self.gram_cache[key]
         else:
-            H = (ray.get(H[0]) if isinstance(H, list) else H).to(self.device, DTYPE)
+            H = ray.get(H[0]).to(self.device, DTYPE)
             self.factor = GramFactor(H)
             if key is not None:
                 self.gram_cache[key] = (H, self.factor)

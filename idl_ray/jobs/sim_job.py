@@ -295,7 +295,7 @@ def _free_cpus(wanted: float, wait_s: float) -> float:
 
 def _start_workers_early(config: SimJobConfig, solver: Any) -> float | None:
     """Start the solver's actors while the teacher trains, when they can coexist with Ray Data's extraction
-    actors (which run between the two); returns the CPUs per extraction actor to use (None: the default).
+    workers (which run between the two); returns the CPUs per extraction worker to use (None: the default).
 
     Ray Data's own tasks (the read of the inputs, and any map tasks) take a whole CPU each, so one free CPU is
     kept for them. The solver actors and the extraction workers fit at their defaults (1 CPU each) where the
