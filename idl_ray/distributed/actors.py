@@ -211,10 +211,13 @@ class SolverWorker:
         finished = report.certified or report.stalled
         return report, time.perf_counter() - start, self.weights() if finished else None
 
-    def get_state(self) -> ADMMState:
+    def _state(self) -> ADMMState:
         if self.block is None:
             raise DistributedError(f"Solver worker {self.rank} holds no ADMM state.")
-        return self.block.state.to("cpu")
+        return self.block.state
+
+    def get_state(self) -> ADMMState:
+        return self._state().to("cpu")
 
     def set_state(self, state: ADMMState) -> None:
         """Restart the block from ``state`` (a checkpoint): certificates are recomputed at its first check."""
@@ -224,8 +227,8 @@ class SolverWorker:
         )
 
     def weights(self) -> torch.Tensor:
-        """The rows' current Z (the feasible iterate), on CPU."""
-        return self.get_state().Z
+        """The rows' current Z (the feasible iterate), on CPU (only Z moves: W and U stay on the device)."""
+        return self._state().Z.to("cpu")
 
     # ------------------------------------------------------------------ consensus mode
     def setup_consensus(self, total_samples: int, l2_share: float, state: ConsensusLocalState) -> float:
