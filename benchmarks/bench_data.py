@@ -249,6 +249,8 @@ def fit_end_to_end(m: int, config: Any, blocks: int, workers: int, max_iter: int
 
 
 def main() -> None:
+    from idl_ray.distributed.extraction import COMPUTE_CHOICES, StreamConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="*", default=[1e5])
     parser.add_argument("--fit-m", type=float, default=0, help="m of the end-to-end SIM.fit (0: skip)")
@@ -256,7 +258,7 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument(
         "--compute",
-        choices=("auto", "tasks", "actors"),
+        choices=COMPUTE_CHOICES,
         default="auto",
         help="StreamConfig.compute (auto: tasks on CPU)",
     )
@@ -272,8 +274,6 @@ def main() -> None:
         args.sizes, args.fit_m, args.floor_batches = [2e4], 0, 4
 
     import ray
-
-    from idl_ray.distributed.extraction import StreamConfig
 
     def start_ray() -> None:  # a fresh local Ray per measurement: no process left over from the last one
         ray.init(

@@ -333,8 +333,8 @@ def test_stream_config_rejects_bad_values():
 def test_sim_job_streams_with_a_ray_solver(ray_cluster, worker_pools):
     from idl_ray.jobs.sim_job import SimJobConfig, run_sim_job
 
-    worker_pools(2)  # other work holds CPUs: the job sizes its actors from the free ones (from the total,
-    # its solver actor and extraction worker asked for 2 of the 1.8 free CPUs, and it waited forever)
+    worker_pools(2)  # other work holds 0.2 CPU: the job sizes its actors from the free CPUs (sized from the
+    # total, its solver actor took 1 of the 1.8 free, Ray Data's read task never got a whole CPU: it waited forever)
 
     config = SimJobConfig(
         hidden=(16,), teacher_epochs=3, solver="ray-admm", workers=1, use_gpu=False, kappa=0.9
