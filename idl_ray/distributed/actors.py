@@ -32,8 +32,9 @@ from idl_ray.distributed.device import actor_device, assigned_gpu_ids
 from idl_ray.distributed.shards import ShardSource, load_sources
 from idl_ray.errors import DistributedError
 from idl_ray.sim.problem import GramStats
-from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, GramFactor, initial_rho
 from idl_ray.sim.solvers.row_block import BlockReport, RowBlockADMM
+from idl_ray.sim.solvers.start import start_state
 
 DTYPE = torch.float64
 #: factored Grams a worker keeps between solves (a SIM fit has two: stage 1 equilibrated, stage 2)
@@ -161,7 +162,7 @@ class SolverWorker:
         H: list[Any],
         Rt: torch.Tensor,
         target_sq: torch.Tensor,
-        state: ADMMState,
+        state: ADMMState | None,
         *,
         lam: float | torch.Tensor,
         kappa: float | None,
@@ -169,13 +170,18 @@ class SolverWorker:
         options: ADMMOptions,
         key: Any = None,
         polish_first: bool = False,
+        warm_start: bool = False,
+        initial: torch.Tensor | None = None,
     ) -> tuple[float, bool]:
         """Take a block of rows: factor H (d x d) once, hold Rt (rows_k x d), ||t||^2/m and the state.
 
         H is ``[ref]``, a list holding the object reference of H (Ray does not resolve references nested in a
         list): a worker that holds the Gram named ``key`` already (:meth:`has_gram`) uses its
         cached factor and never fetches H; otherwise H is fetched, factored and cached under ``key``. So the
-        driver needs no round trip to ask which workers hold it. Returns (seconds, whether H was fetched)."""
+        driver needs no round trip to ask which workers hold it. ``state`` None starts the block where
+        :func:`~idl_ray.sim.solvers.start.start_state` says (``warm_start``, ``initial``: the block's rows of
+        the weights to start from), computed here from the worker's own factor. Returns (seconds, whether H
+        was fetched)."""
         start = time.perf_counter()
         fetched = not self.has_gram(key)
         if not fetched:
@@ -195,6 +201,7 @@ class SolverWorker:
             "options": options,
             "polish_first": polish_first,
         }
+        self.start = {"warm_start": warm_start, "initial": initial}
         self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start, fetched
@@ -219,12 +226,29 @@ class SolverWorker:
     def get_state(self) -> ADMMState:
         return self._state().to("cpu")
 
-    def set_state(self, state: ADMMState) -> None:
-        """Restart the block from ``state`` (a checkpoint): certificates are recomputed at its first check."""
+    def set_state(self, state: ADMMState | None) -> None:
+        """Restart the block from ``state`` (a checkpoint), or from the solve's start when None (see
+        :meth:`setup_rows`): certificates are recomputed at its first check."""
         H, Rt, target_sq = self.block_args
-        self.block = RowBlockADMM(
-            self.factor, H, Rt, target_sq, state=state.to(self.device, DTYPE), **self.settings
-        )
+        if state is None:
+            lam, options = self.settings["lam"], self.settings["options"]
+            initial = self.start["initial"]
+            state = start_state(
+                self.factor,
+                H,
+                Rt,
+                target_sq,
+                initial_rho(H, options),
+                warm_start=self.start["warm_start"],
+                gap_tol=options.gap_tol,
+                lam=lam.to(self.device, DTYPE) if isinstance(lam, torch.Tensor) else lam,
+                kappa=self.settings["kappa"],
+                n_constrained=self.settings["n_constrained"],
+                initial=None if initial is None else initial.to(self.device, DTYPE),
+            )
+        else:
+            state = state.to(self.device, DTYPE)
+        self.block = RowBlockADMM(self.factor, H, Rt, target_sq, state=state, **self.settings)
 
     def weights(self) -> torch.Tensor:
         """The rows' current Z (the feasible iterate), on CPU (only Z moves: W and U stay on the device)."""

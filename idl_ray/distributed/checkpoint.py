@@ -34,7 +34,9 @@ class SolveCheckpoint:
     pending_rho : float
         The penalty the next iteration uses (residual balancing decides it one check ahead).
     worker_states : list
-        One state per worker (``ADMMState`` rows for gram, ``ConsensusLocalState`` for consensus).
+        One state per worker (``ADMMState`` rows for gram, ``ConsensusLocalState`` for consensus). A gram
+        worker's None is the solve's start, which the worker computes again from its rows
+        (:func:`~idl_ray.sim.solvers.start.start_state`).
     consensus : Tensor or None
         The consensus variable (consensus strategy) or the iterate (projected gradient).
     history : list of dict

@@ -27,7 +27,6 @@ from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timings
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
-from idl_ray.sim.solvers.admm import initial_state
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
 from idl_ray.sim.solvers.weights import take_rows
 
@@ -154,6 +153,7 @@ def _run_gram(
     reporter: ProgressReporter,
     timings: Timings,
     initial: torch.Tensor | None = None,
+    warm_start: bool = True,
     gram_key: Any = None,
 ) -> tuple[torch.Tensor, RunInfo]:
     """Row-sharded, certified ADMM on ``1/2 tr(W H W^T) - tr(W Rt^T) + lam ||W||_1`` with the kappa bound.
@@ -163,8 +163,9 @@ def _run_gram(
     pool : WorkerPool (its workers need no samples here)
     H : Tensor (d, d) float64, Rt : Tensor (rows, d) float64, target_sq : Tensor (rows,) (||t||^2 / m)
     lam : float, or per-entry thresholds (rows, d) from l1 weights: each worker gets its block's rows
-    initial : Tensor (rows, d) or None, weights to start from (see
-        :func:`~idl_ray.sim.solvers.admm.initial_state`); zeros by default
+    initial : Tensor (rows, d) or None, weights to start from
+    warm_start : bool, start rows at the least-squares fit where it is certified or lam = 0 (see
+        :func:`~idl_ray.sim.solvers.start.start_state`; each worker computes its rows' start from its factor)
     gram_key : hashable or None, a name for H: workers that already hold the factored H under this name
         (from an earlier solve on a kept pool) do not fetch it again
 
@@ -173,8 +174,7 @@ def _run_gram(
     W : Tensor (rows, d), the feasible iterates Z gathered from the workers
     info : RunInfo (with the relative duality gap of W)
     """
-    rows, d = Rt.shape
-    blocks = split_rows(rows, pool.size)
+    blocks = split_rows(Rt.shape[0], pool.size)
     rho0 = initial_rho(H, options)
     start = time.perf_counter()
     Rt_refs = [ray.put(Rt[block].contiguous()) for block in blocks]
@@ -186,13 +186,15 @@ def _run_gram(
         "n_constrained": n_constrained,
         "options": options,
         "polish_first": initial is not None,  # a warm start: polish its support at the first check
+        "warm_start": warm_start,
     }
+    initials = [None if initial is None else initial[block].contiguous() for block in blocks]
     lams = [take_rows(lam, block) for block in blocks]
     lams = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in lams]
     chunk = max(checkpointer.every, 10 * options.check_every)
     shipped = 0
 
-    def setup(ranks: list[int], states: list[ADMMState]) -> None:
+    def setup(ranks: list[int], states: list[ADMMState | None]) -> None:
         nonlocal shipped
         begin = time.perf_counter()
         refs = [
@@ -202,6 +204,7 @@ def _run_gram(
                 target_sq[blocks[k]].contiguous(),
                 states[k],
                 lam=lams[k],
+                initial=initials[k],
                 key=gram_key,
                 **settings,
             )
@@ -211,17 +214,9 @@ def _run_gram(
         shipped += sum(fetched for _, fetched in results)
         timings.round_trip(time.perf_counter() - begin, [seconds for seconds, _ in results], phase="factor")
 
-    if initial is None:
-        zero_states = [ADMMState.zeros(b.stop - b.start, d, rho0, dtype=torch.float64) for b in blocks]
-    else:
-        start_state = initial_state(
-            initial, H, Rt, target_sq, rho0, lam=lam, kappa=kappa, n_constrained=n_constrained
-        )
-        zero_states = [
-            ADMMState(W=start_state.W[b], Z=start_state.Z[b], U=start_state.U[b], rho=rho0) for b in blocks
-        ]
-    pool.retry("factor", lambda: setup(list(range(pool.size)), zero_states))
-    checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, zero_states))
+    starts: list[ADMMState | None] = [None] * pool.size  # each worker computes its block's start
+    pool.retry("factor", lambda: setup(list(range(pool.size)), starts))
+    checkpointer.save(SolveCheckpoint("gram", 0, rho0, rho0, starts))
 
     def recover(exc: BaseException) -> tuple[int, list[dict[str, float]]]:
         """Roll every worker back to the last checkpoint; the loop state to resume from."""

@@ -442,30 +442,31 @@ class SIM:
             constraint=cfg.get("well_posedness", "inf_norm"),
         )
         weighting, bias = cfg["weighting"], structure.bias
-        result1, stage1 = solve_stage(
-            stage1, solver_obj, weighting, stage=1, n=n, bias=bias, initial=initial.get("stage1")
-        )
-        W1 = result1.weights.detach().to("cpu", torch.float64)
-        A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
-        if kappa is not None:  # no-op for constrained solvers; guards rounding
-            A = self._project(A, kappa, stage1.constraint)
-        if self.regenerate_states:
-            stats2, samples2 = regenerate(A, B)
-        else:
-            stats2 = stats.row_block(slice(n, None))
-            samples2 = None if samples is None else samples.row_block(slice(n, None))
-        stage2 = SIMProblem(
-            stats=stats2,
-            n_constrained=0,
-            lam=lam_out,
-            l2=cfg["l2"],
-            kappa=None,
-            variant=variant,
-            samples=samples2,
-        )
-        result2, stage2 = solve_stage(
-            stage2, solver_obj, weighting, stage=2, n=n, bias=bias, initial=initial.get("stage2")
-        )
+        with solver_obj.session():  # a Ray solver keeps its actors for both stages
+            result1, stage1 = solve_stage(
+                stage1, solver_obj, weighting, stage=1, n=n, bias=bias, initial=initial.get("stage1")
+            )
+            W1 = result1.weights.detach().to("cpu", torch.float64)
+            A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
+            if kappa is not None:  # no-op for constrained solvers; guards rounding
+                A = self._project(A, kappa, stage1.constraint)
+            if self.regenerate_states:
+                stats2, samples2 = regenerate(A, B)
+            else:
+                stats2 = stats.row_block(slice(n, None))
+                samples2 = None if samples is None else samples.row_block(slice(n, None))
+            stage2 = SIMProblem(
+                stats=stats2,
+                n_constrained=0,
+                lam=lam_out,
+                l2=cfg["l2"],
+                kappa=None,
+                variant=variant,
+                samples=samples2,
+            )
+            result2, stage2 = solve_stage(
+                stage2, solver_obj, weighting, stage=2, n=n, bias=bias, initial=initial.get("stage2")
+            )
         W2 = result2.weights.detach().to("cpu", torch.float64)
         self.A_, self.B_ = A, B
         self.C_, self.D_ = W2[:, :n].contiguous(), W2[:, n:].contiguous()

@@ -34,7 +34,6 @@ import json
 import math
 import pathlib
 import time
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -338,7 +337,6 @@ def sim_path(
     solver_obj = ADMM_default(cfg["device"], sim.progress) if solver is None else get_solver(solver)
     if cfg["variant"] not in solver_obj.variants:
         raise ConfigError(f"{type(solver_obj).__name__} does not solve the '{cfg['variant']}' variant.")
-    _warn_if_actors_restart(solver_obj)
     keep_samples = solver_obj.needs_samples
     recorded = sim._record(teacher, data, cfg, keep_samples)
     n = recorded.structure.num_hidden
@@ -370,29 +368,30 @@ def sim_path(
     teacher_row = _teacher_row(teacher, recorded, test_x, test_y, eps_list)
     models, rows = [], []
     previous: dict[str, torch.Tensor] | None = None
-    for lam in lams_list:
-        point = copy.copy(sim).set_params(lam=lam, lam_out=lam)
-        began = time.perf_counter()
-        point._fit_stages(
-            *recorded.stage_inputs(),
-            solver_obj,
-            {**cfg, "lam": lam, "lam_out": lam},
-            recorded.regenerate,
-            recorded.time_s,
-            initial=previous,
-        )
-        elapsed = time.perf_counter() - began
-        previous = {
-            "stage1": torch.cat([point.A_, point.B_], dim=1),
-            "stage2": torch.cat([point.C_, point.D_], dim=1),
-        }
-        row = _point_row(point, lam, elapsed)
-        if test_x is not None:
-            row["accuracy"] = point.score(test_x, test_y, metric="accuracy")
-            for eps in eps_list:
-                row[f"attacked_accuracy@{eps:g}"] = _attacked(point, test_x, test_y, eps)
-        models.append(point)
-        rows.append(row)
+    with solver_obj.session():  # a Ray solver keeps its actors (and factored Grams) for the whole path
+        for lam in lams_list:
+            point = copy.copy(sim).set_params(lam=lam, lam_out=lam)
+            began = time.perf_counter()
+            point._fit_stages(
+                *recorded.stage_inputs(),
+                solver_obj,
+                {**cfg, "lam": lam, "lam_out": lam},
+                recorded.regenerate,
+                recorded.time_s,
+                initial=previous,
+            )
+            elapsed = time.perf_counter() - began
+            previous = {
+                "stage1": torch.cat([point.A_, point.B_], dim=1),
+                "stage2": torch.cat([point.C_, point.D_], dim=1),
+            }
+            row = _point_row(point, lam, elapsed)
+            if test_x is not None:
+                row["accuracy"] = point.score(test_x, test_y, metric="accuracy")
+                for eps in eps_list:
+                    row[f"attacked_accuracy@{eps:g}"] = _attacked(point, test_x, test_y, eps)
+            models.append(point)
+            rows.append(row)
     return SIMPath(
         lams=lams_list,
         models=models,
@@ -402,21 +401,6 @@ def sim_path(
         extraction_time_s=recorded.time_s,
         time_s=time.perf_counter() - start,
     )
-
-
-def _warn_if_actors_restart(solver: Any) -> None:
-    """A Ray solver that neither keeps its actors nor uses a started pool starts new ones per solve."""
-    run_config = getattr(solver, "run_config", None)
-    if run_config is None or getattr(solver, "_shared_pool", None) is not None:
-        return
-    if not run_config.keep_workers:
-        warnings.warn(
-            f"{type(solver).__name__} was built without keep_workers=True: every point of the path starts "
-            "new actors and sends them the Gram again. Pass keep_workers=True (and call solver.close() "
-            "afterwards) or workers=<a started WorkerPool>.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _check_test_data(test_data: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -8,6 +8,7 @@ from distributed_helpers import TIMEOUT_S, random_problem, relative_gap, shard
 
 from idl_ray.distributed import RayADMMSolver, ShardedProblem
 from idl_ray.errors import ConfigError
+from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm import ADMMSolver
 
 # gap_tol for the certified solvers (single process, gram), abs/rel_tol for consensus's residual test
@@ -135,3 +136,23 @@ def test_reduce_returns_the_single_process_problem(problem, ray_solver):
     reduced = ray_solver("gram", 2).reduce(sharded)
     assert reduced.num_samples == problem.num_samples
     assert torch.allclose(reduced.G, problem.G) and torch.allclose(reduced.Rt, problem.Rt)
+
+
+def test_gram_workers_take_the_least_squares_start_as_the_single_process(ray_solver):
+    """lam = 0 on a rank-deficient Gram: each worker starts its rows at the least-squares fit (from its own
+    factor), as ADMMSolver does, so the Ray solve takes the single-process steps, not a cold start's."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(600, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, 24, generator=g, dtype=torch.float64
+    )  # rank 4 of 24
+    targets = features @ (0.1 * torch.randn(24, 10, generator=g, dtype=torch.float64))
+    targets = targets + 0.05 * torch.randn(600, 10, generator=g, dtype=torch.float64)
+    problem = SIMProblem.from_samples(features, targets, n_constrained=10, lam=0.0, kappa=0.9)
+    single = ADMMSolver(device="cpu", **TOL).solve(problem)
+    warm = ray_solver("gram", 2).solve(problem)
+    cold = ray_solver("gram", 2, warm_start=False).solve(problem)
+    assert single.stats.converged and warm.stats.converged and cold.stats.converged
+    assert warm.stats.iterations == single.stats.iterations < cold.stats.iterations
+    assert relative_gap(warm.stats.objective, single.stats.objective) < 1e-9
+    assert relative_gap(cold.stats.objective, single.stats.objective) < 1e-6
+    assert warm.stats.constraint_violation == 0.0

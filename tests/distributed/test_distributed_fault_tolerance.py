@@ -95,12 +95,15 @@ def test_actor_killed_with_ray_restart_allowed_is_restored(problem, reference):
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
 
 
-def test_gram_recovery_replays_exactly(problem):
+@pytest.mark.parametrize("at", [1, 20], ids=["before-the-first-checkpoint", "mid-solve"])
+def test_gram_recovery_replays_exactly(at, problem):
+    """A kill after the first round trip loses its checkpoint (taken after the callback): the workers
+    replay from the solve's start, which each recomputes (``start_state``); later kills from a checkpoint."""
     plain = RayADMMSolver(  # the same round trips as the killed run (checkpoint_every sets their length)
         num_workers=2, use_gpu=False, cpus_per_worker=0.2, checkpoint_every=10, timeout_s=TIMEOUT_S,
         **TOL, **SLOW_GRAM,
     )  # fmt: skip
-    killer = KillOnce(at=20, rank=0)
+    killer = KillOnce(at=at, rank=0)
     killed = RayADMMSolver(
         num_workers=2,
         use_gpu=False,

@@ -66,9 +66,16 @@ def test_ray_solver_starts_from_initial(worker_pools):
     assert other.stats.extra["gram_shipped"] == 2
 
 
-def test_a_solver_that_restarts_its_actors_is_warned_about(teacher_and_inputs):
+def test_a_path_keeps_a_solvers_actors_for_its_length_only(teacher_and_inputs):
+    """Without keep_workers the path holds the actors in a session: every solve on the same ones, the
+    Gram shipped once per stage, and the actors stopped when the path ends."""
     teacher, inputs = teacher_and_inputs
     solver = RayADMMSolver(num_workers=1, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
-    with pytest.warns(UserWarning, match="keep_workers=True"):
-        path = sim().fit_path(teacher, inputs, n_lams=1, solver=solver)
-    assert path.rows[0]["nnz"] == 0
+    path = sim().fit_path(teacher, inputs, n_lams=2, solver=solver)
+    pids = {tuple(m.stats_[s].extra["pids"]) for m in path.models for s in ("stage1", "stage2")}
+    assert len(pids) == 1
+    shipped = [m.stats_[s].extra["gram_shipped"] for m in path.models for s in ("stage1", "stage2")]
+    assert shipped == [1, 1, 0, 0]
+    # stopped at the end: the next solve starts a new actor
+    after = solver.solve(path.models[0].problems_["stage2"])
+    assert set(after.stats.extra["pids"]).isdisjoint(pids.pop())

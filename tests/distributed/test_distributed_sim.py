@@ -50,3 +50,17 @@ def test_sim_with_ray_solver_matches_single_process(strategy, digits_teacher, wo
     assert abs(ours_acc - ref_acc) <= 0.01
     if strategy == "consensus":  # SIM kept the samples, so the shards are real sample shards
         assert sim.problems_["stage1"].samples is not None
+
+
+def test_sim_fit_holds_a_ray_solvers_actors_for_both_stages(digits_teacher):
+    """A RayADMMSolver without keep_workers serves both stages of one fit from the same actors (one
+    start-up per fit, not per stage) and stops them when the fit ends."""
+    teacher, split = digits_teacher
+    solver = RayADMMSolver(num_workers=1, use_gpu=False, cpus_per_worker=0.2, timeout_s=TIMEOUT_S, **TOL)
+    first = SIM(kappa=0.9, lam=1e-4).fit(teacher, split.x_train, solver=solver)
+    second = SIM(kappa=0.9, lam=1e-4).fit(teacher, split.x_train, solver=solver)
+    pids = [tuple(sim.stats_[s].extra["pids"]) for sim in (first, second) for s in ("stage1", "stage2")]
+    assert pids[0] == pids[1] and pids[2] == pids[3]
+    assert set(pids[0]).isdisjoint(pids[2])  # the first fit's actor was stopped
+    for sim in (first, second):
+        assert sim.stats_["stage1"].converged and sim.stats_["stage2"].converged

@@ -12,15 +12,13 @@ from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
-    ADMMState,
     GramFactor,
     initial_rho,
-    prox,
 )
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
-from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.row_block import admm_solve
 from idl_ray.sim.solvers.scaling import ScaledStage
+from idl_ray.sim.solvers.start import start_state
 
 __all__ = ["ADMMSolver"]
 
@@ -119,58 +117,6 @@ class ADMMSolver(BaseSolver):
 
     uses_initial = True
 
-    def _warm_state(
-        self,
-        factor: GramFactor,
-        H: torch.Tensor,
-        R: torch.Tensor,
-        target_sq: torch.Tensor,
-        *,
-        lam: float | torch.Tensor,
-        kappa: float | None,
-        n_constrained: int,
-        initial: torch.Tensor | None = None,
-        **constraint: Any,
-    ) -> ADMMState | None:
-        """Rows of Z0 = prox(W_ls) (W_ls = R H^+, the minimum-norm least-squares fit) that are already
-        certified optimal, or all rows when lam = 0; zeros (a cold start) for the others; U0 = (R - Z0 H) /
-        rho, the dual of ADMM's fixed point at Z0. None when no row takes the warm point. Measured on the
-        digits teachers, a warm row that is not already optimal saves nothing at lam > 0 and can cost
-        steps (its dense support takes longer to settle than a cold one grows).
-
-        With ``initial`` (the previous point of a lambda path, whose support is close), the other rows
-        start from it instead, per row only where its duality gap is at most a cold start's (so the start
-        is never certified-worse than zeros), and every row is polished on that support at the first
-        check (rows the polish certifies take no step; the others keep their start and a cold start's
-        polish schedule). Measured on the 64-input digits teacher with biases (20 lams from lam_max down
-        six decades): 36 to 37 of the 40 stage solves take no ADMM step; before the first-check polish
-        the warm start saved 0 to 45 % of the steps and took up to 9 % more on 6 of 40 stages. A stage
-        the polish does not certify runs ADMM, whose step count depends on the adapted rho's path and not
-        only on how close the start is: in one run 3 of 40 stage-2 solves took 82 to 120 steps against
-        89 to 90 cold, and on the 784-input teacher one stage-2 solve took 132 steps against 58 cold, so
-        fewer steps than a cold start are typical, not guaranteed (``benchmarks/bench_sim_path.py``
-        prints the count)."""
-        s = factor.eigenvalues
-        cut = 1e-10 * float(s.max().clamp_min(torch.finfo(s.dtype).tiny))
-        inv = torch.where(s > cut, 1.0 / s.clamp_min(cut), torch.zeros_like(s))
-        W0 = ((R @ factor.Q) * inv) @ factor.Q.T
-        rho = initial_rho(H, self.options)
-        Z0 = prox(W0, lam / rho, kappa, n_constrained, **constraint)
-        settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, **constraint}
-        warm = duality_gap(Z0, H, R, target_sq, **settings)
-        # per row: the warm point when it is already certified, or when lam = 0 (the least-squares fit is
-        # then the natural start: the l1 term that makes a cold start pay off is absent); zeros otherwise
-        unpenalised = (lam == 0).all(dim=1) if isinstance(lam, torch.Tensor) else lam == 0
-        use = warm.certified(self.options.gap_tol) | unpenalised
-        if initial is not None:
-            given = initial_state(initial, H, R, target_sq, rho, **settings).Z
-            Z0 = torch.where(use[:, None], Z0, given)
-            return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
-        if not bool(use.any()):
-            return None
-        Z0 = torch.where(use[:, None], Z0, torch.zeros_like(Z0))
-        return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)
-
     def _solve(
         self, problem: SIMProblem, initial: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -191,12 +137,10 @@ class ADMMSolver(BaseSolver):
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
-        if self.warm_start:
-            state = self._warm_state(factor, H, R, target_sq, **settings, initial=initial)
-        elif initial is not None:
-            state = initial_state(initial, H, R, target_sq, initial_rho(H, self.options), **settings)
-        else:
-            state = None
+        state = start_state(
+            factor, H, R, target_sq, initial_rho(H, self.options), warm_start=self.warm_start,
+            gap_tol=self.options.gap_tol, initial=initial, **settings,
+        )  # fmt: skip
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
@@ -239,38 +183,3 @@ class ADMMSolver(BaseSolver):
             },
         }
         return W, info
-
-
-def initial_state(
-    initial: torch.Tensor,
-    H: torch.Tensor,
-    R: torch.Tensor,
-    target_sq: torch.Tensor,
-    rho: float,
-    *,
-    lam: float | torch.Tensor,
-    kappa: float | None,
-    n_constrained: int,
-    **constraint: Any,
-) -> ADMMState:
-    """The ADMM state at given weights W0 (a warm start; shared with the Ray gram strategy).
-
-    Z0 = W0 with its A-parts projected onto the kappa ball (feasible), kept per row only where its
-    duality gap is at most that of a cold start (W = 0), else 0; U0 = (R - Z0 H) / rho, the scaled dual
-    that makes Z0 a fixed point of the W-update.
-
-    Parameters
-    ----------
-    initial : Tensor (rows, d); H : Tensor (d, d); R : Tensor (rows, d); target_sq : Tensor (rows,)
-    rho : float > 0; lam, kappa, n_constrained : the stage's settings (``constraint``: the mu_inf
-        ``condition`` and ``diagonal``, when that bound applies)
-    """
-    given = prox(initial.to(device=H.device, dtype=H.dtype), 0.0, kappa, n_constrained, **constraint)
-    settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained, **constraint}
-    zero = torch.zeros_like(given)
-    closer = (
-        duality_gap(given, H, R, target_sq, **settings).gaps
-        <= duality_gap(zero, H, R, target_sq, **settings).gaps
-    )
-    Z0 = torch.where(closer[:, None], given, zero)
-    return ADMMState(W=Z0, Z=Z0, U=(R - Z0 @ H) / rho, rho=rho)

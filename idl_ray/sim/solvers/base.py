@@ -19,6 +19,7 @@ accept and ignore it, so a caller such as :func:`idl_ray.sim.path.sim_path` can 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import importlib.util
 import time
@@ -159,6 +160,20 @@ class BaseSolver(abc.ABC):
     supports_l1_weights: ClassVar[bool] = False
     constraints: ClassVar[frozenset[str]] = frozenset({"inf_norm"})
     uses_initial: ClassVar[bool] = False
+
+    def session(self) -> contextlib.AbstractContextManager[BaseSolver]:
+        """A scope whose solves may share what the solver would otherwise set up for each solve: the Ray
+        solvers keep their actors inside it (and stop them at its end). :meth:`SIM.fit
+        <idl_ray.sim.estimator.SIM.fit>` holds one around its two stages, :meth:`SIM.fit_path
+        <idl_ray.sim.estimator.SIM.fit_path>` around the whole path. A no-op for in-process solvers.
+
+        Examples
+        --------
+        >>> solver = ADMMSolver()  # doctest: +SKIP
+        >>> with solver.session():  # doctest: +SKIP
+        ...     first, second = solver.solve(problem1), solver.solve(problem2)
+        """
+        return contextlib.nullcontext(self)
 
     def solve(self, problem: SIMProblem, initial: torch.Tensor | None = None) -> SolveResult:
         """Solve ``problem``; the stats' objective and constraint numbers come from the problem.
