@@ -28,6 +28,7 @@ from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timing
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
+from idl_ray.sim.solvers.row_block import BlockReport
 from idl_ray.sim.solvers.weights import take_rows
 
 
@@ -71,12 +72,16 @@ class RunInfo:
     checkpoints: int
     relative_gap: float | None = None
     stalled: bool = False
-    #: rows finished by support polishing (consensus)
+    #: rows finished by support polishing (consensus; gram: rows the workers' polish certified)
     polished_rows: int = 0
     #: workers H was shipped to and factored on (gram; 0 when all held it from an earlier solve)
     gram_shipped: int = 0
     #: rows the workers certified by the interior-point hand-over (gram)
     interior_point_rows: int = 0
+    #: the most Newton steps one worker's interior point took (gram; the blocks run side by side)
+    interior_point_iterations: int = 0
+    #: rows the workers' vertex step moved (gram)
+    vertex_rows: int = 0
 
     @classmethod
     def of_loop(
@@ -227,7 +232,7 @@ def _run_gram(
     W: torch.Tensor | None = None
     history: list[dict[str, float]] = []
     converged = stalled = False
-    interior_point_rows = 0
+    reports: list[BlockReport] = []
     relative_gap: float | None = None
     rho = rho0
     while iteration < options.max_iter or W is None:
@@ -258,7 +263,6 @@ def _run_gram(
         stalled = not converged and all(r.certified or r.stalled for r in reports)
         rho = max(r.rho for r in reports)
         certified_rows = sum(r.certified_rows for r in reports)
-        interior_point_rows = sum(r.interior_point_rows for r in reports)
         history.append(
             {
                 "iteration": iteration,
@@ -308,7 +312,10 @@ def _run_gram(
         stalled=stalled,
     )
     info.gram_shipped = shipped
-    info.interior_point_rows = interior_point_rows
+    info.interior_point_rows = sum(r.interior_point_rows for r in reports)
+    info.interior_point_iterations = max((r.interior_point_iterations for r in reports), default=0)
+    info.vertex_rows = sum(r.vertex_rows for r in reports)
+    info.polished_rows = sum(r.polished_rows for r in reports)
     return W, info
 
 

@@ -237,6 +237,8 @@ class _RaySolverMixin:
                     "polished_rows": info.polished_rows,
                     "gram_shipped": info.gram_shipped,
                     "interior_point_rows": info.interior_point_rows,
+                    "interior_point_iterations": info.interior_point_iterations,
+                    "vertex_rows": info.vertex_rows,
                 }
             )
         return extra

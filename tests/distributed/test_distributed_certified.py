@@ -131,6 +131,9 @@ def test_gram_workers_hand_rows_to_the_interior_point(problem, cvx, worker_pools
     assert result.stats.extra["interior_point_rows"] > 0
     local = ADMMSolver(device="cpu", interior_point_after=0).solve(problem)
     assert local.stats.extra["interior_point_rows"] == result.stats.extra["interior_point_rows"]
+    # the blocks' Newton steps are reported (the most one worker took) as the single process reports its
+    ray_steps, local_steps = (r.stats.extra["interior_point_iterations"] for r in (result, local))
+    assert 0 < ray_steps <= local_steps + 5
     assert relative_gap(result.stats.objective, local.stats.objective) < 1e-7
 
 
