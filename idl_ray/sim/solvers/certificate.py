@@ -27,7 +27,12 @@ and the gap is 0 at the optimum (strong duality: there s = 1). It costs one (row
 ``lam = 0`` with an unpenalised block: dual feasibility asks ``v_B = 0`` exactly, which floating point
 only approximates; ``feasibility_tol`` (relative to ``||r||_inf``) is the tolerance on ``||v_B||_inf``
 that is accepted as zero there, as interior-point solvers accept a small dual infeasibility. With
-lam > 0 no tolerance is used: s rescales the dual point exactly.
+lam > 0 no tolerance is used: s rescales the dual point exactly. The bound is then approximate: a violation
+``|v_j| <= feasibility_tol ||r||_inf`` can overstate D by up to ``sum_j |v_j| |w*_j|``. Measured once (the
+rank-deficient stage-1 test problem at lam = 0, kappa 0.99, solved without polishing its dense supports):
+the dual bound of ADMM's unconstrained iterate exceeded Clarabel's feasible objective by 1.9e-11 (2e-9 of
+the objective, far inside gap_tol). Making it exact needs the free block's least-squares refit of the
+dual point (a pseudo-inverse of H restricted to the unpenalised columns): not done.
 
 Per-entry thresholds (l1 weights, :mod:`~idl_ray.sim.solvers.weights`): with ``h(w) = sum_j t_j |w_j|``
 (plus the bound), ``h*(v) = kappa max_{j in A} (|v_j| - t_j)_+ + indicator(|v_j| <= t_j for j in B)``;
