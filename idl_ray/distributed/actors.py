@@ -201,7 +201,7 @@ class SolverWorker:
             "options": options,
             "polish_first": polish_first,
         }
-        self.start = {"warm_start": warm_start, "initial": initial}
+        self.start_settings = {"warm_start": warm_start, "initial": initial}
         self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start, fetched
@@ -232,14 +232,14 @@ class SolverWorker:
         H, Rt, target_sq = self.block_args
         if state is None:
             lam, options = self.settings["lam"], self.settings["options"]
-            initial = self.start["initial"]
+            initial = self.start_settings["initial"]
             state = start_state(
                 self.factor,
                 H,
                 Rt,
                 target_sq,
                 initial_rho(H, options),
-                warm_start=self.start["warm_start"],
+                warm_start=self.start_settings["warm_start"],
                 gap_tol=options.gap_tol,
                 lam=lam.to(self.device, DTYPE) if isinstance(lam, torch.Tensor) else lam,
                 kappa=self.settings["kappa"],
