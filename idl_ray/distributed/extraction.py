@@ -40,6 +40,7 @@ the teacher on it for the whole pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -84,7 +85,8 @@ class StreamConfig(Options):
     ----------
     num_actors : int, default 2
         Workers running the teacher at once (the actors of the pool, or the concurrent tasks); each loads
-        the teacher once.
+        the teacher once. A materialised dataset with fewer blocks or batches gets that many
+        (:func:`useful_workers`).
     compute : {"auto", "tasks", "actors"}, default "auto"
         ``"tasks"``: Ray tasks in Ray's pooled worker processes (no pool to start: a pass over small data
         takes ~0.05 s on a warm cluster where an actor pool takes ~2 s); ``"actors"``: an actor pool
@@ -414,17 +416,18 @@ def mapped(
     use_gpu = config.resolve_use_gpu()
     config.check_cpus(float(ray.cluster_resources().get("CPU", 0.0)))
     payload = [ray.put(spec)]  # nested: fetched inside each worker, once
+    workers = useful_workers(dataset, config)
     if config.uses_actors(use_gpu):
         work: dict[str, Any] = {
             "fn": _StateMapper,
             "fn_constructor_kwargs": {"payload": payload},
-            "compute": ray.data.ActorPoolStrategy(size=config.num_actors),
+            "compute": ray.data.ActorPoolStrategy(size=workers),
         }
     else:
         work = {
             "fn": _map_in_task,
             "fn_kwargs": {"payload": payload},
-            "compute": ray.data.TaskPoolStrategy(size=config.num_actors),
+            "compute": ray.data.TaskPoolStrategy(size=workers),
         }
     out = dataset.map_batches(
         **work,
@@ -441,6 +444,19 @@ def mapped(
             object_store_memory=config.object_store_memory
         )
     return out
+
+
+def useful_workers(dataset: Any, config: StreamConfig) -> int:
+    """``config.num_actors``, or fewer for a materialised dataset (``ray.data.from_numpy`` and friends, whose
+    blocks and rows are known without running anything) with fewer blocks or batches of ``config.batch_size``
+    rows: a worker that gets no batch would only start (an actor pool's idle actor takes ~2 s and its CPU)
+    and Ray Data warns that the concurrency cannot be used."""
+    from ray.data.dataset import MaterializedDataset  # public, but not re-exported by ray.data
+
+    if isinstance(dataset, MaterializedDataset):  # a block is never split between workers
+        inputs = min(dataset.num_blocks(), math.ceil(dataset.count() / config.batch_size))
+        return max(1, min(config.num_actors, inputs))
+    return config.num_actors
 
 
 def iterate(out: Any, owner: str, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:

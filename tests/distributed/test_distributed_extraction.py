@@ -256,6 +256,31 @@ def test_teacher_loaded_once_per_worker(compute, ray_cluster):
         ray.kill(counter)
 
 
+def test_workers_are_capped_by_the_batches_of_a_materialised_dataset(ray_cluster):
+    """A dataset with one batch's worth of rows gets one worker (no idle actor, no Ray Data warning about
+    unused concurrency); a lazy dataset, whose row count is unknown, keeps num_actors."""
+    import warnings
+
+    from idl_ray.distributed.extraction import useful_workers
+
+    config = STREAM.replace(num_actors=3, batch_size=100)
+    assert useful_workers(_dataset(torch.randn(100, 4)), config) == 1
+    assert useful_workers(_dataset(torch.randn(150, 4)), config) == 2
+    assert useful_workers(_dataset(torch.randn(1000, 4)), config) == 3
+    assert useful_workers(_dataset(torch.randn(1000, 4), blocks=2), config) == 2  # a block is not split
+    lazy = _dataset(torch.randn(100, 4)).map_batches(lambda batch: batch)
+    assert useful_workers(lazy, config) == 3
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim = SIM(kappa=0.5, stream=config.replace(compute="actors")).fit(
+            teacher, _dataset(torch.randn(100, 4)), solver=ADMMSolver(device="cpu")
+        )
+    assert sim.stream_info_["extraction"].actors == 1
+    assert not [w for w in caught if "concurren" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------- bad inputs
 def _explode(batch):
     raise RuntimeError("the pipeline ran")
