@@ -604,4 +604,9 @@ def fit_dataset(sim: Any, teacher: Any, dataset: Any, solver: Any, cfg: dict[str
         sim.stream_info_["regeneration"] = info2
         return stats2, None
 
-    return sim._fit_stages(structure, scales, stats, None, solver, cfg, regenerate, info1.time_s)
+    # the regeneration pass runs Ray Data workers between the stages: a Ray solver's actors are not held
+    # across it (on a small cluster they would leave it no CPU and the pass would wait forever)
+    return sim._fit_stages(
+        structure, scales, stats, None, solver, cfg, regenerate, info1.time_s,
+        hold_solver=not sim.regenerate_states,
+    )  # fmt: skip

@@ -13,6 +13,7 @@ both with the same solver and the objective of :class:`~idl_ray.sim.problem.SIMP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -421,10 +422,13 @@ class SIM:
         regenerate: Any,
         extraction_time: float,
         initial: dict[str, torch.Tensor] | None = None,
+        hold_solver: bool = True,
     ) -> SIM:
         """Solve stage 1 on ``stats``, then stage 2 (on ``regenerate(A, B) -> (stats, samples)`` with
         ``regenerate_states``), and set the fitted attributes. Every fitting path ends here. ``initial``
-        ("stage1": [A B], "stage2": [C D]) warm-starts the solver (a lambda path's previous point)."""
+        ("stage1": [A B], "stage2": [C D]) warm-starts the solver (a lambda path's previous point).
+        ``hold_solver``: keep a Ray solver's actors from stage 1 to stage 2 (``solver.session()``); False
+        when the regeneration between them is itself a Ray pass that needs their CPUs."""
         initial = initial or {}
         n = structure.num_hidden
         variant = cfg["variant"]
@@ -442,7 +446,8 @@ class SIM:
             constraint=cfg.get("well_posedness", "inf_norm"),
         )
         weighting, bias = cfg["weighting"], structure.bias
-        with solver_obj.session():  # a Ray solver keeps its actors for both stages
+        hold = solver_obj.session() if hold_solver else contextlib.nullcontext()
+        with hold:  # a Ray solver keeps its actors for both stages
             result1, stage1 = solve_stage(
                 stage1, solver_obj, weighting, stage=1, n=n, bias=bias, initial=initial.get("stage1")
             )

@@ -137,6 +137,22 @@ def test_sim_fit_stream_with_ray_admm(digits_like, ray_cluster, worker_pools):
     assert float(sim.A_.abs().sum(dim=1).max()) <= 0.5 + 1e-12
 
 
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_ray_solver_actors_are_held_across_stages_unless_ray_data_runs_between(regenerate, digits_like):
+    """Without keep_workers, SIM.fit on a Ray Dataset keeps the solver's actors from stage 1 to stage 2,
+    except around the regeneration pass (Ray Data workers need the CPUs: held actors could starve it)."""
+    from idl_ray.distributed import RayADMMSolver
+
+    teacher, x = digits_like
+    solver = RayADMMSolver(num_workers=1, use_gpu=False, cpus_per_worker=0.2, timeout_s=120.0)
+    sim = SIM(kappa=0.5, lam=1e-4, stream=STREAM, regenerate_states=regenerate).fit(
+        teacher, _dataset(x), solver=solver
+    )
+    pids = [set(sim.stats_[stage].extra["pids"]) for stage in ("stage1", "stage2")]
+    assert (pids[0] == pids[1]) is not regenerate
+    assert sim.stats_["stage1"].converged and sim.stats_["stage2"].converged
+
+
 def test_parquet_round_trip_resume_and_fit_states(digits_like, ray_cluster, tmp_path):
     teacher, x = digits_like
     path = tmp_path / "states"
