@@ -157,7 +157,9 @@ class _RaySolverMixin:
         stages of :meth:`SIM.fit <idl_ray.sim.estimator.SIM.fit>` (which holds one) then share one pool, and
         each worker keeps the factored H of a stage for the next solve on the same Gram. Measured on the
         784-input digits teacher: starting two actors takes 1.2-1.5 s, paid once per fit instead of once per
-        stage. A no-op when the actors are kept anyway (``keep_workers=True``, ``workers=``); scopes nest."""
+        stage (except a fit on a Ray Dataset with ``regenerate_states``, whose regeneration pass between the
+        stages needs the CPUs). A no-op when the actors are kept anyway (``keep_workers=True``,
+        ``workers=``); scopes nest."""
         owns = self._sessions == 0 and not self.run_config.keep_workers and self._shared_pool is None
         self._sessions += 1
         try:
