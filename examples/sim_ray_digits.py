@@ -33,11 +33,11 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        # keep_workers: both SIM stages run on the same two actors
-        with RayADMMSolver(num_workers=2, cpus_per_worker=1, strategy="gram", keep_workers=True) as solver:
-            start = time.perf_counter()
-            sim = SIM(kappa=0.95, lam=1e-4).fit(teacher, split.x_train, solver=solver)
-            ray_time = time.perf_counter() - start
+        # SIM.fit runs both stages on the same two actors and stops them when it ends
+        solver = RayADMMSolver(num_workers=2, cpus_per_worker=1, strategy="gram")
+        start = time.perf_counter()
+        sim = SIM(kappa=0.95, lam=1e-4).fit(teacher, split.x_train, solver=solver)
+        ray_time = time.perf_counter() - start
     finally:
         ray.shutdown()
     start = time.perf_counter()
