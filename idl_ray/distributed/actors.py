@@ -201,7 +201,16 @@ class SolverWorker:
             "options": options,
             "polish_first": polish_first,
         }
-        self.start_settings = {"warm_start": warm_start, "initial": initial}
+        # what set_state(None) starts from: start_state's settings on this worker's device
+        self.start_settings = {
+            "rho": initial_rho(H, options),
+            "warm_start": warm_start,
+            "gap_tol": options.gap_tol,
+            "lam": lam.to(self.device, DTYPE) if isinstance(lam, torch.Tensor) else lam,
+            "kappa": kappa,
+            "n_constrained": n_constrained,
+            "initial": None if initial is None else initial.to(self.device, DTYPE),
+        }
         self.set_state(state)
         self.mode = "rows"
         return time.perf_counter() - start, fetched
@@ -231,21 +240,7 @@ class SolverWorker:
         :meth:`setup_rows`): certificates are recomputed at its first check."""
         H, Rt, target_sq = self.block_args
         if state is None:
-            lam, options = self.settings["lam"], self.settings["options"]
-            initial = self.start_settings["initial"]
-            state = start_state(
-                self.factor,
-                H,
-                Rt,
-                target_sq,
-                initial_rho(H, options),
-                warm_start=self.start_settings["warm_start"],
-                gap_tol=options.gap_tol,
-                lam=lam.to(self.device, DTYPE) if isinstance(lam, torch.Tensor) else lam,
-                kappa=self.settings["kappa"],
-                n_constrained=self.settings["n_constrained"],
-                initial=None if initial is None else initial.to(self.device, DTYPE),
-            )
+            state = start_state(self.factor, H, Rt, target_sq, **self.start_settings)
         else:
             state = state.to(self.device, DTYPE)
         self.block = RowBlockADMM(self.factor, H, Rt, target_sq, state=state, **self.settings)
