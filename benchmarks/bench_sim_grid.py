@@ -105,10 +105,13 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
                 "time_s": stats.time_s,
                 "objective": stats.objective,
                 "worst_rel_vs_cvx": worst,
-                # the interior-point hand-over and the vertex step (ADMMSolver and the Ray gram strategy)
+                # the active set, the interior-point hand-over and the vertex step (ADMMSolver and the Ray
+                # gram strategy)
                 **{
                     k: stats.extra.get(k)
                     for k in (
+                        "active_set_rows",
+                        "active_set_steps",
                         "interior_point_rows",
                         "interior_point_iterations",
                         "vertex_rows",
@@ -119,10 +122,12 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
         results.append(record)
         s1, s2 = record["stage1"], record["stage2"]
         print(
-            f"p={p} lam={lam:g}: stage1 {s1['iterations']} it (+{s1['interior_point_iterations'] or 0} IP on "
+            f"p={p} lam={lam:g}: stage1 {s1['iterations']} it (AS {s1['active_set_rows'] or 0} rows in "
+            f"{s1['active_set_steps'] or 0} steps, +{s1['interior_point_iterations'] or 0} IP on "
             f"{s1['interior_point_rows'] or 0} rows) {'ok' if s1['converged'] else 'CAP'} "
             f"gap {s1['relative_gap']:.1e} {s1['time_s']:.2f}s vs-cvx {s1['worst_rel_vs_cvx']:+.1e} | "
-            f"stage2 {s2['iterations']} it {'ok' if s2['converged'] else 'CAP'} gap {s2['relative_gap']:.1e} "
+            f"stage2 {s2['iterations']} it (AS {s2['active_set_rows'] or 0}) "
+            f"{'ok' if s2['converged'] else 'CAP'} gap {s2['relative_gap']:.1e} "
             f"{s2['time_s']:.2f}s vs-cvx {s2['worst_rel_vs_cvx']:+.1e} | total {total:.2f}s = "
             f"{record['ratio_to_floor']:.1f}x floor ({floor:.2f}s) | acc {record['sim_acc']:.4f} "
             f"(teacher {teacher_acc:.4f}) | nnz A {record['nnz_A']}/{record['size_A']} "

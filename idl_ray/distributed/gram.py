@@ -82,6 +82,9 @@ class RunInfo:
     interior_point_iterations: int = 0
     #: rows the workers' vertex step moved (gram)
     vertex_rows: int = 0
+    #: rows the workers certified by the dual active-set method, and the most steps one worker took (gram)
+    active_set_rows: int = 0
+    active_set_steps: int = 0
 
     @classmethod
     def of_loop(
@@ -315,6 +318,8 @@ def _run_gram(
     info.interior_point_rows = sum(r.interior_point_rows for r in reports)
     info.interior_point_iterations = max((r.interior_point_iterations for r in reports), default=0)
     info.vertex_rows = sum(r.vertex_rows for r in reports)
+    info.active_set_rows = sum(r.active_set_rows for r in reports)
+    info.active_set_steps = max((r.active_set_steps for r in reports), default=0)
     info.polished_rows = sum(r.polished_rows for r in reports)
     return W, info
 

@@ -241,6 +241,8 @@ class _RaySolverMixin:
                     "interior_point_rows": info.interior_point_rows,
                     "interior_point_iterations": info.interior_point_iterations,
                     "vertex_rows": info.vertex_rows,
+                    "active_set_rows": info.active_set_rows,
+                    "active_set_steps": info.active_set_steps,
                 }
             )
         return extra

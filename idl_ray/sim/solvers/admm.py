@@ -176,6 +176,8 @@ class ADMMSolver(BaseSolver):
                 "certified_rows": stats.certified_rows,
                 "interior_point_rows": stats.interior_point_rows,
                 "interior_point_iterations": stats.interior_point_iterations,
+                "active_set_rows": stats.active_set_rows,
+                "active_set_steps": stats.active_set_steps,
                 "vertex_rows": stats.vertex_rows,
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,

@@ -105,6 +105,13 @@ class ADMMOptions(Options):
         Where rank(H) < d, move each certified row with more nonzeros than the rank to a vertex of its optimal
         face (:mod:`~idl_ray.sim.solvers.vertex`; at most rank + 2 nonzeros) when that still certifies: the
         optimum is not unique there, and the vertex is the sparse one.
+    active_set : bool
+        On a low-rank Gram (rank(H) <= d / 3: upsampled images, few samples) with every threshold > 0, solve the
+        rows the first check did not certify by the dual active-set method of
+        :mod:`~idl_ray.sim.solvers.active_set` (an exact projection in the rank-r dual, hundreds of batched
+        rank-one steps), polish them on the support it finds and keep those that certify, before any ADMM
+        step: ADMM, the interior point and the vertex step then see only the rows it could not finish (the
+        kappa bound active, or a guard reached). Not under ``mu_inf``.
     interior_point_after : int >= 0
         ADMM steps before the hand-over, at least (rank-deficient Grams of upsampled images need it; on
         well-conditioned ones ADMM certifies every row within it). Where the interior point is costly (a
@@ -127,6 +134,7 @@ class ADMMOptions(Options):
     rho_scale: float = 0.05
     stall_checks: int = 40
     interior_point: bool = True
+    active_set: bool = True
     interior_point_after: int = 100
     vertex: bool = True
     mu: float = 10.0
@@ -143,7 +151,7 @@ class ADMMOptions(Options):
         if self.abs_tol == 0 and self.rel_tol == 0:
             raise bad_parameter("abs_tol", owner, "> 0 when rel_tol is 0", self.abs_tol)
         check_positive_int(self.check_every, "check_every", owner)
-        for name in ("adaptive_rho", "polish", "equilibrate", "interior_point", "vertex"):
+        for name in ("adaptive_rho", "polish", "equilibrate", "interior_point", "active_set", "vertex"):
             if not isinstance(getattr(self, name), bool):
                 raise bad_parameter(name, owner, "a bool", getattr(self, name))
         check_positive_float(self.relaxation, "relaxation", owner)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from idl_ray._validation import bad_parameter
+from idl_ray.sim.solvers.active_set import dual_active_set, dual_active_set_applies
 from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
     ADMMState,
@@ -102,6 +103,9 @@ class ADMMStats:
     interior_point_iterations: int = 0
     #: rows moved to a sparser vertex of their optimal face (:mod:`~idl_ray.sim.solvers.vertex`)
     vertex_rows: int = 0
+    #: rows certified by the dual active-set method, and its steps (0 when it did not run)
+    active_set_rows: int = 0
+    active_set_steps: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     #: ADMM's unconstrained iterate at the end, a second dual point for the certificate (rows x d)
     dual_point: torch.Tensor | None = None
@@ -124,6 +128,8 @@ class BlockReport:
     interior_point_rows: int = 0
     interior_point_iterations: int = 0
     vertex_rows: int = 0
+    active_set_rows: int = 0
+    active_set_steps: int = 0
 
     @property
     def gap(self) -> float:
@@ -194,6 +200,17 @@ class RowBlockADMM:
             and self.condition != "mu_inf"
             and factor.rank > 0
             and interior_point_applies(self.lam, n_constrained, kappa)
+        )
+        # the dual active-set method applies: a low-rank Gram (where ADMM crawls; on a full-rank one its r x r
+        # steps cost more than ADMM's), thresholds > 0, the l1 ball or no bound
+        self.active_set_rows = 0
+        self.active_set_steps = 0
+        self._active_set_pending = (
+            options.active_set
+            and self.condition != "mu_inf"
+            and factor.rank > 0
+            and factor.low_rank
+            and dual_active_set_applies(self.lam)
         )
         # every threshold > 0: a support larger than rank(H) then marks a non-unique optimum (see _polish)
         self._sparse_optimum = positive_thresholds(self.lam)
@@ -321,6 +338,8 @@ class RowBlockADMM:
                 # polishing solves on the l1-ball's active set; under mu_inf it is not done
                 if options.polish and self.condition != "mu_inf" and not bool(ok.all()):
                     Z, U, ok = self._polish(Z, U, active, gaps, ok, rho)
+                if not bool(ok.all()) and self._active_set_pending:
+                    Z, U, ok = self._active_set(Z, U, active, gaps, ok, rho)
                 if not bool(ok.all()) and self._interior_point_due(iteration):
                     Z, U, ok = self._interior_point(Z, U, active, gaps, rho)
                 self.certified[active[ok]] = True
@@ -386,6 +405,8 @@ class RowBlockADMM:
             interior_point_rows=self.interior_point_rows,
             interior_point_iterations=self.interior_point_iterations,
             vertex_rows=self.vertex_rows,
+            active_set_rows=self.active_set_rows,
+            active_set_steps=self.active_set_steps,
         )
 
     # ------------------------------------------------------------------ the sparsest optimum
@@ -415,6 +436,35 @@ class RowBlockADMM:
             self._record_gaps(moved, gaps)
             self.vertex_rows += int(moved.numel())
         return Z
+
+    # ------------------------------------------------------------------ the dual active-set method
+    def _active_set(
+        self,
+        Z: torch.Tensor,
+        U: torch.Tensor,
+        active: torch.Tensor,
+        gaps: DualityGap,
+        ok: torch.Tensor,
+        rho: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Solve the uncertified rows of ``active`` by :func:`~idl_ray.sim.solvers.active_set.dual_active_set`
+        (once per solve), polish its answers on their supports and take those that improve on Z."""
+        self._active_set_pending = False
+        open_ = torch.nonzero(~ok).flatten()
+        rows = active[open_]
+        result = dual_active_set(self.factor, self.R[rows], lam=take_rows(self.lam, rows))
+        self.active_set_steps = result.steps
+        eligible = torch.zeros_like(ok)
+        eligible[open_] = result.finished
+        if self.n_constrained > 0:  # an answer outside the kappa bound is not the bounded optimum
+            within = result.weights[:, : self.n_constrained].abs().sum(dim=1) <= float(self.kappa)
+            eligible[open_] &= within
+        if not bool(eligible.any()):
+            return Z, U, ok
+        source = Z.clone()
+        source[rows] = result.weights
+        self.active_set_rows += self._polish_rows(Z, U, active, gaps, eligible, rho, source=source)
+        return Z, U, self._certified(gaps)
 
     # ------------------------------------------------------------------ the interior-point hand-over
     def _interior_point_due(self, iteration: int) -> bool:
@@ -550,6 +600,7 @@ class RowBlockADMM:
             eligible &= (Z[active] != 0).sum(dim=1) <= self.factor.rank
         first = self._first_polish_certifies_only
         newly = self._polish_rows(Z, U, active, gaps, eligible, rho) if bool(eligible.any()) else 0
+        self.polished_rows += newly
         if first:  # a warm start's extra polish: the other rows keep a cold start's schedule
             self._checks, self._next_periodic = 0, _POLISH_ALL_EVERY
             self._last_signs[active] = 2.0
@@ -565,12 +616,14 @@ class RowBlockADMM:
         gaps: DualityGap,
         eligible: torch.Tensor,
         rho: float,
+        source: torch.Tensor | None = None,
     ) -> int:
-        """Polish the rows ``active[eligible]`` in place (Z, U, gaps); the number newly certified."""
+        """Polish the rows ``active[eligible]`` in place (Z, U, gaps) from the supports and signs of
+        ``source`` (default Z; improvements over Z only); the number newly certified."""
         polished = polish_if_better(
             self.H,
             self.R,
-            Z,
+            Z if source is None else source,
             gaps,
             rows=active,
             certificate=self.certificate,
@@ -590,9 +643,7 @@ class RowBlockADMM:
         gaps.primal[take] = polished.gaps.primal
         gaps.dual[take] = polished.gaps.dual
         self._record_gaps(rows_taken, polished.gaps)
-        newly = int(self._certified(gaps)[take].sum())
-        self.polished_rows += newly
-        return newly
+        return int(self._certified(gaps)[take].sum())
 
     def _certifying_only(self, polished: Polished) -> Polished | None:
         """The polished rows that meet gap_tol (None if none does)."""
@@ -724,6 +775,8 @@ def admm_solve(
         interior_point_rows=report.interior_point_rows,
         interior_point_iterations=report.interior_point_iterations,
         vertex_rows=report.vertex_rows,
+        active_set_rows=report.active_set_rows,
+        active_set_steps=report.active_set_steps,
         history=block.history,
     )
     stats.dual_point = dual_point(factor, Rt, block.state)

@@ -1,0 +1,156 @@
+"""The dual active-set method (``idl_ray.sim.solvers.active_set``) and ADMM's use of it on low-rank Grams.
+
+References are independent: Clarabel on the sample form written here with cvxpy, and the solve with the
+method switched off (ADMM, the interior point and the vertex step).
+"""
+
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.solvers import ADMMSolver
+from idl_ray.sim.solvers.active_set import dual_active_set, dual_active_set_applies
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.certificate import duality_gap
+from idl_ray.sim.solvers.polish_batched import polish_rows_batched
+
+N, P, M = 5, 40, 80
+TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_iter": 500}
+
+
+def samples(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [hidden, pixels] (M x (N + P)) whose pixels span 4 directions with duplicated columns, as
+    upsampled images do: rank(G) <= 9 of d = 45 (a low-rank Gram), and targets (M x N)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(M, 4, generator=gen, dtype=torch.float64) @ torch.rand(
+        4, P // 2, generator=gen, dtype=torch.float64
+    )
+    pixels = torch.cat([base, base[:, :10], base[:, 10:] * 0.5], dim=1)  # duplicated and scaled columns
+    hidden = (pixels @ torch.randn(P, N, generator=gen, dtype=torch.float64) * 0.3).relu()
+    features = torch.cat([hidden, pixels], dim=1)
+    W_true = torch.randn(N, N + P, generator=gen, dtype=torch.float64) * 0.3
+    W_true[:, :N] *= 0.1  # a small A-part: kappa = 0.99 does not bind, 0.02 does
+    targets = features @ W_true.T + 0.05 * torch.randn(M, N, generator=gen, dtype=torch.float64)
+    return features, targets
+
+
+def gram_form(features, targets):
+    return features.T @ features / M, targets.T @ features / M, (targets * targets).sum(0) / M
+
+
+def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> np.ndarray:
+    """Per-row optimum of 1/(2M) ||t - F w||^2 + sum_j t_j |w_j| (+ ||w_A||_1 <= kappa)."""
+    F, T = features.numpy(), targets.numpy()
+    values = []
+    for i in range(T.shape[1]):
+        w = cp.Variable(F.shape[1])
+        held = np.isinf(thresholds[i])
+        finite = np.where(held, 0.0, thresholds[i])
+        objective = 0.5 / M * cp.sum_squares(T[:, i] - F @ w) + cp.sum(cp.multiply(finite, cp.abs(w)))
+        constraints = [w[held] == 0] if held.any() else []
+        if kappa is not None:
+            constraints.append(cp.norm1(w[:N]) <= kappa)
+        program = cp.Problem(cp.Minimize(objective), constraints)
+        program.solve(solver="CLARABEL", **TIGHT)
+        values.append(program.value)
+    return np.array(values)
+
+
+@pytest.mark.parametrize("lam", [1e-5, 1e-3, 3e-2])
+def test_reaches_clarabel_at_a_vertex(lam: float) -> None:
+    """Without the bound: every row finishes, at most rank(H) nonzeros (a vertex), and polished on its
+    support the answer has Clarabel's objective and a certificate."""
+    features, targets = samples()
+    H, R, c = gram_form(features, targets)
+    factor = GramFactor(H)
+    assert factor.low_rank
+    result = dual_active_set(factor, R, lam=lam)
+    assert bool(result.finished.all())
+    assert result.steps > 0
+    assert int((result.weights != 0).sum(1).max()) <= factor.rank
+    W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
+    assert bool(ok.all())
+    gaps = duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0)
+    assert bool(gaps.certified(1e-9).all())
+    reference = clarabel(features, targets, np.full((N, N + P), lam), None)
+    np.testing.assert_allclose(gaps.primal.numpy(), reference, rtol=1e-7, atol=1e-12)
+    # the raw multipliers are already close: the polish only removes the updates' rounding
+    torch.testing.assert_close(result.weights, W, atol=1e-6 * float(W.abs().max()), rtol=0)
+
+
+def test_per_entry_thresholds_hold_infinite_entries_at_zero() -> None:
+    features, targets = samples(seed=3)
+    H, R, c = gram_form(features, targets)
+    gen = torch.Generator().manual_seed(1)
+    thresholds = 1e-3 * (0.2 + 2.8 * torch.rand(N, N + P, generator=gen, dtype=torch.float64))
+    thresholds[torch.rand(N, N + P, generator=gen) < 0.2] = torch.inf
+    result = dual_active_set(GramFactor(H), R, lam=thresholds)
+    assert bool(result.finished.all())
+    assert bool((result.weights[torch.isinf(thresholds)] == 0).all())
+    W, ok = polish_rows_batched(H, R, result.weights, lam=thresholds, kappa=None, n_constrained=0)
+    assert bool(ok.all())
+    ours = duality_gap(W, H, R, c, lam=thresholds, kappa=None, n_constrained=0).primal.numpy()
+    np.testing.assert_allclose(ours, clarabel(features, targets, thresholds.numpy(), None), rtol=1e-7)
+
+
+def test_batches_and_the_step_guard(monkeypatch) -> None:
+    """Rows split into batches (a small memory budget) give the same objectives (duplicated columns make
+    the optimum non-unique: rounding may pick another vertex); a guard of one step leaves the rows that need
+    more unfinished."""
+    import idl_ray.sim.solvers.active_set as active_set
+
+    features, targets = samples(seed=5)
+    H, R, c = gram_form(features, targets)
+    factor = GramFactor(H)
+
+    def objectives(result):
+        W, ok = polish_rows_batched(H, R, result.weights, lam=1e-3, kappa=None, n_constrained=0)
+        assert bool(result.finished.all()) and bool(ok.all())
+        assert int((W != 0).sum(1).max()) <= factor.rank
+        return duality_gap(W, H, R, c, lam=1e-3, kappa=None, n_constrained=0).primal
+
+    whole = objectives(dual_active_set(factor, R, lam=1e-3))
+    monkeypatch.setattr(active_set, "_BATCH_BYTES", 1)  # one row per batch
+    batched = objectives(dual_active_set(factor, R, lam=1e-3))
+    torch.testing.assert_close(batched, whole, atol=0, rtol=1e-12)
+    guarded = dual_active_set(factor, R, lam=1e-3, max_steps=1)
+    assert not bool(guarded.finished.any())
+
+
+def test_needs_positive_thresholds() -> None:
+    features, targets = samples()
+    H, R, _ = gram_form(features, targets)
+    assert not dual_active_set_applies(0.0)
+    assert dual_active_set_applies(torch.tensor([[1e-3, torch.inf]]))
+    with pytest.raises(ValueError, match="threshold > 0"):
+        dual_active_set(GramFactor(H), R, lam=0.0)
+
+
+@pytest.mark.parametrize("kappa", [None, 0.99, 0.02])
+def test_admm_uses_it_on_low_rank_grams(kappa: float | None) -> None:
+    """ADMMSolver at defaults on a low-rank Gram: rows the method finishes within the bound are certified
+    before any ADMM step; rows whose unbounded answer breaks a tight bound go on to ADMM and the interior
+    point. Either way the objective is Clarabel's and the same as with the method switched off."""
+    features, targets = samples(seed=7)
+    lam = 1e-4
+    problem = SIMProblem.from_samples(features, targets, lam=lam, kappa=kappa, n_constrained=N)
+    ours = ADMMSolver(device="cpu").solve(problem)
+    off = ADMMSolver(device="cpu", active_set=False).solve(problem)
+    assert ours.stats.converged and off.stats.converged
+    extra = ours.stats.extra
+    assert extra["active_set_steps"] > 0 and off.stats.extra["active_set_steps"] == 0
+    if kappa == 0.02:  # the bound binds: some rows need the other methods
+        assert 0 <= extra["active_set_rows"] < N
+        assert float(ours.weights[:, :N].abs().sum(1).max()) <= kappa
+    else:
+        assert extra["active_set_rows"] == N
+        assert ours.stats.iterations == 0
+    reference = clarabel(features, targets, np.full((N, N + P), lam), kappa).sum()
+    assert abs(ours.stats.objective - reference) <= 1e-6 * reference
+    assert ours.stats.objective <= off.stats.objective * (1 + 2e-7)
+    # a vertex: no more nonzeros than the method switched off (its vertex step) leaves
+    assert int((ours.weights != 0).sum()) <= int((off.weights != 0).sum())
