@@ -14,7 +14,7 @@ import torch
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers import ADMMSolver
 from idl_ray.sim.solvers.active_set import dual_active_set, dual_active_set_applies
-from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.polish_batched import polish_rows_batched
 
@@ -23,11 +23,11 @@ TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_ite
 
 
 def samples(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [hidden, pixels] (M x (N + P)) whose pixels span 4 directions with duplicated columns, as
-    upsampled images do: rank(G) <= 9 of d = 45 (a low-rank Gram), and targets (M x N)."""
+    """Features [hidden, pixels] (M x (N + P)) whose pixels span 8 directions with duplicated columns, as
+    upsampled images do: rank(G) <= 13 of d = 45 (a low-rank Gram), and targets (M x N)."""
     gen = torch.Generator().manual_seed(seed)
-    base = torch.rand(M, 4, generator=gen, dtype=torch.float64) @ torch.rand(
-        4, P // 2, generator=gen, dtype=torch.float64
+    base = torch.rand(M, 8, generator=gen, dtype=torch.float64) @ torch.rand(
+        8, P // 2, generator=gen, dtype=torch.float64
     )
     pixels = torch.cat([base, base[:, :10], base[:, 10:] * 0.5], dim=1)  # duplicated and scaled columns
     hidden = (pixels @ torch.randn(P, N, generator=gen, dtype=torch.float64) * 0.3).relu()
@@ -82,6 +82,30 @@ def test_reaches_clarabel_at_a_vertex(lam: float) -> None:
     torch.testing.assert_close(result.weights, W, atol=1e-6 * float(W.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("kappa", [0.02, 0.08])
+def test_follows_the_bound_to_clarabel(kappa: float) -> None:
+    """With a bound that the unbounded answers break: the homotopy in nu ends on the bound, and polished the
+    answer has Clarabel's bounded objective."""
+    features, targets = samples(seed=1)
+    H, R, c = gram_form(features, targets)
+    factor = GramFactor(H)
+    free = dual_active_set(factor, R, lam=1e-4)
+    assert bool((free.weights[:, :N].abs().sum(1) > kappa).any())  # the bound binds somewhere
+    result = dual_active_set(factor, R, lam=1e-4, kappa=kappa, n_constrained=N)
+    assert bool(result.finished.all())  # (seed 1: no row's optimum lies inside a face the bound cuts)
+    assert result.steps > free.steps
+    assert int((result.weights != 0).sum(1).max()) <= factor.rank
+    l1 = result.weights[:, :N].abs().sum(1)
+    assert float(l1.max()) <= kappa * (1 + 1e-8)
+    W, ok = polish_rows_batched(H, R, result.weights, lam=1e-4, kappa=kappa, n_constrained=N)
+    assert bool(ok.all())
+    W = prox(W, 0.0, kappa, N)  # exact bound after rounding
+    gaps = duality_gap(W, H, R, c, lam=1e-4, kappa=kappa, n_constrained=N)
+    assert bool(gaps.certified(1e-9).all())
+    reference = clarabel(features, targets, np.full((N, N + P), 1e-4), kappa)
+    np.testing.assert_allclose(gaps.primal.numpy(), reference, rtol=1e-7, atol=1e-12)
+
+
 def test_per_entry_thresholds_hold_infinite_entries_at_zero() -> None:
     features, targets = samples(seed=3)
     H, R, c = gram_form(features, targets)
@@ -132,9 +156,9 @@ def test_needs_positive_thresholds() -> None:
 
 @pytest.mark.parametrize("kappa", [None, 0.99, 0.02])
 def test_admm_uses_it_on_low_rank_grams(kappa: float | None) -> None:
-    """ADMMSolver at defaults on a low-rank Gram: rows the method finishes within the bound are certified
-    before any ADMM step; rows whose unbounded answer breaks a tight bound go on to ADMM and the interior
-    point. Either way the objective is Clarabel's and the same as with the method switched off."""
+    """ADMMSolver at defaults on a low-rank Gram: every row is certified before any ADMM step, by the method
+    or (rows it leaves: an optimum inside a face that the bound cuts) the interior point, with the bound
+    active (0.02) or not; the objective is Clarabel's and the same as with the method switched off."""
     features, targets = samples(seed=7)
     lam = 1e-4
     problem = SIMProblem.from_samples(features, targets, lam=lam, kappa=kappa, n_constrained=N)
@@ -143,12 +167,13 @@ def test_admm_uses_it_on_low_rank_grams(kappa: float | None) -> None:
     assert ours.stats.converged and off.stats.converged
     extra = ours.stats.extra
     assert extra["active_set_steps"] > 0 and off.stats.extra["active_set_steps"] == 0
-    if kappa == 0.02:  # the bound binds: some rows need the other methods
-        assert 0 <= extra["active_set_rows"] < N
-        assert float(ours.weights[:, :N].abs().sum(1).max()) <= kappa
-    else:
-        assert extra["active_set_rows"] == N
-        assert ours.stats.iterations == 0
+    assert extra["active_set_rows"] > 0
+    assert extra["active_set_rows"] + extra["interior_point_rows"] == N
+    assert ours.stats.iterations == 0
+    if kappa is not None:
+        l1 = ours.weights[:, :N].abs().sum(1)
+        assert float(l1.max()) <= kappa
+        assert (kappa == 0.02) == bool((l1 >= kappa * (1 - 1e-6)).any())  # the bound binds at 0.02 only
     reference = clarabel(features, targets, np.full((N, N + P), lam), kappa).sum()
     assert abs(ours.stats.objective - reference) <= 1e-6 * reference
     assert ours.stats.objective <= off.stats.objective * (1 + 2e-7)

@@ -2,22 +2,33 @@
 
 For one row with thresholds t > 0 (lam, or per-entry l1 weights times lam; ``t_j = inf`` holds ``w_j`` at 0)
 and ``H = F^T F`` (F: r x d, the range factor of :class:`~idl_ray.sim.solvers.admm_kernels.GramFactor`),
-``r = F^T b``, the stage objective without the kappa bound is, up to a constant,
+``r = F^T b``, the stage objective is, up to a constant,
 
-    P(w) = 1/2 ||F w - b||^2 + sum_j t_j |w_j|,
+    P(w) = 1/2 ||F w - b||^2 + sum_j t_j |w_j|      subject to  sum_{j in A} |w_j| <= kappa
 
-and its dual is the projection of b onto a polytope of R^r::
+(A: the ``n_constrained`` leading entries, when there is a bound). A multiplier nu >= 0 of the bound raises
+the thresholds of A to ``t_j + nu``, and the dual of the lasso with thresholds t' is the projection of b onto
+a polytope of R^r::
 
-    min_u 1/2 ||u - b||^2   subject to   |f_j^T u| <= t_j  for every column f_j of F,
+    min_u 1/2 ||u - b||^2   subject to   |f_j^T u| <= t'_j  for every column f_j of F,
 
 with ``u* = b - F w*`` and w* the signed multipliers of the active constraints. The dual has an identity
 Hessian whatever the conditioning of H, and only r dimensions (r = 123 for d = 881 on the 28x28 digits
-teacher). Goldfarb and Idnani's dual method (Math. Programming 27, 1983) solves it exactly: start at the
-unconstrained minimum u = b, add the violated constraint farthest from its hyperplane, and move u along
-the direction that keeps the active constraints tight, dropping an active constraint when its multiplier
-reaches 0 (a partial step), until none is violated. The active normals stay linearly independent, so the
-answer has at most r nonzeros: it is a vertex of the optimal face (the sparse optimum that
-:mod:`~idl_ray.sim.solvers.vertex` otherwise recovers from an interior point's dense answer).
+teacher).
+
+1. **Goldfarb and Idnani's dual method** (Math. Programming 27, 1983) solves it at nu = 0: start at the
+   unconstrained minimum u = b, add the violated constraint farthest from its hyperplane, and move u along
+   the direction that keeps the active constraints tight, dropping an active constraint when its multiplier
+   reaches 0 (a partial step), until none is violated.
+2. **The bound, by homotopy in nu**: a row whose answer has ``sum_A |w_j| > kappa`` follows its solution as
+   nu grows. With the active set fixed, u and the multipliers are linear in nu (``du/dnu = -q``,
+   ``dy/dnu = -N^{+} q`` with ``q = N^{+T} a``, a marking the active constraints of A), and
+   ``sum_A |w_j|`` falls at the rate ``||q||^2``; the step ends where it reaches kappa, where a multiplier
+   reaches 0 (that constraint leaves) or where an inactive constraint becomes tight (it joins), as in LARS.
+
+The active normals stay linearly independent, so each answer has at most r nonzeros: a vertex of the
+optimal face (the sparse optimum that :mod:`~idl_ray.sim.solvers.vertex` otherwise recovers from an
+interior point's dense answer).
 
 Every row runs in lockstep (one batched step: a few (rows x r x r) products), so the cost is the largest
 number of steps any row needs times one step: 147-382 steps for the 96 rows of the 28x28 digits teacher's
@@ -25,11 +36,9 @@ stage 1 over lam in [1e-6, 1e-2]. The active normals N (k x r) and N^+ are kept 
 rank-one updates (adding column n with z = (I - N N^+) n: rows of N^+ lose ``(N^+ n) z^T / z^T n``, the new
 row is ``z^T / z^T n``; dropping row g of N^+: the others lose ``(N^+ g) g^T / g^T g``). These accumulate
 rounding, so the result is the active set, its signs and approximate weights: callers polish it on its
-support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it.
-
-The kappa bound is not part of this dual: a row whose answer satisfies the bound is optimal with it too;
-the others are left to the caller's other methods. Zero thresholds (lam = 0) make constraints equalities,
-which this iteration does not handle (:func:`dual_active_set_applies`).
+support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. Zero
+thresholds (lam = 0) make constraints equalities, which this iteration does not handle
+(:func:`dual_active_set_applies`).
 """
 
 from __future__ import annotations
@@ -42,13 +51,16 @@ import torch
 from idl_ray.sim.solvers.admm_kernels import GramFactor
 from idl_ray.sim.solvers.weights import Threshold
 
-__all__ = ["ActiveSetResult", "dual_active_set", "dual_active_set_applies"]
+__all__ = ["ActiveSetResult", "dual_active_set", "dual_active_set_applies", "max_steps_for"]
 
 #: a constraint counts as violated when |f_j^T u| exceeds t_j by more than this fraction of t_j
 _VIOLATION_TOL = 1e-10
 #: a new normal whose part orthogonal to the active ones has a squared norm below this fraction of its own
 #: is dependent on them (a partial step then drops an active constraint)
 _DEPENDENT_TOL = 1e-12
+#: in the homotopy on nu, an inactive constraint whose slack closes at a rate below this (relative to
+#: 1 + |its value's rate|) stays inactive: rounding of a column that moves with the active ones
+_RATE_TOL = 1e-9
 #: rows x r x r x (N and N^+) float64 bytes per batch of rows at most (larger blocks run in batches)
 _BATCH_BYTES = 256 * 2**20
 
@@ -56,8 +68,8 @@ _BATCH_BYTES = 256 * 2**20
 @dataclasses.dataclass(frozen=True)
 class ActiveSetResult:
     """``weights`` (rows x d, the signed multipliers: approximate values, exact support and signs),
-    ``finished`` (rows whose iteration ended with no violated constraint) and ``steps`` (the most any
-    batch took)."""
+    ``finished`` (rows whose iteration ended with no violated constraint, and on the bound where it is
+    active) and ``steps`` (the most any batch took, both phases)."""
 
     weights: torch.Tensor
     finished: torch.Tensor
@@ -77,17 +89,24 @@ def max_steps_for(rank: int) -> int:
 
 
 def dual_active_set(
-    factor: GramFactor, R: torch.Tensor, *, lam: Threshold, max_steps: int | None = None
+    factor: GramFactor,
+    R: torch.Tensor,
+    *,
+    lam: Threshold,
+    kappa: float | None = None,
+    n_constrained: int = 0,
+    max_steps: int | None = None,
 ) -> ActiveSetResult:
-    """Solve the rows of R (n x d, r = Rt/m rows) without the kappa bound by the dual active-set method.
+    """Solve the rows of R (n x d, r = Rt/m rows) by the dual active-set method (module docstring).
 
     Parameters
     ----------
     factor : GramFactor of H (rank r > 0)
     R : Tensor (n, d)
     lam : float > 0, or per-entry thresholds (n, d) in (0, inf]
-    max_steps : guard on the steps of each batch (default :func:`max_steps_for` the rank); rows still
-        iterating then are not ``finished``
+    kappa, n_constrained : the bound ``sum_{j < n_constrained} |w_j| <= kappa`` (None: no bound)
+    max_steps : guard on the steps of each phase of each batch (default :func:`max_steps_for` the rank);
+        rows still iterating then are not ``finished``
 
     Returns
     -------
@@ -99,142 +118,337 @@ def dual_active_set(
     Q = Q.to(torch.float64)
     root = s.to(torch.float64).sqrt()
     B = Q * root  # (d, r): row j is f_j
-    n, r = R.shape[0], root.numel()
+    n, d, r = R.shape[0], Q.shape[0], root.numel()
     steps_cap = max_steps if max_steps is not None else max_steps_for(r)
     b = (R.to(torch.float64) @ Q) / root  # F^T b = r on the range of H
-    per_row = 2 * r * r * 8
-    batch = max(1, _BATCH_BYTES // per_row)
-    weights = torch.zeros(n, B.shape[0], dtype=torch.float64, device=R.device)
+    bounded = kappa is not None and n_constrained > 0
+    in_bound = torch.arange(d, device=R.device) < (n_constrained if bounded else 0)
+    batch = max(1, _BATCH_BYTES // (2 * r * r * 8))
+    weights = torch.zeros(n, d, dtype=torch.float64, device=R.device)
     finished = torch.zeros(n, dtype=torch.bool, device=R.device)
     steps = 0
     for start in range(0, n, batch):
         rows = slice(start, min(start + batch, n))
-        T = lam[rows].to(torch.float64) if isinstance(lam, torch.Tensor) else None
+        count = b[rows].shape[0]
         t = (
-            T
-            if T is not None
-            else torch.full((1, B.shape[0]), float(lam), dtype=torch.float64, device=R.device)
+            lam[rows].to(torch.float64)
+            if isinstance(lam, torch.Tensor)
+            else torch.full((count, d), float(lam), dtype=torch.float64, device=R.device)
         )
-        w, ok, k = _iterate(B, b[rows], t.expand(b[rows].shape[0], -1), steps_cap)
-        weights[rows], finished[rows], steps = w, ok, max(steps, k)
+        state = _Rows.start(B, b[rows], t)
+        k = _project(state, B, steps_cap)
+        if bounded:
+            over = torch.nonzero(
+                state.finished & (_bound_excess(state, in_bound, float(kappa)) > 0)
+            ).flatten()
+            if over.numel():  # only these rows take part in phase 2
+                rows_over = state.take(over)
+                k += _follow_the_bound(rows_over, B, in_bound, float(kappa), steps_cap)
+                state.put(over, rows_over)
+        weights[rows], finished[rows], steps = state.weights(d), state.finished, max(steps, k)
     return ActiveSetResult(weights=weights.to(R.dtype), finished=finished, steps=steps)
 
 
-def _iterate(
-    B: torch.Tensor, b: torch.Tensor, t: torch.Tensor, max_steps: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Goldfarb-Idnani on the rows of b (n x r) with thresholds t (n x d); see the module docstring."""
-    n, r = b.shape
-    d = B.shape[0]
-    dt, dev = b.dtype, b.device
+@dataclasses.dataclass
+class _Rows:
+    """The lockstep state of a batch of rows: the dual point u (m x r) and f_j^T u (m x d), the active
+    normals N and N^+ (m x slots x r, slots = r; an empty slot is a zero row), the multipliers y, constraint
+    index and sign per slot, the thresholds t (m x d), and per row whether it is still iterating (``live``)
+    and whether it ended well (``finished``)."""
+
+    u: torch.Tensor
+    Bu: torch.Tensor
+    N: torch.Tensor
+    Pinv: torch.Tensor
+    y: torch.Tensor
+    member: torch.Tensor
+    sign: torch.Tensor
+    in_set: torch.Tensor
+    t: torch.Tensor
+    live: torch.Tensor
+    finished: torch.Tensor
+
+    @classmethod
+    def start(cls, B: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> _Rows:
+        m, r = b.shape
+        dev, dt = b.device, b.dtype
+        return cls(
+            u=b.clone(),
+            Bu=b @ B.T,
+            N=torch.zeros(m, r, r, dtype=dt, device=dev),
+            Pinv=torch.zeros(m, r, r, dtype=dt, device=dev),
+            y=torch.zeros(m, r, dtype=dt, device=dev),
+            member=torch.full((m, r), -1, dtype=torch.long, device=dev),
+            sign=torch.zeros(m, r, dtype=dt, device=dev),
+            in_set=torch.zeros(m, B.shape[0], dtype=torch.bool, device=dev),
+            t=t.clone(),
+            live=torch.ones(m, dtype=torch.bool, device=dev),
+            finished=torch.zeros(m, dtype=torch.bool, device=dev),
+        )
+
+    def take(self, index: torch.Tensor) -> _Rows:
+        """The rows ``index`` (copies)."""
+        return _Rows(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    def put(self, index: torch.Tensor, rows: _Rows) -> None:
+        """Write ``rows`` (from :meth:`take`) back at ``index``."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name)[index] = getattr(rows, f.name)
+
+    def weights(self, d: int) -> torch.Tensor:
+        """w (m x d): the signed multipliers of the active constraints."""
+        m = self.y.shape[0]
+        occupied = self.member >= 0
+        rows = torch.arange(m, device=self.y.device)[:, None].expand_as(self.member)[occupied]
+        out = torch.zeros(m, d, dtype=self.y.dtype, device=self.y.device)
+        out[rows, self.member[occupied]] = (self.sign * self.y)[occupied]
+        return out
+
+    def update(
+        self,
+        add: torch.Tensor,
+        drop: torch.Tensor,
+        *,
+        normal: torch.Tensor,
+        z: torch.Tensor,
+        zn: torch.Tensor,
+        rv: torch.Tensor,
+        leaving: torch.Tensor,
+        joining: torch.Tensor,
+        joining_sign: torch.Tensor,
+        joining_y: torch.Tensor,
+    ) -> None:
+        """Greville's updates of N^+ (one in-place rank-one update for both kinds of rows) and the slots:
+        rows ``add`` take constraint ``joining`` (normal, z = (I - N N^+) normal, zn = z^T normal,
+        rv = N^+ normal) with multiplier ``joining_y``; rows ``drop`` lose slot ``leaving``."""
+        tiny = torch.finfo(z.dtype).tiny
+        a = torch.where(add[:, None], rv / zn.clamp_min(tiny)[:, None], torch.zeros_like(rv))
+        c = torch.where(add[:, None], z, torch.zeros_like(z))
+        if bool(drop.any()):
+            rows, slot = torch.nonzero(drop).flatten(), leaving[drop]
+            dropped = torch.zeros_like(z)
+            dropped[rows] = self.Pinv[rows, slot]
+            through = torch.bmm(self.Pinv, dropped[:, :, None])[:, :, 0]  # N^+ g, zero on the other rows
+            a[rows] = through[rows] / (dropped[rows] ** 2).sum(dim=1).clamp_min(tiny)[:, None]
+            c[rows] = dropped[rows]
+            self.Pinv.baddbmm_(a[:, :, None], c[:, None, :], alpha=-1.0)
+            self.Pinv[rows, slot] = 0.0
+            self.N[rows, slot] = 0.0
+            self.in_set[rows, self.member[rows, slot]] = False
+            self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
+        else:
+            self.Pinv.baddbmm_(a[:, :, None], c[:, None, :], alpha=-1.0)
+        if bool(add.any()):
+            rows = torch.nonzero(add).flatten()
+            slot = (self.member[rows] < 0).to(torch.int8).argmax(dim=1)
+            self.Pinv[rows, slot] = z[rows] / zn[rows, None]
+            self.N[rows, slot] = normal[rows]
+            self.member[rows, slot], self.sign[rows, slot] = joining[rows], joining_sign[rows]
+            self.y[rows, slot] = joining_y[rows]
+            self.in_set[rows, joining[rows]] = True
+
+    def complement(self, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rv, z, zn) of new normals (m x r): N^+ n, the part of n orthogonal to the active normals, z^T n."""
+        rv = torch.bmm(self.Pinv, normal[:, :, None])[:, :, 0]
+        z = normal - torch.bmm(self.N.transpose(1, 2), rv[:, :, None])[:, :, 0]
+        return rv, z, (z * normal).sum(dim=1)
+
+
+def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    return zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
+
+
+def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
+    """Phase 1, Goldfarb-Idnani at the thresholds ``whole.t``: every live row ends with no violated constraint
+    (``finished``) or at the guard (not live, not finished). Returns the steps taken.
+
+    The batch is compacted as rows finish (a quarter of it done): the easy rows of a stage (e.g. the 32
+    second-layer rows of the digits teacher's stage 1, ~40 steps) then stop costing the hard ones' steps."""
+    state, positions = whole, None
+    m = state.u.shape[0]
+    dev, dt = state.u.device, state.u.dtype
     norms = B.norm(dim=1).clamp_min(torch.finfo(dt).tiny)  # distance to a hyperplane = excess / ||f_j||
-
-    # the state of the rows still iterating (compacted as rows finish)
-    live = torch.arange(n, device=dev)
-    u = b.clone()
-    Bu = u @ B.T
-    N = torch.zeros(n, r, r, dtype=dt, device=dev)  # active normals, one per slot (zero rows: free slots)
-    Pinv = torch.zeros(n, r, r, dtype=dt, device=dev)  # N^+ transposed per slot: rows are slots
-    y = torch.zeros(n, r, dtype=dt, device=dev)  # multipliers per slot
-    member = torch.full((n, r), -1, dtype=torch.long, device=dev)  # constraint index per slot
-    sign = torch.zeros(n, r, dtype=dt, device=dev)
-    in_set = torch.zeros(n, d, dtype=torch.bool, device=dev)
-    tt_ = t.clone()
-    p = torch.full((n,), -1, dtype=torch.long, device=dev)  # the constraint being added (-1: pick one)
-    s = torch.zeros(n, dtype=dt, device=dev)
-    slack = torch.zeros(n, dtype=dt, device=dev)  # its slack t_p - s f_p^T u (< 0 while violated)
-    y_new = torch.zeros(n, dtype=dt, device=dev)  # its multiplier so far
-    weights = torch.zeros(n, d, dtype=dt, device=dev)
-    finished = torch.zeros(n, dtype=torch.bool, device=dev)
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    p = torch.full((m,), -1, dtype=torch.long, device=dev)  # the constraint being added (-1: pick one)
+    s = torch.zeros(m, dtype=dt, device=dev)
+    slack = torch.zeros(m, dtype=dt, device=dev)  # its slack t_p - s f_p^T u (< 0 while violated)
+    y_new = torch.zeros(m, dtype=dt, device=dev)  # its multiplier so far
     steps = 0
-
-    def store(rows: torch.Tensor, ok: bool) -> None:
-        occupied = member[rows] >= 0
-        local = torch.arange(rows.numel(), device=dev)[:, None].expand(-1, r)[occupied]
-        out = torch.zeros(rows.numel(), d, dtype=dt, device=dev)
-        out[local, member[rows][occupied]] = (sign[rows] * y[rows])[occupied]
-        weights[live[rows]] = out
-        finished[live[rows]] = ok
-
     while True:
-        pick = (p < 0) & ~done
+        pick = (p < 0) & state.live
         if bool(pick.any()):
             idx = torch.nonzero(pick).flatten()
-            excess = Bu[idx].abs() - tt_[idx]
-            violated = (excess > _VIOLATION_TOL * tt_[idx]) & ~in_set[idx]
+            excess = state.Bu[idx].abs() - state.t[idx]
+            violated = (excess > _VIOLATION_TOL * state.t[idx]) & ~state.in_set[idx]
             distance = torch.where(violated, excess / norms, torch.full_like(excess, -math.inf))
             best, j = distance.max(dim=1)
             clean = torch.isinf(best)
-            if bool(clean.any()):
-                store(idx[clean], True)
-                done[idx[clean]] = True
+            state.finished[idx[clean]] = True
+            state.live[idx[clean]] = False
             go, j = idx[~clean], j[~clean]
             p[go] = j
-            s[go] = torch.sign(Bu[go, j])
-            slack[go] = tt_[go, j] - s[go] * Bu[go, j]
+            s[go] = torch.sign(state.Bu[go, j])
+            slack[go] = state.t[go, j] - s[go] * state.Bu[go, j]
             y_new[go] = 0.0
-        if bool(done.all()):
-            break
-        if steps >= max_steps:
-            store(torch.nonzero(~done).flatten(), False)
-            break
-        if int(done.sum()) * 4 >= live.numel():  # compact: drop the finished rows from the batch
-            keep = torch.nonzero(~done).flatten()
-            live, u, Bu, N, Pinv, y, member, sign, in_set, tt_, p, s, slack, y_new = (
-                x[keep] for x in (live, u, Bu, N, Pinv, y, member, sign, in_set, tt_, p, s, slack, y_new)
-            )
-            done = torch.zeros(keep.numel(), dtype=torch.bool, device=dev)
+        live = state.live
+        if not bool(live.any()) or steps >= max_steps:
+            state.live[:] = False
+            if positions is not None:
+                whole.put(positions, state)
+            return steps
+        remaining = int(live.sum())
+        if 4 * remaining <= 3 * live.numel():  # compact
+            keep = torch.nonzero(live).flatten()
+            if positions is not None:
+                whole.put(positions, state)
+            positions = keep if positions is None else positions[keep]
+            state = state.take(keep)
+            p, s, slack, y_new = p[keep], s[keep], slack[keep], y_new[keep]
+            live = state.live
         steps += 1
         normal = -s[:, None] * B[p.clamp_min(0)]  # GI's form: normal^T u >= -t_p
-        normal[done] = 0.0
-        rv = torch.bmm(Pinv, normal[:, :, None])[:, :, 0]  # N^+ n: how the active multipliers change
-        z = normal - torch.bmm(N.transpose(1, 2), rv[:, :, None])[:, :, 0]  # (I - N N^+) n
-        zn = (z * normal).sum(dim=1)
-        dependent = zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
-        full = torch.where(
-            dependent, torch.full_like(zn, math.inf), -slack / zn.clamp_min(torch.finfo(dt).tiny)
-        )
-        positive = (member >= 0) & (rv > 0)
-        ratios = torch.where(positive, y / torch.where(positive, rv, torch.ones_like(rv)), math.inf)
+        normal[~live] = 0.0
+        rv, z, zn = state.complement(normal)  # rv: how the active multipliers change
+        dependent = _dependent(zn, normal)
+        full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
+        positive = (state.member >= 0) & (rv > 0)
+        ratios = torch.where(positive, state.y / torch.where(positive, rv, torch.ones_like(rv)), math.inf)
         partial, leaving = ratios.min(dim=1)
         step = torch.minimum(partial, full)
-        stuck = torch.isinf(step) & ~done  # no step: rounding made the problem look infeasible
-        if bool(stuck.any()):
-            store(torch.nonzero(stuck).flatten(), False)
-            done |= stuck
-        step = torch.where(done, torch.zeros_like(step), step)
-        y -= step[:, None] * rv
+        stuck = torch.isinf(step) & live  # no step: rounding made the problem look infeasible
+        state.live &= ~stuck
+        live = state.live
+        step = torch.where(live, step, torch.zeros_like(step))
+        state.y -= step[:, None] * rv
         y_new += step
         move = torch.where(dependent, torch.zeros_like(step), step)
-        u += move[:, None] * z
-        Bu += move[:, None] * (z @ B.T)
+        state.u += move[:, None] * z
+        state.Bu += move[:, None] * (z @ B.T)
         slack += move * zn
-        add = (full <= partial) & ~done
-        drop = (full > partial) & ~done
-        # one rank-one update of N^+ for both kinds of rows, in place: N^+ -= a c^T (a: slots, c: r)
-        a = torch.where(add[:, None], rv / zn.clamp_min(torch.finfo(dt).tiny)[:, None], torch.zeros_like(rv))
-        c = torch.where(add[:, None], z, torch.zeros_like(z))
-        any_drop = bool(drop.any())
-        if any_drop:
-            rows, slot = torch.nonzero(drop).flatten(), leaving[drop]
-            dropped = torch.zeros_like(z)
-            dropped[rows] = Pinv[rows, slot]
-            through = torch.bmm(Pinv, dropped[:, :, None])[:, :, 0]  # (N^+ g), zero on the adding rows
-            a[rows] = through[rows] / (dropped[rows] ** 2).sum(dim=1).clamp_min(torch.finfo(dt).tiny)[:, None]
-            c[rows] = dropped[rows]
-        Pinv.baddbmm_(a[:, :, None], c[:, None, :], alpha=-1.0)
-        if any_drop:
-            Pinv[rows, slot] = 0.0
-            N[rows, slot] = 0.0
-            in_set[rows, member[rows, slot]] = False
-            member[rows, slot], y[rows, slot], sign[rows, slot] = -1, 0.0, 0.0
-        if bool(add.any()):
-            rows = torch.nonzero(add).flatten()
-            slot = (member[rows] < 0).to(torch.int8).argmax(dim=1)
-            Pinv[rows, slot] = z[rows] / zn[rows, None]
-            N[rows, slot] = normal[rows]
-            member[rows, slot], sign[rows, slot], y[rows, slot] = p[rows], s[rows], y_new[rows]
-            in_set[rows, p[rows]] = True
-            p[rows] = -1
-    return weights, finished, steps
+        add = (full <= partial) & live
+        drop = (full > partial) & live
+        state.update(
+            add, drop, normal=normal, z=z, zn=zn, rv=rv, leaving=leaving,
+            joining=p, joining_sign=s, joining_y=y_new,
+        )  # fmt: skip
+        p[add] = -1
+
+
+def _bound_excess(state: _Rows, in_bound: torch.Tensor, kappa: float) -> torch.Tensor:
+    """sum over the active constraints of the bounded block of their multipliers (= |w_j|), minus kappa."""
+    marked = (state.member >= 0) & in_bound[state.member.clamp_min(0)]
+    return (state.y * marked).sum(dim=1) - kappa
+
+
+def _follow_the_bound(
+    state: _Rows, B: torch.Tensor, in_bound: torch.Tensor, kappa: float, max_steps: int
+) -> int:
+    """Phase 2: finished rows with ``sum_A |w_j| > kappa`` follow nu up until it equals kappa (module
+    docstring); rows that reach the guard or a dependent joining normal are no longer ``finished``.
+    Returns the steps taken."""
+    dt = state.u.dtype
+    tiny = torch.finfo(dt).tiny
+    bound_f = in_bound.to(dt)
+
+    def excess_of_bound() -> torch.Tensor:
+        return _bound_excess(state, in_bound, kappa)
+
+    state.live = state.finished & (excess_of_bound() > 0)
+    state.finished &= ~state.live
+    # a constraint that turned tight with a normal dependent on the active ones joins in exchange for one of
+    # them (the ratio test of a degenerate pivot): the leaving one goes first, it joins the next step
+    pending = torch.zeros_like(state.live)
+    pending_j = torch.zeros(state.live.shape, dtype=torch.long, device=state.u.device)
+    pending_sign = torch.zeros_like(state.u[:, 0])
+    pending_y = torch.zeros_like(state.u[:, 0])
+    steps = 0
+    while bool(state.live.any()):
+        if steps >= max_steps:
+            state.live[:] = False
+            return steps
+        steps += 1
+        if bool(pending.any()):
+            normal = -pending_sign[:, None] * B[pending_j]
+            normal[~pending] = 0.0
+            rv, z, zn = state.complement(normal)
+            still = pending & _dependent(zn, normal)
+            state.live &= ~still
+            join = pending & ~still
+            state.update(
+                join, torch.zeros_like(join), normal=normal, z=z, zn=zn, rv=rv, leaving=pending_j,
+                joining=pending_j, joining_sign=pending_sign, joining_y=pending_y,
+            )  # fmt: skip
+            pending[:] = False
+        live = state.live
+        marked = ((state.member >= 0) & in_bound[state.member.clamp_min(0)]).to(dt)  # a: slots of A
+        q = torch.bmm(marked[:, None, :], state.Pinv)[:, 0, :]  # N^{+T} a   (m x r)
+        rate = torch.bmm(state.Pinv, q[:, :, None])[:, :, 0]  # -dy/dnu      (m x slots)
+        Bq = q @ B.T  # -d(f_j^T u)/dnu  (m x d)
+        target = excess_of_bound().clamp_min(0) / (q * q).sum(dim=1).clamp_min(tiny)
+        falling = (state.member >= 0) & (rate > 0)
+        ratios = torch.where(falling, state.y / torch.where(falling, rate, torch.ones_like(rate)), math.inf)
+        to_drop, leaving = ratios.min(dim=1)
+        # an inactive constraint s f_j^T u <= t_j + nu a_j becomes tight after delta = slack / (-(a_j + s Bq_j))
+        best_join = torch.full_like(to_drop, math.inf)
+        joining = torch.zeros_like(leaving)
+        joining_sign = torch.zeros_like(to_drop)
+        for s in (1.0, -1.0):
+            closing = -(bound_f + s * Bq)  # the slack's rate of decrease
+            slack = state.t - s * state.Bu
+            # a constraint that moves with the active ones (a duplicated column) has a rate of 0 up to rounding
+            ok = (closing > _RATE_TOL * (1.0 + Bq.abs())) & ~state.in_set & torch.isfinite(state.t)
+            delta = torch.where(
+                ok, slack.clamp_min(0) / torch.where(ok, closing, torch.ones_like(closing)), math.inf
+            )
+            value, j = delta.min(dim=1)
+            better = value < best_join
+            best_join = torch.where(better, value, best_join)
+            joining = torch.where(better, j, joining)
+            joining_sign = torch.where(better, torch.full_like(value, s), joining_sign)
+        step = torch.minimum(target, torch.minimum(to_drop, best_join))
+        step = torch.where(live, step, torch.zeros_like(step))
+        stuck = ~torch.isfinite(step) & live
+        state.live &= ~stuck
+        live = state.live
+        step = torch.where(live, step, torch.zeros_like(step))
+        state.y -= step[:, None] * rate
+        state.u -= step[:, None] * q
+        state.Bu -= step[:, None] * Bq
+        state.t += step[:, None] * bound_f
+        done = live & (target <= torch.minimum(to_drop, best_join))
+        state.finished |= done
+        state.live &= ~done
+        drop = state.live & (to_drop <= best_join)
+        add = state.live & ~drop
+        normal = -joining_sign[:, None] * B[joining]
+        normal[~add] = 0.0
+        rv, z, zn = state.complement(normal)
+        dependent = add & _dependent(zn, normal)
+        if bool(dependent.any()):  # n = N c: the slot with the smallest y_k / c_k (c_k > 0) leaves
+            positive = dependent[:, None] & (state.member >= 0) & (rv > 0)
+            pivot = torch.where(positive, state.y / torch.where(positive, rv, torch.ones_like(rv)), math.inf)
+            theta, out = pivot.min(dim=1)
+            none = dependent & torch.isinf(theta)
+            state.live &= ~none
+            exchange = dependent & ~none
+            theta = torch.where(exchange, theta, torch.zeros_like(theta))
+            # a degenerate pivot moves along the optimal face at this nu, and sum_A |w_j| with it; where it
+            # would cross kappa the optimum is inside the face (not a vertex): leave the row to other methods
+            marked = ((state.member >= 0) & in_bound[state.member.clamp_min(0)]).to(dt)
+            after = excess_of_bound() - theta * ((marked * rv).sum(dim=1) - bound_f[joining])
+            crossing = exchange & (after < 0)
+            state.live &= ~crossing
+            exchange &= ~crossing
+            theta = torch.where(exchange, theta, torch.zeros_like(theta))
+            state.y -= theta[:, None] * torch.where(exchange[:, None], rv, torch.zeros_like(rv))
+            leaving = torch.where(exchange, out, leaving)
+            drop = drop | exchange
+            pending = exchange.clone()
+            pending_j = torch.where(exchange, joining, pending_j)
+            pending_sign = torch.where(exchange, joining_sign, pending_sign)
+            pending_y = theta
+        add &= ~dependent
+        state.update(
+            add, drop, normal=normal, z=z, zn=zn, rv=rv, leaving=leaving,
+            joining=joining, joining_sign=joining_sign, joining_y=torch.zeros_like(step),
+        )  # fmt: skip
+    return steps

@@ -452,13 +452,19 @@ class RowBlockADMM:
         self._active_set_pending = False
         open_ = torch.nonzero(~ok).flatten()
         rows = active[open_]
-        result = dual_active_set(self.factor, self.R[rows], lam=take_rows(self.lam, rows))
+        result = dual_active_set(
+            self.factor,
+            self.R[rows],
+            lam=take_rows(self.lam, rows),
+            kappa=self.kappa,
+            n_constrained=self.n_constrained,
+        )
         self.active_set_steps = result.steps
+        # the rows it does not finish are the degenerate ones (an optimum inside a face where the bound cuts
+        # it, the guard): they go to the interior point at once rather than to ADMM's crawl on this Gram
+        self._hand_over_at = 0
         eligible = torch.zeros_like(ok)
         eligible[open_] = result.finished
-        if self.n_constrained > 0:  # an answer outside the kappa bound is not the bounded optimum
-            within = result.weights[:, : self.n_constrained].abs().sum(dim=1) <= float(self.kappa)
-            eligible[open_] &= within
         if not bool(eligible.any()):
             return Z, U, ok
         source = Z.clone()
