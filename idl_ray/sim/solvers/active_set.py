@@ -61,6 +61,8 @@ _DEPENDENT_TOL = 1e-12
 #: in the homotopy on nu, an inactive constraint whose slack closes at a rate below this (relative to
 #: 1 + |its value's rate|) stays inactive: rounding of a column that moves with the active ones
 _RATE_TOL = 1e-9
+#: a row of the homotopy whose nu has not moved for this many steps is left (degenerate pivots cycling)
+_IDLE_STEPS = 20
 #: rows x r x r x (N and N^+) float64 bytes per batch of rows at most (larger blocks run in batches)
 _BATCH_BYTES = 256 * 2**20
 
@@ -360,11 +362,26 @@ def _follow_the_bound(
     pending_j = torch.zeros(state.live.shape, dtype=torch.long, device=state.u.device)
     pending_sign = torch.zeros_like(state.u[:, 0])
     pending_y = torch.zeros_like(state.u[:, 0])
+    nu = torch.zeros_like(state.u[:, 0])
+    idle = torch.zeros_like(state.live, dtype=torch.long)  # consecutive steps that did not move nu
+    whole, positions = state, None
     steps = 0
-    while bool(state.live.any()):
-        if steps >= max_steps:
+    while True:
+        live = state.live
+        if not bool(live.any()) or steps >= max_steps:
             state.live[:] = False
+            if positions is not None:
+                whole.put(positions, state)
             return steps
+        if 4 * int(live.sum()) <= 3 * live.numel():  # compact, as in phase 1
+            keep = torch.nonzero(live).flatten()
+            if positions is not None:
+                whole.put(positions, state)
+            positions = keep if positions is None else positions[keep]
+            state = state.take(keep)
+            pending, pending_j, pending_sign, pending_y, nu, idle = (
+                x[keep] for x in (pending, pending_j, pending_sign, pending_y, nu, idle)
+            )
         steps += 1
         if bool(pending.any()):
             normal = -pending_sign[:, None] * B[pending_j]
@@ -414,6 +431,11 @@ def _follow_the_bound(
         state.u -= step[:, None] * q
         state.Bu -= step[:, None] * Bq
         state.t += step[:, None] * bound_f
+        # degenerate pivots that do not move nu can cycle: a row that makes no progress for long is left
+        idle = torch.where(step > _RATE_TOL * nu.clamp_min(tiny), torch.zeros_like(idle), idle + 1)
+        nu += step
+        state.live &= idle <= _IDLE_STEPS
+        live = state.live
         done = live & (target <= torch.minimum(to_drop, best_join))
         state.finished |= done
         state.live &= ~done
@@ -451,4 +473,3 @@ def _follow_the_bound(
             add, drop, normal=normal, z=z, zn=zn, rv=rv, leaving=leaving,
             joining=joining, joining_sign=joining_sign, joining_y=torch.zeros_like(step),
         )  # fmt: skip
-    return steps

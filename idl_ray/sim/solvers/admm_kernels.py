@@ -108,10 +108,10 @@ class ADMMOptions(Options):
     active_set : bool
         On a low-rank Gram (rank(H) <= d / 3: upsampled images, few samples) with every threshold > 0, solve the
         rows the first check did not certify by the dual active-set method of
-        :mod:`~idl_ray.sim.solvers.active_set` (an exact projection in the rank-r dual, hundreds of batched
-        rank-one steps), polish them on the support it finds and keep those that certify, before any ADMM
-        step: ADMM, the interior point and the vertex step then see only the rows it could not finish (the
-        kappa bound active, or a guard reached). Not under ``mu_inf``.
+        :mod:`~idl_ray.sim.solvers.active_set` (an exact projection in the rank-r dual, the kappa bound by a
+        homotopy in its multiplier; hundreds of batched rank-one steps), polish them on the support it finds
+        and keep those that certify, before any ADMM step. The rows it cannot finish (an optimum inside a
+        face the bound cuts, its step guard) go to the interior point at once. Not under ``mu_inf``.
     interior_point_after : int >= 0
         ADMM steps before the hand-over, at least (rank-deficient Grams of upsampled images need it; on
         well-conditioned ones ADMM certifies every row within it). Where the interior point is costly (a
