@@ -146,3 +146,24 @@ def test_consensus_hands_rows_to_the_interior_point(problem, cvx, worker_pools):
     _assert_certified_optimum(result, problem, cvx)
     assert result.stats.extra["interior_point_rows"] > 0
     assert result.stats.iterations == solver.options.check_every  # finished at the first check
+
+
+def test_gram_workers_run_the_active_set_method(worker_pools):
+    """On an exactly low-rank Gram the gram strategy's workers solve their rows by the dual active-set method
+    before any ADMM step, as ADMMSolver does: the same certified objective as the single process and CVX."""
+    from idl_ray.sim.solvers import ADMMSolver
+
+    problem = ill_conditioned_problem(noise=0.0)  # rank 5 of d = 16: a low-rank Gram
+    reference = CVXSolver(
+        solver_options={"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12}
+    ).solve(problem)
+    local = ADMMSolver(device="cpu").solve(problem)
+    result = RayADMMSolver(workers=worker_pools(2), strategy="gram", timeout_s=TIMEOUT_S).solve(problem)
+    for solved in (local, result):
+        assert solved.stats.converged
+        assert solved.stats.extra["active_set_rows"] > 0 and solved.stats.extra["active_set_steps"] > 0
+        assert solved.stats.iterations == 0
+        assert relative_gap(solved.stats.objective, reference.stats.objective) < 1e-6
+    assert result.stats.extra["active_set_rows"] == local.stats.extra["active_set_rows"]
+    assert relative_gap(result.stats.objective, local.stats.objective) < 1e-9
+    assert float(result.weights[:, :6].abs().sum(1).max()) <= 0.5

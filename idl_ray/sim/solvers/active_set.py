@@ -30,9 +30,10 @@ The active normals stay linearly independent, so each answer has at most r nonze
 optimal face (the sparse optimum that :mod:`~idl_ray.sim.solvers.vertex` otherwise recovers from an
 interior point's dense answer).
 
-Every row runs in lockstep (one batched step: a few (rows x r x r) products), so the cost is the largest
-number of steps any row needs times one step: 147-382 steps for the 96 rows of the 28x28 digits teacher's
-stage 1 over lam in [1e-6, 1e-2]. The active normals N (k x r) and N^+ are kept per row, N^+ by Greville's
+Every row runs in lockstep (one batched step: two (rows x k x r) products over the k occupied slots, a
+(rows x d)(d x r) product and a rank-one update), so the cost is the largest number of steps any row needs
+times one step: 147-382 steps for the 96 rows of the 28x28 digits teacher's stage 1 over lam in
+[1e-6, 1e-2]; rows that finish leave the batch. N^+ of the active normals N (k x r) is kept per row by Greville's
 rank-one updates (adding column n with z = (I - N N^+) n: rows of N^+ lose ``(N^+ n) z^T / z^T n``, the new
 row is ``z^T / z^T n``; dropping row g of N^+: the others lose ``(N^+ g) g^T / g^T g``). These accumulate
 rounding, so the result is the active set, its signs and approximate weights: callers polish it on its
@@ -155,14 +156,13 @@ def dual_active_set(
 @dataclasses.dataclass
 class _Rows:
     """The lockstep state of a batch of rows: the dual point u (m x r) and f_j^T u (m x d; kept up to date
-    in phase 2 only), the active
-    normals N and N^+ (m x slots x r, slots = r; an empty slot is a zero row), the multipliers y, constraint
-    index and sign per slot, the thresholds t (m x d), and per row whether it is still iterating (``live``)
-    and whether it ended well (``finished``)."""
+    in phase 2 only), N^+ of the active normals (m x slots x r, slots = r; an empty slot is a zero row; the
+    normals themselves are -sign f_member), the multipliers y, constraint index and sign per slot, the
+    thresholds t (m x d), and per row whether it is still iterating (``live``) and whether it ended well
+    (``finished``)."""
 
     u: torch.Tensor
     Bu: torch.Tensor
-    N: torch.Tensor
     Pinv: torch.Tensor
     y: torch.Tensor
     member: torch.Tensor
@@ -179,7 +179,6 @@ class _Rows:
         return cls(
             u=b.clone(),
             Bu=b @ B.T,
-            N=torch.zeros(m, r, r, dtype=dt, device=dev),
             Pinv=torch.zeros(m, r, r, dtype=dt, device=dev),
             y=torch.zeros(m, r, dtype=dt, device=dev),
             member=torch.full((m, r), -1, dtype=torch.long, device=dev),
@@ -227,14 +226,15 @@ class _Rows:
         joining: torch.Tensor,
         joining_sign: torch.Tensor,
         joining_y: torch.Tensor,
+        k: int,
     ) -> None:
         """Greville's updates of N^+ (one in-place rank-one update for both kinds of rows) and the slots:
         rows ``add`` take constraint ``joining`` (normal, z = (I - N N^+) normal, zn = z^T normal,
-        rv = N^+ normal) with multiplier ``joining_y``; rows ``drop`` lose slot ``leaving``."""
+        rv = N^+ normal) with multiplier ``joining_y``; rows ``drop`` lose slot ``leaving``; ``k``: the span
+        of the slots when rv was formed (:meth:`complement`)."""
         tiny = torch.finfo(z.dtype).tiny
         a = torch.where(add[:, None], rv / zn.clamp_min(tiny)[:, None], torch.zeros_like(rv))
         c = torch.where(add[:, None], z, torch.zeros_like(z))
-        k = self.span()
         Pinv = self.Pinv[:, :k]  # a view: the occupied slots
         if bool(drop.any()):
             rows, slot = torch.nonzero(drop).flatten(), leaving[drop]
@@ -245,7 +245,6 @@ class _Rows:
             c[rows] = dropped[rows]
             self.Pinv.baddbmm_(a[:, :, None], c[:, None, :], alpha=-1.0)  # a is 0 past k
             self.Pinv[rows, slot] = 0.0
-            self.N[rows, slot] = 0.0
             self.in_set[rows, self.member[rows, slot]] = False
             self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
         else:
@@ -254,18 +253,26 @@ class _Rows:
             rows = torch.nonzero(add).flatten()
             slot = (self.member[rows] < 0).to(torch.int8).argmax(dim=1)
             self.Pinv[rows, slot] = z[rows] / zn[rows, None]
-            self.N[rows, slot] = normal[rows]
             self.member[rows, slot], self.sign[rows, slot] = joining[rows], joining_sign[rows]
             self.y[rows, slot] = joining_y[rows]
             self.in_set[rows, joining[rows]] = True
 
-    def complement(self, normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rv, z, zn) of new normals (m x r): N^+ n, the part of n orthogonal to the active normals, z^T n."""
+    def complement(
+        self, normal: torch.Tensor, B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(rv, z, zn, k) of new normals (m x r): N^+ n, the part of n orthogonal to the active normals,
+        z^T n, and the span of the occupied slots.
+
+        N^T rv = sum_k rv_k (-sign_k) f_{member_k} is formed as a (m x d)(d x r) product from the slots'
+        coefficients scattered onto their columns (cheaper than keeping N: one thin product, no m x r x r
+        array to read or update)."""
         k = self.span()
         rv = torch.zeros_like(self.y)
         rv[:, :k] = torch.bmm(self.Pinv[:, :k], normal[:, :, None])[:, :, 0]
-        z = normal - torch.bmm(self.N[:, :k].transpose(1, 2), rv[:, :k, None])[:, :, 0]
-        return rv, z, (z * normal).sum(dim=1)
+        coefficients = torch.zeros(normal.shape[0], B.shape[0], dtype=normal.dtype, device=normal.device)
+        coefficients.scatter_add_(1, self.member[:, :k].clamp_min(0), -(self.sign * rv)[:, :k])
+        z = normal - coefficients @ B
+        return rv, z, (z * normal).sum(dim=1), k
 
 
 def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -323,7 +330,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         steps += 1
         normal = -s[:, None] * B[p.clamp_min(0)]  # GI's form: normal^T u >= -t_p
         normal[~live] = 0.0
-        rv, z, zn = state.complement(normal)  # rv: how the active multipliers change
+        rv, z, zn, k = state.complement(normal, B)  # rv: how the active multipliers change
         dependent = _dependent(zn, normal)
         full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
         positive = (state.member >= 0) & (rv > 0)
@@ -343,7 +350,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         drop = (full > partial) & live
         state.update(
             add, drop, normal=normal, z=z, zn=zn, rv=rv, leaving=leaving,
-            joining=p, joining_sign=s, joining_y=y_new,
+            joining=p, joining_sign=s, joining_y=y_new, k=k,
         )  # fmt: skip
         p[add] = -1
 
@@ -399,13 +406,13 @@ def _follow_the_bound(
         if bool(pending.any()):
             normal = -pending_sign[:, None] * B[pending_j]
             normal[~pending] = 0.0
-            rv, z, zn = state.complement(normal)
+            rv, z, zn, k = state.complement(normal, B)
             still = pending & _dependent(zn, normal)
             state.live &= ~still
             join = pending & ~still
             state.update(
                 join, torch.zeros_like(join), normal=normal, z=z, zn=zn, rv=rv, leaving=pending_j,
-                joining=pending_j, joining_sign=pending_sign, joining_y=pending_y,
+                joining=pending_j, joining_sign=pending_sign, joining_y=pending_y, k=k,
             )  # fmt: skip
             pending[:] = False
         live = state.live
@@ -456,7 +463,7 @@ def _follow_the_bound(
         add = state.live & ~drop
         normal = -joining_sign[:, None] * B[joining]
         normal[~add] = 0.0
-        rv, z, zn = state.complement(normal)
+        rv, z, zn, k = state.complement(normal, B)
         dependent = add & _dependent(zn, normal)
         if bool(dependent.any()):  # n = N c: the slot with the smallest y_k / c_k (c_k > 0) leaves
             positive = dependent[:, None] & (state.member >= 0) & (rv > 0)
@@ -484,5 +491,5 @@ def _follow_the_bound(
         add &= ~dependent
         state.update(
             add, drop, normal=normal, z=z, zn=zn, rv=rv, leaving=leaving,
-            joining=joining, joining_sign=joining_sign, joining_y=torch.zeros_like(step),
+            joining=joining, joining_sign=joining_sign, joining_y=torch.zeros_like(step), k=k,
         )  # fmt: skip
