@@ -6,10 +6,10 @@ method switched off (ADMM, the interior point and the vertex step).
 
 from __future__ import annotations
 
-import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from sim_helpers import clarabel_row_optima
 
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers import ADMMSolver
@@ -19,7 +19,6 @@ from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.polish_batched import polish_rows_batched
 
 N, P, M = 5, 40, 80
-TIGHT = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "max_iter": 500}
 
 
 def samples(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,21 +42,8 @@ def gram_form(features, targets):
 
 
 def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> np.ndarray:
-    """Per-row optimum of 1/(2M) ||t - F w||^2 + sum_j t_j |w_j| (+ ||w_A||_1 <= kappa)."""
-    F, T = features.numpy(), targets.numpy()
-    values = []
-    for i in range(T.shape[1]):
-        w = cp.Variable(F.shape[1])
-        held = np.isinf(thresholds[i])
-        finite = np.where(held, 0.0, thresholds[i])
-        objective = 0.5 / M * cp.sum_squares(T[:, i] - F @ w) + cp.sum(cp.multiply(finite, cp.abs(w)))
-        constraints = [w[held] == 0] if held.any() else []
-        if kappa is not None:
-            constraints.append(cp.norm1(w[:N]) <= kappa)
-        program = cp.Problem(cp.Minimize(objective), constraints)
-        program.solve(solver="CLARABEL", **TIGHT)
-        values.append(program.value)
-    return np.array(values)
+    """Per-row optimum of 1/(2M) ||t - F w||^2 + sum_j t_j |w_j| (+ ||w_A||_1 <= kappa), by Clarabel."""
+    return clarabel_row_optima(features, targets, thresholds, kappa, N)
 
 
 @pytest.mark.parametrize("lam", [1e-5, 1e-3, 3e-2])

@@ -275,16 +275,38 @@ class _Rows:
         return rv, z, (z * normal).sum(dim=1), k
 
 
+def _stop(whole: _Rows, state: _Rows, positions: torch.Tensor | None) -> None:
+    """End an iteration: no row is live any more; a compacted batch is written back into ``whole``."""
+    state.live[:] = False
+    if positions is not None:
+        whole.put(positions, state)
+
+
+def _compacted(
+    whole: _Rows, state: _Rows, positions: torch.Tensor | None, extras: tuple[torch.Tensor, ...]
+) -> tuple[_Rows, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """Once a quarter of the batch is done, write it back into ``whole`` and go on with its live rows (and
+    their per-row ``extras``): the easy rows of a stage (e.g. the 32 second-layer rows of the digits teacher's
+    stage 1, ~40 steps) then stop costing the hard ones' steps. ``positions``: the batch's rows in ``whole``
+    (None: all of them)."""
+    live = state.live
+    if 4 * int(live.sum()) > 3 * live.numel():
+        return state, positions, extras
+    keep = torch.nonzero(live).flatten()
+    if positions is not None:
+        whole.put(positions, state)
+    positions = keep if positions is None else positions[keep]
+    return state.take(keep), positions, tuple(x[keep] for x in extras)
+
+
 def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     return zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
 
 
 def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     """Phase 1, Goldfarb-Idnani at the thresholds ``whole.t``: every live row ends with no violated constraint
-    (``finished``) or at the guard (not live, not finished). Returns the steps taken.
-
-    The batch is compacted as rows finish (a quarter of it done): the easy rows of a stage (e.g. the 32
-    second-layer rows of the digits teacher's stage 1, ~40 steps) then stop costing the hard ones' steps."""
+    (``finished``) or at the guard (not live, not finished). Returns the steps taken. The batch is compacted
+    as rows finish (:func:`_compacted`)."""
     state, positions = whole, None
     m = state.u.shape[0]
     dev, dt = state.u.device, state.u.dtype
@@ -312,21 +334,11 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
             s[go] = torch.sign(Bu_go)
             slack[go] = state.t[go, j] - s[go] * Bu_go
             y_new[go] = 0.0
-        live = state.live
-        if not bool(live.any()) or steps >= max_steps:
-            state.live[:] = False
-            if positions is not None:
-                whole.put(positions, state)
+        if not bool(state.live.any()) or steps >= max_steps:
+            _stop(whole, state, positions)
             return steps
-        remaining = int(live.sum())
-        if 4 * remaining <= 3 * live.numel():  # compact
-            keep = torch.nonzero(live).flatten()
-            if positions is not None:
-                whole.put(positions, state)
-            positions = keep if positions is None else positions[keep]
-            state = state.take(keep)
-            p, s, slack, y_new = p[keep], s[keep], slack[keep], y_new[keep]
-            live = state.live
+        state, positions, (p, s, slack, y_new) = _compacted(whole, state, positions, (p, s, slack, y_new))
+        live = state.live
         steps += 1
         normal = -s[:, None] * B[p.clamp_min(0)]  # GI's form: normal^T u >= -t_p
         normal[~live] = 0.0
@@ -387,21 +399,12 @@ def _follow_the_bound(
     whole, positions = state, None
     steps = 0
     while True:
-        live = state.live
-        if not bool(live.any()) or steps >= max_steps:
-            state.live[:] = False
-            if positions is not None:
-                whole.put(positions, state)
+        if not bool(state.live.any()) or steps >= max_steps:
+            _stop(whole, state, positions)
             return steps
-        if 4 * int(live.sum()) <= 3 * live.numel():  # compact, as in phase 1
-            keep = torch.nonzero(live).flatten()
-            if positions is not None:
-                whole.put(positions, state)
-            positions = keep if positions is None else positions[keep]
-            state = state.take(keep)
-            pending, pending_j, pending_sign, pending_y, nu, idle = (
-                x[keep] for x in (pending, pending_j, pending_sign, pending_y, nu, idle)
-            )
+        state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle) = _compacted(
+            whole, state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle)
+        )
         steps += 1
         if bool(pending.any()):
             normal = -pending_sign[:, None] * B[pending_j]
