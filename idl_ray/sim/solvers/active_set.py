@@ -321,8 +321,9 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         if bool(pick.any()):
             idx = torch.nonzero(pick).flatten()
             Bu = state.u[idx] @ B.T  # fresh (the other rows' f^T u is not needed until they pick)
-            excess = Bu.abs() - state.t[idx]
-            violated = (excess > _VIOLATION_TOL * state.t[idx]) & ~state.in_set[idx]
+            t = state.t[idx]
+            excess = Bu.abs() - t
+            violated = (excess > _VIOLATION_TOL * t) & ~state.in_set[idx]
             distance = torch.where(violated, excess / norms, torch.full_like(excess, -math.inf))
             best, j = distance.max(dim=1)
             clean = torch.isinf(best)
@@ -332,7 +333,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
             p[go] = j
             Bu_go = Bu[~clean].gather(1, j[:, None])[:, 0]
             s[go] = torch.sign(Bu_go)
-            slack[go] = state.t[go, j] - s[go] * Bu_go
+            slack[go] = t[~clean].gather(1, j[:, None])[:, 0] - s[go] * Bu_go
             y_new[go] = 0.0
         if not bool(state.live.any()) or steps >= max_steps:
             _stop(whole, state, positions)
@@ -340,8 +341,8 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         state, positions, (p, s, slack, y_new) = _compacted(whole, state, positions, (p, s, slack, y_new))
         live = state.live
         steps += 1
-        normal = -s[:, None] * B[p.clamp_min(0)]  # GI's form: normal^T u >= -t_p
-        normal[~live] = 0.0
+        # GI's form: normal^T u >= -t_p (rows no longer live take no step, whatever their normal)
+        normal = -s[:, None] * B[p.clamp_min(0)]
         rv, z, zn, k = state.complement(normal, B)  # rv: how the active multipliers change
         dependent = _dependent(zn, normal)
         full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
