@@ -92,6 +92,34 @@ def test_follows_the_bound_to_clarabel(kappa: float) -> None:
     np.testing.assert_allclose(gaps.primal.numpy(), reference, rtol=1e-7, atol=1e-12)
 
 
+def test_a_warm_start_changes_the_steps_not_the_answer() -> None:
+    """Started from the answer at a nearby lam (a lambda path's previous point), from the answer itself and
+    from a poor guess (random supports and signs): the same polished objectives as the cold start, and from
+    the answer itself no step at all."""
+    features, targets = samples(seed=4)
+    H, R, c = gram_form(features, targets)
+    factor = GramFactor(H)
+
+    def objective(result, lam):
+        W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
+        assert bool(result.finished.all()) and bool(ok.all())
+        return duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0).primal
+
+    nearby = dual_active_set(factor, R, lam=2e-3).weights
+    cold = dual_active_set(factor, R, lam=1e-3)
+    reference = objective(cold, 1e-3)
+    itself = dual_active_set(factor, R, lam=1e-3, start=cold.weights)
+    assert itself.steps == 0
+    gen = torch.Generator().manual_seed(0)
+    guess = torch.randn(N, N + P, generator=gen, dtype=torch.float64) * (
+        torch.rand(N, N + P, generator=gen) < 0.2
+    )
+    for start in (nearby, cold.weights, guess):
+        warm = dual_active_set(factor, R, lam=1e-3, start=start)
+        torch.testing.assert_close(objective(warm, 1e-3), reference, atol=0, rtol=1e-10)
+    assert dual_active_set(factor, R, lam=1e-3, start=nearby).steps < cold.steps
+
+
 def test_per_entry_thresholds_hold_infinite_entries_at_zero() -> None:
     features, targets = samples(seed=3)
     H, R, c = gram_form(features, targets)

@@ -99,6 +99,7 @@ def dual_active_set(
     kappa: float | None = None,
     n_constrained: int = 0,
     max_steps: int | None = None,
+    start: torch.Tensor | None = None,
 ) -> ActiveSetResult:
     """Solve the rows of R (n x d, r = Rt/m rows) by the dual active-set method (module docstring).
 
@@ -110,6 +111,9 @@ def dual_active_set(
     kappa, n_constrained : the bound ``sum_{j < n_constrained} |w_j| <= kappa`` (None: no bound)
     max_steps : guard on the steps of each phase of each batch (default :func:`max_steps_for` the rank);
         rows still iterating then are not ``finished``
+    start : optional Tensor (n, d), a guess of each row's answer (e.g. the previous point of a lambda path):
+        a row whose guessed support and signs give a valid start (:func:`_warm`) begins there instead of
+        at u = b; any other row starts cold. The answer does not depend on it, only the steps.
 
     Returns
     -------
@@ -130,8 +134,8 @@ def dual_active_set(
     weights = torch.zeros(n, d, dtype=torch.float64, device=R.device)
     finished = torch.zeros(n, dtype=torch.bool, device=R.device)
     steps = 0
-    for start in range(0, n, batch):
-        rows = slice(start, min(start + batch, n))
+    for first in range(0, n, batch):
+        rows = slice(first, min(first + batch, n))
         count = b[rows].shape[0]
         t = (
             lam[rows].to(torch.float64)
@@ -139,6 +143,8 @@ def dual_active_set(
             else torch.full((count, d), float(lam), dtype=torch.float64, device=R.device)
         )
         state = _Rows.start(B, b[rows], t)
+        if start is not None:
+            _warm(state, B, b[rows], start[rows].to(device=R.device, dtype=torch.float64))
         k = _project(state, B, steps_cap)
         state.Bu = state.u @ B.T  # phase 1 computes f^T u only where it picks a constraint
         if bounded:
@@ -273,6 +279,61 @@ class _Rows:
         coefficients.scatter_add_(1, self.member[:, :k].clamp_min(0), -(self.sign * rv)[:, :k])
         z = normal - coefficients @ B
         return rv, z, (z * normal).sum(dim=1), k
+
+
+#: passes of the warm start (each drops the entries whose multiplier came out negative)
+_WARM_PASSES = 3
+
+
+def _warm(state: _Rows, B: torch.Tensor, b: torch.Tensor, guess: torch.Tensor) -> None:
+    """Start rows from a guessed support S and signs sigma (the nonzeros of ``guess``, m x d) where that is a
+    valid Goldfarb-Idnani state: the constraints of S tight, u = b - F_S^T w_S with
+    ``H_SS w_S = r_S - t_S sigma_S`` (H_SS = F_S F_S^T, nonsingular: independent normals) and every multiplier
+    ``sigma_j w_j >= 0``. Entries whose multiplier comes out negative leave S and the system is solved again
+    (``_WARM_PASSES`` times); a row that is still invalid, or whose H_SS is singular, keeps the cold start.
+    N^+ = H_SS^{-1} N_S is formed directly."""
+    r = b.shape[1]
+    support = (guess != 0) & torch.isfinite(state.t)
+    for _ in range(_WARM_PASSES):
+        counts = support.sum(dim=1)
+        usable = (counts > 0) & (counts <= r)
+        if not bool(usable.any()):
+            return
+        rows = torch.nonzero(usable).flatten()
+        kmax = int(counts[rows].max())
+        order = torch.sort(support[rows].to(torch.int8), dim=1, descending=True, stable=True).indices
+        idx = order[:, :kmax]  # the support's columns first, padded with other columns
+        real = torch.arange(kmax, device=b.device)[None, :] < counts[rows][:, None]
+        sigma = torch.sign(guess[rows].gather(1, idx)) * real
+        F_S = B[idx] * real[:, :, None]  # (rows, kmax, r): padded rows 0
+        G = torch.bmm(F_S, F_S.transpose(1, 2)) + torch.diag_embed((~real).to(b.dtype))
+        rhs = (torch.bmm(F_S, b[rows][:, :, None])[:, :, 0] - state.t[rows].gather(1, idx) * sigma) * real
+        L, info = torch.linalg.cholesky_ex(G)
+        w = torch.cholesky_solve(rhs[:, :, None], L)[:, :, 0]
+        y = sigma * w
+        negative = (y < 0) & real
+        singular = info > 0
+        good = ~singular & ~negative.any(dim=1)
+        if bool(good.any()):
+            g = rows[good]
+            N = -sigma[good][:, :, None] * F_S[good]  # normals n_j = -sigma_j f_j
+            # N^+ = (N N^T)^{-1} N = -diag(sigma) H_SS^{-1} F_S (N N^T = diag(sigma) H_SS diag(sigma))
+            state.Pinv[g, :kmax] = -sigma[good][:, :, None] * torch.cholesky_solve(F_S[good], L[good])
+            state.member[g, :kmax] = torch.where(real[good], idx[good], -1)
+            state.sign[g, :kmax] = sigma[good]
+            state.y[g, :kmax] = y[good] * real[good]
+            state.in_set[g] = support[g]
+            state.u[g] = b[g] + torch.bmm(N.transpose(1, 2), (y[good] * real[good])[:, :, None])[:, :, 0]
+        # drop the negative entries of the other rows and try again; done rows and singular ones stop
+        retry = rows[~good & ~singular]
+        if retry.numel() == 0:
+            return
+        drop = negative[~good & ~singular]
+        cleared = torch.zeros_like(support[retry])
+        cleared.scatter_(1, idx[~good & ~singular], drop)
+        support[rows[good]] = False
+        support[rows[singular]] = False
+        support[retry] &= ~cleared
 
 
 def _stop(whole: _Rows, state: _Rows, positions: torch.Tensor | None) -> None:

@@ -458,6 +458,7 @@ class RowBlockADMM:
             lam=take_rows(self.lam, rows),
             kappa=self.kappa,
             n_constrained=self.n_constrained,
+            start=Z[rows],  # a warm start's rows (a lambda path's previous point) start from their supports
         )
         self.active_set_steps = result.steps
         # the rows it does not finish are the degenerate ones (an optimum inside a face where the bound cuts
