@@ -150,7 +150,6 @@ def dual_active_set(
         if start is not None:
             _warm(state, B, b[rows], start[rows].to(device=R.device, dtype=torch.float64))
         k = _project(state, B, steps_cap)
-        state.Bu = state.u @ B.T  # phase 1 computes f^T u only where it picks a constraint
         if bounded:
             over = torch.nonzero(
                 state.finished & (_bound_excess(state, in_bound, float(kappa)) > 0)
@@ -159,20 +158,18 @@ def dual_active_set(
                 rows_over = state.take(over)
                 k += _follow_the_bound(rows_over, B, in_bound, float(kappa), steps_cap)
                 state.put(over, rows_over)
-        weights[rows], finished[rows], steps = state.weights(d), state.finished, max(steps, k)
+        weights[rows], finished[rows], steps = state.weights(), state.finished, max(steps, k)
     return ActiveSetResult(weights=weights.to(R.dtype), finished=finished, steps=steps)
 
 
 @dataclasses.dataclass
 class _Rows:
-    """The lockstep state of a batch of rows: the dual point u (m x r) and f_j^T u (m x d; kept up to date
-    in phase 2 only), N^+ of the active normals (m x slots x r, slots = r; an empty slot is a zero row; the
+    """The lockstep state of a batch of rows: the dual point u (m x r), N^+ of the active normals (m x slots x r, slots = r; an empty slot is a zero row; the
     normals themselves are -sign f_member), the multipliers y, constraint index and sign per slot, the
     thresholds t (m x d), and per row whether it is still iterating (``live``) and whether it ended well
     (``finished``)."""
 
     u: torch.Tensor
-    Bu: torch.Tensor
     Pinv: torch.Tensor
     y: torch.Tensor
     member: torch.Tensor
@@ -188,7 +185,6 @@ class _Rows:
         dev, dt = b.device, b.dtype
         return cls(
             u=b.clone(),
-            Bu=b @ B.T,
             Pinv=torch.zeros(m, r, r, dtype=dt, device=dev),
             y=torch.zeros(m, r, dtype=dt, device=dev),
             member=torch.full((m, r), -1, dtype=torch.long, device=dev),
@@ -214,9 +210,9 @@ class _Rows:
         occupied = torch.nonzero((self.member >= 0).any(dim=0))
         return int(occupied.max()) + 1 if occupied.numel() else 0
 
-    def weights(self, d: int) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
         """w (m x d): the signed multipliers of the active constraints."""
-        m = self.y.shape[0]
+        m, d = self.in_set.shape
         occupied = self.member >= 0
         rows = torch.arange(m, device=self.y.device)[:, None].expand_as(self.member)[occupied]
         out = torch.zeros(m, d, dtype=self.y.dtype, device=self.y.device)
@@ -364,6 +360,15 @@ def _compacted(
     return state.take(keep), positions, tuple(x[keep] for x in extras)
 
 
+def _smallest_ratio(
+    numerator: torch.Tensor, denominator: torch.Tensor, where: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, min over the entries ``where`` of numerator / denominator (inf where there is none) and
+    its index: the ratio test of a step (the first multiplier to reach 0)."""
+    safe = torch.where(where, denominator, torch.ones_like(denominator))
+    return torch.where(where, numerator / safe, math.inf).min(dim=1)
+
+
 def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     return zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
 
@@ -411,9 +416,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         rv, z, zn, k = state.complement(normal, B)  # rv: how the active multipliers change
         dependent = _dependent(zn, normal)
         full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
-        positive = (state.member >= 0) & (rv > 0)
-        ratios = torch.where(positive, state.y / torch.where(positive, rv, torch.ones_like(rv)), math.inf)
-        partial, leaving = ratios.min(dim=1)
+        partial, leaving = _smallest_ratio(state.y, rv, (state.member >= 0) & (rv > 0))
         step = torch.minimum(partial, full)
         stuck = torch.isinf(step) & live  # no step: rounding made the problem look infeasible
         state.live &= ~stuck
@@ -433,17 +436,22 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         p[add] = -1
 
 
+def _bounded_slots(state: _Rows, in_bound: torch.Tensor) -> torch.Tensor:
+    """a (m x slots, float): 1 on the slots holding a constraint of the bounded block, 0 elsewhere."""
+    return ((state.member >= 0) & in_bound[state.member.clamp_min(0)]).to(state.y.dtype)
+
+
 def _bound_excess(state: _Rows, in_bound: torch.Tensor, kappa: float) -> torch.Tensor:
     """sum over the active constraints of the bounded block of their multipliers (= |w_j|), minus kappa."""
-    marked = (state.member >= 0) & in_bound[state.member.clamp_min(0)]
-    return (state.y * marked).sum(dim=1) - kappa
+    return (state.y * _bounded_slots(state, in_bound)).sum(dim=1) - kappa
 
 
 def _follow_the_bound(
     state: _Rows, B: torch.Tensor, in_bound: torch.Tensor, kappa: float, max_steps: int
 ) -> int:
     """Phase 2: finished rows with ``sum_A |w_j| > kappa`` follow nu up until it equals kappa (module
-    docstring); rows that reach the guard or a dependent joining normal are no longer ``finished``.
+    docstring); rows left on the way (the guard, nu stalled for ``_IDLE_STEPS`` steps, an optimum inside a
+    face that the bound cuts, a dependent normal no exchange admits) are no longer ``finished``.
     Returns the steps taken."""
     dt = state.u.dtype
     tiny = torch.finfo(dt).tiny
@@ -462,14 +470,15 @@ def _follow_the_bound(
     pending_y = torch.zeros_like(state.u[:, 0])
     nu = torch.zeros_like(state.u[:, 0])
     idle = torch.zeros_like(state.live, dtype=torch.long)  # consecutive steps that did not move nu
+    Bu = state.u @ B.T  # f_j^T u, kept up to date along the pieces
     whole, positions = state, None
     steps = 0
     while True:
         if not bool(state.live.any()) or steps >= max_steps:
             _stop(whole, state, positions)
             return steps
-        state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle) = _compacted(
-            whole, state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle)
+        state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle, Bu) = _compacted(
+            whole, state, positions, (pending, pending_j, pending_sign, pending_y, nu, idle, Bu)
         )
         steps += 1
         if bool(pending.any()):
@@ -485,40 +494,33 @@ def _follow_the_bound(
             )  # fmt: skip
             pending[:] = False
         live = state.live
-        marked = ((state.member >= 0) & in_bound[state.member.clamp_min(0)]).to(dt)  # a: slots of A
-        q = torch.bmm(marked[:, None, :], state.Pinv)[:, 0, :]  # N^{+T} a   (m x r)
+        q = torch.bmm(_bounded_slots(state, in_bound)[:, None, :], state.Pinv)[:, 0, :]  # N^{+T} a   (m x r)
         rate = torch.bmm(state.Pinv, q[:, :, None])[:, :, 0]  # -dy/dnu      (m x slots)
         Bq = q @ B.T  # -d(f_j^T u)/dnu  (m x d)
         target = excess_of_bound().clamp_min(0) / (q * q).sum(dim=1).clamp_min(tiny)
-        falling = (state.member >= 0) & (rate > 0)
-        ratios = torch.where(falling, state.y / torch.where(falling, rate, torch.ones_like(rate)), math.inf)
-        to_drop, leaving = ratios.min(dim=1)
+        to_drop, leaving = _smallest_ratio(state.y, rate, (state.member >= 0) & (rate > 0))
         # an inactive constraint s f_j^T u <= t_j + nu a_j becomes tight after delta = slack / (-(a_j + s Bq_j))
         best_join = torch.full_like(to_drop, math.inf)
         joining = torch.zeros_like(leaving)
         joining_sign = torch.zeros_like(to_drop)
         for s in (1.0, -1.0):
             closing = -(bound_f + s * Bq)  # the slack's rate of decrease
-            slack = state.t - s * state.Bu
+            slack = state.t - s * Bu
             # a constraint that moves with the active ones (a duplicated column) has a rate of 0 up to rounding
             ok = (closing > _RATE_TOL * (1.0 + Bq.abs())) & ~state.in_set & torch.isfinite(state.t)
-            delta = torch.where(
-                ok, slack.clamp_min(0) / torch.where(ok, closing, torch.ones_like(closing)), math.inf
-            )
-            value, j = delta.min(dim=1)
+            value, j = _smallest_ratio(slack.clamp_min(0), closing, ok)
             better = value < best_join
             best_join = torch.where(better, value, best_join)
             joining = torch.where(better, j, joining)
             joining_sign = torch.where(better, torch.full_like(value, s), joining_sign)
         step = torch.minimum(target, torch.minimum(to_drop, best_join))
-        step = torch.where(live, step, torch.zeros_like(step))
         stuck = ~torch.isfinite(step) & live
         state.live &= ~stuck
         live = state.live
         step = torch.where(live, step, torch.zeros_like(step))
         state.y -= step[:, None] * rate
         state.u -= step[:, None] * q
-        state.Bu -= step[:, None] * Bq
+        Bu -= step[:, None] * Bq
         state.t += step[:, None] * bound_f
         # degenerate pivots that do not move nu can cycle: a row that makes no progress for long is left
         idle = torch.where(step > _RATE_TOL * nu.clamp_min(tiny), torch.zeros_like(idle), idle + 1)
@@ -535,17 +537,15 @@ def _follow_the_bound(
         rv, z, zn, k = state.complement(normal, B)
         dependent = add & _dependent(zn, normal)
         if bool(dependent.any()):  # n = N c: the slot with the smallest y_k / c_k (c_k > 0) leaves
-            positive = dependent[:, None] & (state.member >= 0) & (rv > 0)
-            pivot = torch.where(positive, state.y / torch.where(positive, rv, torch.ones_like(rv)), math.inf)
-            theta, out = pivot.min(dim=1)
+            theta, out = _smallest_ratio(state.y, rv, dependent[:, None] & (state.member >= 0) & (rv > 0))
             none = dependent & torch.isinf(theta)
             state.live &= ~none
             exchange = dependent & ~none
             theta = torch.where(exchange, theta, torch.zeros_like(theta))
             # a degenerate pivot moves along the optimal face at this nu, and sum_A |w_j| with it; where it
             # would cross kappa the optimum is inside the face (not a vertex): leave the row to other methods
-            marked = ((state.member >= 0) & in_bound[state.member.clamp_min(0)]).to(dt)
-            after = excess_of_bound() - theta * ((marked * rv).sum(dim=1) - bound_f[joining])
+            moved = (_bounded_slots(state, in_bound) * rv).sum(dim=1) - bound_f[joining]
+            after = excess_of_bound() - theta * moved
             crossing = exchange & (after < 0)
             state.live &= ~crossing
             exchange &= ~crossing
