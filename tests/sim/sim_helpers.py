@@ -58,3 +58,11 @@ def clarabel_row_optima(
         program.solve(solver="CLARABEL", **TIGHT_CLARABEL)
         values.append(program.value)
     return np.array(values)
+
+
+def gram_form(
+    features: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H, R, c) = (F^T F / m, T^T F / m, ||t_i||^2 / m) of samples F (m x d), T (m x rows)."""
+    m = features.shape[0]
+    return features.T @ features / m, targets.T @ features / m, (targets * targets).sum(0) / m

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sim_helpers import clarabel_row_optima
+from sim_helpers import clarabel_row_optima, gram_form
 
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers import ADMMSolver
@@ -35,10 +35,6 @@ def samples(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     W_true[:, :N] *= 0.1  # a small A-part: kappa = 0.99 does not bind, 0.02 does
     targets = features @ W_true.T + 0.05 * torch.randn(M, N, generator=gen, dtype=torch.float64)
     return features, targets
-
-
-def gram_form(features, targets):
-    return features.T @ features / M, targets.T @ features / M, (targets * targets).sum(0) / M
 
 
 def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> np.ndarray:

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sim_helpers import clarabel_row_optima
+from sim_helpers import clarabel_row_optima, gram_form
 
 import idl_ray.sim.solvers.interior_point as interior_point
 from idl_ray.errors import ConfigError, ConvergenceWarning
@@ -44,10 +44,6 @@ def samples(*, rank_deficient: bool, seed: int = 0) -> tuple[torch.Tensor, torch
 def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> np.ndarray:
     """Per-row optimum of 1/(2M) ||t - F w||^2 + sum_j t_j |w_j| (+ ||w_A||_1 <= kappa), by Clarabel."""
     return clarabel_row_optima(features, targets, thresholds, kappa, N)
-
-
-def gram_form(features, targets):
-    return features.T @ features / M, targets.T @ features / M, (targets * targets).sum(0) / M
 
 
 def solve(H, R, c, lam, kappa, *, tol=1e-9):
