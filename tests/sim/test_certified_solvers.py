@@ -191,6 +191,42 @@ def test_low_rank_gram_uses_the_thin_solve_and_agrees_with_the_dense_one() -> No
         torch.testing.assert_close(thin, dense, rtol=1e-8, atol=1e-10)
 
 
+def test_a_column_scaled_factor_equals_a_new_eigendecomposition() -> None:
+    """The equilibrated stage's factor derived from G's (a thin SVD) serves the same solves as an
+    eigendecomposition of S^{-1} H S^{-1} itself, with the same rank."""
+    from idl_ray.sim.solvers.admm_kernels import GramFactor
+    from idl_ray.sim.solvers.scaling import BlockScaling
+
+    problem = rank_deficient_problem(1, 1e-3, 0.5)
+    H, R = problem.scaled()
+    scaling = BlockScaling.for_stage(H, N)
+    assert scaling is not None and float(scaling.scales[0]) != float(scaling.scales[-1])
+    direct = GramFactor(scaling.gram(H))
+    derived = GramFactor(H).column_scaled(scaling.scales)
+    assert derived is not None and derived.rank == direct.rank and derived.low_rank
+    for rho in (1e-3, 0.1, 10.0):
+        torch.testing.assert_close(derived.solve(R, rho), direct.solve(R, rho), rtol=1e-8, atol=1e-10)
+    Q, s = derived.range_basis()
+    torch.testing.assert_close((Q * s) @ Q.T, scaling.gram(H), rtol=0, atol=1e-10 * float(s.max()))
+    # a full-rank G has no thin factor to derive from
+    assert GramFactor(H + torch.eye(H.shape[0], dtype=H.dtype)).column_scaled(scaling.scales) is None
+
+
+def test_a_fit_factors_a_low_rank_gram_once_for_both_stages() -> None:
+    """ADMMSolver derives stage 2's (unscaled) factor from stage 1's (equilibrated) one, and the stage-2
+    answer is the one a fresh solver gives."""
+    stage1 = rank_deficient_problem(1, 1e-3, 0.95)
+    stage2 = stage1.replace(n_constrained=0, kappa=None)
+    solver = ADMMSolver(device="cpu")
+    solver.solve(stage1)
+    shared = solver.solve(stage2)
+    held = [factor for known in solver._factors.values() for _, factor in known]
+    assert len(held) == 2 and held[1].Q.shape[1] == held[1].rank < stage1.dim / 3  # derived: thin
+    fresh = ADMMSolver(device="cpu").solve(stage2)
+    assert shared.stats.converged and fresh.stats.converged
+    assert shared.stats.objective == pytest.approx(fresh.stats.objective, rel=1e-9)
+
+
 def test_a_solve_that_cannot_certify_stops_early_as_stalled_never_converged() -> None:
     """gap_tol below what float64 can certify: the objective stops moving long before max_iter (ADMM alone:
     the interior point reaches the rounding level of the certificate, which counts as certified)."""

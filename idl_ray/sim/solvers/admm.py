@@ -93,11 +93,11 @@ class ADMMSolver(BaseSolver):
         self.warn = bool(warn)
         self.warm_start = bool(warm_start)
         self.progress = bool(progress)
-        # factors of the G last seen (held, not its id, so a freed G cannot alias), one per setting
-        # (l2, m, dtype, device, equilibrated block): a fit's stage 1 (equilibrated) and stage 2 each keep
-        # theirs, so a lambda path or a refit factors each once
+        # factors of the G last seen (held, not its id, so a freed G cannot alias), per setting (l2, m, dtype,
+        # device), each with its column scales (None: unscaled): a fit's stage 1 (equilibrated) and stage 2
+        # share one eigendecomposition on a low-rank G, and a lambda path or a refit factors it once
         self._factor_G: torch.Tensor | None = None
-        self._factors: dict[tuple[Any, ...], GramFactor] = {}
+        self._factors: dict[tuple[Any, ...], list[tuple[torch.Tensor | None, GramFactor]]] = {}
         self._params = {
             **self.options.to_dict(),
             "device": str(self.device),
@@ -106,14 +106,29 @@ class ADMMSolver(BaseSolver):
             "progress": self.progress,
         }
 
-    def factor_for(self, problem: SIMProblem, H: torch.Tensor, scaled: bool = False) -> GramFactor:
-        """The eigendecomposition of H, reused when the same G (same object, l2, m and scaling) comes back."""
-        key = (problem.l2, problem.num_samples, H.dtype, H.device, problem.n_constrained if scaled else 0)
+    def factor_for(
+        self, problem: SIMProblem, H: torch.Tensor, scales: torch.Tensor | None = None
+    ) -> GramFactor:
+        """The eigendecomposition of H (= the problem's Gram, columns divided by ``scales`` when given),
+        reused when the same G (same object, l2, m) comes back with the same scales, and derived from one with
+        other scales when G has low rank (:meth:`GramFactor.column_scaled`: a thin SVD, not a second
+        eigendecomposition)."""
+        key = (problem.l2, problem.num_samples, H.dtype, H.device)
         if self._factor_G is not problem.G:
             self._factor_G, self._factors = problem.G, {}
-        if key not in self._factors:
-            self._factors[key] = GramFactor(H)
-        return self._factors[key]
+        known = self._factors.setdefault(key, [])
+        for known_scales, factor in known:
+            if _same_scales(known_scales, scales):
+                return factor
+        for known_scales, factor in known:
+            relative = _scales_or_ones(scales, H) / _scales_or_ones(known_scales, H)
+            derived = factor.column_scaled(relative)
+            if derived is not None:
+                known.append((scales, derived))
+                return derived
+        factor = GramFactor(H)
+        known.append((scales, factor))
+        return factor
 
     uses_initial = True
 
@@ -133,7 +148,7 @@ class ADMMSolver(BaseSolver):
             H, R, lam, problem.kappa, nc, equilibrate=self.options.equilibrate, initial=initial
         )
         H, R, initial = scaled.H, scaled.R, scaled.initial
-        factor = self.factor_for(problem, H, scaled=scaled.scaling is not None)
+        factor = self.factor_for(problem, H, None if scaled.scaling is None else scaled.scaling.scales)
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
@@ -185,3 +200,13 @@ class ADMMSolver(BaseSolver):
             },
         }
         return W, info
+
+
+def _same_scales(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(torch.equal(a.to(b), b))
+
+
+def _scales_or_ones(scales: torch.Tensor | None, H: torch.Tensor) -> torch.Tensor:
+    return torch.ones(H.shape[0], dtype=H.dtype, device=H.device) if scales is None else scales.to(H)

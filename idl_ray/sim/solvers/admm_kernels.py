@@ -203,6 +203,40 @@ class GramFactor:
         self._cached_rho: float | None = None
         self._cached_inverse: torch.Tensor | None = None
 
+    @classmethod
+    def _from_range(cls, Q: torch.Tensor, eigenvalues: torch.Tensor, start: float) -> GramFactor:
+        """A low-rank factor from its range alone: Q (d x r) orthonormal, eigenvalues (r,) > 0."""
+        factor = cls.__new__(cls)
+        factor.Q, factor.eigenvalues = Q, eigenvalues
+        factor._range = torch.ones_like(eigenvalues, dtype=torch.bool)
+        factor.rank = eigenvalues.numel()
+        factor._low_rank = True
+        factor._Q_range, factor._s_range = Q, eigenvalues
+        factor.factor_time_s = time.perf_counter() - start
+        factor._cached_rho, factor._cached_inverse = None, None
+        return factor
+
+    def column_scaled(self, scales: torch.Tensor) -> GramFactor | None:
+        """The factor of ``S^{-1} G S^{-1}`` (S = diag(scales), scales (d,) > 0) derived from this one, or None
+        when G is not low rank (then only a new eigendecomposition will do).
+
+        With ``G = Q_r diag(s_r) Q_r^T`` the scaled matrix is ``M M^T`` for ``M = S^{-1} Q_r diag(sqrt(s_r))``
+        (d x r), so its range and eigenvalues are M's left singular vectors and squared singular values: a
+        thin SVD of d r^2 flops instead of an eigendecomposition of d^3 (on the 28x28 digits teacher, d = 881
+        and r = 123: ~3 ms instead of ~80 ms). Directions this factor dropped (eigenvalues below ``RANK_CUT``)
+        stay dropped. A SIM fit factors G once this way for both its stages (stage 1 equilibrated, stage 2
+        not; :class:`~idl_ray.sim.solvers.scaling.BlockScaling`)."""
+        if not self._low_rank:
+            return None
+        start = time.perf_counter()
+        M = (self._Q_range * self._s_range.sqrt()) / scales.to(self._Q_range)[:, None]
+        U, sigma, _ = torch.linalg.svd(M, full_matrices=False)
+        eigenvalues = sigma * sigma
+        keep = (
+            eigenvalues > self.RANK_CUT * float(eigenvalues.max()) if eigenvalues.numel() else eigenvalues > 0
+        )
+        return GramFactor._from_range(U[:, keep].contiguous(), eigenvalues[keep], start)
+
     @property
     def dim(self) -> int:
         return self.Q.shape[0]
