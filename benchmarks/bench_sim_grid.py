@@ -7,7 +7,8 @@ and rescaled for kappa, and both SIM stages are solved at every lam of the grid 
 was met, the relative duality gap, the time, the objective against Clarabel on sampled rows (the same
 ``SIMProblem.row_objectives``), then per (p, lam): test accuracy of the SIM model, nonzeros of A and B, and
 the whole fit (extraction + both stages) against the floor measured in the same run (forming G from the
-states plus one eigendecomposition of G: the work every Gram-form method must do).
+states plus one eigendecomposition of G: the work every Gram-form method must do), and against the issue's
+floor (forming G plus one eigendecomposition per stage, i.e. two).
 
 Usage::
 
@@ -38,12 +39,18 @@ from idl_ray.sim.solvers.admm_kernels import GramFactor
 LAMS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def floor_seconds(problem: SIMProblem, features_time_s: float) -> float:
-    """Forming G (timed during extraction) plus one eigendecomposition of G/m."""
+def floor_seconds(problem: SIMProblem, features_time_s: float) -> tuple[float, float]:
+    """(strict, issue): forming G (timed during extraction) plus one eigendecomposition of G/m, and the
+    issue's floor, forming G plus one eigendecomposition per stage (two, each timed). A fit on a low-rank G
+    now factors it once (stage 2's factor is derived by a thin SVD), so the strict floor is the honest
+    yardstick there; both are printed."""
     H, _ = problem.scaled()
-    start = time.perf_counter()
-    GramFactor(H)
-    return features_time_s + time.perf_counter() - start
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        GramFactor(H)
+        times.append(time.perf_counter() - start)
+    return features_time_s + min(times), features_time_s + sum(times)
 
 
 def cvx_rows(problem: SIMProblem, rows: list[int]) -> dict[int, float]:
@@ -70,7 +77,7 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             sim.fit(model, X, solver=solver)
         total = time.perf_counter() - start
         n_warn = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-        floor = floor_seconds(sim.problems_["stage1"], sim.extraction_time_s_)
+        floor, issue_floor = floor_seconds(sim.problems_["stage1"], sim.extraction_time_s_)
         record = {
             "p": p,
             "lam": lam,
@@ -78,6 +85,8 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             "extraction_s": sim.extraction_time_s_,
             "floor_s": floor,
             "ratio_to_floor": total / floor,
+            "issue_floor_s": issue_floor,
+            "ratio_to_issue_floor": total / issue_floor,
             "warnings": n_warn,
             "teacher_acc": teacher_acc,
             "sim_acc": float(sim.score((Xt, yt))),
@@ -129,7 +138,8 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             f"stage2 {s2['iterations']} it (AS {s2['active_set_rows'] or 0}) "
             f"{'ok' if s2['converged'] else 'CAP'} gap {s2['relative_gap']:.1e} "
             f"{s2['time_s']:.2f}s vs-cvx {s2['worst_rel_vs_cvx']:+.1e} | total {total:.2f}s = "
-            f"{record['ratio_to_floor']:.1f}x floor ({floor:.2f}s) | acc {record['sim_acc']:.4f} "
+            f"{record['ratio_to_floor']:.1f}x floor ({floor:.2f}s; {record['ratio_to_issue_floor']:.1f}x the "
+            f"issue's G + 2 eigh, {issue_floor:.2f}s) | acc {record['sim_acc']:.4f} "
             f"(teacher {teacher_acc:.4f}) | nnz A {record['nnz_A']}/{record['size_A']} "
             f"B {record['nnz_B']}/{record['size_B']} | warnings {n_warn}",
             flush=True,
@@ -169,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (int(v) for v in args.sizes.split(",")):
         results += run_case(p, args, solver_factory)
     ratios = [r["ratio_to_floor"] for r in results]
+    issue = [r["ratio_to_issue_floor"] for r in results]
     print(f"median whole fit / floor: {statistics.median(ratios):.2f}x (max {max(ratios):.2f}x)")
+    print(f"median whole fit / issue's floor: {statistics.median(issue):.2f}x (max {max(issue):.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -236,8 +236,7 @@ def _run_consensus(
             if polished is not None:
                 candidate = Z.clone()
                 candidate[polished.positions] = polished.weights
-                gaps.primal[polished.positions] = polished.gaps.primal
-                gaps.dual[polished.positions] = polished.gaps.dual
+                gaps.set_rows(polished.positions, polished.gaps)
             ok = gaps.certified(options.gap_tol) & ~done
             if polished is not None:
                 polished_rows += int(ok[polished.positions].sum())

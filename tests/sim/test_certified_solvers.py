@@ -227,6 +227,31 @@ def test_a_fit_factors_a_low_rank_gram_once_for_both_stages() -> None:
     assert shared.stats.objective == pytest.approx(fresh.stats.objective, rel=1e-9)
 
 
+def test_a_polished_row_is_judged_at_the_rounding_level_of_its_new_weights() -> None:
+    """The certificate's rounding allowance (1000 eps of the objective's terms, its baseline) moves with the
+    weights: after a polish from W = 0 the block's gaps carry the polished rows' baselines, not the start's
+    (a stale one left a row of the 28x28 teacher at lam 1e-6 uncertified by a hair, then to ADMM's crawl)."""
+    from idl_ray.sim.solvers.admm_kernels import ADMMOptions, GramFactor
+    from idl_ray.sim.solvers.row_block import RowBlockADMM
+
+    problem = rank_deficient_problem(1, 1e-3, 0.5)
+    H, R = problem.scaled()
+    target_sq = problem.target_sq / problem.num_samples
+    block = RowBlockADMM(
+        GramFactor(H), H, R, target_sq, lam=1e-3, kappa=0.5, n_constrained=N, options=ADMMOptions()
+    )
+    Z, U = torch.zeros_like(R), torch.zeros_like(R)
+    rows = torch.arange(R.shape[0])
+    gaps = block.certificate(Z, rows)
+    block._record_gaps(rows, gaps)
+    source = ADMMSolver(device="cpu").solve(problem).weights.to(R)  # a sparse optimum: supports and signs
+    taken = block._polish_rows(Z, U, rows, gaps, torch.ones_like(rows, dtype=torch.bool), 1.0, source=source)
+    assert taken > 0 and bool((Z != 0).any())
+    fresh = block.certificate(Z, rows)
+    torch.testing.assert_close(gaps.baseline, fresh.baseline)
+    torch.testing.assert_close(gaps.primal, fresh.primal)
+
+
 def test_a_solve_that_cannot_certify_stops_early_as_stalled_never_converged() -> None:
     """gap_tol below what float64 can certify: the objective stops moving long before max_iter (ADMM alone:
     the interior point reaches the rounding level of the certificate, which counts as certified)."""

@@ -186,8 +186,7 @@ def fista_loop(
                 if polished is not None:
                     candidate = W.clone()
                     candidate[polished.positions] = polished.weights
-                    gaps.primal[polished.positions] = polished.gaps.primal
-                    gaps.dual[polished.positions] = polished.gaps.dual
+                    gaps.set_rows(polished.positions, polished.gaps)
                     ok = gaps.certified(gap_tol)
                     polished_rows += int((ok & ~done)[polished.positions].sum())
             # certified rows are final (rows are independent problems); the others iterate on, undisturbed

@@ -647,8 +647,7 @@ class RowBlockADMM:
         rows_taken = active[take]
         Z[rows_taken] = polished.weights
         U[rows_taken] = self._dual_at(polished.weights, rows_taken, rho)
-        gaps.primal[take] = polished.gaps.primal
-        gaps.dual[take] = polished.gaps.dual
+        gaps.set_rows(take, polished.gaps)  # with its baseline: the rounding allowance moves with the weights
         self._record_gaps(rows_taken, polished.gaps)
         return int(self._certified(gaps)[take].sum())
 
