@@ -592,14 +592,6 @@ def _follow_the_bound(
             pending_y = theta
         add &= ~dependent
         state.update(
-            add,
-            drop,
-            z=z,
-            zn=zn,
-            rv=rv,
-            leaving=leaving,
-            joining=joining,
-            joining_sign=joining_sign,
-            joining_y=torch.zeros_like(step),
-            k=k,
-        )
+            add, drop, z=z, zn=zn, rv=rv, leaving=leaving, joining=joining, joining_sign=joining_sign,
+            joining_y=torch.zeros_like(step), k=k,
+        )  # fmt: skip
