@@ -116,12 +116,19 @@ def test_a_warm_start_changes_the_steps_not_the_answer() -> None:
     assert dual_active_set(factor, R, lam=1e-3, start=nearby).steps < cold.steps
 
 
-def test_per_entry_thresholds_hold_infinite_entries_at_zero() -> None:
+@pytest.mark.parametrize("recompute_every", [100, 2])
+def test_per_entry_thresholds_hold_infinite_entries_at_zero(monkeypatch, recompute_every: int) -> None:
+    """Per-entry thresholds, some infinite (column 0 of every row among them: the padding of the exact
+    recomputation gathers it), with the default recomputation and one every 2 steps."""
+    import idl_ray.sim.solvers.active_set as active_set
+
+    monkeypatch.setattr(active_set, "_RECOMPUTE_EVERY", recompute_every)
     features, targets = samples(seed=3)
     H, R, c = gram_form(features, targets)
     gen = torch.Generator().manual_seed(1)
     thresholds = 1e-3 * (0.2 + 2.8 * torch.rand(N, N + P, generator=gen, dtype=torch.float64))
     thresholds[torch.rand(N, N + P, generator=gen) < 0.2] = torch.inf
+    thresholds[:, 0] = torch.inf
     result = dual_active_set(GramFactor(H), R, lam=thresholds)
     assert bool(result.finished.all())
     assert bool((result.weights[torch.isinf(thresholds)] == 0).all())

@@ -318,7 +318,8 @@ def _on_active_set(
     is singular (dependent normals: the state is not valid there)."""
     N = -sigma[:, :, None] * F_S
     gram = torch.bmm(N, N.transpose(1, 2)) + torch.diag_embed((~real).to(N.dtype))
-    rhs = (-t_S - torch.bmm(N, b[:, :, None])[:, :, 0]) * real
+    t_S = torch.where(real, t_S, torch.zeros_like(t_S))  # padding may hold an infinite threshold: no inf * 0
+    rhs = torch.where(real, -t_S - torch.bmm(N, b[:, :, None])[:, :, 0], torch.zeros_like(t_S))
     L, info = torch.linalg.cholesky_ex(gram)
     y = torch.cholesky_solve(rhs[:, :, None], L)[:, :, 0] * real
     u = b + torch.bmm(N.transpose(1, 2), y[:, :, None])[:, :, 0]
@@ -346,7 +347,7 @@ def _warm(state: _Rows, B: torch.Tensor, guess: torch.Tensor) -> None:
         real = torch.arange(kmax, device=b.device)[None, :] < counts[rows][:, None]
         sigma = torch.sign(guess[rows].gather(1, idx)) * real
         y, Pinv, u, info = _on_active_set(
-            B[idx] * real[:, :, None], sigma, real, b[rows], state.t[rows].gather(1, idx) * real
+            B[idx] * real[:, :, None], sigma, real, b[rows], state.t[rows].gather(1, idx)
         )
         negative = (y < 0) & real
         singular = info > 0
@@ -397,9 +398,9 @@ def _recompute(state: _Rows, B: torch.Tensor, rows_mask: torch.Tensor) -> None:
         state.sign[rows, :k],
         real,
         state.b[rows],
-        state.t[rows].gather(1, columns) * real,
+        state.t[rows].gather(1, columns),
     )
-    valid = (info == 0) & ~((y < 0) & real).any(dim=1)
+    valid = (info == 0) & ~((y < 0) & real).any(dim=1) & torch.isfinite(u).all(dim=1)
     if bool(valid.any()):
         kept = rows[valid]
         state.Pinv[kept, :k], state.y[kept, :k], state.u[kept] = Pinv[valid], y[valid], u[valid]
