@@ -42,6 +42,13 @@ def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> 
     return clarabel_row_optima(features, targets, thresholds, kappa, N)
 
 
+def polished_objectives(H, R, c, result, lam: float) -> torch.Tensor:
+    """Every row finished, polished on its support (unbounded): the rows' objectives."""
+    W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
+    assert bool(result.finished.all()) and bool(ok.all())
+    return duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0).primal
+
+
 @pytest.mark.parametrize("lam", [1e-5, 1e-3, 3e-2])
 def test_reaches_clarabel_at_a_vertex(lam: float) -> None:
     """Without the bound: every row finishes, at most rank(H) nonzeros (a vertex), and polished on its
@@ -96,14 +103,9 @@ def test_a_warm_start_changes_the_steps_not_the_answer() -> None:
     H, R, c = gram_form(features, targets)
     factor = GramFactor(H)
 
-    def objective(result, lam):
-        W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
-        assert bool(result.finished.all()) and bool(ok.all())
-        return duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0).primal
-
     nearby = dual_active_set(factor, R, lam=2e-3).weights
     cold = dual_active_set(factor, R, lam=1e-3)
-    reference = objective(cold, 1e-3)
+    reference = polished_objectives(H, R, c, cold, 1e-3)
     itself = dual_active_set(factor, R, lam=1e-3, start=cold.weights)
     assert itself.steps == 0
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +114,7 @@ def test_a_warm_start_changes_the_steps_not_the_answer() -> None:
     )
     for start in (nearby, cold.weights, guess):
         warm = dual_active_set(factor, R, lam=1e-3, start=start)
-        torch.testing.assert_close(objective(warm, 1e-3), reference, atol=0, rtol=1e-10)
+        torch.testing.assert_close(polished_objectives(H, R, c, warm, 1e-3), reference, atol=0, rtol=1e-10)
     assert dual_active_set(factor, R, lam=1e-3, start=nearby).steps < cold.steps
 
 
@@ -149,10 +151,8 @@ def test_batches_and_the_step_guard(monkeypatch) -> None:
     factor = GramFactor(H)
 
     def objectives(result):
-        W, ok = polish_rows_batched(H, R, result.weights, lam=1e-3, kappa=None, n_constrained=0)
-        assert bool(result.finished.all()) and bool(ok.all())
-        assert int((W != 0).sum(1).max()) <= factor.rank
-        return duality_gap(W, H, R, c, lam=1e-3, kappa=None, n_constrained=0).primal
+        assert int((result.weights != 0).sum(1).max()) <= factor.rank
+        return polished_objectives(H, R, c, result, 1e-3)
 
     whole = objectives(dual_active_set(factor, R, lam=1e-3))
     monkeypatch.setattr(active_set, "_BATCH_BYTES", 1)  # one row per batch
@@ -172,15 +172,10 @@ def test_recomputing_the_state_changes_nothing_but_rounding(monkeypatch) -> None
     H, R, c = gram_form(features, targets)
     factor = GramFactor(H)
 
-    def objectives(result):
-        W, ok = polish_rows_batched(H, R, result.weights, lam=1e-3, kappa=None, n_constrained=0)
-        assert bool(result.finished.all()) and bool(ok.all())
-        return duality_gap(W, H, R, c, lam=1e-3, kappa=None, n_constrained=0).primal
-
     monkeypatch.setattr(active_set, "_RECOMPUTE_EVERY", 10**9)
-    never = objectives(dual_active_set(factor, R, lam=1e-3))
+    never = polished_objectives(H, R, c, dual_active_set(factor, R, lam=1e-3), 1e-3)
     monkeypatch.setattr(active_set, "_RECOMPUTE_EVERY", 3)
-    often = objectives(dual_active_set(factor, R, lam=1e-3))
+    often = polished_objectives(H, R, c, dual_active_set(factor, R, lam=1e-3), 1e-3)
     torch.testing.assert_close(often, never, atol=0, rtol=1e-10)
 
     # the updated state at the end of phase 1 (no constraint half-added) against its recomputation
