@@ -26,10 +26,12 @@ TOL = dict(abs_tol=1e-10, rel_tol=1e-8)
 
 
 def _gone(pid: int) -> bool:
+    """The process is a zombie or no longer exists (reaped between opening its status file and reading it:
+    ProcessLookupError)."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             return any(line.split()[1:2] == ["Z"] for line in handle if line.startswith("State:"))
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
 
 
