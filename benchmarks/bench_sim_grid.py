@@ -35,6 +35,7 @@ from idl_ray.sim.estimator import SIM
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers import ADMMSolver, CVXSolver, get_solver
 from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.row_block import BLOCK_COUNTS
 
 LAMS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -116,17 +117,7 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
                 "worst_rel_vs_cvx": worst,
                 # the active set, the interior-point hand-over and the vertex step (ADMMSolver and the Ray
                 # gram strategy)
-                **{
-                    k: stats.extra.get(k)
-                    for k in (
-                        "active_set_rows",
-                        "active_set_steps",
-                        "interior_point_rows",
-                        "interior_point_iterations",
-                        "vertex_rows",
-                        "polished_rows",
-                    )
-                },
+                **{k: stats.extra.get(k) for k in BLOCK_COUNTS},
             }
         results.append(record)
         s1, s2 = record["stage1"], record["stage2"]

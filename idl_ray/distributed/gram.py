@@ -28,7 +28,7 @@ from idl_ray.distributed.progress import ProgressEvent, ProgressReporter, Timing
 from idl_ray.distributed.shards import split_rows
 from idl_ray.sim.problem import GramStats
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions, ADMMState, ResidualSums, initial_rho
-from idl_ray.sim.solvers.row_block import BlockReport
+from idl_ray.sim.solvers.row_block import BLOCK_COUNTS, BlockReport
 from idl_ray.sim.solvers.weights import take_rows
 
 
@@ -315,12 +315,8 @@ def _run_gram(
         stalled=stalled,
     )
     info.gram_shipped = shipped
-    info.interior_point_rows = sum(r.interior_point_rows for r in reports)
-    info.interior_point_iterations = max((r.interior_point_iterations for r in reports), default=0)
-    info.vertex_rows = sum(r.vertex_rows for r in reports)
-    info.active_set_rows = sum(r.active_set_rows for r in reports)
-    info.active_set_steps = max((r.active_set_steps for r in reports), default=0)
-    info.polished_rows = sum(r.polished_rows for r in reports)
+    for name, combine in BLOCK_COUNTS.items():
+        setattr(info, name, combine(getattr(r, name) for r in reports))
     return W, info
 
 

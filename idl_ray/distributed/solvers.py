@@ -33,6 +33,7 @@ from idl_ray.errors import ConfigError, ConfigTypeError, ConvergenceWarning
 from idl_ray.sim.problem import GramStats, SIMProblem
 from idl_ray.sim.solvers.admm_kernels import ADMMOptions
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
+from idl_ray.sim.solvers.row_block import BLOCK_COUNTS
 from idl_ray.sim.solvers.scaling import ScaledStage
 
 STRATEGIES = ("gram", "consensus")
@@ -236,13 +237,8 @@ class _RaySolverMixin:
                     "restarts": info.restarts,
                     "checkpoints": info.checkpoints,
                     "relative_gap": info.relative_gap,
-                    "polished_rows": info.polished_rows,
                     "gram_shipped": info.gram_shipped,
-                    "interior_point_rows": info.interior_point_rows,
-                    "interior_point_iterations": info.interior_point_iterations,
-                    "vertex_rows": info.vertex_rows,
-                    "active_set_rows": info.active_set_rows,
-                    "active_set_steps": info.active_set_steps,
+                    **{name: getattr(info, name) for name in BLOCK_COUNTS},
                 }
             )
         return extra

@@ -16,7 +16,7 @@ from idl_ray.sim.solvers.admm_kernels import (
     initial_rho,
 )
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
-from idl_ray.sim.solvers.row_block import admm_solve
+from idl_ray.sim.solvers.row_block import BLOCK_COUNTS, admm_solve
 from idl_ray.sim.solvers.scaling import ScaledStage
 from idl_ray.sim.solvers.start import start_state
 
@@ -187,13 +187,8 @@ class ADMMSolver(BaseSolver):
                 "rho": stats.rho,
                 "factor_time_s": stats.factor_time_s,
                 "rank": factor.rank,
-                "polished_rows": stats.polished_rows,
                 "certified_rows": stats.certified_rows,
-                "interior_point_rows": stats.interior_point_rows,
-                "interior_point_iterations": stats.interior_point_iterations,
-                "active_set_rows": stats.active_set_rows,
-                "active_set_steps": stats.active_set_steps,
-                "vertex_rows": stats.vertex_rows,
+                **{name: getattr(stats, name) for name in BLOCK_COUNTS},
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,
