@@ -167,10 +167,10 @@ def dual_active_set(
 
 @dataclasses.dataclass
 class _Rows:
-    """The lockstep state of a batch of rows: the point b each row projects (m x r), the dual point u (m x r), N^+ of the active normals (m x slots x r, slots = r; an empty slot is a zero row; the
-    normals themselves are -sign f_member), the multipliers y, constraint index and sign per slot, the
-    thresholds t (m x d), and per row whether it is still iterating (``live``) and whether it ended well
-    (``finished``)."""
+    """The lockstep state of a batch of rows: the point b each row projects (m x r), the dual point u
+    (m x r), N^+ of the active normals (m x slots x r, slots = r; an empty slot is a zero row; the normals
+    themselves are -sign f_member), the multipliers y, constraint index and sign per slot, the thresholds t
+    (m x d), and per row whether it is still iterating (``live``) and whether it ended well (``finished``)."""
 
     b: torch.Tensor
     u: torch.Tensor

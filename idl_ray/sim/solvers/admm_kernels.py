@@ -190,7 +190,13 @@ class GramFactor:
         if G.dim() != 2 or G.shape[0] != G.shape[1]:
             raise bad_parameter("G", "GramFactor", "a square 2-D tensor", tuple(G.shape))
         start = time.perf_counter()
-        eigenvalues, self.Q = torch.linalg.eigh(0.5 * (G + G.T))
+        eigenvalues, Q = torch.linalg.eigh(0.5 * (G + G.T))
+        self._adopt(Q, eigenvalues, start)
+
+    def _adopt(self, Q: torch.Tensor, eigenvalues: torch.Tensor, start: float) -> None:
+        """Hold eigenvectors Q (d x k: all d, or a thin range basis) and their eigenvalues (k,): the kept ones
+        (above ``RANK_CUT`` of the largest), the rank, and the thin basis when the rank is <= d / 3."""
+        self.Q = Q
         self.eigenvalues = eigenvalues.clamp_min(0)
         largest = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
         self._range = self.eigenvalues > self.RANK_CUT * largest  # the eigenvalues kept (bool mask)
@@ -202,19 +208,6 @@ class GramFactor:
         self.factor_time_s = time.perf_counter() - start
         self._cached_rho: float | None = None
         self._cached_inverse: torch.Tensor | None = None
-
-    @classmethod
-    def _from_range(cls, Q: torch.Tensor, eigenvalues: torch.Tensor, start: float) -> GramFactor:
-        """A low-rank factor from its range alone: Q (d x r) orthonormal, eigenvalues (r,) > 0."""
-        factor = cls.__new__(cls)
-        factor.Q, factor.eigenvalues = Q, eigenvalues
-        factor._range = torch.ones_like(eigenvalues, dtype=torch.bool)
-        factor.rank = eigenvalues.numel()
-        factor._low_rank = True
-        factor._Q_range, factor._s_range = Q, eigenvalues
-        factor.factor_time_s = time.perf_counter() - start
-        factor._cached_rho, factor._cached_inverse = None, None
-        return factor
 
     def column_scaled(self, scales: torch.Tensor) -> GramFactor | None:
         """The factor of ``S^{-1} G S^{-1}`` (S = diag(scales), scales (d,) > 0) derived from this one, or None
@@ -231,11 +224,11 @@ class GramFactor:
         start = time.perf_counter()
         M = (self._Q_range * self._s_range.sqrt()) / scales.to(self._Q_range)[:, None]
         U, sigma, _ = torch.linalg.svd(M, full_matrices=False)
-        eigenvalues = sigma * sigma
-        keep = (
-            eigenvalues > self.RANK_CUT * float(eigenvalues.max()) if eigenvalues.numel() else eigenvalues > 0
-        )
-        return GramFactor._from_range(U[:, keep].contiguous(), eigenvalues[keep], start)
+        factor = GramFactor.__new__(GramFactor)
+        factor._adopt(
+            U, sigma * sigma, start
+        )  # rank <= this one's <= d / 3: the thin basis serves every solve
+        return factor
 
     @property
     def dim(self) -> int:
