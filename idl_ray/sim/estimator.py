@@ -446,8 +446,25 @@ class SIM:
             constraint=cfg.get("well_posedness", "inf_norm"),
         )
         weighting, bias = cfg["weighting"], structure.bias
+
+        def output_stage(stats2: GramStats, samples2: SampleData | None) -> SIMProblem:
+            return SIMProblem(
+                stats=stats2, n_constrained=0, lam=lam_out, l2=cfg["l2"], kappa=None, variant=variant,
+                samples=samples2,
+            )  # fmt: skip
+
+        # without regenerated states stage 2 is known before stage 1 is solved (the same G): a solver may share
+        # work between the two cold solves (ADMMSolver runs the dual active-set method once for both)
+        known = None
+        if not self.regenerate_states:
+            known = output_stage(
+                stats.row_block(slice(n, None)),
+                None if samples is None else samples.row_block(slice(n, None)),
+            )
+        planned = not weighting.active and not initial and known is not None
         hold = solver_obj.session() if hold_solver else contextlib.nullcontext()
-        with hold:  # a Ray solver keeps its actors for both stages
+        plan = solver_obj.planned_stages([stage1, known]) if planned else contextlib.nullcontext()
+        with hold, plan:  # a Ray solver keeps its actors for both stages
             result1, stage1 = solve_stage(
                 stage1, solver_obj, weighting, stage=1, n=n, bias=bias, initial=initial.get("stage1")
             )
@@ -455,20 +472,7 @@ class SIM:
             A, B = W1[:, :n].contiguous(), W1[:, n:].contiguous()
             if kappa is not None:  # no-op for constrained solvers; guards rounding
                 A = self._project(A, kappa, stage1.constraint)
-            if self.regenerate_states:
-                stats2, samples2 = regenerate(A, B)
-            else:
-                stats2 = stats.row_block(slice(n, None))
-                samples2 = None if samples is None else samples.row_block(slice(n, None))
-            stage2 = SIMProblem(
-                stats=stats2,
-                n_constrained=0,
-                lam=lam_out,
-                l2=cfg["l2"],
-                kappa=None,
-                variant=variant,
-                samples=samples2,
-            )
+            stage2 = known if known is not None else output_stage(*regenerate(A, B))
             result2, stage2 = solve_stage(
                 stage2, solver_obj, weighting, stage=2, n=n, bias=bias, initial=initial.get("stage2")
             )

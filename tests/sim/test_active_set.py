@@ -225,3 +225,102 @@ def test_admm_uses_it_on_low_rank_grams(kappa: float | None) -> None:
     assert ours.stats.objective <= off.stats.objective * (1 + 2e-7)
     # a vertex: no more nonzeros than the method switched off (its vertex step) leaves
     assert int((ours.weights != 0).sum()) <= int((off.weights != 0).sum())
+
+
+def test_a_joint_batch_gives_each_stage_its_own_answer() -> None:
+    """Two stages on one Gram in one batch (joint.py): stage 1 equilibrated under a binding bound, stage 2
+    unscaled, unbounded, at another lam, posed in stage 1's variables. Polished, each stage's answer has the
+    objective of the method run on that stage alone (the bound must not reach stage 2's rows: their free
+    answers break it)."""
+    from idl_ray.sim.solvers.joint import joint_active_set, joint_applies
+    from idl_ray.sim.solvers.scaling import ScaledStage
+
+    features, targets = samples(seed=1)
+    outputs = features @ torch.randn(
+        N + P, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    H, R1, c1 = gram_form(features, targets)
+    _, R2, c2 = gram_form(features, outputs)
+    kappa, lam1, lam2 = 0.02, 1e-4, 3e-4
+    stage1 = ScaledStage.of(H, R1, lam1, kappa, N, equilibrate=True)
+    stage2 = ScaledStage.of(H, R2, lam2, None, 0, equilibrate=True)
+    assert stage1.scaling is not None and stage2.scaling is None
+    factor1 = GramFactor(stage1.H)
+    assert joint_applies(factor1, [stage1, stage2], [N, 0])
+    assert not joint_applies(factor1, [stage1, stage1], [N, N])  # a bound on a later stage: not joint
+    joint1, joint2 = joint_active_set(factor1, [stage1, stage2], N)
+    alone1 = dual_active_set(factor1, stage1.R, lam=stage1.lam, kappa=stage1.kappa, n_constrained=N)
+    alone2 = dual_active_set(GramFactor(H), R2, lam=lam2)
+    assert joint1.steps == joint2.steps >= max(alone1.steps, alone2.steps)
+    assert bool((alone2.weights[:, :N].abs().sum(1) > kappa).any())
+    for joint, alone, (H_, R_, c_, lam, bound) in (
+        (joint1, alone1, (stage1.H, stage1.R, c1, stage1.lam, stage1.kappa)),
+        (joint2, alone2, (H, R2, c2, lam2, None)),
+    ):
+        assert bool(joint.finished.all()) and bool(alone.finished.all())
+        nc = N if bound is not None else 0
+        objectives = []
+        for result in (joint, alone):
+            W, ok = polish_rows_batched(H_, R_, result.weights, lam=lam, kappa=bound, n_constrained=nc)
+            assert bool(ok.all())
+            if bound is not None:
+                W = prox(W, 0.0, bound, N)
+            objectives.append(duality_gap(W, H_, R_, c_, lam=lam, kappa=bound, n_constrained=nc).primal)
+        torch.testing.assert_close(objectives[0], objectives[1], rtol=1e-9, atol=1e-14)
+        # before the polish too (which mends any support it is given, e.g. stage 2's rows cut to the bound):
+        # the first N columns' l1 norms (the optimum is not unique among the duplicated pixel columns)
+        l1 = [result.weights[:, :N].abs().sum(1) for result in (joint, alone)]
+        torch.testing.assert_close(l1[0], l1[1], rtol=1e-6, atol=0)
+
+
+def test_admm_solves_planned_stages_in_one_batch() -> None:
+    """ADMMSolver.planned_stages on a fit's two stages (one G): the first solve runs the method for both, the
+    second takes its rows' answers; both certified with the objectives of separate solves. A problem outside
+    the plan is solved on its own."""
+    from idl_ray.sim.problem import GramStats
+
+    features, targets = samples(seed=7)
+    outputs = features @ torch.randn(
+        N + P, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    stats = GramStats.from_batch(features, torch.cat([targets, outputs], dim=1))
+    stage1 = SIMProblem(stats=stats.row_block(slice(0, N)), n_constrained=N, lam=1e-4, kappa=0.02)
+    stage2 = SIMProblem(stats=stats.row_block(slice(N, None)), n_constrained=0, lam=3e-4, kappa=None)
+    solver = ADMMSolver(device="cpu")
+    with solver.planned_stages([stage1, stage2]):
+        first, second = solver.solve(stage1), solver.solve(stage2)
+        other = solver.solve(stage2.replace(lam=1e-3))
+    assert first.stats.extra["joint_active_set"] and second.stats.extra["joint_active_set"]
+    assert not other.stats.extra["joint_active_set"] and other.stats.converged
+    assert first.stats.extra["active_set_steps"] == second.stats.extra["active_set_steps"] > 0
+    for planned, alone in (
+        (first, ADMMSolver(device="cpu").solve(stage1)),
+        (second, ADMMSolver(device="cpu").solve(stage2)),
+    ):
+        assert planned.stats.converged and alone.stats.converged
+        assert not alone.stats.extra["joint_active_set"]
+        assert planned.stats.objective == pytest.approx(alone.stats.objective, rel=1e-9)
+    assert float(first.weights[:, :N].abs().sum(1).max()) <= 0.02
+
+
+def test_a_sim_fit_runs_both_stages_in_one_batch() -> None:
+    """SIM.fit on a teacher whose inputs are low-rank (pixels from 8 directions, as upsampled images): the
+    dual active-set method runs once for both stages (stage 2 takes the joint answer) and each stage's
+    objective is that of a fresh solver on the same stage problem."""
+    from torch import nn
+
+    from idl_ray.sim import SIM
+
+    features, _ = samples(seed=3)
+    inputs = features[:, N:].float()
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(P, 6), nn.ReLU(), nn.Linear(6, 2))
+    sim = SIM(activation="relu", kappa=0.95, lam=1e-4, progress=False).fit(
+        teacher, inputs, solver=ADMMSolver(device="cpu")
+    )
+    for stage in ("stage1", "stage2"):
+        stats = sim.stats_[stage]
+        assert stats.converged and stats.extra["joint_active_set"] and stats.extra["active_set_rows"] > 0
+        alone = ADMMSolver(device="cpu").solve(sim.problems_[stage]).stats
+        assert alone.converged and not alone.extra["joint_active_set"]
+        assert stats.objective == pytest.approx(alone.objective, rel=1e-9)

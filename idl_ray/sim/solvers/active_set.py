@@ -107,6 +107,7 @@ def dual_active_set(
     n_constrained: int = 0,
     max_steps: int | None = None,
     start: torch.Tensor | None = None,
+    bounded: torch.Tensor | None = None,
 ) -> ActiveSetResult:
     """Solve the rows of R (n x d, r = Rt/m rows) by the dual active-set method (module docstring).
 
@@ -121,6 +122,8 @@ def dual_active_set(
     start : optional Tensor (n, d), a guess of each row's answer (e.g. the previous point of a lambda path):
         a row whose guessed support and signs give a valid start (:func:`_warm`) begins there instead of
         at u = b; any other row starts cold. The answer does not depend on it, only the steps.
+    bounded : optional bool Tensor (n,), the rows the bound applies to (default: every row); the others
+        are plain lasso rows (rows of several stages solved in one batch, :mod:`~idl_ray.sim.solvers.joint`)
 
     Returns
     -------
@@ -128,6 +131,10 @@ def dual_active_set(
     """
     if not dual_active_set_applies(lam):
         raise ValueError("dual_active_set needs every threshold > 0 (lam > 0)")
+    if bounded is not None and tuple(bounded.shape) != (R.shape[0],):
+        raise ValueError(
+            f"bounded must have shape ({R.shape[0]},), one flag per row of R; got {tuple(bounded.shape)}"
+        )
     Q, s = factor.range_basis()
     Q = Q.to(torch.float64)
     root = s.to(torch.float64).sqrt()
@@ -135,8 +142,11 @@ def dual_active_set(
     n, d, r = R.shape[0], Q.shape[0], root.numel()
     steps_cap = max_steps if max_steps is not None else max_steps_for(r)
     b = (R.to(torch.float64) @ Q) / root  # F^T b = r on the range of H
-    bounded = kappa is not None and n_constrained > 0
-    in_bound = torch.arange(d, device=R.device) < (n_constrained if bounded else 0)
+    has_bound = kappa is not None and n_constrained > 0
+    in_bound = torch.arange(d, device=R.device) < (n_constrained if has_bound else 0)
+    bounded_rows = (
+        torch.ones(n, dtype=torch.bool, device=R.device) if bounded is None else bounded.to(R.device)
+    )
     batch = max(1, _BATCH_BYTES // (2 * r * r * 8))
     weights = torch.zeros(n, d, dtype=torch.float64, device=R.device)
     finished = torch.zeros(n, dtype=torch.bool, device=R.device)
@@ -153,9 +163,9 @@ def dual_active_set(
         if start is not None:
             _warm(state, B, start[rows].to(device=R.device, dtype=torch.float64))
         k = _project(state, B, steps_cap)
-        if bounded:
+        if has_bound:
             over = torch.nonzero(
-                state.finished & (_bound_excess(state, in_bound, float(kappa)) > 0)
+                state.finished & bounded_rows[rows] & (_bound_excess(state, in_bound, float(kappa)) > 0)
             ).flatten()
             if over.numel():  # only these rows take part in phase 2
                 rows_over = state.take(over)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -10,12 +12,14 @@ import torch
 from idl_ray._validation import resolve_settings
 from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.problem import SIMProblem
+from idl_ray.sim.solvers.active_set import ActiveSetResult
 from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
     GramFactor,
     initial_rho,
 )
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
+from idl_ray.sim.solvers.joint import joint_active_set, joint_applies
 from idl_ray.sim.solvers.row_block import BLOCK_COUNTS, admm_solve
 from idl_ray.sim.solvers.scaling import ScaledStage
 from idl_ray.sim.solvers.start import start_state
@@ -27,48 +31,49 @@ __all__ = ["ADMMSolver"]
 class ADMMSolver(BaseSolver):
     """Accelerated ADMM for all rows of W at once on (G/m + l2 I, Rt/m), certified by the duality gap.
 
-    Each step is one (rows x d)(d x d) product (two thin ones when G has low rank), a soft-threshold and a
-    batched l1-ball projection; steps are over-relaxed and extrapolated by safeguarded Anderson
-    acceleration, rho adapts from normalised residuals, rows are polished on their support once nearly
-    optimal, and the solve stops when the duality gap, a bound on the suboptimality, is below
-    ``gap_tol`` times the objective (:mod:`~idl_ray.sim.solvers.row_block`). It returns a projected
-    iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
-    and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
-    block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
+        Each step is one (rows x d)(d x d) product (two thin ones when G has low rank), a soft-threshold and a
+        batched l1-ball projection; steps are over-relaxed and extrapolated by safeguarded Anderson
+        acceleration, rho adapts from normalised residuals, rows are polished on their support once nearly
+        optimal, and the solve stops when the duality gap, a bound on the suboptimality, is below
+        ``gap_tol`` times the objective (:mod:`~idl_ray.sim.solvers.row_block`). It returns a projected
+        iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
+        and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
+        block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
 
-    It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
-    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
-    rows are not polished.
+        It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
+        :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
+        rows are not polished.
 
-    ``solve(problem, initial=W0)`` starts from given weights (a lambda path passes the previous point):
-    Z0 = W0 with its A-parts projected onto the kappa ball (a feasible start), U0 = (R - Z0 H) / rho (the
-    scaled dual of ADMM's fixed point at Z0), kept per row where its duality gap is at most a cold
-    start's, and every row is polished on that support at the first check. Rows where the least-squares
-    warm point (``warm_start``) is already certified still take that one.
+        ``solve(problem, initial=W0)`` starts from given weights (a lambda path passes the previous point):
+        Z0 = W0 with its A-parts projected onto the kappa ball (a feasible start), U0 = (R - Z0 H) / rho (the
+        scaled dual of ADMM's fixed point at Z0), kept per row where its duality gap is at most a cold
+        start's, and every row is polished on that support at the first check. Rows where the least-squares
+        warm point (``warm_start``) is already certified still take that one.
 
-    Parameters
-    ----------
-    rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
-        See :class:`~idl_ray.sim.solvers.admm_kernels.ADMMOptions` (validated there).
-    options : ADMMOptions, optional; alternative to the keywords above (not both)
-    device : None/"auto" (CUDA when available), or a device
-    dtype : torch.float64 (default) or torch.float32
-    warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
-    progress : bool, a tqdm bar per solve with the relative gap and the certified rows (default False)
-    warm_start : bool, try the prox of the (minimum-norm) least-squares fit first, computed from the
-        cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
-        optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
-        with lam = 0 every row starts there; other rows start cold from W = 0.
+        Parameters
+        ----------
+        rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
+            See :class:`~idl_ray.sim.solvers.admm_kernels.ADMMOptions` (validated there).
+        options : ADMMOptions, optional; alternative to the keywords above (not both)
+        device : None/"auto" (CUDA when available), or a device
+        dtype : torch.float64 (default) or torch.float32
+        warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
+        progress : bool, a tqdm bar per solve with the relative gap and the certified rows (default False)
+        warm_start : bool, try the prox of the (minimum-norm) least-squares fit first, computed from the
+            cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
+            optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
+            with lam = 0 every row starts there; other rows start cold from W = 0.
 
-    Examples
-    --------
-    >>> import torch
-    >>> from idl_ray.sim.problem import SIMProblem
-    >>> Phi = torch.randn(300, 6, dtype=torch.float64); T = torch.randn(300, 3, dtype=torch.float64)
-    >>> problem = SIMProblem.from_samples(Phi, T, n_constrained=3, lam=1e-3, kappa=0.5)
-    >>> result = ADMMSolver(device="cpu").solve(problem)
-    >>> result.stats.constraint_violation, result.stats.converged
-    (0.0, True)
+        Examples
+        --------
+        >>> import torch
+        >>> from idl_ray.sim.problem import SIMProblem
+    from idl_ray.sim.solvers.active_set import ActiveSetResult
+        >>> Phi = torch.randn(300, 6, dtype=torch.float64); T = torch.randn(300, 3, dtype=torch.float64)
+        >>> problem = SIMProblem.from_samples(Phi, T, n_constrained=3, lam=1e-3, kappa=0.5)
+        >>> result = ADMMSolver(device="cpu").solve(problem)
+        >>> result.stats.constraint_violation, result.stats.converged
+        (0.0, True)
     """
 
     supports_l1_weights = True
@@ -98,6 +103,9 @@ class ADMMSolver(BaseSolver):
         # share one eigendecomposition on a low-rank G, and a lambda path or a refit factors it once
         self._factor_G: torch.Tensor | None = None
         self._factors: dict[tuple[Any, ...], list[tuple[torch.Tensor | None, GramFactor]]] = {}
+        # the problems of the current planned_stages scope and their joint active-set answers (by position)
+        self._planned: list[SIMProblem] = []
+        self._joint_answers: dict[int, ActiveSetResult] | None = None
         self._params = {
             **self.options.to_dict(),
             "device": str(self.device),
@@ -132,9 +140,23 @@ class ADMMSolver(BaseSolver):
 
     uses_initial = True
 
-    def _solve(
-        self, problem: SIMProblem, initial: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    @contextlib.contextmanager
+    def planned_stages(self, problems: Sequence[SIMProblem]) -> Iterator[ADMMSolver]:
+        """A scope whose solves of ``problems`` (a SIM fit's stages, on one G, solved in this order, cold) share
+        the dual active-set method: on a low-rank G the first solve runs it once for every planned stage's rows
+        (:mod:`~idl_ray.sim.solvers.joint`) and each solve takes its rows' answers, then polishes and certifies
+        them as usual. Its time counts in the first solve's stats. Other solves in the scope are unchanged."""
+        self._planned, self._joint_answers = list(problems), None
+        try:
+            yield self
+        finally:
+            self._planned, self._joint_answers = [], None
+
+    def _stage(
+        self, problem: SIMProblem, initial: torch.Tensor | None
+    ) -> tuple[ScaledStage, GramFactor, torch.Tensor, int]:
+        """The problem in the variables ADMM iterates on (equilibrated for a bounded stage), its factor, the
+        targets' squared norms / m, and the bounded columns."""
         H, R = problem.scaled(device=self.device, dtype=self.dtype)
         target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
         lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
@@ -143,12 +165,48 @@ class ADMMSolver(BaseSolver):
         nc = problem.n_constrained if problem.kappa is not None else 0
         if initial is not None:
             initial = initial.to(device=self.device, dtype=self.dtype)
-        # the same problem in equilibrated columns (for a bounded stage); mapped back below
         scaled = ScaledStage.of(
             H, R, lam, problem.kappa, nc, equilibrate=self.options.equilibrate, initial=initial
         )
+        factor = self.factor_for(problem, scaled.H, None if scaled.scaling is None else scaled.scaling.scales)
+        return scaled, factor, target_sq, nc
+
+    def _planned_answer(self, problem: SIMProblem) -> ActiveSetResult | None:
+        """The joint active-set answer for a planned problem (:meth:`planned_stages`), computed on the first
+        planned solve for all of them; None when the problem is not planned or the joint run does not apply
+        (not the same G, or a G or thresholds the method does not take)."""
+        index = next((i for i, planned in enumerate(self._planned) if planned is problem), None)
+        if index is None:
+            return None
+        if self._joint_answers is None:
+            self._joint_answers = self._joint_run()
+        return self._joint_answers.pop(index, None)
+
+    def _joint_run(self) -> dict[int, ActiveSetResult]:
+        planned = self._planned
+        reference = planned[0]
+        shared = all(
+            p.G is reference.G and p.l2 == reference.l2 and p.num_samples == reference.num_samples
+            and p.constraint == "inf_norm"
+            for p in planned
+        )  # fmt: skip
+        if not (shared and self.options.active_set and self.options.polish):
+            return {}
+        stages = [self._stage(p, None) for p in planned]
+        scaled = [stage[0] for stage in stages]
+        counts = [stage[3] for stage in stages]
+        factor = stages[0][1]
+        if not joint_applies(factor, scaled, counts):
+            return {}
+        return dict(enumerate(joint_active_set(factor, scaled, counts[0])))
+
+    def _solve(
+        self, problem: SIMProblem, initial: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        # the same problem in equilibrated columns (for a bounded stage); mapped back below
+        scaled, factor, target_sq, nc = self._stage(problem, initial)
         H, R, initial = scaled.H, scaled.R, scaled.initial
-        factor = self.factor_for(problem, H, None if scaled.scaling is None else scaled.scaling.scales)
+        answer = self._planned_answer(problem) if initial is None else None
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
@@ -159,7 +217,8 @@ class ADMMSolver(BaseSolver):
         stage = "ADMM (A, B)" if nc else "ADMM"
         W, stats = admm_solve(
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
-            progress=stage if self.progress else None, polish_first=initial is not None, **settings,
+            progress=stage if self.progress else None, polish_first=initial is not None,
+            active_set_answer=answer, **settings,
         )  # fmt: skip
         W, dual_point = scaled.weights(W, problem), scaled.dual_point(stats.dual_point)
         if not stats.converged and self.warn:
@@ -192,6 +251,7 @@ class ADMMSolver(BaseSolver):
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,
+                "joint_active_set": answer is not None,
             },
         }
         return W, info

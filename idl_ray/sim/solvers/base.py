@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -173,6 +173,13 @@ class BaseSolver(abc.ABC):
         >>> with solver.session():  # doctest: +SKIP
         ...     first, second = solver.solve(problem1), solver.solve(problem2)
         """
+        return contextlib.nullcontext(self)
+
+    def planned_stages(self, problems: Sequence[SIMProblem]) -> contextlib.AbstractContextManager[BaseSolver]:
+        """A scope in which the solver knows the problems its next solves will be (a SIM fit's stages, cold,
+        in this order), so it may share work between them: :class:`~idl_ray.sim.solvers.admm.ADMMSolver` runs
+        the dual active-set method once for both stages' rows. The answers are those of separate solves. A
+        no-op by default."""
         return contextlib.nullcontext(self)
 
     def solve(self, problem: SIMProblem, initial: torch.Tensor | None = None) -> SolveResult:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from idl_ray._validation import bad_parameter
-from idl_ray.sim.solvers.active_set import dual_active_set, dual_active_set_applies
+from idl_ray.sim.solvers.active_set import ActiveSetResult, dual_active_set, dual_active_set_applies
 from idl_ray.sim.solvers.admm_kernels import (
     ADMMOptions,
     ADMMState,
@@ -167,6 +167,8 @@ class RowBlockADMM:
     polish_first : bool, polish every row at the first check (a warm start from a nearby problem, e.g. the
         previous point of a lambda path: its support is a good guess, and a polish on the right support
         certifies the row without a step)
+    active_set_answer : ActiveSetResult for these rows computed beforehand (:mod:`~idl_ray.sim.solvers.joint`),
+        taken instead of running the dual active-set method here
     """
 
     def __init__(
@@ -184,8 +186,10 @@ class RowBlockADMM:
         condition: str = "inf_norm",
         diagonal: torch.Tensor | None = None,
         polish_first: bool = False,
+        active_set_answer: ActiveSetResult | None = None,
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
+        self._active_set_answer = active_set_answer
         # "mu_inf": the diagonal column of each row of the block (the prox and the certificate need it)
         self.condition = condition if kappa is not None and n_constrained > 0 else "inf_norm"
         if self.condition == "mu_inf":
@@ -469,14 +473,20 @@ class RowBlockADMM:
         self._active_set_pending = False
         open_ = torch.nonzero(~ok).flatten()
         rows = active[open_]
-        result = dual_active_set(
-            self.factor,
-            self.R[rows],
-            lam=take_rows(self.lam, rows),
-            kappa=self.kappa,
-            n_constrained=self.n_constrained,
-            start=Z[rows],  # a warm start's rows (a lambda path's previous point) start from their supports
-        )
+        answer = self._active_set_answer
+        if answer is not None:  # computed beforehand with other stages' rows (joint.py): these rows' part
+            result = ActiveSetResult(answer.weights[rows], answer.finished[rows], answer.steps)
+        else:
+            result = dual_active_set(
+                self.factor,
+                self.R[rows],
+                lam=take_rows(self.lam, rows),
+                kappa=self.kappa,
+                n_constrained=self.n_constrained,
+                start=Z[
+                    rows
+                ],  # a warm start's rows (a lambda path's previous point) start from their supports
+            )
         self.active_set_steps = result.steps
         # the rows it does not finish are the degenerate ones (an optimum inside a face where the bound cuts
         # it, the guard): they go to the interior point at once rather than to ADMM's crawl on this Gram
@@ -710,6 +720,7 @@ def admm_solve(
     condition: str = "inf_norm",
     diagonal: torch.Tensor | None = None,
     polish_first: bool = False,
+    active_set_answer: ActiveSetResult | None = None,
 ) -> tuple[torch.Tensor, ADMMStats]:
     """Solve the Gram-form problem for all rows of W at once, certified by the duality gap.
 
@@ -733,6 +744,8 @@ def admm_solve(
     diagonal : Tensor of int64 (rows,), the diagonal column of each row under "mu_inf" (default: row i
         at column i)
     polish_first : polish every row at the first check (see :class:`RowBlockADMM`; for warm starts)
+    active_set_answer : the dual active-set method's answer for these rows, computed beforehand (with other
+        stages' rows in one batch, :mod:`~idl_ray.sim.solvers.joint`): taken where the block would run the method
 
     Returns
     -------
@@ -780,6 +793,7 @@ def admm_solve(
         condition=condition,
         diagonal=diagonal,
         polish_first=polish_first,
+        active_set_answer=active_set_answer,
     )
     report = block.run(options.max_iter - block.state.iteration, progress=progress)
     stats = ADMMStats(

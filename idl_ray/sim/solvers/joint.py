@@ -1,0 +1,98 @@
+"""The dual active-set method for the rows of several stages on one Gram, in one lockstep batch.
+
+A SIM fit solves stage 1 (the rows of [A B], under the kappa bound, on block-equilibrated columns) and stage 2
+(the rows of [C D], no bound, unscaled) on the same G. On a low-rank G both go to the dual active-set method
+(:mod:`~idl_ray.sim.solvers.active_set`), whose rows run in lockstep: its cost is the steps of its slowest row
+times the cost of one step, and a step costs nearly as much for 10 rows as for 100 (most of it is per-step
+work, not per-row). Stage 2's 10 rows alone take 200-355 steps on the 28x28 digits teacher, about as many as
+stage 1's 96; run in stage 1's batch they ride along.
+
+The method's answer does not depend on the columns' scale: with stage i in variables ``v_i = w s_i`` and the
+reference stage (the first) in ``v = w s``, stage i is posed in the reference's variables by
+``r -> r / c``, ``t -> t / c`` (c = s / s_i) and its answer maps back by ``v_i = v / c``. Only the reference
+stage may carry the kappa bound (the other stages' rows are plain lasso rows:
+``dual_active_set(bounded=...)``). The answers are what the method gives each stage on its own (supports and
+signs; approximate values): each stage's solve polishes and certifies its rows as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from idl_ray.sim.solvers.active_set import ActiveSetResult, dual_active_set, dual_active_set_applies
+from idl_ray.sim.solvers.admm_kernels import GramFactor
+from idl_ray.sim.solvers.scaling import ScaledStage
+
+__all__ = ["joint_active_set", "joint_applies"]
+
+
+def _scales(stage: ScaledStage) -> torch.Tensor:
+    d = stage.H.shape[0]
+    if stage.scaling is None:
+        return torch.ones(d, dtype=torch.float64, device=stage.H.device)
+    return stage.scaling.scales.to(device=stage.H.device, dtype=torch.float64)
+
+
+def joint_applies(factor: GramFactor, stages: Sequence[ScaledStage], n_constrained: Sequence[int]) -> bool:
+    """Whether :func:`joint_active_set` applies: two stages or more, the reference's factor low-rank (where
+    the method runs), every threshold > 0, and a bound on the reference stage only."""
+    return (
+        len(stages) >= 2
+        and factor.low_rank
+        and factor.rank > 0
+        and all(dual_active_set_applies(stage.lam) for stage in stages)
+        and all(count == 0 or stage.kappa is None for stage, count in zip(stages[1:], n_constrained[1:]))
+    )
+
+
+def joint_active_set(
+    factor: GramFactor, stages: Sequence[ScaledStage], n_constrained: int
+) -> list[ActiveSetResult]:
+    """One :func:`~idl_ray.sim.solvers.active_set.dual_active_set` run for the rows of every stage.
+
+    Parameters
+    ----------
+    factor : GramFactor of the reference stage's H (``stages[0].H``)
+    stages : the stages in their solvers' variables (:class:`~idl_ray.sim.solvers.scaling.ScaledStage`, all on
+        one G); the first is the reference, the only one whose bound (``kappa``, ``n_constrained``) applies
+    n_constrained : the reference stage's bounded columns
+
+    Returns
+    -------
+    One ActiveSetResult per stage, in that stage's variables (``steps``: the joint batch's)
+    """
+    reference = _scales(stages[0])
+    R_parts, t_parts, bounded, ratios = [], [], [], []
+    for index, stage in enumerate(stages):
+        rows, d = stage.R.shape
+        ratio = reference / _scales(stage)  # c = s / s_i
+        lam = stage.lam
+        thresholds = (
+            lam.to(torch.float64) if isinstance(lam, torch.Tensor) else torch.full((rows, d), float(lam))
+        ).to(reference.device)
+        R_parts.append(stage.R.to(torch.float64) / ratio)
+        t_parts.append(thresholds / ratio)
+        bounded.append(torch.full((rows,), index == 0, dtype=torch.bool, device=reference.device))
+        ratios.append(ratio)
+    result = dual_active_set(
+        factor,
+        torch.cat(R_parts),
+        lam=torch.cat(t_parts),
+        kappa=stages[0].kappa,
+        n_constrained=n_constrained if stages[0].kappa is not None else 0,
+        bounded=torch.cat(bounded),
+    )
+    answers, first = [], 0
+    for stage, ratio in zip(stages, ratios):
+        rows = slice(first, first + stage.R.shape[0])
+        first = rows.stop
+        answers.append(
+            ActiveSetResult(
+                weights=(result.weights[rows] / ratio).to(stage.R.dtype),
+                finished=result.finished[rows],
+                steps=result.steps,
+            )
+        )
+    return answers
