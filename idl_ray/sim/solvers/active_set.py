@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 
@@ -253,28 +254,46 @@ class _Rows:
         joining_sign: torch.Tensor,
         joining_y: torch.Tensor,
         k: int,
-    ) -> None:
+        next_normal: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Greville's updates of N^+ (one in-place rank-one update for both kinds of rows) and the slots:
         rows ``add`` take constraint ``joining`` (z = (I - N N^+) normal, zn = z^T normal, rv = N^+ normal on
         the first ``k`` slots) with multiplier ``joining_y``; rows ``drop`` lose slot ``leaving``; ``k``: the
-        slots' span when rv was formed (:meth:`complement`)."""
+        slots' span when rv was formed (:meth:`complement`).
+
+        With ``next_normal`` (m x r) it also returns N^+ next_normal after the update (m x :attr:`top`), from
+        the pass over N^+ that forms the dropped rows' N^+ g (one batched product with two vectors per row,
+        not a second pass): (N^+ - a c^T) n = N^+ n - a (c^T n), a new slot's entry z^T n / zn, a dropped
+        slot's 0."""
         tiny = torch.finfo(z.dtype).tiny
         Pinv = self.Pinv[:, :k]  # a view: the slots in use
         a = rv * (add.to(rv.dtype) / zn.clamp_min(tiny))[:, None]  # 0 off the rows that add
         c = z
-        if bool(drop.any()):
+        base = None  # N^+ next_normal before the update
+        dropping = bool(drop.any())
+        if dropping:
             rows, slot = torch.nonzero(drop).flatten(), leaving[drop]
             c = z.clone()
             dropped = torch.zeros_like(z)
             dropped[rows] = c[rows] = self.Pinv[rows, slot]  # g: the leaving row of N^+ (0 on other rows)
-            through = _times(Pinv, dropped)  # N^+ g (a copy of the rows costs more)
+            if next_normal is None:
+                through = _times(Pinv, dropped)  # N^+ g (a copy of the rows costs more)
+            else:
+                both = torch.bmm(torch.stack([next_normal, dropped], dim=1), Pinv.transpose(1, 2))
+                base, through = both[:, 0], both[:, 1]
             a[rows] = through[rows] / (c[rows] * c[rows]).sum(dim=1).clamp_min(tiny)[:, None]
-            Pinv.addcmul_(a[:, :, None], c[:, None, :], value=-1.0)
+        elif next_normal is not None:
+            base = _times(Pinv, next_normal)
+        following = None
+        if base is not None:
+            following = base.addcmul_(a, (c * next_normal).sum(dim=1, keepdim=True), value=-1.0)
+        Pinv.addcmul_(a[:, :, None], c[:, None, :], value=-1.0)
+        if dropping:
             self.Pinv[rows, slot] = 0.0
+            if following is not None:
+                following[rows, slot] = 0.0
             self.in_set[rows, self.member[rows, slot]] = False
             self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
-        else:
-            Pinv.addcmul_(a[:, :, None], c[:, None, :], value=-1.0)
         if bool(add.any()):
             rows = torch.nonzero(add).flatten()
             slot = (self.member[rows] < 0).to(torch.int8).argmax(dim=1)
@@ -283,18 +302,24 @@ class _Rows:
             self.y[rows, slot] = joining_y[rows]
             self.in_set[rows, joining[rows]] = True
             self.top = max(self.top, int(slot.max()) + 1)
+            if following is not None:
+                if following.shape[1] < self.top:
+                    following = torch.nn.functional.pad(following, (0, self.top - following.shape[1]))
+                following[rows, slot] = (z[rows] * next_normal[rows]).sum(dim=1) / zn[rows]
+        return following
 
     def complement(
-        self, normal: torch.Tensor, B: torch.Tensor
+        self, normal: torch.Tensor, B: torch.Tensor, rv: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(rv, z, zn, k) of new normals (m x r): rv = N^+ n on the first k slots (m x k, k = :attr:`top`),
-        the part z of n orthogonal to the active normals, z^T n, and k.
+        """(rv, z, zn, k) of new normals (m x r): rv = N^+ n on the first k slots (m x k, k = :attr:`top`;
+        given when known, :meth:`update`), the part z of n orthogonal to the active normals, z^T n, and k.
 
         N^T rv = sum_k rv_k (-sign_k) f_{member_k} is formed as a (m x d)(d x r) product from the slots'
         coefficients scattered onto their columns (cheaper than keeping N: one thin product, no m x r x r
         array to read or update)."""
         k = self.top
-        rv = _times(self.Pinv[:, :k], normal)
+        if rv is None:
+            rv = _times(self.Pinv[:, :k], normal)
         columns = self.member[:, :k].clamp_min(0)  # an empty slot has sign 0: it adds nothing
         coefficients = self.scratch()
         coefficients.scatter_add_(1, columns, self.sign[:, :k] * rv)
@@ -424,8 +449,8 @@ def _stop(whole: _Rows, state: _Rows, positions: torch.Tensor | None) -> None:
 
 
 def _compacted(
-    whole: _Rows, state: _Rows, positions: torch.Tensor | None, extras: tuple[torch.Tensor, ...]
-) -> tuple[_Rows, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    whole: _Rows, state: _Rows, positions: torch.Tensor | None, extras: tuple[torch.Tensor | None, ...]
+) -> tuple[_Rows, torch.Tensor | None, tuple[torch.Tensor | None, ...]]:
     """Once a quarter of the batch is done, write it back into ``whole`` and go on with its live rows (and
     their per-row ``extras``): the easy rows of a stage (e.g. the 32 second-layer rows of the digits teacher's
     stage 1, ~40 steps) then stop costing the hard ones' steps. ``positions``: the batch's rows in ``whole``
@@ -437,7 +462,7 @@ def _compacted(
     if positions is not None:
         whole.put(positions, state)
     positions = keep if positions is None else positions[keep]
-    return state.take(keep), positions, tuple(x[keep] for x in extras)
+    return state.take(keep), positions, tuple(None if x is None else x[keep] for x in extras)
 
 
 def _smallest_ratio(
@@ -473,9 +498,15 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     y_new = torch.zeros(m, dtype=dt, device=dev)  # its multiplier so far
     limit = state.t * (1.0 + _VIOLATION_TOL)  # |f_j^T u| above this is a violation
     steps = 0
+    # the last step's update of N^+, applied once the next normals are known: the pass over N^+ that forms
+    # the dropped rows' N^+ g then also gives N^+ of the next normals (rv), instead of a pass of its own
+    pending: dict[str, Any] | None = None
     while True:
         pick = (p < 0) & state.live
         if steps and steps % _RECOMPUTE_EVERY == 0:
+            if pending is not None:
+                state.update(**pending)
+                pending = None
             _recompute(state, B, pick)
         if bool(pick.any()):
             idx = torch.nonzero(pick).flatten()
@@ -493,17 +524,19 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
             s[go] = torch.sign(Bu_go)
             slack[go] = state.t[go, j] - s[go] * Bu_go
             y_new[go] = 0.0
+        # GI's form: normal^T u >= -t_p (rows no longer live take no step, whatever their normal)
+        normal = -s[:, None] * B[p.clamp_min(0)]
+        rv = None if pending is None else state.update(**pending, next_normal=normal)
+        pending = None
         if not bool(state.live.any()) or steps >= max_steps:
             _stop(whole, state, positions)
             return steps
-        state, positions, (p, s, slack, y_new, limit) = _compacted(
-            whole, state, positions, (p, s, slack, y_new, limit)
+        state, positions, (p, s, slack, y_new, limit, normal, rv) = _compacted(
+            whole, state, positions, (p, s, slack, y_new, limit, normal, rv)
         )
         live = state.live
         steps += 1
-        # GI's form: normal^T u >= -t_p (rows no longer live take no step, whatever their normal)
-        normal = -s[:, None] * B[p.clamp_min(0)]
-        rv, z, zn, k = state.complement(normal, B)  # rv: how the active multipliers change
+        rv, z, zn, k = state.complement(normal, B, rv)  # rv: how the active multipliers change
         y = state.y[:, :k]  # a view
         dependent = _dependent(zn, normal)
         full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
@@ -520,9 +553,14 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         slack += move * zn
         add = (full <= partial) & live
         drop = (full > partial) & live
-        state.update(
-            add, drop, z=z, zn=zn, rv=rv, leaving=leaving, joining=p, joining_sign=s, joining_y=y_new, k=k
-        )
+        # the next pick needs the active sets now (update marks them again)
+        adding, dropping = torch.nonzero(add).flatten(), torch.nonzero(drop).flatten()
+        state.in_set[adding, p[adding]] = True
+        state.in_set[dropping, state.member[dropping, leaving[dropping]]] = False
+        pending = {
+            "add": add, "drop": drop, "z": z, "zn": zn, "rv": rv, "leaving": leaving, "joining": p.clone(),
+            "joining_sign": s.clone(), "joining_y": y_new.clone(), "k": k,
+        }  # fmt: skip
         p[add] = -1
 
 
