@@ -118,6 +118,8 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
                 # the active set, the interior-point hand-over and the vertex step (ADMMSolver and the Ray
                 # gram strategy)
                 **{k: stats.extra.get(k) for k in BLOCK_COUNTS},
+                # the method ran once for both stages' rows (ADMMSolver on a low-rank G; its time is stage 1's)
+                "joint_active_set": bool(stats.extra.get("joint_active_set")),
             }
         results.append(record)
         s1, s2 = record["stage1"], record["stage2"]
@@ -126,7 +128,8 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             f"{s1['active_set_steps'] or 0} steps, +{s1['interior_point_iterations'] or 0} IP on "
             f"{s1['interior_point_rows'] or 0} rows) {'ok' if s1['converged'] else 'CAP'} "
             f"gap {s1['relative_gap']:.1e} {s1['time_s']:.2f}s vs-cvx {s1['worst_rel_vs_cvx']:+.1e} | "
-            f"stage2 {s2['iterations']} it (AS {s2['active_set_rows'] or 0}) "
+            f"stage2 {s2['iterations']} it (AS {s2['active_set_rows'] or 0}"
+            f"{', joint with stage 1' if s2['joint_active_set'] else ''}) "
             f"{'ok' if s2['converged'] else 'CAP'} gap {s2['relative_gap']:.1e} "
             f"{s2['time_s']:.2f}s vs-cvx {s2['worst_rel_vs_cvx']:+.1e} | total {total:.2f}s = "
             f"{record['ratio_to_floor']:.1f}x floor ({floor:.2f}s; {record['ratio_to_issue_floor']:.1f}x the "
