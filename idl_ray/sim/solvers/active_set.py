@@ -281,7 +281,8 @@ class _Rows:
             else:
                 both = torch.bmm(torch.stack([next_normal, dropped], dim=1), Pinv.transpose(1, 2))
                 base, through = both[:, 0], both[:, 1]
-            a[rows] = through[rows] / (c[rows] * c[rows]).sum(dim=1).clamp_min(tiny)[:, None]
+            scale = (dropped * dropped).sum(dim=1, keepdim=True).clamp_min(tiny)  # ||g||^2
+            a = torch.where(drop[:, None], through / scale, a)
         elif next_normal is not None:
             base = _times(Pinv, next_normal)
         following = None
@@ -476,8 +477,7 @@ def _smallest_ratio(
             torch.full((rows,), math.inf, dtype=numerator.dtype, device=numerator.device),
             torch.zeros(rows, dtype=torch.long, device=numerator.device),
         )
-    safe = torch.where(where, denominator, torch.ones_like(denominator))
-    return torch.where(where, numerator / safe, math.inf).min(dim=1)
+    return torch.where(where, numerator / denominator, math.inf).min(dim=1)  # 0/0 elsewhere: masked
 
 
 def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -496,7 +496,10 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     s = torch.zeros(m, dtype=dt, device=dev)
     slack = torch.zeros(m, dtype=dt, device=dev)  # its slack t_p - s f_p^T u (< 0 while violated)
     y_new = torch.zeros(m, dtype=dt, device=dev)  # its multiplier so far
-    limit = state.t * (1.0 + _VIOLATION_TOL)  # |f_j^T u| above this is a violation
+    # |f_j^T u| above t_j (1 + tol) is a violation, by the distance (|f_j^T u| - t_j (1 + tol)) / ||f_j||:
+    # the offset -t_j (1 + tol) / ||f_j||, -inf on the active constraints (kept so as they join and leave)
+    offset = (state.t * (-(1.0 + _VIOLATION_TOL))).mul_(inverse_norms)
+    offset.masked_fill_(state.in_set, -math.inf)
     steps = 0
     # the last step's update of N^+, applied once the next normals are known: the pass over N^+ that forms
     # the dropped rows' N^+ g then also gives N^+ of the next normals (rv), instead of a pass of its own
@@ -511,8 +514,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         if bool(pick.any()):
             idx = torch.nonzero(pick).flatten()
             Bu = state.u[idx] @ B.T  # fresh (the other rows' f^T u is not needed until they pick)
-            distance = Bu.abs().sub_(limit[idx]).mul_(inverse_norms)  # > 0: violated, by this distance
-            distance.masked_fill_(state.in_set[idx], -math.inf)
+            distance = torch.addcmul(offset[idx], Bu.abs(), inverse_norms)  # > 0: violated, by this distance
             best, j = distance.max(dim=1)
             clean = best <= 0
             state.finished[idx[clean]] = True
@@ -531,8 +533,8 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         if not bool(state.live.any()) or steps >= max_steps:
             _stop(whole, state, positions)
             return steps
-        state, positions, (p, s, slack, y_new, limit, normal, rv) = _compacted(
-            whole, state, positions, (p, s, slack, y_new, limit, normal, rv)
+        state, positions, (p, s, slack, y_new, offset, normal, rv) = _compacted(
+            whole, state, positions, (p, s, slack, y_new, offset, normal, rv)
         )
         live = state.live
         steps += 1
@@ -553,10 +555,11 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         slack += move * zn
         add = (full <= partial) & live
         drop = (full > partial) & live
-        # the next pick needs the active sets now (update marks them again)
+        # the next pick needs the active sets now (update marks in_set, after the pick)
         adding, dropping = torch.nonzero(add).flatten(), torch.nonzero(drop).flatten()
-        state.in_set[adding, p[adding]] = True
-        state.in_set[dropping, state.member[dropping, leaving[dropping]]] = False
+        offset[adding, p[adding]] = -math.inf
+        left = state.member[dropping, leaving[dropping]]
+        offset[dropping, left] = state.t[dropping, left] * (-(1.0 + _VIOLATION_TOL)) * inverse_norms[left]
         pending = {
             "add": add, "drop": drop, "z": z, "zn": zn, "rv": rv, "leaving": leaving, "joining": p.clone(),
             "joining_sign": s.clone(), "joining_y": y_new.clone(), "k": k,
