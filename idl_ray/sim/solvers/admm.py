@@ -171,7 +171,7 @@ class ADMMSolver(BaseSolver):
         factor = self.factor_for(problem, scaled.H, None if scaled.scaling is None else scaled.scaling.scales)
         return scaled, factor, target_sq, nc
 
-    def _planned_answer(self, problem: SIMProblem) -> ActiveSetResult | None:
+    def _planned_answer(self, problem: SIMProblem, stage: tuple[Any, ...]) -> ActiveSetResult | None:
         """The joint active-set answer for a planned problem (:meth:`planned_stages`), computed on the first
         planned solve for all of them; None when the problem is not planned or the joint run does not apply
         (not the same G, or a G or thresholds the method does not take)."""
@@ -179,10 +179,12 @@ class ADMMSolver(BaseSolver):
         if index is None:
             return None
         if self._joint_answers is None:
-            self._joint_answers = self._joint_run()
+            self._joint_answers = self._joint_run(index, stage)
         return self._joint_answers.pop(index, None)
 
-    def _joint_run(self) -> dict[int, ActiveSetResult]:
+    def _joint_run(self, index: int, stage: tuple[Any, ...]) -> dict[int, ActiveSetResult]:
+        """The joint answers of every planned problem; ``stage``: :meth:`_stage` of the planned problem
+        ``index`` (the solve under way), not set up twice."""
         planned = self._planned
         reference = planned[0]
         shared = all(
@@ -192,9 +194,9 @@ class ADMMSolver(BaseSolver):
         )  # fmt: skip
         if not (shared and self.options.active_set and self.options.polish):
             return {}
-        stages = [self._stage(p, None) for p in planned]
-        scaled = [stage[0] for stage in stages]
-        counts = [stage[3] for stage in stages]
+        stages = [stage if i == index else self._stage(p, None) for i, p in enumerate(planned)]
+        scaled = [entry[0] for entry in stages]
+        counts = [entry[3] for entry in stages]
         factor = stages[0][1]
         if not joint_applies(factor, scaled, counts):
             return {}
@@ -204,9 +206,10 @@ class ADMMSolver(BaseSolver):
         self, problem: SIMProblem, initial: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         # the same problem in equilibrated columns (for a bounded stage); mapped back below
-        scaled, factor, target_sq, nc = self._stage(problem, initial)
+        stage = self._stage(problem, initial)
+        scaled, factor, target_sq, nc = stage
         H, R, initial = scaled.H, scaled.R, scaled.initial
-        answer = self._planned_answer(problem) if initial is None else None
+        answer = self._planned_answer(problem, stage) if initial is None else None
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
