@@ -31,49 +31,50 @@ __all__ = ["ADMMSolver"]
 class ADMMSolver(BaseSolver):
     """Accelerated ADMM for all rows of W at once on (G/m + l2 I, Rt/m), certified by the duality gap.
 
-        Each step is one (rows x d)(d x d) product (two thin ones when G has low rank), a soft-threshold and a
-        batched l1-ball projection; steps are over-relaxed and extrapolated by safeguarded Anderson
-        acceleration, rho adapts from normalised residuals, rows are polished on their support once nearly
-        optimal, and the solve stops when the duality gap, a bound on the suboptimality, is below
-        ``gap_tol`` times the objective (:mod:`~idl_ray.sim.solvers.row_block`). It returns a projected
-        iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
-        and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
-        block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
+    Each step is one (rows x d)(d x d) product (two thin ones when G has low rank), a soft-threshold and a
+    batched l1-ball projection; steps are over-relaxed and extrapolated by safeguarded Anderson
+    acceleration, rho adapts from normalised residuals, rows are polished on their support once nearly
+    optimal, and the solve stops when the duality gap, a bound on the suboptimality, is below
+    ``gap_tol`` times the objective (:mod:`~idl_ray.sim.solvers.row_block`). It returns a projected
+    iterate, so ``||A||_inf <= kappa`` holds exactly. The eigendecomposition of G is cached on the solver
+    and reused when the same Gram comes back: a SIM fit factors G once per stage (stage 1 on
+    block-equilibrated columns, ``equilibrate``), and a refit or a lambda path on the same G reuses them.
+    Inside :meth:`planned_stages` (a SIM fit's two stages) the dual active-set method runs once for both
+    stages' rows on a low-rank G (:mod:`~idl_ray.sim.solvers.joint`).
 
-        It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
-        :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
-        rows are not polished.
+    It supports ``SIMProblem(constraint="mu_inf")``: the Z-step is then the prox
+    :func:`~idl_ray.implicit.mu_projection.prox_mu_rows`, the certificate uses that set's conjugate, and
+    rows are not polished.
 
-        ``solve(problem, initial=W0)`` starts from given weights (a lambda path passes the previous point):
-        Z0 = W0 with its A-parts projected onto the kappa ball (a feasible start), U0 = (R - Z0 H) / rho (the
-        scaled dual of ADMM's fixed point at Z0), kept per row where its duality gap is at most a cold
-        start's, and every row is polished on that support at the first check. Rows where the least-squares
-        warm point (``warm_start``) is already certified still take that one.
+    ``solve(problem, initial=W0)`` starts from given weights (a lambda path passes the previous point):
+    Z0 = W0 with its A-parts projected onto the kappa ball (a feasible start), U0 = (R - Z0 H) / rho (the
+    scaled dual of ADMM's fixed point at Z0), kept per row where its duality gap is at most a cold
+    start's, and every row is polished on that support at the first check. Rows where the least-squares
+    warm point (``warm_start``) is already certified still take that one.
 
-        Parameters
-        ----------
-        rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
-            See :class:`~idl_ray.sim.solvers.admm_kernels.ADMMOptions` (validated there).
-        options : ADMMOptions, optional; alternative to the keywords above (not both)
-        device : None/"auto" (CUDA when available), or a device
-        dtype : torch.float64 (default) or torch.float32
-        warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
-        progress : bool, a tqdm bar per solve with the relative gap and the certified rows (default False)
-        warm_start : bool, try the prox of the (minimum-norm) least-squares fit first, computed from the
-            cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
-            optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
-            with lam = 0 every row starts there; other rows start cold from W = 0.
+    Parameters
+    ----------
+    rho, max_iter, gap_tol, adaptive_rho, check_every, relaxation, anderson, polish, rho_scale, ... :
+        See :class:`~idl_ray.sim.solvers.admm_kernels.ADMMOptions` (validated there).
+    options : ADMMOptions, optional; alternative to the keywords above (not both)
+    device : None/"auto" (CUDA when available), or a device
+    dtype : torch.float64 (default) or torch.float32
+    warn : bool, emit a ConvergenceWarning when max_iter is reached (default True)
+    progress : bool, a tqdm bar per solve with the relative gap and the certified rows (default False)
+    warm_start : bool, try the prox of the (minimum-norm) least-squares fit first, computed from the
+        cached eigendecomposition for rows * d^2 flops (default True): rows where it is already certified
+        optimal (lam = 0 without an active bound, an exactly representable teacher) take no ADMM step, and
+        with lam = 0 every row starts there; other rows start cold from W = 0.
 
-        Examples
-        --------
-        >>> import torch
-        >>> from idl_ray.sim.problem import SIMProblem
-    from idl_ray.sim.solvers.active_set import ActiveSetResult
-        >>> Phi = torch.randn(300, 6, dtype=torch.float64); T = torch.randn(300, 3, dtype=torch.float64)
-        >>> problem = SIMProblem.from_samples(Phi, T, n_constrained=3, lam=1e-3, kappa=0.5)
-        >>> result = ADMMSolver(device="cpu").solve(problem)
-        >>> result.stats.constraint_violation, result.stats.converged
-        (0.0, True)
+    Examples
+    --------
+    >>> import torch
+    >>> from idl_ray.sim.problem import SIMProblem
+    >>> Phi = torch.randn(300, 6, dtype=torch.float64); T = torch.randn(300, 3, dtype=torch.float64)
+    >>> problem = SIMProblem.from_samples(Phi, T, n_constrained=3, lam=1e-3, kappa=0.5)
+    >>> result = ADMMSolver(device="cpu").solve(problem)
+    >>> result.stats.constraint_violation, result.stats.converged
+    (0.0, True)
     """
 
     supports_l1_weights = True
@@ -171,7 +172,7 @@ class ADMMSolver(BaseSolver):
         factor = self.factor_for(problem, scaled.H, None if scaled.scaling is None else scaled.scaling.scales)
         return scaled, factor, target_sq, nc
 
-    def _planned_answer(self, problem: SIMProblem, stage: tuple[Any, ...]) -> ActiveSetResult | None:
+    def _planned_answer(self, problem: SIMProblem, set_up: tuple[Any, ...]) -> ActiveSetResult | None:
         """The joint active-set answer for a planned problem (:meth:`planned_stages`), computed on the first
         planned solve for all of them; None when the problem is not planned or the joint run does not apply
         (not the same G, or a G or thresholds the method does not take)."""
@@ -179,12 +180,12 @@ class ADMMSolver(BaseSolver):
         if index is None:
             return None
         if self._joint_answers is None:
-            self._joint_answers = self._joint_run(index, stage)
+            self._joint_answers = self._joint_run(index, set_up)
         return self._joint_answers.pop(index, None)
 
-    def _joint_run(self, index: int, stage: tuple[Any, ...]) -> dict[int, ActiveSetResult]:
-        """The joint answers of every planned problem; ``stage``: :meth:`_stage` of the planned problem
-        ``index`` (the solve under way), not set up twice."""
+    def _joint_run(self, index: int, set_up: tuple[Any, ...]) -> dict[int, ActiveSetResult]:
+        """The joint answers of every planned problem; ``set_up``: :meth:`_stage` of the planned problem
+        ``index`` (the solve under way), not done twice."""
         planned = self._planned
         reference = planned[0]
         shared = all(
@@ -194,7 +195,7 @@ class ADMMSolver(BaseSolver):
         )  # fmt: skip
         if not (shared and self.options.active_set and self.options.polish):
             return {}
-        stages = [stage if i == index else self._stage(p, None) for i, p in enumerate(planned)]
+        stages = [set_up if i == index else self._stage(p, None) for i, p in enumerate(planned)]
         scaled = [entry[0] for entry in stages]
         counts = [entry[3] for entry in stages]
         factor = stages[0][1]
@@ -206,10 +207,10 @@ class ADMMSolver(BaseSolver):
         self, problem: SIMProblem, initial: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         # the same problem in equilibrated columns (for a bounded stage); mapped back below
-        stage = self._stage(problem, initial)
-        scaled, factor, target_sq, nc = stage
+        set_up = self._stage(problem, initial)
+        scaled, factor, target_sq, nc = set_up
         H, R, initial = scaled.H, scaled.R, scaled.initial
-        answer = self._planned_answer(problem, stage) if initial is None else None
+        answer = self._planned_answer(problem, set_up) if initial is None else None
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip

@@ -476,16 +476,14 @@ class RowBlockADMM:
         answer = self._active_set_answer
         if answer is not None:  # computed beforehand with other stages' rows (joint.py): these rows' part
             result = ActiveSetResult(answer.weights[rows], answer.finished[rows], answer.steps)
-        else:
+        else:  # a warm start's rows (a lambda path's previous point) start from their supports
             result = dual_active_set(
                 self.factor,
                 self.R[rows],
                 lam=take_rows(self.lam, rows),
                 kappa=self.kappa,
                 n_constrained=self.n_constrained,
-                start=Z[
-                    rows
-                ],  # a warm start's rows (a lambda path's previous point) start from their supports
+                start=Z[rows],
             )
         self.active_set_steps = result.steps
         # the rows it does not finish are the degenerate ones (an optimum inside a face where the bound cuts
