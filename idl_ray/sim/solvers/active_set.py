@@ -589,7 +589,6 @@ def _follow_the_bound(
     dt = state.u.dtype
     tiny = torch.finfo(dt).tiny
     bound_f = in_bound.to(dt)
-    minus_bound = -bound_f
 
     def excess_of_bound() -> torch.Tensor:
         return _bound_excess(state, in_bound, kappa)
@@ -633,27 +632,25 @@ def _follow_the_bound(
         live = state.live
         k = state.top
         Pinv, y = state.Pinv[:, :k], state.y[:, :k]  # views: the slots in use
-        q = torch.bmm(_bounded_slots(state, in_bound, k)[:, None, :], Pinv)[:, 0, :]  # N^{+T} a   (m x r)
+        bounded_slots = _bounded_slots(state, in_bound, k)
+        q = torch.bmm(bounded_slots[:, None, :], Pinv)[:, 0, :]  # N^{+T} a   (m x r)
         rate = _times(Pinv, q)  # -dy/dnu      (m x k)
         Bq = q @ B.T  # -d(f_j^T u)/dnu  (m x d)
-        target = excess_of_bound().clamp_min(0) / (q * q).sum(dim=1).clamp_min(tiny)
+        excess = (y * bounded_slots).sum(dim=1) - kappa  # sum_A |w_j| - kappa (slots past k hold no y)
+        target = excess.clamp_min(0) / (q * q).sum(dim=1).clamp_min(tiny)
         to_drop, leaving = _smallest_ratio(y, rate, rate > 0)  # an empty slot has rate 0
-        # an inactive constraint s f_j^T u <= t_j + nu a_j becomes tight after delta = slack / (-(a_j + s Bq_j))
-        best_join = torch.full_like(to_drop, math.inf)
-        joining = torch.zeros_like(leaving)
-        joining_sign = torch.zeros_like(to_drop)
+        # an inactive constraint s f_j^T u <= t_j + nu a_j becomes tight after delta = slack / (-(a_j + s Bq_j)):
+        # with a_j >= 0 its slack closes for one sign at most, s = -sign(Bq_j), at the rate |Bq_j| - a_j
         free = ~state.in_set & torch.isfinite(state.t)
+        magnitude = Bq.abs()
         # a constraint that moves with the active ones (a duplicated column) has a rate of 0 up to rounding
-        significant = Bq.abs().mul_(_RATE_TOL).add_(_RATE_TOL)
-        for s in (1.0, -1.0):
-            closing = torch.add(minus_bound, Bq, alpha=-s)  # the slack's rate of decrease
-            ok = (closing > significant) & free
-            slack = torch.add(state.t, Bu, alpha=-s).clamp_min_(0)
-            value, j = slack.div_(closing).masked_fill_(~ok, math.inf).min(dim=1)
-            better = value < best_join
-            best_join = torch.where(better, value, best_join)
-            joining = torch.where(better, j, joining)
-            joining_sign = torch.where(better, torch.full_like(value, s), joining_sign)
+        significant = magnitude * _RATE_TOL + _RATE_TOL
+        closing = magnitude.sub_(bound_f)  # the slack's rate of decrease
+        toward = torch.sign(Bq)  # -s
+        slack = torch.addcmul(state.t, toward, Bu).clamp_min_(0)  # t_j - s f_j^T u
+        ok = (closing > significant) & free
+        best_join, joining = slack.div_(closing).masked_fill_(~ok, math.inf).min(dim=1)
+        joining_sign = -toward.gather(1, joining[:, None])[:, 0]
         step = torch.minimum(target, torch.minimum(to_drop, best_join))
         stuck = ~torch.isfinite(step) & live
         state.live &= ~stuck
