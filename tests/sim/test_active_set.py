@@ -324,3 +324,60 @@ def test_a_sim_fit_runs_both_stages_in_one_batch() -> None:
         alone = ADMMSolver(device="cpu").solve(sim.problems_[stage]).stats
         assert alone.converged and not alone.extra["joint_active_set"]
         assert stats.objective == pytest.approx(alone.objective, rel=1e-9)
+
+
+def test_a_joint_batch_solves_only_the_rows_asked_for() -> None:
+    """``joint_active_set(rows=...)``: rows left out have zero weights and are not finished; the others have
+    the answers of the full batch (polished objectives)."""
+    from idl_ray.sim.solvers.joint import joint_active_set
+    from idl_ray.sim.solvers.scaling import ScaledStage
+
+    features, targets = samples(seed=1)
+    outputs = features @ torch.randn(
+        N + P, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    H, R1, _ = gram_form(features, targets)
+    _, R2, c2 = gram_form(features, outputs)
+    stage1 = ScaledStage.of(H, R1, 1e-4, 0.02, N, equilibrate=True)
+    stage2 = ScaledStage.of(H, R2, 3e-4, None, 0, equilibrate=True)
+    factor1 = GramFactor(stage1.H)
+    full1, full2 = joint_active_set(factor1, [stage1, stage2], N)
+    some = torch.tensor([0, 2])
+    part1, part2 = joint_active_set(factor1, [stage1, stage2], N, [torch.zeros(0, dtype=torch.long), some])
+    assert not bool(part1.finished.any()) and bool((part1.weights == 0).all())
+    assert (
+        bool(part2.finished[some].all())
+        and not bool(part2.finished[1])
+        and bool((part2.weights[1] == 0).all())
+    )
+    objectives = []
+    for result in (full2, part2):
+        W, ok = polish_rows_batched(H, R2[some], result.weights[some], lam=3e-4, kappa=None, n_constrained=0)
+        assert bool(ok.all())
+        objectives.append(duality_gap(W, H, R2[some], c2[some], lam=3e-4, kappa=None, n_constrained=0).primal)
+    torch.testing.assert_close(objectives[0], objectives[1], rtol=1e-9, atol=1e-14)
+    assert part1.steps == part2.steps <= full1.steps
+
+
+def test_a_planned_stage_that_needs_no_method_leaves_the_batch_to_the_next() -> None:
+    """Stage 1 with zero targets is certified at its start (W = 0) and never runs the method: the joint batch
+    then runs when stage 2 needs it (stage 1 solved: not in it), with stage 2's separate objective."""
+    from idl_ray.sim.problem import GramStats
+
+    features, _ = samples(seed=7)
+    outputs = features @ torch.randn(
+        N + P, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    stats = GramStats.from_batch(
+        features, torch.cat([torch.zeros(features.shape[0], N, dtype=torch.float64), outputs], dim=1)
+    )
+    stage1 = SIMProblem(stats=stats.row_block(slice(0, N)), n_constrained=N, lam=1e-4, kappa=0.02)
+    stage2 = SIMProblem(stats=stats.row_block(slice(N, None)), n_constrained=0, lam=3e-4, kappa=None)
+    solver = ADMMSolver(device="cpu")
+    with solver.planned_stages([stage1, stage2]):
+        first, second = solver.solve(stage1), solver.solve(stage2)
+    assert first.stats.converged and bool((first.weights == 0).all())
+    assert not first.stats.extra["joint_active_set"] and first.stats.extra["active_set_steps"] == 0
+    assert second.stats.extra["joint_active_set"] and second.stats.extra["active_set_rows"] > 0
+    alone = ADMMSolver(device="cpu").solve(stage2)
+    assert second.stats.converged and second.stats.objective == pytest.approx(alone.stats.objective, rel=1e-9)

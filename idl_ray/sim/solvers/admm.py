@@ -107,6 +107,7 @@ class ADMMSolver(BaseSolver):
         # the problems of the current planned_stages scope and their joint active-set answers (by position)
         self._planned: list[SIMProblem] = []
         self._joint_answers: dict[int, ActiveSetResult] | None = None
+        self._planned_solved: set[int] = set()  # planned problems solved already (not in a later joint run)
         self._params = {
             **self.options.to_dict(),
             "device": str(self.device),
@@ -143,15 +144,16 @@ class ADMMSolver(BaseSolver):
 
     @contextlib.contextmanager
     def planned_stages(self, problems: Sequence[SIMProblem]) -> Iterator[ADMMSolver]:
-        """A scope whose solves of ``problems`` (a SIM fit's stages, on one G, solved in this order, cold) share
-        the dual active-set method: on a low-rank G the first solve runs it once for every planned stage's rows
-        (:mod:`~idl_ray.sim.solvers.joint`) and each solve takes its rows' answers, then polishes and certifies
-        them as usual. Its time counts in the first solve's stats. Other solves in the scope are unchanged."""
-        self._planned, self._joint_answers = list(problems), None
+        """A scope whose solves of ``problems`` (a SIM fit's stages, on one G, solved cold) share the dual
+        active-set method: on a low-rank G the first solve that needs it runs it once for its open rows and every
+        row of the planned problems not solved yet (:mod:`~idl_ray.sim.solvers.joint`), and each solve takes its
+        rows' answers, then polishes and certifies them as usual. Its time counts in that solve's stats. Other
+        solves in the scope are unchanged."""
+        self._planned, self._joint_answers, self._planned_solved = list(problems), None, set()
         try:
             yield self
         finally:
-            self._planned, self._joint_answers = [], None
+            self._planned, self._joint_answers, self._planned_solved = [], None, set()
 
     def _stage(
         self, problem: SIMProblem, initial: torch.Tensor | None
@@ -172,20 +174,28 @@ class ADMMSolver(BaseSolver):
         factor = self.factor_for(problem, scaled.H, None if scaled.scaling is None else scaled.scaling.scales)
         return scaled, factor, target_sq, nc
 
-    def _planned_answer(self, problem: SIMProblem, set_up: tuple[Any, ...]) -> ActiveSetResult | None:
-        """The joint active-set answer for a planned problem (:meth:`planned_stages`), computed on the first
-        planned solve for all of them; None when the problem is not planned or the joint run does not apply
-        (not the same G, or a G or thresholds the method does not take)."""
+    def _planned_answer(
+        self, problem: SIMProblem, set_up: tuple[Any, ...], rows: torch.Tensor
+    ) -> ActiveSetResult | None:
+        """The joint active-set answer for the rows ``rows`` of a planned problem (:meth:`planned_stages`);
+        the first planned solve that needs the method runs it for its own open rows and every row of the
+        other planned problems. None when the problem is not planned or the joint run does not apply (not the
+        same G, or a G or thresholds the method does not take): the solve then runs the method itself."""
         index = next((i for i, planned in enumerate(self._planned) if planned is problem), None)
         if index is None:
             return None
         if self._joint_answers is None:
-            self._joint_answers = self._joint_run(index, set_up)
-        return self._joint_answers.pop(index, None)
+            self._joint_answers = self._joint_run(index, set_up, rows)
+        answer = self._joint_answers.pop(index, None)
+        if answer is None:
+            return None
+        return ActiveSetResult(answer.weights[rows], answer.finished[rows], answer.steps)
 
-    def _joint_run(self, index: int, set_up: tuple[Any, ...]) -> dict[int, ActiveSetResult]:
-        """The joint answers of every planned problem; ``set_up``: :meth:`_stage` of the planned problem
-        ``index`` (the solve under way), not done twice."""
+    def _joint_run(
+        self, index: int, set_up: tuple[Any, ...], rows: torch.Tensor
+    ) -> dict[int, ActiveSetResult]:
+        """The joint answers of every planned problem; ``set_up`` and ``rows``: :meth:`_stage` and the rows
+        that need the method of the planned problem ``index`` (the solve under way)."""
         planned = self._planned
         reference = planned[0]
         shared = all(
@@ -201,7 +211,12 @@ class ADMMSolver(BaseSolver):
         factor = stages[0][1]
         if not joint_applies(factor, scaled, counts):
             return {}
-        return dict(enumerate(joint_active_set(factor, scaled, counts[0])))
+        nothing = torch.zeros(0, dtype=torch.long)
+        chosen = [
+            rows if i == index else (nothing if i in self._planned_solved else None)
+            for i in range(len(planned))
+        ]
+        return dict(enumerate(joint_active_set(factor, scaled, counts[0], chosen)))
 
     def _solve(
         self, problem: SIMProblem, initial: torch.Tensor | None = None
@@ -210,7 +225,13 @@ class ADMMSolver(BaseSolver):
         set_up = self._stage(problem, initial)
         scaled, factor, target_sq, nc = set_up
         H, R, initial = scaled.H, scaled.R, scaled.initial
-        answer = self._planned_answer(problem, set_up) if initial is None else None
+        joint: list[bool] = []  # whether the rows took the joint batch's answer (planned_stages)
+
+        def from_joint_batch(rows: torch.Tensor) -> ActiveSetResult | None:
+            answer = self._planned_answer(problem, set_up, rows)
+            joint.append(answer is not None)
+            return answer
+
         settings = {
             "lam": scaled.lam, "kappa": scaled.kappa, "n_constrained": nc, **problem.constraint_settings(self.device)
         }  # fmt: skip
@@ -222,8 +243,9 @@ class ADMMSolver(BaseSolver):
         W, stats = admm_solve(
             H, R, target_sq=target_sq, options=self.options, state=state, factor=factor,
             progress=stage if self.progress else None, polish_first=initial is not None,
-            active_set_answer=answer, **settings,
+            active_set_source=from_joint_batch if initial is None and self._planned else None, **settings,
         )  # fmt: skip
+        self._planned_solved.update(i for i, planned in enumerate(self._planned) if planned is problem)
         W, dual_point = scaled.weights(W, problem), scaled.dual_point(stats.dual_point)
         if not stats.converged and self.warn:
             stop = (
@@ -255,7 +277,7 @@ class ADMMSolver(BaseSolver):
                 "warm_start": state is not None,
                 "equilibrated": scaled.scaling is not None,
                 "initial": initial is not None,
-                "joint_active_set": answer is not None,
+                "joint_active_set": any(joint),
             },
         }
         return W, info

@@ -48,7 +48,10 @@ def joint_applies(factor: GramFactor, stages: Sequence[ScaledStage], n_constrain
 
 
 def joint_active_set(
-    factor: GramFactor, stages: Sequence[ScaledStage], n_constrained: int
+    factor: GramFactor,
+    stages: Sequence[ScaledStage],
+    n_constrained: int,
+    rows: Sequence[torch.Tensor | None] | None = None,
 ) -> list[ActiveSetResult]:
     """One :func:`~idl_ray.sim.solvers.active_set.dual_active_set` run for the rows of every stage.
 
@@ -58,24 +61,32 @@ def joint_active_set(
     stages : the stages in their solvers' variables (:class:`~idl_ray.sim.solvers.scaling.ScaledStage`, all on
         one G); the first is the reference, the only one whose bound (``kappa``, ``n_constrained``) applies
     n_constrained : the reference stage's bounded columns
+    rows : per stage, the rows to solve (1-D index tensors; None: all); default all rows of every stage
 
     Returns
     -------
-    One ActiveSetResult per stage, in that stage's variables (``steps``: the joint batch's)
+    One ActiveSetResult per stage over all its rows, in that stage's variables: rows not solved have zero
+    weights and are not ``finished``; ``steps`` is the joint batch's
     """
     reference = _scales(stages[0])
-    R_parts, t_parts, bounded, ratios = [], [], [], []
-    for index, stage in enumerate(stages):
-        rows, d = stage.R.shape
+    device = reference.device
+    chosen = list(rows) if rows is not None else [None] * len(stages)
+    R_parts, t_parts, bounded, ratios, picked = [], [], [], [], []
+    for index, (stage, wanted) in enumerate(zip(stages, chosen)):
+        count, d = stage.R.shape
+        take = torch.arange(count, device=device) if wanted is None else wanted.to(device)
         ratio = reference / _scales(stage)  # c = s / s_i
         lam = stage.lam
         thresholds = (
-            lam.to(torch.float64) if isinstance(lam, torch.Tensor) else torch.full((rows, d), float(lam))
-        ).to(reference.device)
-        R_parts.append(stage.R.to(torch.float64) / ratio)
+            lam.to(torch.float64)[take]
+            if isinstance(lam, torch.Tensor)
+            else torch.full((take.numel(), d), float(lam))
+        ).to(device)
+        R_parts.append(stage.R.to(torch.float64)[take] / ratio)
         t_parts.append(thresholds / ratio)
-        bounded.append(torch.full((rows,), index == 0, dtype=torch.bool, device=reference.device))
+        bounded.append(torch.full((take.numel(),), index == 0, dtype=torch.bool, device=device))
         ratios.append(ratio)
+        picked.append(take)
     result = dual_active_set(
         factor,
         torch.cat(R_parts),
@@ -85,14 +96,12 @@ def joint_active_set(
         bounded=torch.cat(bounded),
     )
     answers, first = [], 0
-    for stage, ratio in zip(stages, ratios):
-        rows = slice(first, first + stage.R.shape[0])
-        first = rows.stop
-        answers.append(
-            ActiveSetResult(
-                weights=(result.weights[rows] / ratio).to(stage.R.dtype),
-                finished=result.finished[rows],
-                steps=result.steps,
-            )
-        )
+    for stage, ratio, take in zip(stages, ratios, picked):
+        part = slice(first, first + take.numel())
+        first = part.stop
+        weights = torch.zeros(stage.R.shape, dtype=stage.R.dtype, device=stage.R.device)
+        finished = torch.zeros(stage.R.shape[0], dtype=torch.bool, device=stage.R.device)
+        weights[take] = (result.weights[part] / ratio).to(stage.R.dtype)
+        finished[take] = result.finished[part]
+        answers.append(ActiveSetResult(weights=weights, finished=finished, steps=result.steps))
     return answers

@@ -167,8 +167,9 @@ class RowBlockADMM:
     polish_first : bool, polish every row at the first check (a warm start from a nearby problem, e.g. the
         previous point of a lambda path: its support is a good guess, and a polish on the right support
         certifies the row without a step)
-    active_set_answer : ActiveSetResult for these rows computed beforehand (:mod:`~idl_ray.sim.solvers.joint`),
-        taken instead of running the dual active-set method here
+    active_set_source : ``rows -> ActiveSetResult or None``, the dual active-set method's answer for the block's
+        rows ``rows`` from elsewhere (a batch with other stages' rows, :mod:`~idl_ray.sim.solvers.joint`), asked
+        where the block would run the method; None from it (or no source): the block runs the method itself
     """
 
     def __init__(
@@ -186,10 +187,10 @@ class RowBlockADMM:
         condition: str = "inf_norm",
         diagonal: torch.Tensor | None = None,
         polish_first: bool = False,
-        active_set_answer: ActiveSetResult | None = None,
+        active_set_source: Callable[[torch.Tensor], ActiveSetResult | None] | None = None,
     ) -> None:
         self.factor, self.H, self.R = factor, H, R
-        self._active_set_answer = active_set_answer
+        self._active_set_source = active_set_source
         # "mu_inf": the diagonal column of each row of the block (the prox and the certificate need it)
         self.condition = condition if kappa is not None and n_constrained > 0 else "inf_norm"
         if self.condition == "mu_inf":
@@ -473,10 +474,9 @@ class RowBlockADMM:
         self._active_set_pending = False
         open_ = torch.nonzero(~ok).flatten()
         rows = active[open_]
-        answer = self._active_set_answer
-        if answer is not None:  # computed beforehand with other stages' rows (joint.py): these rows' part
-            result = ActiveSetResult(answer.weights[rows], answer.finished[rows], answer.steps)
-        else:  # a warm start's rows (a lambda path's previous point) start from their supports
+        source = self._active_set_source
+        result = None if source is None else source(rows)  # with other stages' rows (joint.py)
+        if result is None:  # a warm start's rows (a lambda path's previous point) start from their supports
             result = dual_active_set(
                 self.factor,
                 self.R[rows],
@@ -718,7 +718,7 @@ def admm_solve(
     condition: str = "inf_norm",
     diagonal: torch.Tensor | None = None,
     polish_first: bool = False,
-    active_set_answer: ActiveSetResult | None = None,
+    active_set_source: Callable[[torch.Tensor], ActiveSetResult | None] | None = None,
 ) -> tuple[torch.Tensor, ADMMStats]:
     """Solve the Gram-form problem for all rows of W at once, certified by the duality gap.
 
@@ -742,8 +742,8 @@ def admm_solve(
     diagonal : Tensor of int64 (rows,), the diagonal column of each row under "mu_inf" (default: row i
         at column i)
     polish_first : polish every row at the first check (see :class:`RowBlockADMM`; for warm starts)
-    active_set_answer : the dual active-set method's answer for these rows, computed beforehand (with other
-        stages' rows in one batch, :mod:`~idl_ray.sim.solvers.joint`): taken where the block would run the method
+    active_set_source : where the block's rows take the dual active-set method's answer from (see
+        :class:`RowBlockADMM`; a batch with other stages' rows, :mod:`~idl_ray.sim.solvers.joint`)
 
     Returns
     -------
@@ -791,7 +791,7 @@ def admm_solve(
         condition=condition,
         diagonal=diagonal,
         polish_first=polish_first,
-        active_set_answer=active_set_answer,
+        active_set_source=active_set_source,
     )
     report = block.run(options.max_iter - block.state.iteration, progress=progress)
     stats = ADMMStats(
