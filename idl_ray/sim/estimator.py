@@ -745,6 +745,7 @@ class SIM:
             extraction_time_s=self.extraction_time_s_,
             relative_gap={"stage1": s1.relative_gap, "stage2": s2.relative_gap},
             converged={"stage1": s1.converged, "stage2": s2.converged},
+            joint_active_set=bool(s2.extra.get("joint_active_set")),
             scales=None
             if self.scales_ is None
             else {"min": float(self.scales_.min()), "max": float(self.scales_.max())},

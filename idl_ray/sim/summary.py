@@ -36,6 +36,8 @@ class SIMSummary:
     #: the bound kept on A ("inf_norm" or "mu_inf") and, for "mu_inf", mu_inf(A) itself
     well_posedness: str = "inf_norm"
     mu_inf: float | None = None
+    #: stage 2's rows were solved by the dual active-set method in stage 1's batch (its time is stage 1's)
+    joint_active_set: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,6 +54,8 @@ class SIMSummary:
             f"({self.iterations.get('stage1')} it), stage 2 {self.solve_time_s.get('stage2', 0):.3g} s "
             f"({self.iterations.get('stage2')} it); extraction {self.extraction_time_s:.3g} s",
         ]
+        if self.joint_active_set:
+            lines.append("  (both stages' rows in one active-set batch: its time is counted in stage 1)")
         if any(v is not None for v in self.relative_gap.values()):
             parts = []
             for stage in ("stage1", "stage2"):

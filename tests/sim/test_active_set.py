@@ -324,6 +324,8 @@ def test_a_sim_fit_runs_both_stages_in_one_batch() -> None:
         alone = ADMMSolver(device="cpu").solve(sim.problems_[stage]).stats
         assert alone.converged and not alone.extra["joint_active_set"]
         assert stats.objective == pytest.approx(alone.objective, rel=1e-9)
+    summary = sim.summary()
+    assert summary.joint_active_set and "one active-set batch" in str(summary)
 
 
 def test_a_joint_batch_solves_only_the_rows_asked_for() -> None:

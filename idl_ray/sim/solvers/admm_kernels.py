@@ -225,9 +225,8 @@ class GramFactor:
         M = (self._Q_range * self._s_range.sqrt()) / scales.to(self._Q_range)[:, None]
         U, sigma, _ = torch.linalg.svd(M, full_matrices=False)
         factor = GramFactor.__new__(GramFactor)
-        factor._adopt(
-            U, sigma * sigma, start
-        )  # rank <= this one's <= d / 3: the thin basis serves every solve
+        # rank <= this one's <= d / 3: the thin basis serves every solve
+        factor._adopt(U, sigma * sigma, start)
         return factor
 
     @property
