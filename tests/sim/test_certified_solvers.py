@@ -277,3 +277,21 @@ def test_progress_bar_shows_the_certificate_and_changes_nothing(capsys) -> None:
     err = capsys.readouterr().err
     assert "ADMM (A, B)" in err and "gap=" in err and f"certified={N}/{N}" in err
     assert torch.equal(shown.weights, quiet.weights)
+
+
+def test_a_float32_answer_counts_as_converged_only_if_it_checks_in_float64() -> None:
+    """float32 on a rank-deficient Gram: the rounded Gram is another problem, whose optimum the float32
+    certificate vouches for; checked in float64 the gap is above 1e-3 (here 5e-3, the objective itself within
+    1e-7 of the optimum: the float32 dual point is too rough to show it; on other problems the objective was
+    13% above). The solver says it did not converge (status "inaccurate") and warns, and its stats agree with
+    themselves; the same solve in float64 converges."""
+    from idl_ray.errors import ConvergenceWarning
+
+    problem = rank_deficient_problem(2, 3e-4, None, seed=3)
+    exact = ADMMSolver(device="cpu").solve(problem)
+    assert exact.stats.converged and exact.stats.relative_gap <= 1e-7
+    with pytest.warns(ConvergenceWarning, match="checked in float64"):
+        rounded = ADMMSolver(device="cpu", dtype=torch.float32).solve(problem)
+    assert not rounded.stats.converged and rounded.stats.status == "inaccurate"
+    assert rounded.stats.relative_gap > 1e-3
+    assert rounded.stats.objective >= exact.stats.objective * (1 - 1e-9)

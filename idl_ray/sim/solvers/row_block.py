@@ -69,6 +69,8 @@ __all__ = ["BLOCK_COUNTS", "ADMMStats", "BlockReport", "RowBlockADMM", "admm_sol
 #: rho changes only when the residual ratio calls for a factor of at least this (OSQP uses 5; 2 measured
 #: better here: on the 28x28 digits stage 1 a 5x smaller gap after 4,000 steps, and no more steps at p = 64)
 _RHO_CHANGE = 2.0
+#: rho stays within this factor of its start (both ways)
+_RHO_SPAN = 1e6
 _TINY = torch.finfo(torch.float64).tiny
 #: every this many checks, every uncertified row is polished (a support can be nearly right while its
 #: gap, whose dual point is rescaled, still looks poor)
@@ -206,9 +208,11 @@ class RowBlockADMM:
         self.n_constrained = n_constrained if kappa is not None else 0
         self.options = options
         rows, d = R.shape
-        self.state = state or ADMMState.zeros(
-            rows, d, initial_rho(H, options), dtype=R.dtype, device=R.device
-        )
+        rho0 = initial_rho(H, options)
+        self.state = state or ADMMState.zeros(rows, d, rho0, dtype=R.dtype, device=R.device)
+        # rho stays within _RHO_SPAN of its start either way (OSQP clamps it too): in float32 on a rank-deficient
+        # Gram at lam = 0 the residual ratio once drove it to 1e-24, and (H + rho I)^{-1} blew W up to 1e18
+        self._rho_bounds = (rho0 / _RHO_SPAN, rho0 * _RHO_SPAN)
         self.certified = torch.zeros(rows, dtype=torch.bool, device=R.device)
         self.gaps: DualityGap | None = None
         self.polished_rows = 0
@@ -700,7 +704,8 @@ class RowBlockADMM:
         factor = math.sqrt(primal / dual)
         if 1.0 / _RHO_CHANGE < factor < _RHO_CHANGE:
             return rho
-        return rho * factor
+        low, high = self._rho_bounds
+        return min(max(rho * factor, low), high)
 
 
 def admm_solve(
