@@ -13,7 +13,7 @@ import torch
 
 from idl_ray.errors import ConvergenceWarning
 from idl_ray.sim.problem import SIMProblem
-from idl_ray.sim.solvers import ADMMSolver, CVXSolver
+from idl_ray.sim.solvers import ADMMSolver, CVXSolver, ProjectedGDLowRankSolver
 from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.polish import polish_rows
 
@@ -284,7 +284,7 @@ def test_a_float32_answer_counts_as_converged_only_if_it_checks_in_float64() -> 
     certificate vouches for; checked in float64 the gap is above 1e-3 (here 5e-3, the objective itself within
     1e-7 of the optimum: the float32 dual point is too rough to show it; on other problems the objective was
     13% above). The solver says it did not converge (status "inaccurate") and warns, and its stats agree with
-    themselves; the same solve in float64 converges."""
+    themselves; the same solve in float64 converges. FISTA in float32 gets the same check."""
     from idl_ray.errors import ConvergenceWarning
 
     problem = rank_deficient_problem(2, 3e-4, None, seed=3)
@@ -295,3 +295,8 @@ def test_a_float32_answer_counts_as_converged_only_if_it_checks_in_float64() -> 
     assert not rounded.stats.converged and rounded.stats.status == "inaccurate"
     assert rounded.stats.relative_gap > 1e-3
     assert rounded.stats.objective >= exact.stats.objective * (1 - 1e-9)
+    # the same check for every solver whose convergence is a certificate in a lower precision (FISTA here)
+    with pytest.warns(ConvergenceWarning, match="checked in float64"):
+        fista = ProjectedGDLowRankSolver(device="cpu", dtype=torch.float32).solve(problem)
+    assert not fista.stats.converged and fista.stats.status == "inaccurate"
+    assert fista.stats.relative_gap > 1e-3

@@ -218,32 +218,6 @@ class ADMMSolver(BaseSolver):
         ]
         return dict(enumerate(joint_active_set(factor, scaled, counts[0], chosen)))
 
-    def _checked_in_float64(
-        self, problem: SIMProblem, W: torch.Tensor, dual_point: torch.Tensor | None
-    ) -> tuple[bool, str]:
-        """(converged, status) of an answer the solver certified in a lower precision, by the float64
-        certificate: rounding the Gram to float32 changes a rank-deficient problem, and a float32 certificate
-        then vouches for the other problem's optimum (on the tests' problems the objective was up to 13% above
-        the float64 optimum, or within 1e-7 of it with a dual point too rough to show it). Warns when the
-        float64 check fails."""
-        certificate = problem.duality_gap(
-            W.to(torch.float64), None if dual_point is None else dual_point.double()
-        )
-        limit = max(self.options.gap_tol, _LOW_PRECISION_GAP)
-        if certificate is None or certificate.relative_gap <= limit:
-            return True, "optimal"
-        if self.warn:
-            warnings.warn(
-                f"ADMMSolver(dtype={self.dtype}) certified its answer in that precision, but checked in float64 "
-                f"its relative duality gap is {certificate.relative_gap:.3g} (above {limit:.3g}): the answer may "
-                "be that far above the optimum (rounding a rank-deficient or ill-conditioned Gram to this dtype "
-                "changes the problem, and a low-precision dual point certifies loosely). It keeps the kappa "
-                "bound; use dtype=torch.float64 (the default) for a certified optimum.",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
-        return False, "inaccurate"
-
     def _solve(
         self, problem: SIMProblem, initial: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -273,9 +247,6 @@ class ADMMSolver(BaseSolver):
         )  # fmt: skip
         self._planned_solved.update(i for i, planned in enumerate(self._planned) if planned is problem)
         W, dual_point = scaled.weights(W, problem), scaled.dual_point(stats.dual_point)
-        converged, status = stats.converged, "optimal"
-        if converged and self.dtype != torch.float64:
-            converged, status = self._checked_in_float64(problem, W, dual_point)
         if not stats.converged and self.warn:
             stop = (
                 f"stalled after {stats.iterations} steps (objective and gap unchanged for "
@@ -293,8 +264,9 @@ class ADMMSolver(BaseSolver):
             )
         info = {
             "iterations": stats.iterations,
-            "converged": converged,
-            "status": status if stats.converged else ("stalled" if stats.stalled else "max_iter"),
+            "converged": stats.converged,
+            "status": "optimal" if stats.converged else ("stalled" if stats.stalled else "max_iter"),
+            "certified_in": (self.dtype, self.options.gap_tol),  # BaseSolver.solve checks it in float64
             "history": stats.history,
             "dual_point": dual_point,
             "extra": {
@@ -310,13 +282,6 @@ class ADMMSolver(BaseSolver):
             },
         }
         return W, info
-
-
-#: a float32 solve counts as certified only when its answer's float64 relative duality gap is below this (or
-#: gap_tol if larger): on a well-conditioned Gram float32 answers check at 1e-5 .. 5e-5; on rank-deficient ones
-#: float32's Gram is another problem, and its "certified" answers check at 3e-3 .. 5e-2 (objective 0.1-1.4%
-#: above the float64 optimum on the tests' problems, 12% on one stage 2)
-_LOW_PRECISION_GAP = 1e-3
 
 
 def _same_scales(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -297,6 +297,7 @@ def fista_info(info: dict[str, Any], solver: Any, owner: str) -> dict[str, Any]:
         "iterations": info["iterations"],
         "converged": info["converged"],
         "status": "optimal" if info["converged"] else "max_iter",
+        "certified_in": (solver.dtype, solver.gap_tol),  # BaseSolver.solve checks it in float64
         "history": info["history"],
         "extra": {
             "method": "fista",
