@@ -297,7 +297,8 @@ def fista_info(info: dict[str, Any], solver: Any, owner: str) -> dict[str, Any]:
         "iterations": info["iterations"],
         "converged": info["converged"],
         "status": "optimal" if info["converged"] else "max_iter",
-        "certified_in": (solver.dtype, solver.gap_tol),  # BaseSolver.solve checks it in float64
+        # BaseSolver.solve checks it in float64 (the Ray projected-gradient solver computes in float64)
+        "certified_in": (getattr(solver, "dtype", torch.float64), solver.gap_tol),
         "history": info["history"],
         "extra": {
             "method": "fista",
