@@ -279,7 +279,9 @@ class BaseSolver(abc.ABC):
 
     @abc.abstractmethod
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Return W (rows x d) and an info dict (iterations, converged, status, history, extra)."""
+        """Return W (rows x d) and an info dict (iterations, converged, status, history, extra; optionally
+        ``certified_in``: (dtype, relative gap tolerance) when ``converged`` means a duality-gap certificate in
+        that dtype, which :meth:`solve` then checks in float64)."""
 
     def get_params(self) -> dict[str, Any]:
         """The constructor settings (sklearn-style), used for repr and for saving."""
