@@ -166,7 +166,9 @@ def dual_active_set(
         k = _project(state, B, steps_cap)
         if has_bound:
             over = torch.nonzero(
-                state.finished & bounded_rows[rows] & (_bound_excess(state, in_bound, float(kappa)) > 0)
+                state.finished
+                & bounded_rows[rows]
+                & (_bound_excess(state.y, _bounded_slots(state, in_bound), float(kappa)) > 0)
             ).flatten()
             if over.numel():  # only these rows take part in phase 2
                 rows_over = state.take(over)
@@ -480,6 +482,12 @@ def _smallest_ratio(
     return torch.where(where, numerator / denominator, math.inf).min(dim=1)  # 0/0 elsewhere: masked
 
 
+def _pick_offset(t: torch.Tensor, inverse_norms: torch.Tensor) -> torch.Tensor:
+    """-t_j (1 + tol) / ||f_j||: added to |f_j^T u| / ||f_j|| it gives constraint j's violation as a distance
+    (> 0: violated; thresholds t and the columns' inverse norms, broadcast alike)."""
+    return t * (-(1.0 + _VIOLATION_TOL)) * inverse_norms
+
+
 def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
     return zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
 
@@ -498,7 +506,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     y_new = torch.zeros(m, dtype=dt, device=dev)  # its multiplier so far
     # |f_j^T u| above t_j (1 + tol) is a violation, by the distance (|f_j^T u| - t_j (1 + tol)) / ||f_j||:
     # the offset -t_j (1 + tol) / ||f_j||, -inf on the active constraints (kept so as they join and leave)
-    offset = (state.t * (-(1.0 + _VIOLATION_TOL))).mul_(inverse_norms)
+    offset = _pick_offset(state.t, inverse_norms)
     offset.masked_fill_(state.in_set, -math.inf)
     steps = 0
     # the last step's update of N^+, applied once the next normals are known: the pass over N^+ that forms
@@ -559,7 +567,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         adding, dropping = torch.nonzero(add).flatten(), torch.nonzero(drop).flatten()
         offset[adding, p[adding]] = -math.inf
         left = state.member[dropping, leaving[dropping]]
-        offset[dropping, left] = state.t[dropping, left] * (-(1.0 + _VIOLATION_TOL)) * inverse_norms[left]
+        offset[dropping, left] = _pick_offset(state.t[dropping, left], inverse_norms[left])
         pending = {
             "add": add, "drop": drop, "z": z, "zn": zn, "rv": rv, "leaving": leaving, "joining": p.clone(),
             "joining_sign": s.clone(), "joining_y": y_new.clone(), "k": k,
@@ -574,9 +582,10 @@ def _bounded_slots(state: _Rows, in_bound: torch.Tensor, k: int | None = None) -
     return ((member >= 0) & in_bound[member.clamp_min(0)]).to(state.y.dtype)
 
 
-def _bound_excess(state: _Rows, in_bound: torch.Tensor, kappa: float) -> torch.Tensor:
-    """sum over the active constraints of the bounded block of their multipliers (= |w_j|), minus kappa."""
-    return (state.y * _bounded_slots(state, in_bound)).sum(dim=1) - kappa
+def _bound_excess(y: torch.Tensor, bounded_slots: torch.Tensor, kappa: float) -> torch.Tensor:
+    """sum over the active constraints of the bounded block of their multipliers (= |w_j|), minus kappa:
+    multipliers y and :func:`_bounded_slots` over the same slots (slots past the span in use hold no y)."""
+    return (y * bounded_slots).sum(dim=1) - kappa
 
 
 def _follow_the_bound(
@@ -590,10 +599,7 @@ def _follow_the_bound(
     tiny = torch.finfo(dt).tiny
     bound_f = in_bound.to(dt)
 
-    def excess_of_bound() -> torch.Tensor:
-        return _bound_excess(state, in_bound, kappa)
-
-    state.live = state.finished & (excess_of_bound() > 0)
+    state.live = state.finished & (_bound_excess(state.y, _bounded_slots(state, in_bound), kappa) > 0)
     state.finished &= ~state.live
     # a constraint that turned tight with a normal dependent on the active ones joins in exchange for one of
     # them (the ratio test of a degenerate pivot): the leaving one goes first, it joins the next step
@@ -636,7 +642,7 @@ def _follow_the_bound(
         q = torch.bmm(bounded_slots[:, None, :], Pinv)[:, 0, :]  # N^{+T} a   (m x r)
         rate = _times(Pinv, q)  # -dy/dnu      (m x k)
         Bq = q @ B.T  # -d(f_j^T u)/dnu  (m x d)
-        excess = (y * bounded_slots).sum(dim=1) - kappa  # sum_A |w_j| - kappa (slots past k hold no y)
+        excess = _bound_excess(y, bounded_slots, kappa)
         target = excess.clamp_min(0) / (q * q).sum(dim=1).clamp_min(tiny)
         to_drop, leaving = _smallest_ratio(y, rate, rate > 0)  # an empty slot has rate 0
         # an inactive constraint s f_j^T u <= t_j + nu a_j becomes tight after delta = slack / (-(a_j + s Bq_j)):
@@ -683,8 +689,9 @@ def _follow_the_bound(
             theta = torch.where(exchange, theta, torch.zeros_like(theta))
             # a degenerate pivot moves along the optimal face at this nu, and sum_A |w_j| with it; where it
             # would cross kappa the optimum is inside the face (not a vertex): leave the row to other methods
-            moved = (_bounded_slots(state, in_bound, k) * rv).sum(dim=1) - bound_f[joining]
-            after = excess_of_bound() - theta * moved
+            # (the slots are those of the step's start: no pivot since, and the same span k)
+            moved = (bounded_slots * rv).sum(dim=1) - bound_f[joining]
+            after = _bound_excess(y, bounded_slots, kappa) - theta * moved
             crossing = exchange & (after < 0)
             state.live &= ~crossing
             exchange &= ~crossing
