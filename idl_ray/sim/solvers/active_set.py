@@ -269,38 +269,46 @@ class _Rows:
         slot's 0."""
         tiny = torch.finfo(z.dtype).tiny
         Pinv = self.Pinv[:, :k]  # a view: the slots in use
-        a = rv * (add.to(rv.dtype) / zn.clamp_min(tiny))[:, None]  # 0 off the rows that add
-        c = z
         base = None  # N^+ next_normal before the update
+        # rows that add: a = N^+ n / z^T n, c = z; rows that drop slot l: a = N^+ g / ||g||^2, c = g (row l of
+        # N^+; row l is then 0 up to rounding, and set to 0 below); other rows: a = 0
+        not_adding = torch.where(add, zn, math.inf)
         dropping = bool(drop.any())
         if dropping:
-            rows, slot = torch.nonzero(drop).flatten(), leaving[drop]
-            c = z.clone()
-            dropped = torch.zeros_like(z)
-            dropped[rows] = c[rows] = self.Pinv[rows, slot]  # g: the leaving row of N^+ (0 on other rows)
-            if next_normal is None:
-                through = _times(Pinv, dropped)  # N^+ g (a copy of the rows costs more)
-            else:
-                both = torch.bmm(torch.stack([next_normal, dropped], dim=1), Pinv.transpose(1, 2))
-                base, through = both[:, 0], both[:, 1]
-            scale = (dropped * dropped).sum(dim=1, keepdim=True).clamp_min(tiny)  # ||g||^2
-            a = torch.where(drop[:, None], through / scale, a)
-        elif next_normal is not None:
-            base = _times(Pinv, next_normal)
-        following = None
+            g = self._slot_rows(leaving)  # row `leaving` of N^+ (m x r)
+            vectors = g[:, None] if next_normal is None else torch.stack([next_normal, g], dim=1)
+            products = torch.bmm(vectors, Pinv.transpose(1, 2))  # one pass over N^+ for both
+            through = products[:, -1]  # N^+ g, whose entry l is g^T g
+            if next_normal is not None:
+                base = products[:, 0]
+            numerator = torch.where(drop[:, None], through, rv)
+            denominator = torch.where(drop, (g * g).sum(dim=1), not_adding)
+            c = torch.where(drop[:, None], g, z)
+        else:
+            if next_normal is not None:
+                base = _times(Pinv, next_normal)
+            numerator, denominator, c = rv, not_adding, z
+        a = numerator / denominator.clamp_min(tiny)[:, None]
+        following = cn = None
         if base is not None:
-            following = base.addcmul_(a, (c * next_normal).sum(dim=1, keepdim=True), value=-1.0)
+            cn = torch.linalg.vecdot(c, next_normal)  # c^T n
+            following = base.addcmul_(a, cn[:, None], value=-1.0)
         Pinv.addcmul_(a[:, :, None], c[:, None, :], value=-1.0)
         if dropping:
+            rows = torch.nonzero(drop).flatten()
+            slot = leaving[rows]
+            self.in_set[rows, self.member[rows, slot]] = False
+            self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
             self.Pinv[rows, slot] = 0.0
             if following is not None:
                 following[rows, slot] = 0.0
-            self.in_set[rows, self.member[rows, slot]] = False
-            self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
-        if bool(add.any()):
-            rows = torch.nonzero(add).flatten()
-            slot = (self.member[rows] < 0).to(torch.int8).argmax(dim=1)
-            self.Pinv[rows, slot] = z[rows] / zn[rows, None]
+        rows = torch.nonzero(add).flatten()
+        if rows.numel():
+            slot = self.member.index_select(0, rows).argmin(dim=1)  # the first free slot (member -1)
+            inverse_zn = 1.0 / zn[rows]
+            self.Pinv.view(-1, z.shape[1]).index_copy_(
+                0, rows * z.shape[1] + slot, z[rows] * inverse_zn[:, None]
+            )
             self.member[rows, slot], self.sign[rows, slot] = joining[rows], joining_sign[rows]
             self.y[rows, slot] = joining_y[rows]
             self.in_set[rows, joining[rows]] = True
@@ -308,8 +316,14 @@ class _Rows:
             if following is not None:
                 if following.shape[1] < self.top:
                     following = torch.nn.functional.pad(following, (0, self.top - following.shape[1]))
-                following[rows, slot] = (z[rows] * next_normal[rows]).sum(dim=1) / zn[rows]
+                following[rows, slot] = cn[rows] * inverse_zn
         return following
+
+    def _slot_rows(self, slot: torch.Tensor) -> torch.Tensor:
+        """Row ``slot[i]`` of row i's N^+ (m x r), read through a flat view (advanced indexing of the 3-D
+        array costs ~8x more)."""
+        m, r = self.Pinv.shape[0], self.Pinv.shape[2]
+        return self.Pinv.view(m * r, r).index_select(0, torch.arange(m, device=slot.device) * r + slot)
 
     def complement(
         self, normal: torch.Tensor, B: torch.Tensor, rv: torch.Tensor | None = None
@@ -328,7 +342,7 @@ class _Rows:
         coefficients.scatter_add_(1, columns, self.sign[:, :k] * rv)
         z = torch.addmm(normal, coefficients, B)  # n - N^T rv (the normals are -sign f)
         coefficients.scatter_(1, columns, 0.0)
-        return rv, z, (z * normal).sum(dim=1), k
+        return rv, z, torch.linalg.vecdot(z, normal), k
 
 
 def _times(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -499,8 +513,12 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     state, positions = whole, None
     m = state.u.shape[0]
     dev, dt = state.u.device, state.u.dtype
-    inverse_norms = 1.0 / B.norm(dim=1).clamp_min(torch.finfo(dt).tiny)  # distance = excess / ||f_j||
-    p = torch.full((m,), -1, dtype=torch.long, device=dev)  # the constraint being added (-1: pick one)
+    tiny = torch.finfo(dt).tiny
+    norms = B.norm(dim=1).clamp_min(tiny)
+    inverse_norms = 1.0 / norms
+    squared_norms = norms * norms  # n^T n of a normal -s f_p
+    need = torch.ones(m, dtype=torch.bool, device=dev)  # rows whose next constraint is to be picked
+    p = torch.zeros(m, dtype=torch.long, device=dev)  # the constraint being added
     s = torch.zeros(m, dtype=dt, device=dev)
     slack = torch.zeros(m, dtype=dt, device=dev)  # its slack t_p - s f_p^T u (< 0 while violated)
     y_new = torch.zeros(m, dtype=dt, device=dev)  # its multiplier so far
@@ -508,71 +526,71 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     # the offset -t_j (1 + tol) / ||f_j||, -inf on the active constraints (kept so as they join and leave)
     offset = _pick_offset(state.t, inverse_norms)
     offset.masked_fill_(state.in_set, -math.inf)
+    distance_buffer = torch.empty_like(offset)
     steps = 0
     # the last step's update of N^+, applied once the next normals are known: the pass over N^+ that forms
     # the dropped rows' N^+ g then also gives N^+ of the next normals (rv), instead of a pass of its own
     pending: dict[str, Any] | None = None
     while True:
-        pick = (p < 0) & state.live
+        pick = need & state.live
         if steps and steps % _RECOMPUTE_EVERY == 0:
             if pending is not None:
                 state.update(**pending)
                 pending = None
             _recompute(state, B, pick)
-        if bool(pick.any()):
-            idx = torch.nonzero(pick).flatten()
-            Bu = state.u[idx] @ B.T  # fresh (the other rows' f^T u is not needed until they pick)
-            distance = torch.addcmul(offset[idx], Bu.abs(), inverse_norms)  # > 0: violated, by this distance
+        idx = torch.nonzero(pick).flatten()
+        if idx.numel():
+            every = idx.numel() == state.u.shape[0]
+            # fresh (the other rows' f^T u is not needed until they pick)
+            values = (state.u if every else state.u.index_select(0, idx)) @ B.T  # f_j^T u
+            distance = torch.abs(values, out=distance_buffer[: idx.numel()]).mul_(inverse_norms)
+            distance += offset if every else offset.index_select(0, idx)  # > 0: violated, by this distance
             best, j = distance.max(dim=1)
             clean = best <= 0
-            state.finished[idx[clean]] = True
-            state.live[idx[clean]] = False
-            going = ~clean
-            Bu_go = Bu.gather(1, j[:, None])[:, 0][going]
-            go, j = idx[going], j[going]
-            p[go] = j
-            s[go] = torch.sign(Bu_go)
-            slack[go] = state.t[go, j] - s[go] * Bu_go
-            y_new[go] = 0.0
+            state.finished[idx] = clean
+            state.live[idx] = ~clean
+            value = values.gather(1, j[:, None])[:, 0]
+            p[idx] = j
+            s[idx] = torch.sign(value)
+            slack[idx] = state.t[idx, j] - value.abs()
+            y_new[idx] = 0.0
         # GI's form: normal^T u >= -t_p (rows no longer live take no step, whatever their normal)
-        normal = -s[:, None] * B[p.clamp_min(0)]
+        normal = B.index_select(0, p).mul_(s[:, None]).neg_()
         rv = None if pending is None else state.update(**pending, next_normal=normal)
         pending = None
         if not bool(state.live.any()) or steps >= max_steps:
             _stop(whole, state, positions)
             return steps
-        state, positions, (p, s, slack, y_new, offset, normal, rv) = _compacted(
-            whole, state, positions, (p, s, slack, y_new, offset, normal, rv)
+        state, positions, (need, p, s, slack, y_new, offset, normal, rv) = _compacted(
+            whole, state, positions, (need, p, s, slack, y_new, offset, normal, rv)
         )
-        live = state.live
         steps += 1
         rv, z, zn, k = state.complement(normal, B, rv)  # rv: how the active multipliers change
         y = state.y[:, :k]  # a view
-        dependent = _dependent(zn, normal)
-        full = torch.where(dependent, math.inf, -slack / zn.clamp_min(torch.finfo(dt).tiny))
+        dependent = zn <= _DEPENDENT_TOL * squared_norms.index_select(0, p)
+        full = torch.div(slack, zn.clamp_min(tiny)).neg_().masked_fill_(dependent, math.inf)
         partial, leaving = _smallest_ratio(y, rv, rv > 0)  # an empty slot has rv = 0
         step = torch.minimum(partial, full)
-        stuck = torch.isinf(step) & live  # no step: rounding made the problem look infeasible
-        state.live &= ~stuck
+        state.live &= torch.isfinite(step)  # no step: rounding made the problem look infeasible
         live = state.live
-        step = torch.where(live, step, torch.zeros_like(step))
-        y -= step[:, None] * rv
+        step.masked_fill_(~live, 0.0)
+        y.addcmul_(step[:, None], rv, value=-1.0)
         y_new += step
-        move = torch.where(dependent, torch.zeros_like(step), step)
-        state.u += move[:, None] * z
-        slack += move * zn
+        move = step.masked_fill(dependent, 0.0)
+        state.u.addcmul_(move[:, None], z)
+        slack.addcmul_(move, zn)
         add = (full <= partial) & live
-        drop = (full > partial) & live
+        drop = live & ~add
         # the next pick needs the active sets now (update marks in_set, after the pick)
         adding, dropping = torch.nonzero(add).flatten(), torch.nonzero(drop).flatten()
         offset[adding, p[adding]] = -math.inf
         left = state.member[dropping, leaving[dropping]]
-        offset[dropping, left] = _pick_offset(state.t[dropping, left], inverse_norms[left])
+        offset[dropping, left] = _pick_offset(state.t[dropping, left], 1.0 / norms[left])
         pending = {
             "add": add, "drop": drop, "z": z, "zn": zn, "rv": rv, "leaving": leaving, "joining": p.clone(),
             "joining_sign": s.clone(), "joining_y": y_new.clone(), "k": k,
         }  # fmt: skip
-        p[add] = -1
+        need = add
 
 
 def _bounded_slots(state: _Rows, in_bound: torch.Tensor, k: int | None = None) -> torch.Tensor:
