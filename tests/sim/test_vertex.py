@@ -111,26 +111,54 @@ def _first_basis_solution(M: np.ndarray, u0: np.ndarray) -> np.ndarray:
 def test_purification_reaches_a_vertex_of_the_polytope() -> None:
     """From an interior point u0 > 0 of {u >= 0 : M u = M u0}, the basis exchanges end at a vertex: u >= 0,
     the same M u, at most rank(M) nonzeros on independent columns; on these random polytopes the first
-    basis alone is not one (its basic solution has negative entries), so the exchanges are what gets there."""
+    basis alone is not one (its basic solution has negative entries), so the exchanges are what gets there.
+    The six polytopes run as one batch (rows of different ranks: their bases are padded)."""
     from scipy.linalg import qr
+    from scipy.linalg.blas import dtrsv
 
-    from idl_ray.sim.solvers.vertex import _purified
+    from idl_ray.sim.solvers.vertex import _batch, _first_basis, _purify, _Start
 
-    needed_exchanges = 0
+    needed_exchanges, starts, cases = 0, [], []
+    n = 40
     for seed in range(6):
         rng = np.random.default_rng(seed)
         rank = 5 if seed % 2 else 8  # odd seeds: 8 rows of rank 5 (dependent constraints, as with F_E)
-        M = rng.standard_normal((8, rank)) @ rng.standard_normal((rank, 40))
-        u0 = rng.random(40) + 0.05
+        M = rng.standard_normal((8, rank)) @ rng.standard_normal((rank, n))
+        u0 = rng.random(n) + 0.05
         needed_exchanges += bool((_first_basis_solution(M, u0) < -1e-9).any())
-        u = _purified(M, u0, qr)
-        assert u is not None
+        first = _first_basis(M, u0, M @ u0, qr, dtrsv)
+        assert first is not None
+        # the polytope's matrix as the rows' F with all signs +1 and no extra rows
+        starts.append(_Start(seed, torch.arange(n), np.ones(n), np.zeros((0, n)), u0, *first))
+        cases.append((M, u0, rank))
+    for index, (M, u0, rank) in enumerate(cases):  # one polytope per call: F differs between them
+        F = torch.from_numpy(np.hstack([M, np.zeros((8, 1))]))
+        vertices, found = _purify(F, *_batch([starts[index]], n + 1, 8, torch.device("cpu")))
+        assert bool(found.all())
+        u = vertices[0, :n].numpy()
         assert bool((u >= 0).all())
         np.testing.assert_allclose(M @ u, M @ u0, rtol=0, atol=1e-9 * np.abs(M @ u0).max())
         support = np.flatnonzero(u)
         assert 0 < support.size <= rank
         assert np.linalg.matrix_rank(M[:, support]) == support.size  # independent columns: a vertex
     assert needed_exchanges >= 3
+
+
+def test_rows_of_several_ranks_in_one_batch_reach_vertices() -> None:
+    """Rows whose first bases differ in size and whose extra rows differ (a t row on some) run in one padded
+    batch: each ends at a vertex of its own face with the same fitted value F w and penalty t^T |w|."""
+    gen = torch.Generator().manual_seed(5)
+    F = torch.randn(6, 30, generator=gen, dtype=torch.float64)
+    F[:, 20:] = F[:, :10] * 0.5 + F[:, 10:20] * 0.5  # dependent columns: many optimal splits
+    W = torch.rand(5, 30, generator=gen, dtype=torch.float64) * torch.sign(torch.randn(5, 30, generator=gen))
+    lam = torch.zeros(5, 30, dtype=torch.float64)
+    lam[::2] = 1e-3  # rows 0, 2, 4 carry a t row (lam > 0), rows 1, 3 do not (lam = 0)
+    candidates, found = vertex_candidates(F, W, lam=lam, kappa=None, n_constrained=0)
+    assert bool(found.all())
+    torch.testing.assert_close(candidates @ F.T, W @ F.T, rtol=0, atol=1e-9 * float((W @ F.T).abs().max()))
+    penalty = (lam * candidates.abs()).sum(1)
+    torch.testing.assert_close(penalty, (lam * W.abs()).sum(1), rtol=1e-9, atol=1e-12)
+    assert bool(((candidates != 0).sum(dim=1) <= 6 + 1).all())  # at most rank(F) + the t row
 
 
 def test_rows_already_sparse_are_left_as_they_are() -> None:
