@@ -114,7 +114,6 @@ def test_purification_reaches_a_vertex_of_the_polytope() -> None:
     basis alone is not one (its basic solution has negative entries), so the exchanges are what gets there.
     The six polytopes run as one batch (rows of different ranks: their bases are padded)."""
     from scipy.linalg import qr
-    from scipy.linalg.blas import dtrsv
 
     from idl_ray.sim.solvers.vertex import _batch, _first_basis, _purify, _Start
 
@@ -126,7 +125,7 @@ def test_purification_reaches_a_vertex_of_the_polytope() -> None:
         M = rng.standard_normal((8, rank)) @ rng.standard_normal((rank, n))
         u0 = rng.random(n) + 0.05
         needed_exchanges += bool((_first_basis_solution(M, u0) < -1e-9).any())
-        first = _first_basis(M, u0, M @ u0, qr, dtrsv)
+        first = _first_basis(M, u0, M @ u0, qr)
         assert first is not None
         # the polytope's matrix as the rows' F with all signs +1 and no extra rows
         starts.append(_Start(seed, torch.arange(n), np.ones(n), np.zeros((0, n)), u0, *first))

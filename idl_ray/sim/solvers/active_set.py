@@ -502,8 +502,10 @@ def _pick_offset(t: torch.Tensor, inverse_norms: torch.Tensor) -> torch.Tensor:
     return t * (-(1.0 + _VIOLATION_TOL)) * inverse_norms
 
 
-def _dependent(zn: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-    return zn <= _DEPENDENT_TOL * (normal * normal).sum(dim=1)
+def _dependent(zn: torch.Tensor, squared_norm: torch.Tensor) -> torch.Tensor:
+    """New normals n (squared norms n^T n) whose part orthogonal to the active ones (z^T n = zn) is below
+    ``_DEPENDENT_TOL`` of their own: dependent on them."""
+    return zn <= _DEPENDENT_TOL * squared_norm
 
 
 def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
@@ -567,7 +569,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         steps += 1
         rv, z, zn, k = state.complement(normal, B, rv)  # rv: how the active multipliers change
         y = state.y[:, :k]  # a view
-        dependent = zn <= _DEPENDENT_TOL * squared_norms.index_select(0, p)
+        dependent = _dependent(zn, squared_norms.index_select(0, p))
         full = torch.div(slack, zn.clamp_min(tiny)).neg_().masked_fill_(dependent, math.inf)
         partial, leaving = _smallest_ratio(y, rv, rv > 0)  # an empty slot has rv = 0
         step = torch.minimum(partial, full)
@@ -585,7 +587,7 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
         adding, dropping = torch.nonzero(add).flatten(), torch.nonzero(drop).flatten()
         offset[adding, p[adding]] = -math.inf
         left = state.member[dropping, leaving[dropping]]
-        offset[dropping, left] = _pick_offset(state.t[dropping, left], 1.0 / norms[left])
+        offset[dropping, left] = _pick_offset(state.t[dropping, left], inverse_norms[left])
         pending = {
             "add": add, "drop": drop, "z": z, "zn": zn, "rv": rv, "leaving": leaving, "joining": p.clone(),
             "joining_sign": s.clone(), "joining_y": y_new.clone(), "k": k,
@@ -616,6 +618,7 @@ def _follow_the_bound(
     dt = state.u.dtype
     tiny = torch.finfo(dt).tiny
     bound_f = in_bound.to(dt)
+    squared_norms = (B * B).sum(dim=1)  # n^T n of a normal -s f_j
 
     state.live = state.finished & (_bound_excess(state.y, _bounded_slots(state, in_bound), kappa) > 0)
     state.finished &= ~state.live
@@ -645,7 +648,7 @@ def _follow_the_bound(
             normal = -pending_sign[:, None] * B[pending_j]
             normal[~pending] = 0.0
             rv, z, zn, k = state.complement(normal, B)
-            still = pending & _dependent(zn, normal)
+            still = pending & _dependent(zn, squared_norms.index_select(0, pending_j))
             state.live &= ~still
             join = pending & ~still
             state.update(
@@ -697,7 +700,7 @@ def _follow_the_bound(
         normal = -joining_sign[:, None] * B[joining]
         normal[~add] = 0.0
         rv, z, zn, k = state.complement(normal, B)
-        dependent = add & _dependent(zn, normal)
+        dependent = add & _dependent(zn, squared_norms.index_select(0, joining))
         if bool(dependent.any()):  # n = N c: the slot with the smallest y_k / c_k (c_k > 0) leaves
             y = state.y[:, :k]
             theta, out = _smallest_ratio(y, rv, dependent[:, None] & (rv > 0))

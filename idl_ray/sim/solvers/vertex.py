@@ -82,7 +82,6 @@ def vertex_candidates(
     if not bool(qualifies.any()):  # SciPy's import alone costs 0.2-0.3 s in a fresh process
         return W.clone(), torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     from scipy.linalg import qr
-    from scipy.linalg.blas import dtrsv
     from threadpoolctl import threadpool_limits
 
     F64 = F.detach().to(W.device, torch.float64)
@@ -108,7 +107,7 @@ def vertex_candidates(
             if nc > 0 and abs(float(w[:nc].abs().sum()) - kappa) <= _ACTIVE_BOUND * max(kappa, 1e-300):
                 extras.append((support < nc).to(torch.float64).numpy())
             M = np.vstack([F_np[:, support.numpy()] * signs, *extras])
-            first = _first_basis(M, u0, M @ u0, qr, dtrsv)
+            first = _first_basis(M, u0, M @ u0, qr)
             if first is not None:
                 starts.append(
                     _Start(i, support, signs, np.array(extras).reshape(len(extras), len(u0)), u0, *first)
@@ -204,7 +203,7 @@ def _batch(starts: list[_Start], d: int, r: int, device: torch.device) -> tuple[
 
 
 def _first_basis(
-    M: np.ndarray, u: np.ndarray, target: np.ndarray, qr: Callable, solve_triangular: Callable
+    M: np.ndarray, u: np.ndarray, target: np.ndarray, qr: Callable
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Independent columns of M, largest ``u_j ||M_j||`` first, whose span holds ``target`` (a pivoted QR of
     M diag(u)), and P = R^{-1} Q_k^T (k x rows of M) from ``M_B = Q_k R`` (Q_k: the first k columns of Q, a
@@ -214,7 +213,7 @@ def _first_basis(
     The pivoted QR runs on the ``_FIRST_COLUMNS`` x (rows of M) largest columns first (a third of the time
     on the 28x28 digits teacher) and on all of them when those do not span ``target``.
     """
-    from scipy.linalg import solve_triangular as triangular
+    from scipy.linalg import solve_triangular
 
     scaled = np.linalg.norm(M, axis=0) * u
     candidates = (
@@ -232,9 +231,9 @@ def _first_basis(
             return None
         basis = columns[pivots[:rank]]
         R = R_[:rank, :rank] / u[basis]  # M_B = Q_k R (the pivoted QR had M_B diag(u_B) = Q R_)
-        x_basis = solve_triangular(R, Q[:, :rank].T @ target, lower=0)
-        if np.linalg.norm(M[:, basis] @ x_basis - target) <= 1e3 * _RANK_TOL * np.linalg.norm(target):
-            return basis, triangular(R, Q[:, :rank].T, check_finite=False)
+        P = solve_triangular(R, Q[:, :rank].T, check_finite=False)
+        if np.linalg.norm(M[:, basis] @ (P @ target) - target) <= 1e3 * _RANK_TOL * np.linalg.norm(target):
+            return basis, P
     return None
 
 
