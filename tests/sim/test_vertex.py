@@ -143,6 +143,38 @@ def test_purification_reaches_a_vertex_of_the_polytope() -> None:
     assert needed_exchanges >= 3
 
 
+def test_a_column_that_leaves_with_no_replacement_shrinks_the_basis() -> None:
+    """Faces whose point u0 has a few large entries and the rest tiny (1e-14 .. 1e-9, as the dense least-squares
+    rows of upsampled images have): the scaled first basis is numerically smaller than rank(M), and a column
+    can fall with only tiny-u columns to replace it; the basis then shrinks. Every face still ends at a vertex
+    (u >= 0, the same M u, independent columns), and some end with fewer columns than their first basis,
+    which only the shrink gives."""
+    from scipy.linalg import qr
+
+    from idl_ray.sim.solvers.vertex import _batch, _first_basis, _purify, _Start
+
+    r, n, shrunk = 4, 16, 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        M = rng.standard_normal((r, n))
+        large = rng.choice(n, size=int(rng.integers(2, 6)), replace=False)
+        u0 = np.full(n, 10.0 ** rng.uniform(-14, -9))
+        u0[large] = rng.random(large.size) + 0.1
+        first = _first_basis(M, u0, M @ u0, qr)
+        assert first is not None
+        start = _Start(0, torch.arange(n), np.ones(n), np.zeros((0, n)), u0, *first)
+        F = torch.from_numpy(np.hstack([M, np.zeros((r, 1))]))
+        vertices, found = _purify(F, *_batch([start], n + 1, r, torch.device("cpu")))
+        assert bool(found.all())
+        u = vertices[0, :n].numpy()
+        assert bool((u >= 0).all())
+        np.testing.assert_allclose(M @ u, M @ u0, rtol=0, atol=1e-9 * np.abs(M @ u0).max())
+        support = np.flatnonzero(u)
+        assert np.linalg.matrix_rank(M[:, support]) == support.size
+        shrunk += support.size < first[0].size
+    assert shrunk >= 1
+
+
 def test_rows_of_several_ranks_in_one_batch_reach_vertices() -> None:
     """Rows whose first bases differ in size and whose extra rows differ (a t row on some) run in one padded
     batch: each ends at a vertex of its own face with the same fitted value F w and penalty t^T |w|."""
