@@ -227,6 +227,31 @@ def test_admm_uses_it_on_low_rank_grams(kappa: float | None) -> None:
     assert int((ours.weights != 0).sum()) <= int((off.weights != 0).sum())
 
 
+def test_rows_the_method_certifies_as_they_are_skip_the_polish(monkeypatch) -> None:
+    """The method's answers carry its rank-one updates' rounding, yet rows whose answer certifies as it is are
+    taken without the polish (its exact solve on the support): fewer rows reach the polish than the method
+    solved, and every row is still certified, at Clarabel's objective."""
+    import idl_ray.sim.solvers.row_block as row_block
+
+    features, targets = samples(seed=7)
+    lam = 1e-4
+    problem = SIMProblem.from_samples(features, targets, lam=lam, kappa=None, n_constrained=N)
+    polished = []
+    real = row_block.polish_if_better
+
+    def counting(*args, eligible=None, **kwargs):
+        polished.append(int(eligible.sum()))
+        return real(*args, eligible=eligible, **kwargs)
+
+    monkeypatch.setattr(row_block, "polish_if_better", counting)
+    result = ADMMSolver(device="cpu").solve(problem)
+    assert result.stats.converged and result.stats.iterations == 0
+    assert result.stats.extra["active_set_rows"] == N
+    assert sum(polished) < N
+    reference = clarabel(features, targets, np.full((N, N + P), lam), None).sum()
+    assert abs(result.stats.objective - reference) <= 1e-6 * reference
+
+
 def test_a_joint_batch_gives_each_stage_its_own_answer() -> None:
     """Two stages on one Gram in one batch (joint.py): stage 1 equilibrated under a binding bound, stage 2
     unscaled, unbounded, at another lam, posed in stage 1's variables. Polished, each stage's answer has the

@@ -49,6 +49,7 @@ from idl_ray.sim.solvers.admm_kernels import (
     ADMMState,
     GramFactor,
     initial_rho,
+    prox,
     relaxed_step,
 )
 from idl_ray.sim.solvers.anderson import AndersonAccelerator
@@ -499,8 +500,46 @@ class RowBlockADMM:
             return Z, U, ok
         source = Z.clone()
         source[rows] = result.weights
-        self.active_set_rows += self._polish_rows(Z, U, active, gaps, eligible, rho, source=source)
+        # the method's values carry its rank-one updates' rounding, yet most of its rows certify as they are
+        # (85 of 112 on the 28x28 bias-free teacher's stage 1, all 10 of stage 2): only the others are polished
+        taken = self._take_certified(Z, U, active, gaps, eligible, rho, source[active])
+        self.active_set_rows += int(taken.sum())
+        eligible &= ~taken
+        if bool(eligible.any()):
+            self.active_set_rows += self._polish_rows(Z, U, active, gaps, eligible, rho, source=source)
         return Z, U, self._certified(gaps)
+
+    def _take_certified(
+        self,
+        Z: torch.Tensor,
+        U: torch.Tensor,
+        active: torch.Tensor,
+        gaps: DualityGap,
+        eligible: torch.Tensor,
+        rho: float,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Take ``weights`` (aligned with ``active``) for the rows ``active[eligible]`` where they certify and
+        have a smaller gap than the rows' current weights (Z, U and gaps updated in place); returns the mask
+        (over ``active``) of the rows taken."""
+        positions = torch.nonzero(eligible).flatten()
+        chosen = active[positions]
+        candidate = prox(
+            weights[positions], 0.0, self.kappa, self.n_constrained
+        )  # exact bound after rounding
+        new = self.certificate(candidate, chosen)
+        # against the rows' own objectives (not the block's mean, which falls as the other rows are solved and
+        # would leave a row taken on it uncertified later)
+        better = new.certified(self.options.gap_tol, mean_primal=0.0) & (new.gaps < gaps.gaps[positions])
+        taken = torch.zeros_like(eligible)
+        if bool(better.any()):
+            take, rows_taken = positions[better], chosen[better]
+            Z[rows_taken] = candidate[better]
+            U[rows_taken] = self._dual_at(candidate[better], rows_taken, rho)
+            gaps.set_rows(take, new.take(better))
+            self._record_gaps(rows_taken, new.take(better))
+            taken[take] = True
+        return taken
 
     # ------------------------------------------------------------------ the interior-point hand-over
     def _interior_point_due(self, iteration: int) -> bool:
