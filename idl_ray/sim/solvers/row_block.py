@@ -501,7 +501,8 @@ class RowBlockADMM:
         source = Z.clone()
         source[rows] = result.weights
         # the method's values carry its rank-one updates' rounding, yet most of its rows certify as they are
-        # (83 of 112 on the 28x28 bias-free teacher's stage 1 at lam 1e-4, 9 of 10 of stage 2): only the others are polished
+        # (83 of 112 on the 28x28 bias-free teacher's stage 1 at lam 1e-4, 9 of 10 of stage 2): only the
+        # others are polished
         taken = self._take_certified(Z, U, active, gaps, eligible, rho, source[active])
         self.active_set_rows += int(taken.sum())
         eligible &= ~taken
