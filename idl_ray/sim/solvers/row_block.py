@@ -508,6 +508,7 @@ class RowBlockADMM:
         eligible &= ~taken
         if bool(eligible.any()):
             self.active_set_rows += self._polish_rows(Z, U, active, gaps, eligible, rho, source=source)
+        self._first_polish_certifies_only = False  # this was the first polish (a warm start's included)
         return Z, U, self._certified(gaps)
 
     def _take_certified(
@@ -525,22 +526,36 @@ class RowBlockADMM:
         (over ``active``) of the rows taken."""
         positions = torch.nonzero(eligible).flatten()
         chosen = active[positions]
-        candidate = prox(
-            weights[positions], 0.0, self.kappa, self.n_constrained
-        )  # exact bound after rounding
+        # the exact bound after rounding
+        candidate = prox(weights[positions], 0.0, self.kappa, self.n_constrained)
         new = self.certificate(candidate, chosen)
         # against the rows' own objectives (not the block's mean, which falls as the other rows are solved and
         # would leave a row taken on it uncertified later)
         better = new.certified(self.options.gap_tol, mean_primal=0.0) & (new.gaps < gaps.gaps[positions])
         taken = torch.zeros_like(eligible)
         if bool(better.any()):
-            take, rows_taken = positions[better], chosen[better]
-            Z[rows_taken] = candidate[better]
-            U[rows_taken] = self._dual_at(candidate[better], rows_taken, rho)
-            gaps.set_rows(take, new.take(better))
-            self._record_gaps(rows_taken, new.take(better))
-            taken[take] = True
+            self._set_rows(Z, U, gaps, active, positions[better], candidate[better], new.take(better), rho)
+            taken[positions[better]] = True
         return taken
+
+    def _set_rows(
+        self,
+        Z: torch.Tensor,
+        U: torch.Tensor,
+        gaps: DualityGap,
+        active: torch.Tensor,
+        take: torch.Tensor,
+        weights: torch.Tensor,
+        new_gaps: DualityGap,
+        rho: float,
+    ) -> None:
+        """The rows ``active[take]`` take ``weights`` and their certificate ``new_gaps`` (Z, gaps and the block's
+        record in place); their dual restarts at ADMM's fixed point there, U = (r - H w) / rho."""
+        rows = active[take]
+        Z[rows] = weights
+        U[rows] = self._dual_at(weights, rows, rho)
+        gaps.set_rows(take, new_gaps)  # with its baseline: the rounding allowance moves with the weights
+        self._record_gaps(rows, new_gaps)
 
     # ------------------------------------------------------------------ the interior-point hand-over
     def _interior_point_due(self, iteration: int) -> bool:
@@ -712,13 +727,8 @@ class RowBlockADMM:
         self._first_polish_certifies_only = False
         if polished is None:
             return 0
-        take = polished.positions
-        rows_taken = active[take]
-        Z[rows_taken] = polished.weights
-        U[rows_taken] = self._dual_at(polished.weights, rows_taken, rho)
-        gaps.set_rows(take, polished.gaps)  # with its baseline: the rounding allowance moves with the weights
-        self._record_gaps(rows_taken, polished.gaps)
-        return int(self._certified(gaps)[take].sum())
+        self._set_rows(Z, U, gaps, active, polished.positions, polished.weights, polished.gaps, rho)
+        return int(self._certified(gaps)[polished.positions].sum())
 
     def _certifying_only(self, polished: Polished) -> Polished | None:
         """The polished rows that meet gap_tol (None if none does)."""
