@@ -183,7 +183,7 @@ def test_recomputing_the_state_changes_nothing_but_rounding(monkeypatch) -> None
     B = Q * s.sqrt()
     b = (R @ Q) / s.sqrt()
     state = active_set._Rows.start(B, b, torch.full((N, N + P), 1e-3, dtype=torch.float64))
-    active_set._project(state, B, 1000)
+    active_set._project(state, B, active_set._column_norms(B), 1000)
     assert bool(state.finished.all()) and int((state.member >= 0).sum()) > N  # several constraints active
     before = (state.Pinv.clone(), state.y.clone(), state.u.clone())
     active_set._recompute(state, B, state.finished)

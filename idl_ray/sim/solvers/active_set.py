@@ -140,6 +140,7 @@ def dual_active_set(
     Q = Q.to(torch.float64)
     root = s.to(torch.float64).sqrt()
     B = Q * root  # (d, r): row j is f_j
+    norms = _column_norms(B)  # for both phases
     n, d, r = R.shape[0], Q.shape[0], root.numel()
     steps_cap = max_steps if max_steps is not None else max_steps_for(r)
     b = (R.to(torch.float64) @ Q) / root  # F^T b = r on the range of H
@@ -163,7 +164,7 @@ def dual_active_set(
         state = _Rows.start(B, b[rows], t)
         if start is not None:
             _warm(state, B, start[rows].to(device=R.device, dtype=torch.float64))
-        k = _project(state, B, steps_cap)
+        k = _project(state, B, norms, steps_cap)
         if has_bound:
             over = torch.nonzero(
                 state.finished
@@ -172,7 +173,7 @@ def dual_active_set(
             ).flatten()
             if over.numel():  # only these rows take part in phase 2
                 rows_over = state.take(over)
-                k += _follow_the_bound(rows_over, B, in_bound, float(kappa), steps_cap)
+                k += _follow_the_bound(rows_over, B, norms, in_bound, float(kappa), steps_cap)
                 state.put(over, rows_over)
         weights[rows], finished[rows], steps = state.weights(), state.finished, max(steps, k)
     return ActiveSetResult(weights=weights.to(R.dtype), finished=finished, steps=steps)
@@ -299,16 +300,14 @@ class _Rows:
             slot = leaving[rows]
             self.in_set[rows, self.member[rows, slot]] = False
             self.member[rows, slot], self.y[rows, slot], self.sign[rows, slot] = -1, 0.0, 0.0
-            self.Pinv[rows, slot] = 0.0
+            self._set_slot_rows(rows, slot, 0.0)
             if following is not None:
                 following[rows, slot] = 0.0
         rows = torch.nonzero(add).flatten()
         if rows.numel():
             slot = self.member.index_select(0, rows).argmin(dim=1)  # the first free slot (member -1)
             inverse_zn = 1.0 / zn[rows]
-            self.Pinv.view(-1, z.shape[1]).index_copy_(
-                0, rows * z.shape[1] + slot, z[rows] * inverse_zn[:, None]
-            )
+            self._set_slot_rows(rows, slot, z[rows] * inverse_zn[:, None])
             self.member[rows, slot], self.sign[rows, slot] = joining[rows], joining_sign[rows]
             self.y[rows, slot] = joining_y[rows]
             self.in_set[rows, joining[rows]] = True
@@ -320,10 +319,25 @@ class _Rows:
         return following
 
     def _slot_rows(self, slot: torch.Tensor) -> torch.Tensor:
-        """Row ``slot[i]`` of row i's N^+ (m x r), read through a flat view (advanced indexing of the 3-D
+        """Row ``slot[i]`` of row i's N^+ (m x r)."""
+        rows = torch.arange(self.Pinv.shape[0], device=slot.device)
+        return self._flat_pinv().index_select(0, self._flat_index(rows, slot))
+
+    def _set_slot_rows(self, rows: torch.Tensor, slot: torch.Tensor, values: torch.Tensor | float) -> None:
+        """Set row ``slot[i]`` of row ``rows[i]``'s N^+ to ``values[i]`` (or to a number)."""
+        flat = self._flat_index(rows, slot)
+        if isinstance(values, torch.Tensor):
+            self._flat_pinv().index_copy_(0, flat, values)
+        else:
+            self._flat_pinv().index_fill_(0, flat, values)
+
+    def _flat_pinv(self) -> torch.Tensor:
+        """N^+ as (m r) x r rows: slot rows are read and written through it (advanced indexing of the 3-D
         array costs ~8x more)."""
-        m, r = self.Pinv.shape[0], self.Pinv.shape[2]
-        return self.Pinv.view(m * r, r).index_select(0, torch.arange(m, device=slot.device) * r + slot)
+        return self.Pinv.view(-1, self.Pinv.shape[2])
+
+    def _flat_index(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return rows * self.Pinv.shape[1] + slot
 
     def complement(
         self, normal: torch.Tensor, B: torch.Tensor, rv: torch.Tensor | None = None
@@ -496,6 +510,11 @@ def _smallest_ratio(
     return torch.where(where, numerator / denominator, math.inf).min(dim=1)  # 0/0 elsewhere: masked
 
 
+def _column_norms(B: torch.Tensor) -> torch.Tensor:
+    """||f_j|| of the rows of B (d x r), kept off 0 (a zero column's constraint is never violated)."""
+    return B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+
+
 def _pick_offset(t: torch.Tensor, inverse_norms: torch.Tensor) -> torch.Tensor:
     """-t_j (1 + tol) / ||f_j||: added to |f_j^T u| / ||f_j|| it gives constraint j's violation as a distance
     (> 0: violated; thresholds t and the columns' inverse norms, broadcast alike)."""
@@ -508,7 +527,7 @@ def _dependent(zn: torch.Tensor, squared_norm: torch.Tensor) -> torch.Tensor:
     return zn <= _DEPENDENT_TOL * squared_norm
 
 
-def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
+def _project(whole: _Rows, B: torch.Tensor, norms: torch.Tensor, max_steps: int) -> int:
     """Phase 1, Goldfarb-Idnani at the thresholds ``whole.t``: every live row ends with no violated constraint
     (``finished``) or at the guard (not live, not finished). Returns the steps taken. The batch is compacted
     as rows finish (:func:`_compacted`)."""
@@ -516,7 +535,6 @@ def _project(whole: _Rows, B: torch.Tensor, max_steps: int) -> int:
     m = state.u.shape[0]
     dev, dt = state.u.device, state.u.dtype
     tiny = torch.finfo(dt).tiny
-    norms = B.norm(dim=1).clamp_min(tiny)
     inverse_norms = 1.0 / norms
     squared_norms = norms * norms  # n^T n of a normal -s f_p
     need = torch.ones(m, dtype=torch.bool, device=dev)  # rows whose next constraint is to be picked
@@ -609,7 +627,7 @@ def _bound_excess(y: torch.Tensor, bounded_slots: torch.Tensor, kappa: float) ->
 
 
 def _follow_the_bound(
-    state: _Rows, B: torch.Tensor, in_bound: torch.Tensor, kappa: float, max_steps: int
+    state: _Rows, B: torch.Tensor, norms: torch.Tensor, in_bound: torch.Tensor, kappa: float, max_steps: int
 ) -> int:
     """Phase 2: finished rows with ``sum_A |w_j| > kappa`` follow nu up until it equals kappa (module
     docstring); rows left on the way (the guard, nu stalled for ``_IDLE_STEPS`` steps, an optimum inside a
@@ -618,7 +636,7 @@ def _follow_the_bound(
     dt = state.u.dtype
     tiny = torch.finfo(dt).tiny
     bound_f = in_bound.to(dt)
-    squared_norms = (B * B).sum(dim=1)  # n^T n of a normal -s f_j
+    squared_norms = norms * norms  # n^T n of a normal -s f_j
 
     state.live = state.finished & (_bound_excess(state.y, _bounded_slots(state, in_bound), kappa) > 0)
     state.finished &= ~state.live
