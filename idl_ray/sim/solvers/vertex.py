@@ -315,12 +315,7 @@ def _purify(
             magnitude += torch.bmm(P_l[:, None, r:], row_extras)[:, 0]
         magnitude.abs_()
         best, entering = (magnitude * u).scatter_(1, basis, 0.0).max(dim=1)  # nonbasic columns only
-        column = F.T.index_select(0, entering) * row_sigma.gather(1, entering[:, None])
-        if e:
-            column = torch.cat(
-                [column, row_extras.gather(2, entering[:, None, None].expand(-1, e, 1))[:, :, 0]], 1
-            )
-        a = torch.bmm(P, column[:, :, None])[:, :, 0]  # the entering column on the basis
+        a = torch.bmm(P, _columns(F, row_sigma, row_extras, entering[:, None]))[:, :, 0]  # on the basis
         pivot = a.gather(1, leaving[:, None])[:, 0]
         # nothing can replace it (the face is thinner there): the basis loses that column (the zero column d
         # takes its place) and P becomes the pseudo-inverse of the others, P - (P P_l) P_l^T / ||P_l||^2
@@ -350,11 +345,17 @@ def _values(
 ) -> torch.Tensor:
     """Signed vertices (m x d) from basic solutions x (m x k) on ``basis``, refined once against the rounding
     of P's updates: x + P (target - M_B x), then clipped at 0 (the ratio test leaves -1e-10-sized entries)."""
-    e = extras.shape[1]
-    signs = sigma.gather(1, basis)
-    M_B = F.T[basis].transpose(1, 2) * signs[:, None, :]
-    if e:
-        M_B = torch.cat([M_B, extras.gather(2, basis[:, None, :].expand(-1, e, -1))], dim=1)
-    residual = target - torch.bmm(M_B, x[:, :, None])[:, :, 0]
+    residual = target - torch.bmm(_columns(F, sigma, extras, basis), x[:, :, None])[:, :, 0]
     refined = (x + torch.bmm(P, residual[:, :, None])[:, :, 0]).clamp_min_(0.0)
-    return torch.zeros_like(sigma).scatter_(1, basis, refined * signs)
+    return torch.zeros_like(sigma).scatter_(1, basis, refined * sigma.gather(1, basis))
+
+
+def _columns(
+    F: torch.Tensor, sigma: torch.Tensor, extras: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """Columns ``columns`` (m x c indices) of each row's ``M_i = [F diag(sigma_i); extras_i]``: m x (r + e) x c."""
+    picked = F.T[columns].transpose(1, 2) * sigma.gather(1, columns)[:, None, :]
+    e = extras.shape[1]
+    if not e:
+        return picked
+    return torch.cat([picked, extras.gather(2, columns[:, None, :].expand(-1, e, -1))], dim=1)
