@@ -162,6 +162,27 @@ def test_batches_and_the_step_guard(monkeypatch) -> None:
     assert not bool(guarded.finished.any())
 
 
+def test_a_row_whose_dual_objective_stops_rising_is_left_unfinished(monkeypatch) -> None:
+    """Phase 1's cycling guard: a row whose ||u - b||^2 has not reached a new maximum for ``_STALLED_STEPS``
+    steps is left unfinished. With the guard at its default every row of a solvable problem finishes; with it
+    at -1 every row is left after its first step, and ADMMSolver hands them all to the interior point, which
+    still reaches Clarabel's objective."""
+    import idl_ray.sim.solvers.active_set as active_set
+
+    features, targets = samples(seed=8)
+    H, R, _ = gram_form(features, targets)
+    factor = GramFactor(H)
+    assert bool(dual_active_set(factor, R, lam=1e-3).finished.all())
+    monkeypatch.setattr(active_set, "_STALLED_STEPS", -1)
+    left = dual_active_set(factor, R, lam=1e-3)
+    assert not bool(left.finished.any()) and left.steps == 1
+    problem = SIMProblem.from_samples(features, targets, lam=1e-3, kappa=None, n_constrained=N)
+    result = ADMMSolver(device="cpu").solve(problem)
+    assert result.stats.converged and result.stats.extra["interior_point_rows"] == N
+    reference = clarabel(features, targets, np.full((N, N + P), 1e-3), None).sum()
+    assert abs(result.stats.objective - reference) <= 1e-6 * reference
+
+
 def test_recomputing_the_state_changes_nothing_but_rounding(monkeypatch) -> None:
     """The rank-one updates' state (N^+, y, u) against the exact one recomputed from the active set
     (``_on_active_set``): equal to rounding; and a solve that recomputes every 3 steps ends at the same
