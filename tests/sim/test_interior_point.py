@@ -225,7 +225,10 @@ def test_float32_solver_hands_over_in_float64() -> None:
     assert result.weights.dtype == torch.float32
     assert result.stats.extra["interior_point_iterations"] > 0
     assert float(result.weights[:, :N].double().abs().sum(1).max()) <= 0.5 * (1 + 1e-6)
-    assert (problem.objective(result.weights.double()) - optimum) <= 1e-4 * optimum
+    # float32 weights on this rank-deficient problem land above the optimum by an amount that depends on the
+    # CPU's rounding: below 1e-4 where this test was written, 1.12e-4 on an AMD EPYC host (the same with the
+    # code of either); a wrong answer is off by far more
+    assert (problem.objective(result.weights.double()) - optimum) <= 3e-4 * optimum
 
 
 def test_hand_over_waits_where_the_interior_point_is_costly() -> None:
