@@ -130,6 +130,7 @@ def test_to_module_and_summary(fitted, digits) -> None:
     with torch.no_grad():
         torch.testing.assert_close(module(digits.X_test), sim.predict(digits.X_test), atol=1e-4, rtol=1e-4)
     sim = fitted["admm"]
+    sim.predict(digits.X_test)  # the summary reports the last prediction's fixed-point iterations
     summary = sim.summary()
     assert summary.hidden == 72 and summary.kappa == 0.95 and summary.a_inf_norm <= 0.95
     assert 0 < summary.sparsity["A"] < 1 and summary.inference_iterations["max"] >= 1
@@ -203,3 +204,24 @@ def test_errors_are_clear(mlp_teacher, digits) -> None:
     sim = SIM(kappa=0.95).fit(mlp_teacher, digits.X_train[:300])
     with pytest.raises(ConfigError, match=r"expects 64 input features"):
         sim.predict(torch.zeros(3, 10))
+
+
+def test_summary_says_when_a_gap_is_rounding_of_an_exact_fit() -> None:
+    """A converged stage with a relative gap far above any gap tolerance is a fit exact to rounding (lam = 0
+    on a teacher the model represents: 4.2e-11 on the 28x28 digits teacher, relative gap 0.89): the summary
+    gives the absolute numbers; an ordinary certificate and an unconverged stage read as before."""
+    from idl_ray.sim.summary import SIMSummary
+
+    summary = SIMSummary(
+        hidden=4, inputs=3, outputs=2, bias=False, activation="relu", kappa=0.9, a_inf_norm=0.5,
+        sparsity={"A": 0.5}, nonzeros={"A": 8}, solver="admm", solve_time_s={"stage1": 0.1, "stage2": 0.1},
+        iterations={"stage1": 0, "stage2": 3}, objective={"stage1": 4.2e-11, "stage2": 0.25},
+        extraction_time_s=0.01, scales=None, inference_iterations=None,
+        relative_gap={"stage1": 0.89, "stage2": 2e-9}, converged={"stage1": True, "stage2": True},
+    )  # fmt: skip
+    line = next(x for x in str(summary).splitlines() if "certified relative gap" in x)
+    assert "stage 1 0.89 (absolute 3.7e-11 on an objective of 4.2e-11: exact to rounding)" in line
+    assert "stage 2 2e-09" in line and line.count("exact to rounding") == 1
+    summary.converged["stage1"] = False
+    line = next(x for x in str(summary).splitlines() if "certified relative gap" in x)
+    assert "stage 1 0.89 (NOT converged)" in line and "exact to rounding" not in line
