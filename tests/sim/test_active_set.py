@@ -183,6 +183,21 @@ def test_a_row_whose_dual_objective_stops_rising_is_left_unfinished(monkeypatch)
     assert abs(result.stats.objective - reference) <= 1e-6 * reference
 
 
+def test_a_nearly_dependent_normal_counts_as_dependent() -> None:
+    """A new normal whose part orthogonal to the active ones is 1e-5.5 of its norm (z^T n / n^T n = 1e-11) is
+    dependent: admitted, it would make N N^T that ill-conditioned and N^+'s rank-one updates lose ~5 digits
+    (z^T n of a later normal came out negative, -4e-4 of n^T n, on the 28x28 digits teachers). One with 1e-4
+    (1e-8) is independent."""
+    from idl_ray.sim.solvers.active_set import _dependent
+
+    active = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    for orthogonal, dependent in ((10**-5.5, True), (1e-4, False)):
+        normal = torch.tensor([1.0, orthogonal, 0.0], dtype=torch.float64)
+        z = normal - active * (active @ normal)  # the part orthogonal to the active normal
+        zn, squared = (z @ normal)[None], (normal @ normal)[None]
+        assert bool(_dependent(zn, squared)) is dependent
+
+
 def test_recomputing_the_state_changes_nothing_but_rounding(monkeypatch) -> None:
     """The rank-one updates' state (N^+, y, u) against the exact one recomputed from the active set
     (``_on_active_set``): equal to rounding; and a solve that recomputes every 3 steps ends at the same

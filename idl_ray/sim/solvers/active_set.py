@@ -43,8 +43,10 @@ rounding, so the result is the active set, its signs and approximate weights: ca
 support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. The rounding can also make a row
 cycle near rank(H), chasing violations of ~1e-9 through drops and re-adds; every non-degenerate step raises
 the dual objective ||u - b||^2, so a row that has set no new maximum for ``_STALLED_STEPS`` steps is left
-unfinished (to the interior point): one such row of the 28x28 digits teacher's stage 1 at lam 1e-5 ran alone
-from step 332 to the guard at 592, now to 413 (the fit -13%). Zero
+unfinished (to the interior point). The cycling came from nearly dependent normals admitted to the active set
+(``_DEPENDENT_TOL``); with that tolerance at 1e-10 it no longer occurs on the digits teachers, and the guard
+stays as a safety net (at 1e-12 one row of the 28x28 teacher's stage 1 at lam 1e-5 ran alone from step 332 to
+the step guard at 592; the cycling guard stopped it at 413). Zero
 thresholds (lam = 0) make constraints equalities, which this iteration does not handle
 (:func:`dual_active_set_applies`). A guessed support (a lambda path's previous point) can start a row
 (:func:`_warm`): 12-17 steps instead of 87-206 on the 28x28 teacher's stage 2 along a path.
@@ -66,8 +68,12 @@ __all__ = ["ActiveSetResult", "dual_active_set", "dual_active_set_applies", "max
 #: a constraint counts as violated when |f_j^T u| exceeds t_j by more than this fraction of t_j
 _VIOLATION_TOL = 1e-10
 #: a new normal whose part orthogonal to the active ones has a squared norm below this fraction of its own
-#: is dependent on them (a partial step then drops an active constraint)
-_DEPENDENT_TOL = 1e-12
+#: is dependent on them (a partial step then drops an active constraint). Admitting such a normal makes N N^T
+#: as ill-conditioned as the fraction, and N^+'s rank-one updates then carry errors of ~1e-16 / fraction: at
+#: 1e-12 they reached 1e-4 on the 28x28 teachers (z^T n of a normal after its exchange came out at -4e-4 of
+#: n^T n, so the exchange could not finish and the row went to the interior point; and rows cycled in phase 1).
+#: 1e-10 finished most of those rows (docs/benchmarks/sim.md, twelfth session); 1e-9 sent others to it
+_DEPENDENT_TOL = 1e-10
 #: in the homotopy on nu, an inactive constraint whose slack closes at a rate below this (relative to
 #: 1 + |its value's rate|) stays inactive: rounding of a column that moves with the active ones
 _RATE_TOL = 1e-9
