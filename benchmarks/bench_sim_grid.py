@@ -101,7 +101,8 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             stats = sim.stats_[stage]
             problem = sim.problems_[stage]
             W = torch.cat([sim.A_, sim.B_], 1) if stage == "stage1" else torch.cat([sim.C_, sim.D_], 1)
-            sample = list(range(0, problem.rows, max(1, problem.rows // args.cvx_rows)))[: args.cvx_rows]
+            step = max(1, problem.rows // args.cvx_rows) if args.cvx_rows else 1
+            sample = list(range(0, problem.rows, step))[: args.cvx_rows]  # none with --cvx-rows 0
             ours = problem.row_objectives(W)
             reference = cvx_rows(problem, sample) if args.cvx_rows else {}
             worst = max(

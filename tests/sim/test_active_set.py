@@ -198,6 +198,36 @@ def test_a_nearly_dependent_normal_counts_as_dependent() -> None:
         assert bool(_dependent(zn, squared)) is dependent
 
 
+def test_a_stale_pseudo_inverse_is_recomputed_before_a_dependence_test() -> None:
+    """Phase 2 decides whether a joining normal depends on the active ones from z^T n, z its part orthogonal to
+    them. With N^+ off by 1e-6 (the rank-one updates' rounding, seen on the 28x28 teachers) z loses its
+    orthogonality, z^T n != z^T z, and N^+ is recomputed first: the answer is the exact one, and N^+ too."""
+    import idl_ray.sim.solvers.active_set as active_set
+
+    features, targets = samples(seed=6)
+    H, R, _ = gram_form(features, targets)
+    Q, s = GramFactor(H).range_basis()
+    B, b = Q * s.sqrt(), (R @ Q) / s.sqrt()
+    state = active_set._Rows.start(B, b, torch.full((N, N + P), 1e-3, dtype=torch.float64))
+    active_set._project(state, B, active_set._column_norms(B), 1000)
+    assert bool(state.finished.all())
+    exact_pinv = state.Pinv.clone()
+    norms = torch.where(state.in_set.any(dim=0), 0.0, B.norm(dim=1))
+    free = int(norms.argmax())  # the longest column in no row's active set
+    normal = -B[free].expand(N, -1).clone()
+    _, _, exact_zn, _ = state.complement(normal, B)
+    gen = torch.Generator().manual_seed(0)
+    occupied = (state.member >= 0)[:, :, None]
+    noise = torch.randn(state.Pinv.shape, generator=gen, dtype=torch.float64) * occupied
+    state.Pinv += 1e-6 * float(state.Pinv.abs().max()) * noise
+    _, _, stale_zn, _ = state.complement(normal, B)
+    assert float((stale_zn - exact_zn).abs().max()) > 1e-9 * float(normal[0] @ normal[0])
+    everyone = torch.ones(N, dtype=torch.bool)
+    _, _, zn, _ = active_set._checked_complement(state, normal, B, everyone)
+    torch.testing.assert_close(zn, exact_zn, atol=1e-12 * float(normal[0] @ normal[0]), rtol=0)
+    torch.testing.assert_close(state.Pinv, exact_pinv, atol=1e-9 * float(exact_pinv.abs().max()), rtol=0)
+
+
 def test_recomputing_the_state_changes_nothing_but_rounding(monkeypatch) -> None:
     """The rank-one updates' state (N^+, y, u) against the exact one recomputed from the active set
     (``_on_active_set``): equal to rounding; and a solve that recomputes every 3 steps ends at the same
