@@ -460,9 +460,11 @@ def _warm(state: _Rows, B: torch.Tensor, guess: torch.Tensor) -> None:
 _RECOMPUTE_EVERY = 100
 
 
-def _recompute(state: _Rows, B: torch.Tensor, rows_mask: torch.Tensor) -> None:
+def _recompute(state: _Rows, B: torch.Tensor, rows_mask: torch.Tensor, *, pinv_only: bool = False) -> None:
     """Recompute N^+, y and u of the rows ``rows_mask`` (none half-way through an add) from their active sets
-    (:func:`_on_active_set`), where that is valid (independent normals, every y >= 0).
+    (:func:`_on_active_set`), where that is valid (independent normals, every y >= 0). With ``pinv_only`` N^+
+    alone, wherever N N^T is regular (it depends on the normals only: y and u are kept, and a row may be
+    half-way through an exchange).
 
     Greville's rank-one updates accumulate rounding, most near rank(H): on the bias-free 28x28 teacher at
     lam 1e-6 two rows whose supports reached ~110 of rank 133 chased violations of ~1e-9 through hundreds of
@@ -483,6 +485,10 @@ def _recompute(state: _Rows, B: torch.Tensor, rows_mask: torch.Tensor) -> None:
         state.b[rows],
         state.t[rows].gather(1, columns),
     )
+    if pinv_only:
+        regular = info == 0
+        state.Pinv[rows[regular], :k] = Pinv[regular]
+        return
     valid = (info == 0) & ~((y < 0) & real).any(dim=1) & torch.isfinite(u).all(dim=1)
     if bool(valid.any()):
         kept = rows[valid]
@@ -497,7 +503,7 @@ _ORTHOGONALITY_TOL = 1e-11
 def _checked_complement(
     state: _Rows, normal: torch.Tensor, B: torch.Tensor, rows_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """:meth:`_Rows.complement` of the new normals, with N^+ recomputed first (:func:`_refresh_pinv`) for the
+    """:meth:`_Rows.complement` of the new normals, with N^+ recomputed first (:func:`_recompute`) for the
     rows ``rows_mask`` whose z has lost its orthogonality to the active normals (z^T n != z^T z): there the
     updates' rounding would decide the dependence, and a normal parallel to an active one (duplicated pixel
     columns) could join, leaving N singular."""
@@ -505,30 +511,9 @@ def _checked_complement(
     drift = (zn - torch.linalg.vecdot(z, z)).abs()
     stale = rows_mask & (drift > _ORTHOGONALITY_TOL * torch.linalg.vecdot(normal, normal))
     if bool(stale.any()):
-        _refresh_pinv(state, B, stale)
+        _recompute(state, B, stale, pinv_only=True)
         rv, z, zn, k = state.complement(normal, B)
     return rv, z, zn, k
-
-
-def _refresh_pinv(state: _Rows, B: torch.Tensor, rows_mask: torch.Tensor) -> None:
-    """Recompute N^+ alone of the rows ``rows_mask`` from their active normals (:func:`_on_active_set`; y and u
-    are kept: N^+ depends on the normals only), where N N^T is regular."""
-    rows = torch.nonzero(rows_mask).flatten()
-    if rows.numel() == 0 or state.top == 0:
-        return
-    k = state.top
-    member = state.member[rows, :k]
-    real = member >= 0
-    columns = member.clamp_min(0)
-    _, Pinv, _, info = _on_active_set(
-        B[columns] * real[:, :, None],
-        state.sign[rows, :k],
-        real,
-        state.b[rows],
-        state.t[rows].gather(1, columns),
-    )
-    regular = info == 0
-    state.Pinv[rows[regular], :k] = Pinv[regular]
 
 
 def _stop(whole: _Rows, state: _Rows, positions: torch.Tensor | None) -> None:
