@@ -40,10 +40,10 @@ times one step: 147-382 steps for the 96 rows of the 28x28 digits teacher's stag
 rank-one updates (adding column n with z = (I - N N^+) n: rows of N^+ lose ``(N^+ n) z^T / z^T n``, the new
 row is ``z^T / z^T n``; dropping row g of N^+: the others lose ``(N^+ g) g^T / g^T g``). These accumulate
 rounding, so the result is the active set, its signs and approximate weights: callers polish it on its
-support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. The rounding can also make a row
-cycle near rank(H), chasing violations of ~1e-9 through drops and re-adds; every non-degenerate step raises
-the dual objective ||u - b||^2, so a row that has set no new maximum for ``_STALLED_STEPS`` steps is left
-unfinished (to the interior point). The cycling came from nearly dependent normals admitted to the active set
+support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. The rounding
+can also make a row cycle near rank(H), chasing violations of ~1e-9 through drops and re-adds; every
+non-degenerate step raises the dual objective ||u - b||^2, so a row that has set no new maximum for
+``_STALLED_STEPS`` steps is left unfinished (to the interior point). The cycling came from nearly dependent normals admitted to the active set
 (``_DEPENDENT_TOL``); with that tolerance at 1e-10 it no longer occurs on the digits teachers, and the guard
 stays as a safety net (at 1e-12 one row of the 28x28 teacher's stage 1 at lam 1e-5 ran alone from step 332 to
 the step guard at 592; the cycling guard stopped it at 413). In phase 2 a joining normal's dependence is decided
