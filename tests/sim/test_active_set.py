@@ -223,7 +223,8 @@ def test_a_stale_pseudo_inverse_is_recomputed_before_a_dependence_test() -> None
     _, _, stale_zn, _ = state.complement(normal, B)
     assert float((stale_zn - exact_zn).abs().max()) > 1e-9 * float(normal[0] @ normal[0])
     everyone = torch.ones(N, dtype=torch.bool)
-    _, _, zn, _ = active_set._checked_complement(state, normal, B, everyone)
+    squared = torch.linalg.vecdot(normal, normal)
+    _, _, zn, _ = active_set._checked_complement(state, normal, B, everyone, squared)
     torch.testing.assert_close(zn, exact_zn, atol=1e-12 * float(normal[0] @ normal[0]), rtol=0)
     torch.testing.assert_close(state.Pinv, exact_pinv, atol=1e-9 * float(exact_pinv.abs().max()), rtol=0)
 

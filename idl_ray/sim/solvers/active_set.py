@@ -39,21 +39,21 @@ times one step: 147-382 steps for the 96 rows of the 28x28 digits teacher's stag
 [1e-6, 1e-2]; rows that finish leave the batch. N^+ of the active normals N (k x r) is kept per row by Greville's
 rank-one updates (adding column n with z = (I - N N^+) n: rows of N^+ lose ``(N^+ n) z^T / z^T n``, the new
 row is ``z^T / z^T n``; dropping row g of N^+: the others lose ``(N^+ g) g^T / g^T g``). These accumulate
-rounding, so the result is the active set, its signs and approximate weights: callers polish it on its
-support (:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. The rounding
-can also make a row cycle near rank(H), chasing violations of ~1e-9 through drops and re-adds; every
-non-degenerate step raises the dual objective ||u - b||^2, so a row that has set no new maximum for
-``_STALLED_STEPS`` steps is left unfinished (to the interior point). The cycling came from nearly dependent normals admitted to the active set
-(``_DEPENDENT_TOL``); with that tolerance at 1e-10 it no longer occurs on the digits teachers, and the guard
-stays as a safety net (at 1e-12 one row of the 28x28 teacher's stage 1 at lam 1e-5 ran alone from step 332 to
-the step guard at 592; the cycling guard stopped it at 413). In phase 2 a joining normal's dependence is decided
-on an exact N^+: where its part z orthogonal to the active normals has drifted (z^T n != z^T z), N^+ is
-recomputed first (:func:`_checked_complement`); otherwise a normal parallel to an active one (duplicated pixel
-columns) could join, N turned singular and its row went to the interior point (11 rows of the 28x28 teacher
-at kappa 0.5, lam 1e-2; none now). Zero
-thresholds (lam = 0) make constraints equalities, which this iteration does not handle
-(:func:`dual_active_set_applies`). A guessed support (a lambda path's previous point) can start a row
-(:func:`_warm`): 12-17 steps instead of 87-206 on the 28x28 teacher's stage 2 along a path.
+rounding, so the result is the active set, its signs and approximate weights: callers polish it on its support
+(:mod:`~idl_ray.sim.solvers.polish`, an exact solve) and certify it before taking it. The rounding can also
+make a row cycle near rank(H), chasing violations of ~1e-9 through drops and re-adds; every non-degenerate
+step raises the dual objective ||u - b||^2, so a row that has set no new maximum for ``_STALLED_STEPS`` steps
+is left unfinished (to the interior point). The cycling came from nearly dependent normals admitted to the
+active set (``_DEPENDENT_TOL``); with that tolerance at 1e-10 it no longer occurs on the digits teachers, and
+the guard stays as a safety net (at 1e-12 one row of the 28x28 teacher's stage 1 at lam 1e-5 ran alone from
+step 332 to the step guard at 592; the cycling guard stopped it at 413). In phase 2 a joining normal's
+dependence is decided on an exact N^+: where its part z orthogonal to the active normals has drifted (z^T n !=
+z^T z), N^+ is recomputed first (:func:`_checked_complement`); otherwise a normal parallel to an active one
+(duplicated pixel columns) could join, N turned singular and its row went to the interior point (11 rows of
+the 28x28 teacher at kappa 0.5, lam 1e-2; none now). Zero thresholds (lam = 0) make constraints equalities,
+which this iteration does not handle (:func:`dual_active_set_applies`). A guessed support (a lambda path's
+previous point) can start a row (:func:`_warm`): 12-17 steps instead of 87-206 on the 28x28 teacher's stage 2
+along a path.
 """
 
 from __future__ import annotations
@@ -501,15 +501,15 @@ _ORTHOGONALITY_TOL = 1e-11
 
 
 def _checked_complement(
-    state: _Rows, normal: torch.Tensor, B: torch.Tensor, rows_mask: torch.Tensor
+    state: _Rows, normal: torch.Tensor, B: torch.Tensor, rows_mask: torch.Tensor, squared_norm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """:meth:`_Rows.complement` of the new normals, with N^+ recomputed first (:func:`_recompute`) for the
     rows ``rows_mask`` whose z has lost its orthogonality to the active normals (z^T n != z^T z): there the
     updates' rounding would decide the dependence, and a normal parallel to an active one (duplicated pixel
-    columns) could join, leaving N singular."""
+    columns) could join, leaving N singular. ``squared_norm``: n^T n of the rows ``rows_mask``' normals."""
     rv, z, zn, k = state.complement(normal, B)
     drift = (zn - torch.linalg.vecdot(z, z)).abs()
-    stale = rows_mask & (drift > _ORTHOGONALITY_TOL * torch.linalg.vecdot(normal, normal))
+    stale = rows_mask & (drift > _ORTHOGONALITY_TOL * squared_norm)
     if bool(stale.any()):
         _recompute(state, B, stale, pinv_only=True)
         rv, z, zn, k = state.complement(normal, B)
@@ -651,7 +651,8 @@ def _project(whole: _Rows, B: torch.Tensor, norms: torch.Tensor, max_steps: int)
         move = step.masked_fill(dependent, 0.0)
         state.u.addcmul_(move[:, None], z)
         slack.addcmul_(move, zn)
-        objective = torch.linalg.vecdot(state.u - state.b, state.u - state.b)
+        offset_from_b = state.u - state.b
+        objective = torch.linalg.vecdot(offset_from_b, offset_from_b)
         rose = objective > best_objective
         best_objective = torch.maximum(best_objective, objective)
         stalled = torch.where(rose, 0, stalled + 1)
@@ -723,8 +724,9 @@ def _follow_the_bound(
         if bool(pending.any()):
             normal = -pending_sign[:, None] * B[pending_j]
             normal[~pending] = 0.0
-            rv, z, zn, k = _checked_complement(state, normal, B, pending)
-            still = pending & _dependent(zn, squared_norms.index_select(0, pending_j))
+            squared = squared_norms.index_select(0, pending_j)
+            rv, z, zn, k = _checked_complement(state, normal, B, pending, squared)
+            still = pending & _dependent(zn, squared)
             state.live &= ~still
             join = pending & ~still
             state.update(
@@ -775,8 +777,9 @@ def _follow_the_bound(
         add = state.live & ~drop
         normal = -joining_sign[:, None] * B[joining]
         normal[~add] = 0.0
-        rv, z, zn, k = _checked_complement(state, normal, B, add)
-        dependent = add & _dependent(zn, squared_norms.index_select(0, joining))
+        squared = squared_norms.index_select(0, joining)
+        rv, z, zn, k = _checked_complement(state, normal, B, add, squared)
+        dependent = add & _dependent(zn, squared)
         if bool(dependent.any()):  # n = N c: the slot with the smallest y_k / c_k (c_k > 0) leaves
             y = state.y[:, :k]
             theta, out = _smallest_ratio(y, rv, dependent[:, None] & (rv > 0))

@@ -25,9 +25,9 @@ Cost: per row, one pivoted QR of an (r + 2) x |E| matrix (LAPACK geqp3 via SciPy
 basis; then every row's rounds run in one lockstep batch (:func:`_purify`), each round a (rows x r)(r x d)
 product and one rank-one update of the rows' ``M_B^{-1}`` (rows x (r + 2) x (r + 2)), like the simplex method's
 (for the 96 rows of the 28x28 teacher's stage 1 at lam = 0: the rounds 0.37 s, the whole step 0.6 s, where
-with a row at a time, per-round Python and SciPy calls, the step took 1.3 s). Each LAPACK call runs on one thread (on the 2-core VM, BLAS threads inside
-each call next to torch's OpenMP threads had doubled this step at torch's default 2 threads: 0.41 -> 0.82 s for
-the 64 rows of the 28x28 teacher's stage 1).
+with a row at a time, per-round Python and SciPy calls, the step took 1.3 s). Each LAPACK call runs on one
+thread (on the 2-core VM, BLAS threads inside each call next to torch's OpenMP threads had doubled this step at
+torch's default 2 threads: 0.41 -> 0.82 s for the 64 rows of the 28x28 teacher's stage 1).
 """
 
 from __future__ import annotations
