@@ -112,6 +112,25 @@ def test_yaml_config_in_clusters_folder_is_valid() -> None:
     assert make_solver(config)._params == make_solver(SimJobConfig())._params
 
 
+def test_each_ray_solver_takes_its_own_strategies() -> None:
+    from idl_ray.jobs.sim_job import make_solver
+    from idl_ray.jobs.solve_job import SolveJobConfig
+
+    assert make_solver(SimJobConfig(solver="ray-pgd", strategy="data"))._params["strategy"] == "data"
+    assert make_solver(SimJobConfig(solver="ray-pgd"))._params["strategy"] == "gram"
+    assert (
+        make_solver(SimJobConfig(solver="ray-admm", strategy="consensus"))._params["strategy"] == "consensus"
+    )
+    for config, solver, strategy in (
+        (SimJobConfig, "ray-pgd", "consensus"),
+        (SimJobConfig, "ray-admm", "data"),
+        (SolveJobConfig, "ray-pgd", "consensus"),
+    ):
+        extra = {"states": "runs/extract"} if config is SolveJobConfig else {}
+        with pytest.raises(ConfigError, match=rf"'strategy'.*with solver='{solver}'.*'{strategy}'"):
+            config(solver=solver, strategy=strategy, **extra)
+
+
 def test_sim_job_writes_model_and_report(tmp_path) -> None:
     from idl_ray.jobs.sim_job import run_sim_job
     from idl_ray.sim import SIM

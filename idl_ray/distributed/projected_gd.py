@@ -1,6 +1,17 @@
-"""Data-parallel projected (proximal) gradient across the solver actors.
+"""Projected (proximal) gradient on Ray: the Gram summed over the solver actors' shards once, or the gradient
+summed over them every step.
 
-The gradient of the quadratic part splits over sample shards::
+**gram** (the default): the actors build the Gram of their sample shards, a tree of Ray tasks sums them
+(:func:`~idl_ray.distributed.gram.reduce_stats`), and the driver runs the single-process solve on H
+(:func:`~idl_ray.sim.solvers.projected_gd.projected_gd_on_gram`: the same iterations and answer as
+:class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolver`). A step costs rows x d^2 flops wherever
+it runs, and a round trip per step costs more than the step at the digits teachers' sizes (the `idl-ray sim`
+job's default: 74 s with the gradient summed every step against 2 s in one process); once the Gram is summed
+no actor is needed, so a lost one costs nothing. A :class:`SIMProblem` already holds its Gram: it is solved
+on the driver without actors.
+
+**data**: for a Gram too large to gather (or to keep the statistics in the actors), the gradient of the
+quadratic part splits over sample shards::
 
     grad(W) = W H - R = sum_k (W G_k - Rt_k) / m + l2 W,
 
@@ -28,9 +39,11 @@ from typing import Any
 
 import torch
 
+from idl_ray._validation import check_choice
 from idl_ray.distributed import resources
 from idl_ray.distributed.certify import ShardCertificate
 from idl_ray.distributed.config import RayRunConfig
+from idl_ray.distributed.gram import reduce_stats
 from idl_ray.distributed.pool import WorkerPool
 from idl_ray.distributed.progress import Timings
 from idl_ray.distributed.sharded import ShardedProblem
@@ -50,10 +63,14 @@ from idl_ray.sim.solvers.projected_gd import (
     fista_info,
     fista_loop,
     low_rank_info,
+    projected_gd_on_gram,
     set_gradient_settings,
 )
 
-__all__ = ["RayProjectedGDSolver"]
+__all__ = ["STRATEGIES", "RayProjectedGDSolver"]
+
+#: where the iterations run: on the summed Gram (the driver), or on gradients summed over the actors each step
+STRATEGIES = ("gram", "data")
 
 
 class _DistributedGradient:
@@ -156,16 +173,22 @@ def certified_fista(
 
 @register_solver("ray_projected_gd")
 class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
-    """Projected gradient (FISTA, or low-rank A = L R^T with Adam) with the gradient summed over Ray actors.
+    """Projected gradient (FISTA, or low-rank A = L R^T with Adam) on the Gram of the Ray actors' shards.
 
     Same algorithm and settings as :class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolver`;
-    the samples stay in the workers' shards (from the problem's samples, or a :class:`ShardedProblem`).
+    the samples stay in the workers' shards (a :class:`ShardedProblem`, or the problem's samples with
+    ``strategy="data"``).
 
     Parameters
     ----------
     rank, max_iter, tol, gap_tol, lr, penalty, check_every, method, polish, warn, seed :
         As in ``ProjectedGDLowRankSolver`` (FISTA stops on the duality gap; the low-rank fit reports the
         certificate of the convex refit of B with A fixed).
+    strategy : {"gram", "data"}, default "gram"
+        "gram": the actors' shard Grams are summed once and the iterations run on the driver with no round
+        trip (a SIMProblem, which holds its Gram, needs no actor); "data": every step sums the gradient
+        over the actors (no d x d matrix leaves them: for a Gram too large to gather). See the module
+        docstring.
     num_workers, use_gpu, run_config, workers, **run keywords :
         As in :class:`~idl_ray.distributed.solvers.RayADMMSolver`.
     """
@@ -187,6 +210,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         polish: bool = True,
         warn: bool = True,
         seed: int = 0,
+        strategy: str = "gram",
         num_workers: int | None = None,
         use_gpu: bool | None = None,
         run_config: RayRunConfig | dict[str, Any] | None = None,
@@ -209,6 +233,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             warn=warn,
         )
         self.seed = int(seed)
+        self.strategy = check_choice(strategy, "strategy", owner, STRATEGIES)
         if num_workers is not None:
             kwargs["num_workers"] = num_workers
         if use_gpu is not None:
@@ -216,11 +241,13 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         check_shared_pool(owner, workers, kwargs)
         self.run_config = _split_run_config(owner, run_config, kwargs)
         self._shared_pool = workers
-        self.needs_samples = True  # data-parallel over sample shards (the Gram is split evenly without them)
+        # data-parallel over sample shards (the Gram is split evenly without them); the gram strategy sums Grams
+        self.needs_samples = self.strategy == "data"
         self.last_timings_: dict[str, float] = {}
         self._params = {
             **settings,
             "seed": seed,
+            "strategy": self.strategy,
             **self.run_config.to_dict(),
         }
 
@@ -251,6 +278,8 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         return W, info
 
     def _run(self, problem: SIMProblem | ShardedProblem) -> tuple[torch.Tensor, dict[str, Any], SIMProblem]:
+        if self.strategy == "gram":
+            return self._run_gram(problem)
         timings = Timings()
         with timings.phase("startup"):
             pool = self._acquire_pool()
@@ -279,8 +308,6 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             m = sum(s["num_samples"] for s in summaries)
             if isinstance(problem, ShardedProblem):
                 # the objective needs the totals: reduce them once (also what the stats report)
-                from idl_ray.distributed.gram import reduce_stats
-
                 evaluation = problem.with_stats(reduce_stats(pool, timings))
             else:
                 evaluation = problem
@@ -324,11 +351,48 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             )
             self.last_timings_ = timings.as_dict()
             info["extra"].update(self._stats_extra(pool, timings, None))
+            info["extra"]["strategy"] = "data"
             info["extra"]["gradient_calls"] = grad.calls
             info["extra"]["restarts"] = pool.restarts
             return W, info, evaluation
         finally:
             self._release_pool(pool)
+
+    def _run_gram(
+        self, problem: SIMProblem | ShardedProblem
+    ) -> tuple[torch.Tensor, dict[str, Any], SIMProblem]:
+        """The gram strategy: the shards' Grams summed by the actors (a SIMProblem holds its own), then the
+        single-process solve on the driver (module docstring)."""
+        timings = Timings()
+        extra: dict[str, Any] = {"strategy": "gram"}
+        if isinstance(problem, ShardedProblem):
+            with timings.phase("startup"):
+                pool = self._acquire_pool()
+            try:
+                pool.load(assign(problem.sources, pool.size))
+                timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
+                timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
+                evaluation = problem.with_stats(reduce_stats(pool, timings))
+                extra.update(self._stats_extra(pool, timings, None))
+                extra["restarts"] = pool.restarts
+            finally:
+                self._release_pool(pool)
+        else:
+            evaluation = problem
+        nc = evaluation.n_constrained if evaluation.kappa is not None else 0
+        low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
+        if low_rank and isinstance(evaluation.thresholds, torch.Tensor):
+            raise ConfigError(
+                "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
+                "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."
+            )
+        start = time.perf_counter()
+        W, info = projected_gd_on_gram(self, evaluation, device=torch.device("cpu"), dtype=torch.float64)
+        timings.add("iterations", time.perf_counter() - start)
+        extra["timings"] = timings.as_dict()
+        self.last_timings_ = timings.as_dict()
+        info["extra"].update(extra)
+        return W, info, evaluation
 
     def _low_rank(
         self,

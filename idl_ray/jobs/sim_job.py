@@ -95,14 +95,14 @@ class SimJobConfig(Options):
         "dataset": DATASETS,
         "activation": ("relu", "tanh", "leaky_relu"),
         "solver": SOLVERS,
-        "strategy": ("gram", "consensus"),
+        "strategy": ("gram", "consensus", "data"),
     }
 
     #: what an option means where its default alone does not say (shown by ``--help``)
     NOTES: ClassVar[dict[str, str]] = {
         "workers": "ray-* solvers only (None: 2)",
         "cpus_per_worker": "CPUs each ray-* solver actor reserves (None: 1.0; fractions share cores)",
-        "strategy": "ray-admm only (None: gram)",
+        "strategy": "ray-admm: gram or consensus; ray-pgd: gram or data (None: gram)",
         "use_gpu": "admm/pgd: CUDA or CPU; ray-admm/ray-pgd: GPU actors (None: when available)",
         "address": "ray-* solvers only (None: RAY_ADDRESS or a local Ray)",
         "output_dir": "checked before any work",
@@ -118,7 +118,7 @@ class SimJobConfig(Options):
         if self.cpus_per_worker is not None:
             check_positive_float(self.cpus_per_worker, "cpus_per_worker", owner)
         if self.strategy is not None:
-            check_choice(self.strategy, "strategy", owner, self.CHOICES["strategy"])
+            check_strategy(self.solver, self.strategy, owner)
         self._check_solver_options(owner)
         self._check_path_options(owner)
         fraction = self.test_fraction
@@ -152,7 +152,7 @@ class SimJobConfig(Options):
             "workers": on_ray,
             "cpus_per_worker": on_ray,
             "address": on_ray,
-            "strategy": self.solver == "ray-admm",
+            "strategy": self.solver in ("ray-admm", "ray-pgd"),
             "use_gpu": self.solver in ("admm", "pgd", "ray-admm", "ray-pgd"),
         }
         if self.use_gpu and self.solver in ("admm", "pgd"):
@@ -170,7 +170,7 @@ class SimJobConfig(Options):
         for name, accepted in takes.items():
             if getattr(self, name) is not None and not accepted:
                 users = {
-                    "strategy": "ray-admm",
+                    "strategy": "ray-admm and ray-pgd",
                     "use_gpu": "admm, pgd, ray-admm and ray-pgd (cvx and lstsq run on the CPU)",
                 }.get(name, "the ray-* solvers")
                 raise bad_parameter(
@@ -180,6 +180,24 @@ class SimJobConfig(Options):
                     getattr(self, name),
                     f"Only {users} use it; drop --{name.replace('_', '-')} or pick such a solver.",
                 )
+
+
+#: the strategies of the Ray solvers that have them
+STRATEGIES = {"ray-admm": ("gram", "consensus"), "ray-pgd": ("gram", "data")}
+
+
+def check_strategy(solver: str, strategy: str, owner: str) -> None:
+    """``strategy`` is one the solver has (other solvers' strategies are checked by the caller)."""
+    check_choice(strategy, "strategy", owner, ("gram", "consensus", "data"))
+    takes = STRATEGIES.get(solver)
+    if takes is not None and strategy not in takes:
+        raise bad_parameter(
+            "strategy",
+            owner,
+            f"one of {list(takes)} with solver={solver!r}",
+            strategy,
+            "ray-admm takes gram or consensus, ray-pgd gram or data.",
+        )
 
 
 def make_solver(config: SimJobConfig):
@@ -213,7 +231,9 @@ def make_solver(config: SimJobConfig):
         )
     if config.solver == "ray-cvx":
         return distributed.RayCVXSolver(**run)
-    return distributed.RayProjectedGDSolver(use_gpu=config.use_gpu, keep_workers=True, **run)
+    return distributed.RayProjectedGDSolver(
+        strategy=config.strategy or "gram", use_gpu=config.use_gpu, keep_workers=True, **run
+    )
 
 
 def prepare_teacher(config: SimJobConfig, data, *, log=print) -> tuple[Any, dict[str, Any]]:
@@ -260,7 +280,9 @@ def run_sim_job(config: SimJobConfig, *, log=print) -> dict[str, Any]:
     started_ray = config.solver.startswith("ray-") and ensure_ray(config.address)
     try:
         stream_cpus = None
-        if config.solver in ("ray-admm", "ray-pgd"):  # actors for the whole solve (ray-cvx queues tasks)
+        # actors for the whole solve (ray-cvx queues tasks; ray-pgd's gram strategy iterates on the Gram that
+        # Ray Data's extraction sums, in this process: no actor)
+        if config.solver == "ray-admm" or (config.solver == "ray-pgd" and solver.strategy == "data"):
             _check_cluster(solver)
             if not config.path:
                 stream_cpus = _start_workers_early(config, solver)

@@ -23,7 +23,7 @@ from idl_ray._validation import (
     check_positive_float,
     check_positive_int,
 )
-from idl_ray.jobs.sim_job import SOLVERS
+from idl_ray.jobs.sim_job import SOLVERS, check_strategy
 
 __all__ = ["SolveJobConfig", "fit_from_states", "run_solve_job"]
 
@@ -68,7 +68,7 @@ class SolveJobConfig(Options):
         check_choice(self.rescale, "rescale", owner, ("auto", "none"))
         check_choice(self.solver, "solver", owner, SOLVERS)
         check_positive_int(self.workers, "workers", owner)
-        check_choice(self.strategy, "strategy", owner, ("gram", "consensus"))
+        check_strategy(self.solver, self.strategy, owner)
         check_positive_int(self.batch_size, "batch_size", owner)
 
 

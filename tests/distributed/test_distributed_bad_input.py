@@ -18,3 +18,8 @@ def test_resource_settings_next_to_a_started_pool_are_refused(solver, worker_poo
     with pytest.raises(ConfigTypeError, match="WorkerPool"):
         solver(workers="two")
     assert solver(workers=pool, timeout_s=30.0).run_config.timeout_s == 30.0  # run-time settings are fine
+
+
+def test_an_unknown_projected_gd_strategy_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'strategy' parameter of RayProjectedGDSolver.*'data', 'gram'.*'consensus'"):
+        RayProjectedGDSolver(strategy="consensus")

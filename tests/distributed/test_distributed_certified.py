@@ -92,9 +92,12 @@ def test_consensus_stops_at_its_cap_with_a_warning(problem, worker_pools):
     assert result.stats.constraint_violation == 0.0
 
 
+@pytest.mark.parametrize("strategy", ["gram", "data"])
 @pytest.mark.parametrize("polish", [True, False])
-def test_ray_projected_gd_reaches_the_certified_optimum(polish, problem, cvx, worker_pools):
-    solver = RayProjectedGDSolver(workers=worker_pools(2), polish=polish, timeout_s=TIMEOUT_S)
+def test_ray_projected_gd_reaches_the_certified_optimum(polish, strategy, problem, cvx, worker_pools):
+    solver = RayProjectedGDSolver(
+        workers=worker_pools(2), polish=polish, timeout_s=TIMEOUT_S, strategy=strategy
+    )
     result = solver.solve(problem)
     _assert_certified_optimum(result, problem, cvx)
     assert result.stats.extra["relative_gap"] == pytest.approx(result.stats.relative_gap, rel=1e-3, abs=1e-9)
@@ -110,7 +113,9 @@ def test_polishing_on_partial_supports(worker_pools):
     pool = worker_pools(2)
     for solver in (
         RayADMMSolver(workers=pool, strategy="consensus", timeout_s=TIMEOUT_S),
-        RayProjectedGDSolver(workers=pool, timeout_s=TIMEOUT_S),
+        RayProjectedGDSolver(
+            workers=pool, timeout_s=TIMEOUT_S, strategy="data"
+        ),  # H_SS summed from the actors
     ):
         result = solver.solve(problem)
         assert bool((result.weights.abs().sum(dim=0) == 0).any())  # some column is zero in every row

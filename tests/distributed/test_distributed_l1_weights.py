@@ -39,7 +39,7 @@ def test_gram_strategy_equals_single_process_with_weights(weighted, worker_pools
     assert weighted.objective(unweighted.weights) > result.stats.objective * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("make", ["consensus", "projected_gd"])
+@pytest.mark.parametrize("make", ["consensus", "projected_gd", "projected_gd_data"])
 def test_consensus_and_distributed_fista_honour_weights(weighted, worker_pools, make):
     reference = ADMMSolver(device="cpu", **TOL).solve(weighted)
     if make == "consensus":
@@ -47,14 +47,18 @@ def test_consensus_and_distributed_fista_honour_weights(weighted, worker_pools, 
             strategy="consensus", workers=worker_pools(2), timeout_s=TIMEOUT_S, gap_tol=1e-9, max_iter=20_000
         )
     else:
-        solver = RayProjectedGDSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, gap_tol=1e-9)
+        strategy = "data" if make == "projected_gd_data" else "gram"
+        solver = RayProjectedGDSolver(
+            workers=worker_pools(2), timeout_s=TIMEOUT_S, gap_tol=1e-9, strategy=strategy
+        )
     result = solver.solve(weighted)
     assert result.stats.converged
     assert bool((result.weights[torch.isinf(weighted.l1_weights)] == 0).all())
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-6
 
 
-def test_low_rank_fit_rejects_weights(weighted, worker_pools):
-    solver = RayProjectedGDSolver(rank=2, workers=worker_pools(1), timeout_s=TIMEOUT_S)
-    with pytest.raises(ConfigError, match=r"low-rank.*l1_weights"):
+@pytest.mark.parametrize("strategy", ["gram", "data"])
+def test_low_rank_fit_rejects_weights(strategy, weighted, worker_pools):
+    solver = RayProjectedGDSolver(rank=2, workers=worker_pools(1), timeout_s=TIMEOUT_S, strategy=strategy)
+    with pytest.raises(ConfigError, match=r"RayProjectedGDSolver.*low-rank.*l1_weights"):
         solver.solve(weighted)

@@ -1,4 +1,5 @@
-"""RayProjectedGDSolver (data-parallel gradient) and RayCVXSolver (row blocks as tasks) vs single process."""
+"""RayProjectedGDSolver (the summed Gram, or a gradient summed every step) and RayCVXSolver (row blocks as
+tasks) vs single process."""
 
 from __future__ import annotations
 
@@ -23,20 +24,24 @@ def reference(problem):
     return ADMMSolver(device="cpu", gap_tol=1e-10).solve(problem)
 
 
-def test_projected_gd_full_rank_matches_admm(problem, reference, worker_pools):
-    solver = RayProjectedGDSolver(workers=worker_pools(2), tol=1e-10, timeout_s=TIMEOUT_S)
+@pytest.mark.parametrize("strategy", ["gram", "data"])
+def test_projected_gd_full_rank_matches_admm(strategy, problem, reference, worker_pools):
+    solver = RayProjectedGDSolver(workers=worker_pools(2), tol=1e-10, timeout_s=TIMEOUT_S, strategy=strategy)
     result = solver.solve(problem)
-    assert result.stats.converged
+    assert result.stats.converged and result.stats.extra["strategy"] == strategy
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
     assert result.stats.constraint_violation == 0.0
     single = ProjectedGDLowRankSolver(device="cpu", tol=1e-10).solve(problem)
     assert torch.allclose(result.weights, single.weights, atol=1e-5)
 
 
-def test_projected_gd_low_rank_keeps_the_bound_and_matches_single_process(problem, worker_pools):
+@pytest.mark.parametrize("strategy", ["gram", "data"])
+def test_projected_gd_low_rank_keeps_the_bound_and_matches_single_process(strategy, problem, worker_pools):
     kwargs = dict(rank=2, max_iter=300, lr=2e-2)
     with pytest.warns(ConvergenceWarning, match="low-rank Adam"):  # 300 Adam steps: its test is not met
-        ours = RayProjectedGDSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, **kwargs).solve(problem)
+        ours = RayProjectedGDSolver(
+            workers=worker_pools(2), timeout_s=TIMEOUT_S, strategy=strategy, **kwargs
+        ).solve(problem)
     with pytest.warns(ConvergenceWarning, match="low-rank Adam"):
         single = ProjectedGDLowRankSolver(device="cpu", **kwargs).solve(problem)
     assert ours.stats.constraint_violation == 0.0
@@ -45,10 +50,27 @@ def test_projected_gd_low_rank_keeps_the_bound_and_matches_single_process(proble
     assert relative_gap(ours.stats.objective, single.stats.objective) < 1e-6
 
 
-def test_projected_gd_on_a_sharded_problem(problem, reference, worker_pools):
+@pytest.mark.parametrize("strategy", ["gram", "data"])
+def test_projected_gd_on_a_sharded_problem(strategy, problem, reference, worker_pools):
     sharded = shard(problem, 2)
-    result = RayProjectedGDSolver(workers=worker_pools(2), tol=1e-10, timeout_s=TIMEOUT_S).solve(sharded)
+    solver = RayProjectedGDSolver(workers=worker_pools(2), tol=1e-10, timeout_s=TIMEOUT_S, strategy=strategy)
+    result = solver.solve(sharded)
     assert relative_gap(result.stats.objective, reference.stats.objective) < 1e-5
+    assert result.stats.extra["num_workers"] == 2  # the shards were loaded into the actors
+
+
+def test_the_gram_strategy_is_the_single_process_solve_on_the_summed_gram(problem, worker_pools):
+    """The actors' shard Grams summed once, then no round trip per step: the same iterations and weights as
+    ProjectedGDLowRankSolver on the same problem (the sum's rounding aside), where the data strategy pays a
+    gradient round trip per step."""
+    sharded = shard(problem, 2)
+    single = ProjectedGDLowRankSolver(device="cpu").solve(problem)
+    gram = RayProjectedGDSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S).solve(sharded)
+    assert gram.stats.converged and gram.stats.iterations == single.stats.iterations
+    torch.testing.assert_close(gram.weights, single.weights, atol=1e-9, rtol=0)
+    assert "gradient_calls" not in gram.stats.extra
+    data = RayProjectedGDSolver(workers=worker_pools(2), timeout_s=TIMEOUT_S, strategy="data").solve(sharded)
+    assert data.stats.extra["gradient_calls"] >= data.stats.iterations
 
 
 def test_cvx_as_ray_tasks_matches_single_process_cvx(problem, reference):

@@ -201,3 +201,32 @@ def test_ragged_vector_column(tmp_path, capsys) -> None:
     pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0]]), "y": [0, 1]}), path)
     message = bad(["--data", str(path)], tmp_path, capsys)
     assert "--input-column" in message and "one length" in message
+
+
+def test_ray_pgd_job_in_both_strategies_equals_the_single_process_fit(user_files, tmp_path, capsys) -> None:
+    """``--solver ray-pgd``: the gram strategy (the Gram from Ray Data's extraction, the steps in the job's
+    process, no actor) and the data strategy (a gradient summed over the actors every step) reach the pgd
+    job's certified optimum: the same stage objectives, and the same predictions."""
+    common = ["--data", str(user_files.npz), "--teacher", str(user_files.torchscript), "--quiet"]
+    reports = {}
+    for name, extra in {
+        "pgd": ["--solver", "pgd"],
+        "gram": ["--solver", "ray-pgd", "--workers", "1", "--cpus-per-worker", "0.5"],
+        "data": ["--solver", "ray-pgd", "--strategy", "data", "--workers", "1", "--cpus-per-worker", "0.5"],
+    }.items():
+        out = tmp_path / name
+        assert main(["sim", *common, *extra, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+        reports[name] = json.loads((out / "report.json").read_text())
+    for stage in ("stage1", "stage2"):
+        single = reports["pgd"]["certificate"][stage]
+        assert single["converged"]
+        for name in ("gram", "data"):
+            ours = reports[name]["certificate"][stage]
+            assert ours["converged"] and ours["strategy"] == name
+            assert abs(ours["objective"] - single["objective"]) <= 1e-6 * abs(single["objective"])
+    assert "pids" not in reports["gram"]["certificate"]["stage1"]  # no actor
+    assert len(reports["data"]["certificate"]["stage1"]["pids"]) == 1
+    x = torch.from_numpy(user_files.x)
+    predictions = {name: SIM.load(tmp_path / name / "model").predict(x).argmax(dim=1) for name in reports}
+    assert bool((predictions["gram"] == predictions["pgd"]).all())
+    assert bool((predictions["data"] == predictions["pgd"]).all())

@@ -35,7 +35,7 @@ from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
-__all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "warn_not_converged"]
+__all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "projected_gd_on_gram", "warn_not_converged"]
 
 #: ``(W) -> DualityGap``: the certificate of an iterate
 Certify = Callable[[torch.Tensor], DualityGap]
@@ -453,96 +453,109 @@ class ProjectedGDLowRankSolver(BaseSolver):
         }
 
     def _solve(self, problem: SIMProblem) -> tuple[torch.Tensor, dict[str, Any]]:
-        H, R = problem.scaled(device=self.device, dtype=self.dtype)
-        target_sq = (problem.target_sq / problem.num_samples).to(device=self.device, dtype=self.dtype)
-        lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
-        if isinstance(lam, torch.Tensor):
-            lam = lam.to(device=self.device, dtype=self.dtype)
-        nc = problem.n_constrained if problem.kappa is not None else 0
-        low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
-        if low_rank and isinstance(lam, torch.Tensor):
-            raise ConfigError(
-                "ProjectedGDLowRankSolver: the low-rank fit (rank < n or method='adam') does not support "
-                "'l1_weights'; use rank=None with method='fista' (full rank), ADMMSolver or CVXSolver."
-            )
-        if not low_rank:
-            W, info = fista(
-                H,
-                R,
-                lam=lam,
-                kappa=problem.kappa,
-                n_constrained=nc,
-                target_sq=target_sq,
-                max_iter=self.max_iter,
-                gap_tol=self.gap_tol,
-                check_every=self.check_every,
-                polish=self.polish,
-            )
-            return W, fista_info(info, self, type(self).__name__)
-        return self._low_rank(problem, H, R, target_sq, lam, nc)
+        return projected_gd_on_gram(self, problem, device=self.device, dtype=self.dtype)
 
-    def _low_rank(
-        self,
-        problem: SIMProblem,
-        H: torch.Tensor,
-        R: torch.Tensor,
-        target_sq: torch.Tensor,
-        lam: float,
-        nc: int,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        kappa = float(problem.kappa)
-        rank = min(self.rank or nc, nc)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        init = 0.1 / rank**0.5
-        Lf = (init * torch.randn(nc, rank, generator=gen, dtype=self.dtype)).to(self.device).requires_grad_()
-        Rf = (init * torch.randn(nc, rank, generator=gen, dtype=self.dtype)).to(self.device).requires_grad_()
-        Bf = torch.zeros(
-            R.shape[0], R.shape[1] - nc, dtype=self.dtype, device=self.device, requires_grad=True
+
+def projected_gd_on_gram(
+    solver: Any, problem: SIMProblem, *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The projected-gradient solve of ``problem`` from its Gram, on ``device`` in ``dtype``: FISTA at full rank,
+    Adam on A = L R^T plus a certified refit of B at low rank (module docstring). ``solver`` holds the settings
+    (:func:`set_gradient_settings`, and ``seed``) and names the warnings: :class:`ProjectedGDLowRankSolver`,
+    and the gram strategy of :class:`~idl_ray.distributed.projected_gd.RayProjectedGDSolver` (the Gram
+    summed from the actors' shards, the iterations here)."""
+    owner = type(solver).__name__
+    H, R = problem.scaled(device=device, dtype=dtype)
+    target_sq = (problem.target_sq / problem.num_samples).to(device=device, dtype=dtype)
+    lam = problem.thresholds  # a float, or per-entry thresholds (l1 weights)
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=device, dtype=dtype)
+    nc = problem.n_constrained if problem.kappa is not None else 0
+    low_rank = nc > 0 and ((solver.rank is not None and solver.rank < nc) or solver.method == "adam")
+    if low_rank and isinstance(lam, torch.Tensor):
+        raise ConfigError(
+            f"{owner}: the low-rank fit (rank < n or method='adam') does not support 'l1_weights'; use "
+            "rank=None with method='fista' (full rank), ADMMSolver or CVXSolver."
         )
-        optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=self.lr)
-        history: list[dict[str, float]] = []
-        adam_converged, k = False, 0
-        for k in range(1, self.max_iter + 1):
-            optimiser.zero_grad(set_to_none=True)
-            A = Lf @ Rf.T
-            W = torch.cat([A, Bf], dim=1)
-            loss = 0.5 * torch.sum((W @ H) * W) - torch.sum(W * R) + lam * W.abs().sum()
-            excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
-            loss = loss + self.penalty * torch.sum(excess * excess)
-            loss.backward()
-            optimiser.step()
-            if k % self.check_every == 0 and adam_stopped(history, float(loss.detach()), k, self.tol):
-                adam_converged = True
-                break
-        with torch.no_grad():
-            A = Lf @ Rf.T
-            sums = A.abs().sum(dim=1, keepdim=True)
-            # scaling rows keeps rank r; the margin covers rounding, so the projection below is a no-op guard
-            margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
-            scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
-            A = project_rows_onto_l1_ball(A * scale, kappa)
-            # refit B with A fixed: FISTA on the B block, certified on that convex subproblem
-            Rb, cb = refit_constant(A, H, R, target_sq, nc)
-            B, info = fista(
-                H[nc:, nc:],
-                Rb,
-                lam=lam,
-                kappa=None,
-                n_constrained=0,
-                target_sq=cb,
-                W0=Bf.detach(),
-                max_iter=self.max_iter,
-                gap_tol=self.gap_tol,
-                check_every=self.check_every,
-                polish=self.polish,
-            )
-            W = torch.cat([A, B], dim=1)
-        return W, low_rank_info(
-            self,
-            type(self).__name__,
-            adam_steps=k,
-            adam_converged=adam_converged,
-            refit=info,
-            history=history,
-            rank=rank,
+    if not low_rank:
+        W, info = fista(
+            H,
+            R,
+            lam=lam,
+            kappa=problem.kappa,
+            n_constrained=nc,
+            target_sq=target_sq,
+            max_iter=solver.max_iter,
+            gap_tol=solver.gap_tol,
+            check_every=solver.check_every,
+            polish=solver.polish,
         )
+        return W, fista_info(info, solver, owner)
+    return _low_rank_fit(solver, float(problem.kappa), H, R, target_sq, lam, nc)
+
+
+def _low_rank_fit(
+    solver: Any,
+    kappa: float,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    target_sq: torch.Tensor,
+    lam: float,
+    nc: int,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Adam on (L, R, B) with A = L R^T and a penalty on row sums above kappa, then the exact bound by row
+    scaling and the certified FISTA refit of B with A fixed."""
+    device, dtype = H.device, H.dtype
+    rank = min(solver.rank or nc, nc)
+    gen = torch.Generator(device="cpu").manual_seed(solver.seed)
+    init = 0.1 / rank**0.5
+    Lf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
+    Rf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
+    Bf = torch.zeros(R.shape[0], R.shape[1] - nc, dtype=dtype, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=solver.lr)
+    history: list[dict[str, float]] = []
+    adam_converged, k = False, 0
+    for k in range(1, solver.max_iter + 1):
+        optimiser.zero_grad(set_to_none=True)
+        A = Lf @ Rf.T
+        W = torch.cat([A, Bf], dim=1)
+        loss = 0.5 * torch.sum((W @ H) * W) - torch.sum(W * R) + lam * W.abs().sum()
+        excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
+        loss = loss + solver.penalty * torch.sum(excess * excess)
+        loss.backward()
+        optimiser.step()
+        if k % solver.check_every == 0 and adam_stopped(history, float(loss.detach()), k, solver.tol):
+            adam_converged = True
+            break
+    with torch.no_grad():
+        A = Lf @ Rf.T
+        sums = A.abs().sum(dim=1, keepdim=True)
+        # scaling rows keeps rank r; the margin covers rounding, so the projection below is a no-op guard
+        margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
+        scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
+        A = project_rows_onto_l1_ball(A * scale, kappa)
+        # refit B with A fixed: FISTA on the B block, certified on that convex subproblem
+        Rb, cb = refit_constant(A, H, R, target_sq, nc)
+        B, info = fista(
+            H[nc:, nc:],
+            Rb,
+            lam=lam,
+            kappa=None,
+            n_constrained=0,
+            target_sq=cb,
+            W0=Bf.detach(),
+            max_iter=solver.max_iter,
+            gap_tol=solver.gap_tol,
+            check_every=solver.check_every,
+            polish=solver.polish,
+        )
+        W = torch.cat([A, B], dim=1)
+    return W, low_rank_info(
+        solver,
+        type(solver).__name__,
+        adam_steps=k,
+        adam_converged=adam_converged,
+        refit=info,
+        history=history,
+        rank=rank,
+    )
