@@ -19,6 +19,7 @@ Everything stays on the device; the host reads a scalar only every ``check_every
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,11 @@ from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
+from idl_ray.sim.solvers.interior_point import (
+    interior_point_applies,
+    interior_point_cost,
+    interior_point_rows,
+)
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
@@ -66,9 +72,11 @@ def fista(
     gap_tol: float = 1e-7,
     check_every: int = 25,
     polish: bool = True,
+    interior_point: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """FISTA with gradient restart on ``1/2 tr(W H W^T) - tr(W R^T) + lam ||W||_1`` s.t. the row bound,
-    stopped on the duality gap.
+    stopped on the duality gap, with the rows still uncertified after :func:`hand_over_step` steps finished
+    by the batched interior point (as the ADMM does).
 
     Parameters
     ----------
@@ -79,11 +87,14 @@ def fista(
         uses the smallest value consistent with H and R (exact when the targets lie in the features' span)
     W0 : Tensor (rows, d), starting point (zeros by default)
     max_iter, gap_tol, check_every, polish : see :func:`fista_loop`
+    interior_point : bool, hand the rows FISTA has not certified by :func:`hand_over_step` to the batched
+        interior point (:mod:`~idl_ray.sim.solvers.interior_point`; once, where its thresholds allow)
 
     Returns
     -------
     W : Tensor (rows, d), kappa-feasible
-    info : dict (iterations, converged, history, step, gap, relative_gap, polished_rows)
+    info : dict (iterations, converged, history, step, gap, relative_gap, polished_rows,
+        interior_point_rows)
 
     The step is 1/L with L the largest eigenvalue of H.
     """
@@ -110,6 +121,32 @@ def fista(
             **settings,
         )
 
+    # the eigendecomposition the interior point works with (its rank sets the hand-over step)
+    factor = GramFactor(H) if interior_point else None
+
+    def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Polished | None:
+        rows = torch.nonzero(eligible).flatten()
+        lam_rows = take_rows(lam, rows)
+        nc = settings["n_constrained"]
+        if factor is None or factor.rank == 0 or not interior_point_applies(lam_rows, nc, kappa):
+            return None
+
+        primal = gaps.primal.clone()  # the stage's objective with the interior point's rows updated
+
+        def certify_rows(W_rows: torch.Tensor, local: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
+            idx = rows[local]
+            row_gaps = duality_gap(W_rows, H, R[idx], c[idx], **row_settings(idx))
+            primal[rows[local]] = torch.minimum(primal[rows[local]], row_gaps.primal)
+            return row_gaps, row_gaps.certified(gap_tol, mean_primal=float(primal.abs().mean()))
+
+        result = interior_point_rows(
+            factor, R[rows], lam=lam_rows, kappa=kappa, n_constrained=nc, certify=certify_rows
+        )
+        taken = result.certified & (result.gaps.gaps < gaps.gaps[rows])
+        if not bool(taken.any()):
+            return None
+        return Polished(positions=rows[taken], weights=result.weights[taken], gaps=result.gaps.take(taken))
+
     return fista_loop(
         lambda W: _quad_grad(W, H, R),
         torch.zeros_like(R) if W0 is None else W0,
@@ -122,7 +159,24 @@ def fista(
         certify=certify,
         gap_tol=gap_tol,
         polish=polish_step if polish else None,
+        finish=finish_step if factor is not None else None,
+        finish_at=0 if factor is None else hand_over_step(factor.dim, factor.rank),
     )
+
+
+#: FISTA hands over no earlier than this many steps (the ADMM's ``interior_point_after`` default)
+_HAND_OVER_AFTER = 100
+#: ... and once its steps have cost 1 / this of the interior point's predicted cost for a row (ski rental)
+_HAND_OVER_SHARE = 32.0
+
+
+def hand_over_step(d: int, rank: int) -> int:
+    """The FISTA step after which the uncertified rows go to the interior point: when the steps taken cost
+    ``1 / _HAND_OVER_SHARE`` of its predicted cost per row (one step: a (d x d) product, 2 d^2 flops per
+    row), and no earlier than ``_HAND_OVER_AFTER``: 147 steps on the 8x8 digits teacher's Gram (d = 161,
+    rank 132), 100 on the 28x28 one's (d = 881, rank ~130)."""
+    worth = interior_point_cost(1, rank, d) / (_HAND_OVER_SHARE * 2.0 * d * d)
+    return max(_HAND_OVER_AFTER, math.ceil(worth))
 
 
 def fista_loop(
@@ -138,6 +192,8 @@ def fista_loop(
     certify: Certify,
     gap_tol: float,
     polish: Polish | None = None,
+    finish: Polish | None = None,
+    finish_at: int = 0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Proximal gradient with Nesterov momentum and gradient restart, stopped on the duality gap.
 
@@ -147,14 +203,16 @@ def fista_loop(
     certified to ``gap_tol`` (:meth:`DualityGap.certified`) keeps that value (rows are independent
     problems) and the loop stops when every row is certified. Before that test, ``polish`` (if given) may
     finish uncertified rows by polishing them on their support (kept only when better and certified; the
-    iteration itself is never disturbed: resetting the momentum at every check made FISTA crawl). ``grad`` and ``certify`` may be local (a Gram product) or sums over Ray
-    actors: both solvers share this loop.
+    iteration itself is never disturbed: resetting the momentum at every check made FISTA crawl). At the
+    first check from step ``finish_at`` on, ``finish`` (if given: the interior point) gets the rows still
+    uncertified, once, and returns those it certified: they are final like the polished ones. ``grad`` and ``certify`` may be
+    local (a Gram product) or sums over Ray actors: both solvers share this loop.
 
     Returns
     -------
     W : Tensor, the last iterate (a prox output, so kappa-feasible) or its polished rows
     info : dict with iterations, converged (every row certified), history (per check: relative gap,
-        certified rows), step, gap, relative_gap, polished_rows
+        certified rows), step, gap, relative_gap, polished_rows, interior_point_rows (certified by ``finish``)
     """
     W = W0.clone()
     Y = W.clone()
@@ -162,7 +220,7 @@ def fista_loop(
     one = torch.ones((), dtype=W.dtype, device=W.device)
     zero = torch.zeros((), dtype=W.dtype, device=W.device)
     history: list[dict[str, float]] = []
-    converged, k, polished_rows = False, 0, 0
+    converged, k, polished_rows, finished_rows, finish_tried = False, 0, 0, 0, False
     rows = W.shape[0]
     kept = W.clone()  # rows certified at some check, with their certified values
     kept_primal = torch.zeros(rows, dtype=torch.float64, device=W.device)
@@ -189,6 +247,17 @@ def fista_loop(
                     gaps.set_rows(polished.positions, polished.gaps)
                     ok = gaps.certified(gap_tol)
                     polished_rows += int((ok & ~done)[polished.positions].sum())
+            if finish is not None and not finish_tried and k >= finish_at and not bool((ok | done).all()):
+                finish_tried = True
+                finished = finish(candidate, gaps, ~(ok | done))
+                if finished is not None:  # its rows are certified (on the stage's scale as it ends)
+                    candidate = candidate.clone()
+                    candidate[finished.positions] = finished.weights
+                    gaps.set_rows(finished.positions, finished.gaps)
+                    was = ok | done
+                    ok = gaps.certified(gap_tol)
+                    ok[finished.positions] = True
+                    finished_rows += int((ok & ~was).sum())
             # certified rows are final (rows are independent problems); the others iterate on, undisturbed
             new = ok & ~done
             kept[new], kept_primal[new], kept_dual[new] = candidate[new], gaps.primal[new], gaps.dual[new]
@@ -216,6 +285,7 @@ def fista_loop(
         "gap": gap,
         "relative_gap": _relative(kept_primal, kept_dual, gaps, done),
         "polished_rows": polished_rows,
+        "interior_point_rows": finished_rows,
     }
 
 
@@ -305,6 +375,7 @@ def fista_info(info: dict[str, Any], solver: Any, owner: str) -> dict[str, Any]:
             "step": info["step"],
             "relative_gap": info["relative_gap"],
             "polished_rows": info["polished_rows"],
+            "interior_point_rows": info.get("interior_point_rows", 0),
         },
     }
 
