@@ -64,6 +64,11 @@ def cvx_rows(problem: SIMProblem, rows: list[int]) -> dict[int, float]:
     return out
 
 
+def _sci(value: float | None) -> str:
+    """A relative gap for the log; None (no certificate: an infeasible W) is said so, not a crash."""
+    return "none (infeasible W)" if value is None else f"{value:.1e}"
+
+
 def run_case(p: int, args, solver_factory) -> list[dict]:
     X, y, Xt, yt = digits_data(p)
     model = train_teacher(p, X, y, hidden=(64, 32), bias=not args.no_bias)
@@ -128,10 +133,10 @@ def run_case(p: int, args, solver_factory) -> list[dict]:
             f"p={p} lam={lam:g}: stage1 {s1['iterations']} it (AS {s1['active_set_rows'] or 0} rows in "
             f"{s1['active_set_steps'] or 0} steps, +{s1['interior_point_iterations'] or 0} IP on "
             f"{s1['interior_point_rows'] or 0} rows) {'ok' if s1['converged'] else 'CAP'} "
-            f"gap {s1['relative_gap']:.1e} {s1['time_s']:.2f}s vs-cvx {s1['worst_rel_vs_cvx']:+.1e} | "
+            f"gap {_sci(s1['relative_gap'])} {s1['time_s']:.2f}s vs-cvx {s1['worst_rel_vs_cvx']:+.1e} | "
             f"stage2 {s2['iterations']} it (AS {s2['active_set_rows'] or 0}"
             f"{', joint with stage 1' if s2['joint_active_set'] else ''}) "
-            f"{'ok' if s2['converged'] else 'CAP'} gap {s2['relative_gap']:.1e} "
+            f"{'ok' if s2['converged'] else 'CAP'} gap {_sci(s2['relative_gap'])} "
             f"{s2['time_s']:.2f}s vs-cvx {s2['worst_rel_vs_cvx']:+.1e} | total {total:.2f}s = "
             f"{record['ratio_to_floor']:.1f}x floor ({floor:.2f}s; {record['ratio_to_issue_floor']:.1f}x the "
             f"issue's G + 2 eigh, {issue_floor:.2f}s) | acc {record['sim_acc']:.4f} "

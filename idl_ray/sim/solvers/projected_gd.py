@@ -39,6 +39,7 @@ from idl_ray.sim.solvers.interior_point import (
     interior_point_rows,
 )
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
+from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "projected_gd_on_gram", "warn_not_converged"]
@@ -94,7 +95,7 @@ def fista(
     -------
     W : Tensor (rows, d), kappa-feasible
     info : dict (iterations, converged, history, step, gap, relative_gap, polished_rows,
-        interior_point_rows)
+        interior_point_rows, interior_point_iterations, vertex_rows)
 
     The step is 1/L with L the largest eigenvalue of H.
     """
@@ -123,14 +124,16 @@ def fista(
 
     # the eigendecomposition the interior point works with (its rank sets the hand-over step)
     factor = GramFactor(H) if interior_point else None
+    counts = {"interior_point_iterations": 0, "vertex_rows": 0}
 
     def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Polished | None:
+        """The interior point on the rows ``eligible``; its certified rows, moved to vertices of their optimal
+        faces where the optimum is not unique (its answers are dense there; as the ADMM's end)."""
         rows = torch.nonzero(eligible).flatten()
         lam_rows = take_rows(lam, rows)
         nc = settings["n_constrained"]
         if factor is None or factor.rank == 0 or not interior_point_applies(lam_rows, nc, kappa):
             return None
-
         primal = gaps.primal.clone()  # the stage's objective with the interior point's rows updated
 
         def certify_rows(W_rows: torch.Tensor, local: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
@@ -142,12 +145,28 @@ def fista(
         result = interior_point_rows(
             factor, R[rows], lam=lam_rows, kappa=kappa, n_constrained=nc, certify=certify_rows
         )
-        taken = result.certified & (result.gaps.gaps < gaps.gaps[rows])
-        if not bool(taken.any()):
+        counts["interior_point_iterations"] = result.iterations
+        taken = torch.nonzero(result.certified & (result.gaps.gaps < gaps.gaps[rows])).flatten()
+        if taken.numel() == 0:
             return None
-        return Polished(positions=rows[taken], weights=result.weights[taken], gaps=result.gaps.take(taken))
+        positions, weights, taken_gaps = rows[taken], result.weights[taken], result.gaps.take(taken)
+        weights, moved, moved_gaps = move_to_vertices(
+            factor,
+            weights,
+            torch.arange(taken.numel(), device=taken.device),
+            lam=take_rows(lam, positions),
+            kappa=kappa,
+            n_constrained=nc,
+            certify=lambda W_rows, local: certify_rows(W_rows, taken[local]),  # local: into `taken`
+        )
+        if moved_gaps is not None:
+            counts["vertex_rows"] += int(moved.numel())
+        if kappa is not None and nc > 0:  # the exact bound after rounding (a no-op but for the last bits)
+            weights = prox(weights, 0.0, kappa, nc)
+        taken_gaps, _ = certify_rows(weights, taken)
+        return Polished(positions=positions, weights=weights, gaps=taken_gaps)
 
-    return fista_loop(
+    W, info = fista_loop(
         lambda W: _quad_grad(W, H, R),
         torch.zeros_like(R) if W0 is None else W0,
         step=1.0 / L,
@@ -162,6 +181,8 @@ def fista(
         finish=finish_step if factor is not None else None,
         finish_at=0 if factor is None else hand_over_step(factor.dim, factor.rank),
     )
+    info.update(counts)
+    return W, info
 
 
 #: FISTA hands over no earlier than this many steps (the ADMM's ``interior_point_after`` default)
@@ -376,6 +397,8 @@ def fista_info(info: dict[str, Any], solver: Any, owner: str) -> dict[str, Any]:
             "relative_gap": info["relative_gap"],
             "polished_rows": info["polished_rows"],
             "interior_point_rows": info.get("interior_point_rows", 0),
+            "interior_point_iterations": info.get("interior_point_iterations", 0),
+            "vertex_rows": info.get("vertex_rows", 0),
         },
     }
 
