@@ -55,13 +55,12 @@ from idl_ray.distributed.solvers import (
     check_shared_pool,
 )
 from idl_ray.errors import ConfigError
-from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.base import BaseSolver, SolveResult, SolverStats, register_solver
 from idl_ray.sim.solvers.projected_gd import (
-    adam_stopped,
     fista_info,
     fista_loop,
+    low_rank_adam,
     low_rank_info,
     projected_gd_on_gram,
     set_gradient_settings,
@@ -406,38 +405,9 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         """Adam on (L, R, B) with A = L R^T; the quadratic part's gradient comes from the workers. The
         refit of B (A fixed) is certified FISTA on the B-subproblem (data from two gradient calls)."""
         rows, d = R.shape
-        rank = min(self.rank or nc, nc)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        init = 0.1 / rank**0.5
-        dtype = torch.float64
-        Lf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).requires_grad_()
-        Rf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).requires_grad_()
-        Bf = torch.zeros(rows, d - nc, dtype=dtype, requires_grad=True)
-        optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=self.lr)
-        history: list[dict[str, float]] = []
-        adam_converged, k = False, 0
-        for k in range(1, self.max_iter + 1):
-            optimiser.zero_grad(set_to_none=True)
-            A = Lf @ Rf.T
-            W = torch.cat([A, Bf], dim=1)
-            excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
-            local = lam * W.abs().sum() + self.penalty * torch.sum(excess * excess)
-            # d/dW of the quadratic part is the distributed gradient: inject it, autograd does the rest
-            g = grad(W)
-            (torch.sum(W * g) + local).backward()
-            optimiser.step()
-            if k % self.check_every == 0:
-                with torch.no_grad():  # the loss at W, from the same gradient: 1/2 w.(g - R) + local
-                    loss = 0.5 * float(torch.sum(W * (g - R))) + float(local)
-                if adam_stopped(history, loss, k, self.tol):
-                    adam_converged = True
-                    break
+        A, B0, adam = low_rank_adam(grad, R, lam=lam, kappa=kappa, nc=nc, solver=self)
+        dtype = A.dtype
         with torch.no_grad():
-            A = Lf @ Rf.T
-            sums = A.abs().sum(dim=1, keepdim=True)
-            margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
-            scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
-            A = project_rows_onto_l1_ball(A * scale, kappa)
             # the B-subproblem with A fixed: grad at [A, 0] gives R_B - A H_AB and A H_AA
             g0 = grad(torch.cat([A, torch.zeros(rows, d - nc, dtype=dtype)], dim=1))
             Rb = -g0[:, nc:]
@@ -454,19 +424,11 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             check_every=self.check_every,
             polish=self.polish,
             lipschitz=grad.lipschitz(),
-            W0=Bf.detach(),
+            W0=B0,
             restricted_hessian=lambda index: grad.restricted_hessian(index + nc),
         )
         W = torch.cat([A, B], dim=1)
-        return W, low_rank_info(
-            self,
-            type(self).__name__,
-            adam_steps=k,
-            adam_converged=adam_converged,
-            refit=info,
-            history=history,
-            rank=rank,
-        )
+        return W, low_rank_info(self, type(self).__name__, adam=adam, refit=info)
 
 
 class _BlockGradient:

@@ -413,18 +413,11 @@ def adam_stopped(history: list[dict[str, float]], loss: float, k: int, tol: floa
     return abs(previous - loss) <= tol * max(abs(loss), torch.finfo(torch.float64).tiny)
 
 
-def low_rank_info(
-    solver: Any,
-    owner: str,
-    *,
-    adam_steps: int,
-    adam_converged: bool,
-    refit: dict[str, Any],
-    history: list[dict[str, float]],
-    rank: int,
-) -> dict[str, Any]:
-    """The solver info dict of a low-rank fit: converged when Adam met its test and the convex refit of B
-    (A fixed) is certified; warns otherwise."""
+def low_rank_info(solver: Any, owner: str, *, adam: dict[str, Any], refit: dict[str, Any]) -> dict[str, Any]:
+    """The solver info dict of a low-rank fit (``adam``: :func:`low_rank_adam`'s info, ``refit``: the FISTA
+    refit's): converged when Adam met its test and the convex refit of B (A fixed) is certified; warns
+    otherwise."""
+    adam_steps, adam_converged = adam["steps"], adam["converged"]
     converged = adam_converged and refit["converged"]
     if solver.warn and not adam_converged:
         warn_not_converged(
@@ -447,10 +440,10 @@ def low_rank_info(
         "iterations": adam_steps + refit["iterations"],
         "converged": converged,
         "status": "optimal" if converged else "max_iter",
-        "history": history + refit["history"],
+        "history": adam["history"] + refit["history"],
         "extra": {
             "method": "low_rank_adam",
-            "rank": rank,
+            "rank": adam["rank"],
             "adam_steps": adam_steps,
             "adam_converged": adam_converged,
             # the certificate of the convex refit of B with A fixed (the (L, R) problem is non-convex)
@@ -579,13 +572,73 @@ def projected_gd_on_gram(
             kappa=problem.kappa,
             n_constrained=nc,
             target_sq=target_sq,
-            max_iter=solver.max_iter,
-            gap_tol=solver.gap_tol,
-            check_every=solver.check_every,
-            polish=solver.polish,
+            **_loop_settings(solver),
         )
         return W, fista_info(info, solver, owner)
     return _low_rank_fit(solver, float(problem.kappa), H, R, target_sq, lam, nc)
+
+
+def low_rank_adam(
+    gradient: Callable[[torch.Tensor], torch.Tensor],
+    R: torch.Tensor,
+    *,
+    lam: float,
+    kappa: float,
+    nc: int,
+    solver: Any,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Adam on (L, R, B) with A = L R^T (n x n, rank ``solver.rank``) and a penalty on row sums above kappa,
+    then the rows of A scaled onto the bound (the scaling keeps the rank) and projected (a no-op guard).
+
+    ``gradient(W)`` is the quadratic part's gradient ``W H - R`` at a detached W (rows x d): a Gram product,
+    or a sum over Ray actors; it is injected into autograd through ``sum(W * g)``, and the loss the stopping
+    test reads is ``1/2 w.(g - R)`` plus the penalties, from the same gradient. ``solver`` holds rank, lr,
+    penalty, tol, max_iter, check_every and seed. Returns (A, the last B, info: steps, converged, history,
+    rank)."""
+    rows, d = R.shape
+    device, dtype = R.device, R.dtype
+    rank = min(solver.rank or nc, nc)
+    gen = torch.Generator(device="cpu").manual_seed(solver.seed)
+    init = 0.1 / rank**0.5
+    Lf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
+    Rf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
+    Bf = torch.zeros(rows, d - nc, dtype=dtype, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=solver.lr)
+    history: list[dict[str, float]] = []
+    converged, k = False, 0
+    for k in range(1, solver.max_iter + 1):
+        optimiser.zero_grad(set_to_none=True)
+        A = Lf @ Rf.T
+        W = torch.cat([A, Bf], dim=1)
+        excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
+        local = lam * W.abs().sum() + solver.penalty * torch.sum(excess * excess)
+        g = gradient(W.detach())
+        (torch.sum(W * g) + local).backward()
+        optimiser.step()
+        if k % solver.check_every == 0:
+            with torch.no_grad():
+                loss = 0.5 * float(torch.sum(W * (g - R))) + float(local)
+            if adam_stopped(history, loss, k, solver.tol):
+                converged = True
+                break
+    with torch.no_grad():
+        A = Lf @ Rf.T
+        sums = A.abs().sum(dim=1, keepdim=True)
+        # scaling rows keeps rank r; the margin covers rounding, so the projection below is a no-op guard
+        margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
+        scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
+        A = project_rows_onto_l1_ball(A * scale, kappa)
+    return A, Bf.detach(), {"steps": k, "converged": converged, "history": history, "rank": rank}
+
+
+def _loop_settings(solver: Any) -> dict[str, Any]:
+    """The FISTA loop's settings held by a projected-gradient solver."""
+    return {
+        "max_iter": solver.max_iter,
+        "gap_tol": solver.gap_tol,
+        "check_every": solver.check_every,
+        "polish": solver.polish,
+    }
 
 
 def _low_rank_fit(
@@ -597,37 +650,9 @@ def _low_rank_fit(
     lam: float,
     nc: int,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Adam on (L, R, B) with A = L R^T and a penalty on row sums above kappa, then the exact bound by row
-    scaling and the certified FISTA refit of B with A fixed."""
-    device, dtype = H.device, H.dtype
-    rank = min(solver.rank or nc, nc)
-    gen = torch.Generator(device="cpu").manual_seed(solver.seed)
-    init = 0.1 / rank**0.5
-    Lf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
-    Rf = (init * torch.randn(nc, rank, generator=gen, dtype=dtype)).to(device).requires_grad_()
-    Bf = torch.zeros(R.shape[0], R.shape[1] - nc, dtype=dtype, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([Lf, Rf, Bf], lr=solver.lr)
-    history: list[dict[str, float]] = []
-    adam_converged, k = False, 0
-    for k in range(1, solver.max_iter + 1):
-        optimiser.zero_grad(set_to_none=True)
-        A = Lf @ Rf.T
-        W = torch.cat([A, Bf], dim=1)
-        loss = 0.5 * torch.sum((W @ H) * W) - torch.sum(W * R) + lam * W.abs().sum()
-        excess = (A.abs().sum(dim=1) - kappa).clamp_min(0)
-        loss = loss + solver.penalty * torch.sum(excess * excess)
-        loss.backward()
-        optimiser.step()
-        if k % solver.check_every == 0 and adam_stopped(history, float(loss.detach()), k, solver.tol):
-            adam_converged = True
-            break
+    """:func:`low_rank_adam` on the Gram, then the certified FISTA refit of B with A fixed."""
+    A, B0, adam = low_rank_adam(lambda W: W @ H - R, R, lam=lam, kappa=kappa, nc=nc, solver=solver)
     with torch.no_grad():
-        A = Lf @ Rf.T
-        sums = A.abs().sum(dim=1, keepdim=True)
-        # scaling rows keeps rank r; the margin covers rounding, so the projection below is a no-op guard
-        margin = 1.0 - 4 * (nc + 1) * torch.finfo(A.dtype).eps
-        scale = torch.where(sums > kappa, kappa * margin / sums.clamp_min(1e-300), torch.ones_like(sums))
-        A = project_rows_onto_l1_ball(A * scale, kappa)
         # refit B with A fixed: FISTA on the B block, certified on that convex subproblem
         Rb, cb = refit_constant(A, H, R, target_sq, nc)
         B, info = fista(
@@ -637,19 +662,8 @@ def _low_rank_fit(
             kappa=None,
             n_constrained=0,
             target_sq=cb,
-            W0=Bf.detach(),
-            max_iter=solver.max_iter,
-            gap_tol=solver.gap_tol,
-            check_every=solver.check_every,
-            polish=solver.polish,
+            W0=B0,
+            **_loop_settings(solver),
         )
         W = torch.cat([A, B], dim=1)
-    return W, low_rank_info(
-        solver,
-        type(solver).__name__,
-        adam_steps=k,
-        adam_converged=adam_converged,
-        refit=info,
-        history=history,
-        rank=rank,
-    )
+    return W, low_rank_info(solver, type(solver).__name__, adam=adam, refit=info)
