@@ -5,10 +5,10 @@ summed over them every step.
 (:func:`~idl_ray.distributed.gram.reduce_stats`), and the driver runs the single-process solve on H
 (:func:`~idl_ray.sim.solvers.projected_gd.projected_gd_on_gram`: the same iterations and answer as
 :class:`~idl_ray.sim.solvers.projected_gd.ProjectedGDLowRankSolver`). A step costs rows x d^2 flops wherever
-it runs, and a round trip per step costs more than the step at the digits teachers' sizes (the `idl-ray sim`
-job's default: 74 s with the gradient summed every step against 2 s in one process); once the Gram is summed
-no actor is needed, so a lost one costs nothing. A :class:`SIMProblem` already holds its Gram: it is solved
-on the driver without actors.
+it runs, and a round trip per step (~8-16 ms on one machine) costs more than the step at the digits
+teachers' sizes: the `idl-ray sim` job's default fit took 74.5 s with the gradient summed every step and takes
+5.8 s so (docs/benchmarks/sim.md, thirteenth session). Once the Gram is summed no actor is needed, so a lost one
+costs nothing. A :class:`SIMProblem` already holds its Gram: it is solved on the driver without actors.
 
 **data**: for a Gram too large to gather (or to keep the statistics in the actors), the gradient of the
 quadratic part splits over sample shards::
