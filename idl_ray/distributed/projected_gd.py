@@ -276,7 +276,17 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         W, info, _ = self._run(problem)
         return W, info
 
+    def _fits_low_rank(self, problem: SIMProblem | ShardedProblem) -> bool:
+        """Whether the low-rank fit runs (rank < n, or method='adam', on a bounded stage)."""
+        nc = problem.n_constrained if problem.kappa is not None else 0
+        return nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
+
     def _run(self, problem: SIMProblem | ShardedProblem) -> tuple[torch.Tensor, dict[str, Any], SIMProblem]:
+        if self._fits_low_rank(problem) and isinstance(problem, SIMProblem) and problem.l1_weights is not None:
+            raise ConfigError(  # before any actor starts
+                "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
+                "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."
+            )
         if self.strategy == "gram":
             return self._run_gram(problem)
         timings = Timings()
@@ -319,13 +329,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
             R = (evaluation.Rt / evaluation.num_samples).to(torch.float64)
             target_sq = (evaluation.target_sq / evaluation.num_samples).to(torch.float64)
             start = time.perf_counter()
-            low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
-            if low_rank and isinstance(lam, torch.Tensor):
-                raise ConfigError(
-                    "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
-                    "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."
-                )
-            if low_rank:
+            if self._fits_low_rank(problem):
                 W, info = self._low_rank(grad, R, target_sq, lam, float(problem.kappa), nc)
             else:
                 W, info = certified_fista(
@@ -378,13 +382,6 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 self._release_pool(pool)
         else:
             evaluation = problem
-        nc = evaluation.n_constrained if evaluation.kappa is not None else 0
-        low_rank = nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
-        if low_rank and isinstance(evaluation.thresholds, torch.Tensor):
-            raise ConfigError(
-                "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
-                "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."
-            )
         start = time.perf_counter()
         W, info = projected_gd_on_gram(self, evaluation, device=torch.device("cpu"), dtype=torch.float64)
         timings.add("iterations", time.perf_counter() - start)

@@ -194,8 +194,8 @@ _HAND_OVER_SHARE = 32.0
 def hand_over_step(d: int, rank: int) -> int:
     """The FISTA step after which the uncertified rows go to the interior point: when the steps taken cost
     ``1 / _HAND_OVER_SHARE`` of its predicted cost per row (one step: a (d x d) product, 2 d^2 flops per
-    row), and no earlier than ``_HAND_OVER_AFTER``: 147 steps on the 8x8 digits teacher's Gram (d = 161,
-    rank 132), 100 on the 28x28 one's (d = 881, rank ~130)."""
+    row), and no earlier than ``_HAND_OVER_AFTER``: 100 on both digits teachers' Grams (d = 161, rank 132;
+    d = 881, rank ~130); ~900 on a full-rank d = 1000 Gram, where FISTA usually certifies first."""
     worth = interior_point_cost(1, rank, d) / (_HAND_OVER_SHARE * 2.0 * d * d)
     return max(_HAND_OVER_AFTER, math.ceil(worth))
 
@@ -226,8 +226,8 @@ def fista_loop(
     finish uncertified rows by polishing them on their support (kept only when better and certified; the
     iteration itself is never disturbed: resetting the momentum at every check made FISTA crawl). At the
     first check from step ``finish_at`` on, ``finish`` (if given: the interior point) gets the rows still
-    uncertified, once, and returns those it certified: they are final like the polished ones. ``grad`` and ``certify`` may be
-    local (a Gram product) or sums over Ray actors: both solvers share this loop.
+    uncertified, once, and returns those it certified: they are final like the polished ones. ``grad`` and
+    ``certify`` may be local (a Gram product) or sums over Ray actors: both solvers share this loop.
 
     Returns
     -------
