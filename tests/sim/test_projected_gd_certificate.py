@@ -120,6 +120,32 @@ def test_rows_fista_has_not_certified_go_to_the_interior_point(cvx_rank_deficien
     assert alone["converged"] and alone["interior_point_rows"] == 0 and alone["iterations"] > 200
 
 
+def test_rows_the_interior_point_improves_without_certifying_go_on_from_its_point(
+    cvx_rank_deficient, monkeypatch
+) -> None:
+    """Cut to 8 Newton steps the interior point certifies no row, but its points beat FISTA's iterates at the
+    hand-over: FISTA goes on from them and certifies at step 125, where it needs 325 from its own."""
+    import idl_ray.sim.solvers.projected_gd as projected_gd
+
+    problem, reference = cvx_rank_deficient
+    H, R = problem.G / problem.num_samples, problem.Rt / problem.num_samples
+    settings = dict(
+        lam=problem.lam,
+        kappa=problem.kappa,
+        n_constrained=problem.n_constrained,
+        target_sq=problem.target_sq / problem.num_samples,
+    )
+    _, alone = projected_gd.fista(H, R, **settings, max_iter=2_000, interior_point=False)
+    original = projected_gd.interior_point_rows
+    monkeypatch.setattr(
+        projected_gd, "interior_point_rows", lambda *args, **kw: original(*args, **{**kw, "max_iter": 8})
+    )
+    W, info = projected_gd.fista(H, R, **settings, max_iter=2_000)
+    assert info["converged"] and info["interior_point_rows"] == 0
+    assert info["iterations"] < alone["iterations"]
+    assert abs(problem.objective(W) - reference) <= 1e-6 * abs(reference)
+
+
 def test_the_solver_reports_the_interior_point_rows(cvx_rank_deficient) -> None:
     problem, reference = cvx_rank_deficient
     result = ProjectedGDLowRankSolver(device="cpu").solve(problem)

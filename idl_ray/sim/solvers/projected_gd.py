@@ -19,6 +19,7 @@ Everything stays on the device; the host reads a scalar only every ``check_every
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,17 @@ __all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "projected_gd_on_g
 Certify = Callable[[torch.Tensor], DualityGap]
 #: ``(W, gaps, eligible) -> Polished | None``: polished rows of W (improvements only)
 Polish = Callable[[torch.Tensor, DualityGap, torch.Tensor], "Polished | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """Rows a finisher (the interior point) improved: ``positions`` into W, their ``weights`` and ``gaps``,
+    and which of them it ``certified`` (bool, len(positions))."""
+
+    positions: torch.Tensor
+    weights: torch.Tensor
+    gaps: DualityGap
+    certified: torch.Tensor
 
 
 def _quad_grad(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -126,9 +138,10 @@ def fista(
     factor = GramFactor(H) if interior_point else None
     counts = {"interior_point_iterations": 0, "vertex_rows": 0}
 
-    def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Polished | None:
-        """The interior point on the rows ``eligible``; its certified rows, moved to vertices of their optimal
-        faces where the optimum is not unique (its answers are dense there; as the ADMM's end)."""
+    def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Finished | None:
+        """The interior point on the rows ``eligible``: the rows where it beats FISTA's iterate, the certified
+        ones moved to vertices of their optimal faces where the optimum is not unique (its answers are dense
+        there; as the ADMM's end)."""
         rows = torch.nonzero(eligible).flatten()
         lam_rows = take_rows(lam, rows)
         nc = settings["n_constrained"]
@@ -146,14 +159,14 @@ def fista(
             factor, R[rows], lam=lam_rows, kappa=kappa, n_constrained=nc, certify=certify_rows
         )
         counts["interior_point_iterations"] = result.iterations
-        taken = torch.nonzero(result.certified & (result.gaps.gaps < gaps.gaps[rows])).flatten()
+        taken = torch.nonzero(result.gaps.gaps < gaps.gaps[rows]).flatten()  # better than FISTA's iterate
         if taken.numel() == 0:
             return None
-        positions, weights, taken_gaps = rows[taken], result.weights[taken], result.gaps.take(taken)
+        positions, weights = rows[taken], result.weights[taken]
         weights, moved, moved_gaps = move_to_vertices(
             factor,
             weights,
-            torch.arange(taken.numel(), device=taken.device),
+            torch.nonzero(result.certified[taken]).flatten(),
             lam=take_rows(lam, positions),
             kappa=kappa,
             n_constrained=nc,
@@ -163,8 +176,9 @@ def fista(
             counts["vertex_rows"] += int(moved.numel())
         if kappa is not None and nc > 0:  # the exact bound after rounding (a no-op but for the last bits)
             weights = prox(weights, 0.0, kappa, nc)
-        taken_gaps, _ = certify_rows(weights, taken)
-        return Polished(positions=positions, weights=weights, gaps=taken_gaps)
+        taken_gaps, certified = certify_rows(weights, taken)
+        certified = certified | result.certified[taken]
+        return Finished(positions=positions, weights=weights, gaps=taken_gaps, certified=certified)
 
     W, info = fista_loop(
         lambda W: _quad_grad(W, H, R),
@@ -213,7 +227,7 @@ def fista_loop(
     certify: Certify,
     gap_tol: float,
     polish: Polish | None = None,
-    finish: Polish | None = None,
+    finish: Callable[[torch.Tensor, DualityGap, torch.Tensor], Finished | None] | None = None,
     finish_at: int = 0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Proximal gradient with Nesterov momentum and gradient restart, stopped on the duality gap.
@@ -226,7 +240,8 @@ def fista_loop(
     finish uncertified rows by polishing them on their support (kept only when better and certified; the
     iteration itself is never disturbed: resetting the momentum at every check made FISTA crawl). At the
     first check from step ``finish_at`` on, ``finish`` (if given: the interior point) gets the rows still
-    uncertified, once, and returns those it certified: they are final like the polished ones. ``grad`` and
+    uncertified, once, and returns those it improved: the certified ones are final like the polished ones,
+    the others go on from its point (their iterate and momentum point reset there). ``grad`` and
     ``certify`` may be local (a Gram product) or sums over Ray actors: both solvers share this loop.
 
     Returns
@@ -271,14 +286,17 @@ def fista_loop(
             if finish is not None and not finish_tried and k >= finish_at and not bool((ok | done).all()):
                 finish_tried = True
                 finished = finish(candidate, gaps, ~(ok | done))
-                if finished is not None:  # its rows are certified (on the stage's scale as it ends)
+                if finished is not None:  # certified there on the stage's scale as it ends: final
                     candidate = candidate.clone()
                     candidate[finished.positions] = finished.weights
                     gaps.set_rows(finished.positions, finished.gaps)
                     was = ok | done
                     ok = gaps.certified(gap_tol)
-                    ok[finished.positions] = True
+                    ok[finished.positions[finished.certified]] = True
                     finished_rows += int((ok & ~was).sum())
+                    # rows it improved without certifying them go on from its point
+                    again = finished.positions[~finished.certified]
+                    W[again] = Y[again] = finished.weights[~finished.certified]
             # certified rows are final (rows are independent problems); the others iterate on, undisturbed
             new = ok & ~done
             kept[new], kept_primal[new], kept_dual[new] = candidate[new], gaps.primal[new], gaps.dual[new]
