@@ -111,7 +111,10 @@ def fista(
 
     The step is 1/L with L the largest eigenvalue of H.
     """
-    L = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max().clamp_min(1e-300))
+    # the eigendecomposition the interior point works with (its rank sets the hand-over step); it gives L too
+    factor = GramFactor(H) if interior_point else None
+    spectrum = factor.eigenvalues if factor is not None else torch.linalg.eigvalsh(0.5 * (H + H.T))
+    L = float(spectrum.max().clamp_min(1e-300))
     c = _span_target_sq(H, R) if target_sq is None else target_sq.to(device=R.device, dtype=R.dtype)
     settings = {"lam": lam, "kappa": kappa, "n_constrained": n_constrained if kappa is not None else 0}
 
@@ -134,8 +137,6 @@ def fista(
             **settings,
         )
 
-    # the eigendecomposition the interior point works with (its rank sets the hand-over step)
-    factor = GramFactor(H) if interior_point else None
     counts = {"interior_point_iterations": 0, "vertex_rows": 0}
 
     def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Finished | None:
