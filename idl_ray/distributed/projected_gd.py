@@ -282,7 +282,11 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
         return nc > 0 and ((self.rank is not None and self.rank < nc) or self.method == "adam")
 
     def _run(self, problem: SIMProblem | ShardedProblem) -> tuple[torch.Tensor, dict[str, Any], SIMProblem]:
-        if self._fits_low_rank(problem) and isinstance(problem, SIMProblem) and problem.l1_weights is not None:
+        if (
+            self._fits_low_rank(problem)
+            and isinstance(problem, SIMProblem)
+            and problem.l1_weights is not None
+        ):
             raise ConfigError(  # before any actor starts
                 "RayProjectedGDSolver: the low-rank fit (rank < n or method='adam') does not support "
                 "'l1_weights'; use rank=None with method='fista', or RayADMMSolver."

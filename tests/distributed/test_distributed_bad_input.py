@@ -21,5 +21,7 @@ def test_resource_settings_next_to_a_started_pool_are_refused(solver, worker_poo
 
 
 def test_an_unknown_projected_gd_strategy_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"'strategy' parameter of RayProjectedGDSolver.*'data', 'gram'.*'consensus'"):
+    with pytest.raises(
+        ConfigError, match=r"'strategy' parameter of RayProjectedGDSolver.*'data', 'gram'.*'consensus'"
+    ):
         RayProjectedGDSolver(strategy="consensus")

@@ -19,7 +19,6 @@ Everything stays on the device; the host reads a scalar only every ``check_every
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -34,13 +33,9 @@ from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
-from idl_ray.sim.solvers.interior_point import (
-    interior_point_applies,
-    interior_point_cost,
-    interior_point_rows,
-)
+from idl_ray.sim.solvers.finish import Finished, finish_rows
+from idl_ray.sim.solvers.interior_point import SPARSE_STEPS, interior_point_applies, interior_point_cost
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
-from idl_ray.sim.solvers.vertex import move_to_vertices
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
 __all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "projected_gd_on_gram", "warn_not_converged"]
@@ -49,17 +44,6 @@ __all__ = ["ProjectedGDLowRankSolver", "fista", "fista_loop", "projected_gd_on_g
 Certify = Callable[[torch.Tensor], DualityGap]
 #: ``(W, gaps, eligible) -> Polished | None``: polished rows of W (improvements only)
 Polish = Callable[[torch.Tensor, DualityGap, torch.Tensor], "Polished | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """Rows a finisher (the interior point) improved: ``positions`` into W, their ``weights`` and ``gaps``,
-    and which of them it ``certified`` (bool, len(positions))."""
-
-    positions: torch.Tensor
-    weights: torch.Tensor
-    gaps: DualityGap
-    certified: torch.Tensor
 
 
 def _quad_grad(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -140,46 +124,33 @@ def fista(
     counts = {"interior_point_iterations": 0, "vertex_rows": 0}
 
     def finish_step(W: torch.Tensor, gaps: DualityGap, eligible: torch.Tensor) -> Finished | None:
-        """The interior point on the rows ``eligible``: the rows where it beats FISTA's iterate, the certified
-        ones moved to vertices of their optimal faces where the optimum is not unique (its answers are dense
-        there; as the ADMM's end)."""
+        """The interior point and the vertex step on the rows ``eligible`` (``finish.finish_rows``, with the
+        interior point's sparse steps: most rows here have fewer nonzeros than the vertex step takes up); the
+        rows where it beats FISTA's iterate, on the bound exactly after rounding."""
         rows = torch.nonzero(eligible).flatten()
-        lam_rows = take_rows(lam, rows)
         nc = settings["n_constrained"]
-        if factor is None or factor.rank == 0 or not interior_point_applies(lam_rows, nc, kappa):
+        if factor is None or factor.rank == 0 or not interior_point_applies(take_rows(lam, rows), nc, kappa):
             return None
-        primal = gaps.primal.clone()  # the stage's objective with the interior point's rows updated
-
-        def certify_rows(W_rows: torch.Tensor, local: torch.Tensor) -> tuple[DualityGap, torch.Tensor]:
-            idx = rows[local]
-            row_gaps = duality_gap(W_rows, H, R[idx], c[idx], **row_settings(idx))
-            primal[rows[local]] = torch.minimum(primal[rows[local]], row_gaps.primal)
-            return row_gaps, row_gaps.certified(gap_tol, mean_primal=float(primal.abs().mean()))
-
-        result = interior_point_rows(
-            factor, R[rows], lam=lam_rows, kappa=kappa, n_constrained=nc, certify=certify_rows
-        )
-        counts["interior_point_iterations"] = result.iterations
-        taken = torch.nonzero(result.gaps.gaps < gaps.gaps[rows]).flatten()  # better than FISTA's iterate
-        if taken.numel() == 0:
+        done = finish_rows(
+            H, R, c, rows, lam=lam, kappa=kappa, n_constrained=nc, gap_tol=gap_tol,
+            current_primal=gaps.primal, factor=factor, sparse_steps=SPARSE_STEPS,
+        )  # fmt: skip
+        counts["interior_point_iterations"] = done.iterations
+        counts["vertex_rows"] += done.vertex_rows
+        taken = done.gaps.gaps < gaps.gaps[rows]  # better than FISTA's iterate
+        if not bool(taken.any()):
             return None
-        positions, weights = rows[taken], result.weights[taken]
-        weights, moved, moved_gaps = move_to_vertices(
-            factor,
-            weights,
-            torch.nonzero(result.certified[taken]).flatten(),
-            lam=take_rows(lam, positions),
-            kappa=kappa,
-            n_constrained=nc,
-            certify=lambda W_rows, local: certify_rows(W_rows, taken[local]),  # local: into `taken`
-        )
-        if moved_gaps is not None:
-            counts["vertex_rows"] += int(moved.numel())
+        positions, weights = rows[taken], done.weights[taken]
         if kappa is not None and nc > 0:  # the exact bound after rounding (a no-op but for the last bits)
             weights = prox(weights, 0.0, kappa, nc)
-        taken_gaps, certified = certify_rows(weights, taken)
-        certified = certified | result.certified[taken]
-        return Finished(positions=positions, weights=weights, gaps=taken_gaps, certified=certified)
+        new_gaps = duality_gap(weights, H, R[positions], c[positions], **row_settings(positions))
+        return Finished(
+            rows=positions,
+            weights=weights,
+            gaps=new_gaps,
+            certified=done.certified[taken],
+            iterations=done.iterations,
+        )
 
     W, info = fista_loop(
         lambda W: _quad_grad(W, H, R),
@@ -289,14 +260,14 @@ def fista_loop(
                 finished = finish(candidate, gaps, ~(ok | done))
                 if finished is not None:  # certified there on the stage's scale as it ends: final
                     candidate = candidate.clone()
-                    candidate[finished.positions] = finished.weights
-                    gaps.set_rows(finished.positions, finished.gaps)
+                    candidate[finished.rows] = finished.weights
+                    gaps.set_rows(finished.rows, finished.gaps)
                     was = ok | done
                     ok = gaps.certified(gap_tol)
-                    ok[finished.positions[finished.certified]] = True
+                    ok[finished.rows[finished.certified]] = True
                     finished_rows += int((ok & ~was).sum())
                     # rows it improved without certifying them go on from its point
-                    again = finished.positions[~finished.certified]
+                    again = finished.rows[~finished.certified]
                     W[again] = Y[again] = finished.weights[~finished.certified]
             # certified rows are final (rows are independent problems); the others iterate on, undisturbed
             new = ok & ~done
