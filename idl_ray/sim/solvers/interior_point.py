@@ -69,6 +69,7 @@ __all__ = [
     "interior_point_cost",
     "interior_point_rows",
     "positive_thresholds",
+    "steps_worth_a_hand_over",
 ]
 
 #: the largest rows x r x d float64 intermediate one chunk of rows may form
@@ -142,6 +143,20 @@ def interior_point_applies(lam: Threshold, n_constrained: int = 0, kappa: float 
 def interior_point_cost(rows: int, rank: int, d: int, iterations: int = 25) -> float:
     """Flops of ``iterations`` interior-point steps on ``rows`` rows (forming and factoring the blocks)."""
     return float(iterations) * rows * (2.0 * rank * rank * d + rank**3 / 3.0)
+
+
+#: a first-order solver hands a row over once its steps have cost 1 / this (by flops) of the interior point's
+#: predicted cost for the row
+HAND_OVER_SHARE = 32.0
+
+
+def steps_worth_a_hand_over(rank: int, d: int, step_flops: float) -> int:
+    """First-order steps (``step_flops`` per row each) after which handing a row to the interior point pays
+    (ski rental): when they have cost ``1 / HAND_OVER_SHARE`` of its predicted cost for the row (the ADMM's
+    and FISTA's rule; 0 on a Gram of rank 0)."""
+    if rank == 0:
+        return 0
+    return math.ceil(interior_point_cost(1, rank, d) / (HAND_OVER_SHARE * step_flops))
 
 
 def interior_point_rows(

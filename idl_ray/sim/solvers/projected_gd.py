@@ -19,7 +19,6 @@ Everything stays on the device; the host reads a scalar only every ``check_every
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +33,7 @@ from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.finish import Finished, finish_rows
-from idl_ray.sim.solvers.interior_point import SPARSE_STEPS, interior_point_applies, interior_point_cost
+from idl_ray.sim.solvers.interior_point import SPARSE_STEPS, interior_point_applies, steps_worth_a_hand_over
 from idl_ray.sim.solvers.polish import Polished, polish_if_better
 from idl_ray.sim.solvers.weights import Threshold, take_rows
 
@@ -173,17 +172,14 @@ def fista(
 
 #: FISTA hands over no earlier than this many steps (the ADMM's ``interior_point_after`` default)
 _HAND_OVER_AFTER = 100
-#: ... and once its steps have cost 1 / this of the interior point's predicted cost for a row (ski rental)
-_HAND_OVER_SHARE = 32.0
 
 
 def hand_over_step(d: int, rank: int) -> int:
-    """The FISTA step after which the uncertified rows go to the interior point: when the steps taken cost
-    ``1 / _HAND_OVER_SHARE`` of its predicted cost per row (one step: a (d x d) product, 2 d^2 flops per
-    row), and no earlier than ``_HAND_OVER_AFTER``: 100 on both digits teachers' Grams (d = 161, rank 132;
+    """The FISTA step after which the uncertified rows go to the interior point: the ADMM's ski rental
+    (:func:`~idl_ray.sim.solvers.interior_point.steps_worth_a_hand_over`; one step: a (d x d) product, 2 d^2
+    flops per row), and no earlier than ``_HAND_OVER_AFTER``: 100 on both digits teachers' Grams (d = 161, rank 132;
     d = 881, rank ~130); ~900 on a full-rank d = 1000 Gram, where FISTA usually certifies first."""
-    worth = interior_point_cost(1, rank, d) / (_HAND_OVER_SHARE * 2.0 * d * d)
-    return max(_HAND_OVER_AFTER, math.ceil(worth))
+    return max(_HAND_OVER_AFTER, steps_worth_a_hand_over(rank, d, 2.0 * d * d))
 
 
 def fista_loop(

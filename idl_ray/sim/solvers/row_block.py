@@ -60,6 +60,7 @@ from idl_ray.sim.solvers.interior_point import (
     interior_point_cost,
     interior_point_rows,
     positive_thresholds,
+    steps_worth_a_hand_over,
 )
 from idl_ray.sim.solvers.polish import POLISH_BELOW, Polished, polish_if_better
 from idl_ray.sim.solvers.vertex import move_to_vertices
@@ -77,8 +78,6 @@ _TINY = torch.finfo(torch.float64).tiny
 #: gap, whose dual point is rescaled, still looks poor)
 _POLISH_ALL_EVERY = 4
 _POLISH_PERIOD_MAX = 64
-#: ADMM hands over once its steps have cost 1 / this (by flops) of the interior point's predicted cost
-_HAND_OVER_SHARE = 32.0
 
 
 def _most(values: Any) -> int:
@@ -576,16 +575,11 @@ class RowBlockADMM:
 
     def _steps_worth_a_hand_over(self) -> int:
         """ADMM steps after which the hand-over pays (ski rental): when the steps taken cost
-        ``1 / _HAND_OVER_SHARE`` of the interior point (by flops; an ADMM step costs several times its flops
+        ``1 / HAND_OVER_SHARE`` of the interior point (by flops; an ADMM step costs several times its flops
         in practice, and on the Grams where ADMM crawls it would take thousands more). 50-60 steps on the
         digits teachers (below the default ``interior_point_after``), ~400 on a full-rank d = 900 Gram, where
         ADMM usually certifies first and the interior point would cost minutes."""
-        rank = self.factor.rank
-        if rank == 0:
-            return 0
-        return math.ceil(
-            interior_point_cost(1, rank, self.R.shape[1]) / (_HAND_OVER_SHARE * self._step_cost())
-        )
+        return steps_worth_a_hand_over(self.factor.rank, self.R.shape[1], self._step_cost())
 
     def _interior_point(
         self, Z: torch.Tensor, U: torch.Tensor, active: torch.Tensor, gaps: DualityGap, rho: float
