@@ -308,8 +308,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 )
             else:
                 pool.load([[s] for s in _even_stats_split(problem, pool.size)])
-            timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
-            timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
+            self._record_load(pool, timings)
             summaries = pool.retry(
                 "shard summaries",
                 lambda: resources.get(
@@ -377,8 +376,7 @@ class RayProjectedGDSolver(_RaySolverMixin, BaseSolver):
                 pool = self._acquire_pool()
             try:
                 pool.load(assign(problem.sources, pool.size))
-                timings.add("load", max(i.get("load_s", 0.0) for i in pool.infos))
-                timings.add("gram", max(i.get("gram_s", 0.0) for i in pool.infos))
+                self._record_load(pool, timings)
                 evaluation = problem.with_stats(reduce_stats(pool, timings))
                 extra.update(self._stats_extra(pool, timings, None))
                 extra["restarts"] = pool.restarts

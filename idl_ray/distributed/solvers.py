@@ -248,6 +248,12 @@ class _RaySolverMixin:
         """Convergence plot (primal/dual residuals) of a solve's ``stats.history`` (matplotlib, lazy)."""
         return plot_convergence(stats.history, path, title=f"{stats.solver} convergence")
 
+    @staticmethod
+    def _record_load(pool: WorkerPool, timings: Timings) -> None:
+        # shards load in parallel inside the actors' constructors: the slowest one is what the solve waits for
+        timings.add("load", max((i.get("load_s", 0.0) for i in pool.infos), default=0.0))
+        timings.add("gram", max((i.get("gram_s", 0.0) for i in pool.infos), default=0.0))
+
 
 @register_solver("ray_admm")
 class RayADMMSolver(_RaySolverMixin, BaseSolver):
@@ -549,12 +555,6 @@ class RayADMMSolver(_RaySolverMixin, BaseSolver):
             norm = None
             violation = 0.0
         return objective, violation, norm
-
-    @staticmethod
-    def _record_load(pool: WorkerPool, timings: Timings) -> None:
-        # shards load in parallel inside the actors' constructors: the slowest one is what the solve waits for
-        timings.add("load", max((i.get("load_s", 0.0) for i in pool.infos), default=0.0))
-        timings.add("gram", max((i.get("gram_s", 0.0) for i in pool.infos), default=0.0))
 
     def _checkpointer(self) -> Checkpointer:
         return Checkpointer(
