@@ -188,7 +188,7 @@ STRATEGIES = {"ray-admm": ("gram", "consensus"), "ray-pgd": ("gram", "data")}
 
 def check_strategy(solver: str, strategy: str, owner: str) -> None:
     """``strategy`` is one the solver has (other solvers' strategies are checked by the caller)."""
-    check_choice(strategy, "strategy", owner, ("gram", "consensus", "data"))
+    check_choice(strategy, "strategy", owner, SimJobConfig.CHOICES["strategy"])
     takes = STRATEGIES.get(solver)
     if takes is not None and strategy not in takes:
         raise bad_parameter(
