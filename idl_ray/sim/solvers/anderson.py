@@ -9,9 +9,11 @@ extrapolates::
     x_{k+1} = T(x_k) - (dX + dF) gamma
 
 Rows are independent problems, so every row has its own gamma (a batched memory x memory solve) and its
-own safeguard: a row whose accelerated residual is larger than its previous residual takes the plain
-step T(x_k) instead and forgets its history. The map is called on the accelerated rows and, for the
-rows that fall back, once more on those rows only.
+own safeguard: a row whose accelerated residual is larger than its previous residual stays at x_k and
+forgets its history, so its next extrapolation is the plain step T(x_k). That step is evaluated in the next
+batched call of the map, with the other rows: every call of ``iterate`` is one call of the map on all rows.
+(Evaluating it at once, in a second call on the rejected rows, doubled the calls: on the 64-input digits
+teacher 20-25 rejections per 25 steps, and at these sizes a call costs its fixed overhead, not its rows.)
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class AndersonAccelerator:
         gram = gram + (_REGULARISATION * trace + floor)[:, None, None] * eye
         # solve_ex: no per-call error check (torch.linalg.solve costs ms on tiny batches); a row whose
         # system failed gets gamma = 0, the plain step
-        gamma = torch.linalg.solve_ex(gram, torch.bmm(dF, f[:, :, None]))[0]
+        gamma = torch.linalg.solve_ex(gram, _row_products(dF, f)[:, :, None])[0]
         gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)
         return gx - torch.bmm(gamma.transpose(1, 2), dS)[:, 0]
 
@@ -87,10 +89,14 @@ class AndersonAccelerator:
         slot = self._stored % self.memory
         self._dF[:, slot] = df
         self._dS[:, slot] = dx + df
-        column = torch.bmm(self._dF, df[:, :, None])[:, :, 0]  # (rows, memory); empty slots are 0
+        column = _row_products(self._dF, df)  # (rows, memory); empty slots are 0
         self._gram[:, slot, :] = column
         self._gram[:, :, slot] = column
         self._stored += 1
+
+    def _history_norms(self) -> torch.Tensor:
+        """Per row, the sum of its stored ||dF_k||^2 (0: no history, the extrapolation is the plain step)."""
+        return self._gram.diagonal(dim1=1, dim2=2).sum(dim=1)
 
     def _forget(self, rows: torch.Tensor) -> None:
         """Zero the history of the rows ``rows`` (their next step is a plain one)."""
@@ -109,14 +115,18 @@ class AndersonAccelerator:
         else:
             x_next = self._extrapolate(f, gx)
             g_next = self._apply(x_next, rows)
-            bad = (g_next - x_next).norm(dim=1) > f.norm(dim=1)
+            # a row with no history took the plain step, which is never rejected
+            bad = ((g_next - x_next).norm(dim=1) > f.norm(dim=1)) & (self._history_norms() > 0)
             if bool(bad.any()):
                 self.rejected += int(bad.sum())
-                x_next = torch.where(bad[:, None], gx, x_next)
+                # the row stays at (x, T(x)) and forgets its history, so its next extrapolation is the plain
+                # step T(x), evaluated in the next batched call with the other rows
+                x_next = torch.where(bad[:, None], x, x_next)
+                g_next = torch.where(bad[:, None], gx, g_next)
                 bad_rows = torch.nonzero(bad).flatten()
-                g_next = g_next.clone()
-                g_next[bad_rows] = self._apply(gx[bad_rows], rows[bad_rows])
-                self._forget(bad_rows)  # a rejected row restarts its history
+                self._remember(x_next - x, (g_next - x_next) - f)
+                self._forget(bad_rows)
+                return x_next, g_next
         self._remember(x_next - x, (g_next - x_next) - f)
         return x_next, g_next
 
@@ -124,3 +134,10 @@ class AndersonAccelerator:
         """Keep the history of the rows ``keep`` (a bool mask) only, when the active rows shrink."""
         if self._dF is not None:
             self._dF, self._dS, self._gram = self._dF[keep], self._dS[keep], self._gram[keep]
+
+
+def _row_products(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``stack[i] @ v[i]`` for every row i (stack: rows x memory x n, v: rows x n -> rows x memory), as a
+    product and a sum: batched ``bmm`` of these thin shapes costs ~3x as much on one CPU thread (234 vs 79 us
+    at 96 x 5 x 322, torch 2.13 with MKL)."""
+    return (stack * v[:, None, :]).sum(dim=2)
