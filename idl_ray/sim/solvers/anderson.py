@@ -109,6 +109,7 @@ class AndersonAccelerator:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One accelerated step from x (with gx = T(x) known) on ``rows``; returns (x_next, T(x_next))."""
         f = gx - x
+        rejected_rows = None
         if self._stored == 0:
             x_next = gx
             g_next = self._apply(x_next, rows)
@@ -119,15 +120,14 @@ class AndersonAccelerator:
             bad = ((g_next - x_next).norm(dim=1) > f.norm(dim=1)) & (self._history_norms() > 0)
             if bool(bad.any()):
                 self.rejected += int(bad.sum())
-                # the row stays at (x, T(x)) and forgets its history, so its next extrapolation is the plain
-                # step T(x), evaluated in the next batched call with the other rows
+                # the row stays at (x, T(x)) and forgets its history (below), so its next extrapolation is the
+                # plain step T(x), evaluated in the next batched call with the other rows
                 x_next = torch.where(bad[:, None], x, x_next)
                 g_next = torch.where(bad[:, None], gx, g_next)
-                bad_rows = torch.nonzero(bad).flatten()
-                self._remember(x_next - x, (g_next - x_next) - f)
-                self._forget(bad_rows)
-                return x_next, g_next
+                rejected_rows = torch.nonzero(bad).flatten()
         self._remember(x_next - x, (g_next - x_next) - f)
+        if rejected_rows is not None:
+            self._forget(rejected_rows)
         return x_next, g_next
 
     def select(self, keep: torch.Tensor) -> None:
