@@ -265,8 +265,14 @@ def test_teacher_loaded_once_per_worker(compute, ray_cluster):
         loads = ray.get(counter.get.remote(), timeout=60)
         in_actors = [who for who in loads if who != "driver"]
         assert info.num_batches >= 20 and info.num_samples == 400  # batches do not span blocks
-        assert len(in_actors) == len(set(in_actors)) == info.actors  # once per worker, however many batches
-        assert 1 <= info.actors <= config.num_actors
+        assert len(in_actors) == len(set(in_actors))  # once per worker, however many batches
+        assert 1 <= info.actors <= config.num_actors < info.num_batches
+        if compute == "actors":
+            # info.actors counts the actors that produced batches; an actor of the pool that Ray Data started
+            # but gave no batch (seen once in CI, on a busy machine) has loaded the teacher too
+            assert info.actors <= len(in_actors) <= config.num_actors
+        else:  # a task loads it in the worker process that runs it
+            assert len(in_actors) == info.actors
         assert loads.count("driver") == 1  # the driver builds it once, to check and analyse it
     finally:
         ray.kill(counter)
