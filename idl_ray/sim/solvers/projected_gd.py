@@ -29,7 +29,7 @@ from idl_ray._validation import bad_parameter, check_choice, check_positive_floa
 from idl_ray.errors import ConfigError, ConvergenceWarning
 from idl_ray.implicit.projection import project_rows_onto_l1_ball
 from idl_ray.sim.problem import SIMProblem
-from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
+from idl_ray.sim.solvers.admm_kernels import ADMMOptions, GramFactor, prox
 from idl_ray.sim.solvers.base import BaseSolver, check_dtype, register_solver, resolve_device
 from idl_ray.sim.solvers.certificate import DualityGap, duality_gap
 from idl_ray.sim.solvers.finish import Finished, finish_rows
@@ -170,8 +170,8 @@ def fista(
     return W, info
 
 
-#: FISTA hands over no earlier than this many steps (the ADMM's ``interior_point_after`` default)
-_HAND_OVER_AFTER = 100
+#: FISTA hands over no earlier than this many steps: the ADMM's ``interior_point_after`` default (100)
+_HAND_OVER_AFTER = ADMMOptions.interior_point_after
 
 
 def hand_over_step(d: int, rank: int) -> int:
