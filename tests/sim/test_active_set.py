@@ -13,7 +13,7 @@ from sim_helpers import clarabel_row_optima, gram_form
 
 from idl_ray.sim.problem import SIMProblem
 from idl_ray.sim.solvers import ADMMSolver
-from idl_ray.sim.solvers.active_set import dual_active_set, dual_active_set_applies
+from idl_ray.sim.solvers.active_set import _plus_rows_of, dual_active_set, dual_active_set_applies
 from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.certificate import duality_gap
 from idl_ray.sim.solvers.polish_batched import polish_rows_batched
@@ -475,3 +475,27 @@ def test_a_planned_stage_that_needs_no_method_leaves_the_batch_to_the_next() -> 
     assert second.stats.extra["joint_active_set"] and second.stats.extra["active_set_rows"] > 0
     alone = ADMMSolver(device="cpu").solve(stage2)
     assert second.stats.converged and second.stats.objective == pytest.approx(alone.stats.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_product_with_the_slots_columns_matches_a_loop(sparse: bool) -> None:
+    """z = n + sum_s c_s B[column_s] per row, as a CSR product (CPU) or a dense one on a scattered buffer (GPU's
+    way, forced here): equal to a plain loop, with repeated columns summed (empty slots point at column 0 with
+    coefficient 0, next to a real entry of column 0) and the buffer left zero; no slot gives n back."""
+    generator = torch.Generator().manual_seed(3)
+    d, r = 40, 7
+    B = torch.randn(d, r, generator=generator, dtype=torch.float64)
+    base = torch.randn(4, r, generator=generator, dtype=torch.float64)
+    columns = torch.tensor([[0, 5, 0, 9], [3, 3, 12, 0], [39, 1, 2, 0], [0, 0, 0, 0]])
+    coefficients = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    coefficients[0, 2] = coefficients[3] = 0.0  # empty slots: coefficient 0 on column 0
+    buffer = torch.zeros(4, d, dtype=torch.float64)
+    got = _plus_rows_of(base, columns, coefficients, B, lambda: buffer, sparse=sparse)
+    expected = base.clone()
+    for i in range(4):
+        for s in range(4):
+            expected[i] += coefficients[i, s] * B[columns[i, s]]
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    assert not bool(buffer.any())
+    none = _plus_rows_of(base, columns[:, :0], coefficients[:, :0], B, lambda: buffer, sparse=sparse)
+    assert torch.equal(none, base) and none.data_ptr() != base.data_ptr()

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -362,18 +364,56 @@ class _Rows:
         """(rv, z, zn, k) of new normals (m x r): rv = N^+ n on the first k slots (m x k, k = :attr:`top`;
         given when known, :meth:`update`), the part z of n orthogonal to the active normals, z^T n, and k.
 
-        N^T rv = sum_k rv_k (-sign_k) f_{member_k} is formed as a (m x d)(d x r) product from the slots'
-        coefficients scattered onto their columns (cheaper than keeping N: one thin product, no m x r x r
-        array to read or update)."""
+        N^T rv = sum_k rv_k (-sign_k) f_{member_k} is the product of B with the slots' coefficients on their
+        columns (:func:`_plus_rows_of`; cheaper than keeping N: no m x r x r array to read or update)."""
         k = self.top
         if rv is None:
             rv = _times(self.Pinv[:, :k], normal)
         columns = self.member[:, :k].clamp_min(0)  # an empty slot has sign 0: it adds nothing
-        coefficients = self.scratch()
-        coefficients.scatter_add_(1, columns, self.sign[:, :k] * rv)
-        z = torch.addmm(normal, coefficients, B)  # n - N^T rv (the normals are -sign f)
-        coefficients.scatter_(1, columns, 0.0)
+        z = _plus_rows_of(
+            normal, columns, self.sign[:, :k] * rv, B, self.scratch
+        )  # n - N^T rv (normals -sign f)
         return rv, z, torch.linalg.vecdot(z, normal), k
+
+
+def _plus_rows_of(
+    base: torch.Tensor,
+    columns: torch.Tensor,
+    coefficients: torch.Tensor,
+    B: torch.Tensor,
+    scratch: Callable[[], torch.Tensor],
+    *,
+    sparse: bool | None = None,
+) -> torch.Tensor:
+    """``base[i] + sum_s coefficients[i, s] B[columns[i, s]]`` for every row i (base: m x r, columns and
+    coefficients: m x k, B: d x r); a repeated column adds up (empty slots: any column, coefficient 0).
+
+    On CPU the coefficients form a sparse m x d matrix with k entries per row (CSR), and the product reads k
+    rows of B per row: on the 28x28 digits teacher (d = 881, r = 123, k = 30-119 of the 96 rows) 150-480 us
+    against 560-700 us for the dense (m x d)(d x r) product, and 7% off a whole dual active-set solve over
+    13 stage problems, with the same steps and answers. Elsewhere (a GPU's dense products are fast) the
+    coefficients are scattered into the zero (m x d) buffer ``scratch()`` for a dense product, which is left
+    zero again. ``sparse``: force one way (None: by the device)."""
+    m, k = columns.shape
+    if k == 0:
+        return base.clone()
+    if base.device.type == "cpu" if sparse is None else sparse:
+        starts = torch.arange(0, m * k + 1, k, device=base.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.sparse_csr_tensor(
+                starts,
+                columns.reshape(-1),
+                coefficients.reshape(-1),
+                size=(m, B.shape[0]),
+                check_invariants=False,
+            )
+        return torch.addmm(base, rows, B)
+    dense = scratch()
+    dense.scatter_add_(1, columns, coefficients)
+    out = torch.addmm(base, dense, B)
+    dense.scatter_(1, columns, 0.0)
+    return out
 
 
 def _times(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
