@@ -181,17 +181,71 @@ class GramFactor:
     ``solve`` uses ``(G + rho I)^{-1} = (I - Q_r diag(s_r / (s_r + rho)) Q_r^T) / rho``: two thin products
     (4 rows d r flops instead of 2 rows d^2) and no d^3 work when rho changes. Otherwise the dense inverse
     is formed once per rho and cached.
+
+    A float64 G of dimension ``SKETCH_MIN_DIM`` or more is first sketched (:meth:`_sketched_range`): where its
+    rank is at most d / 6 the thin factor comes from d^2 k flops (k ~ d / 6) instead of the d^3 of a full
+    eigendecomposition (28x28 digits teacher, d = 881, r = 123: ~26 ms against ~130 ms on one CPU thread).
+    ``Q`` and ``eigenvalues`` then hold the range only (d x r and r), as for :meth:`column_scaled`.
     """
 
     #: eigenvalues at or below this fraction of the largest are treated as 0 by the low-rank solve
     RANK_CUT = 1e-12
+    #: a float64 G of at least this dimension is sketched for a low rank before a full eigendecomposition
+    SKETCH_MIN_DIM = 256
+    #: the sketch's columns beyond the largest rank it accepts (d / 6), and the Ritz values below the rank
+    #: cut it must find to accept (its span then holds a piece of the null space: the range is inside it)
+    SKETCH_OVERSAMPLING = 16
+    #: Gaussian probes of the sketch's residual G - Q_r diag(s_r) Q_r^T
+    SKETCH_PROBES = 8
 
     def __init__(self, G: torch.Tensor) -> None:
         if G.dim() != 2 or G.shape[0] != G.shape[1]:
             raise bad_parameter("G", "GramFactor", "a square 2-D tensor", tuple(G.shape))
         start = time.perf_counter()
-        eigenvalues, Q = torch.linalg.eigh(0.5 * (G + G.T))
+        symmetric = 0.5 * (G + G.T)
+        sketched = self._sketched_range(symmetric)
+        if sketched is None:
+            eigenvalues, Q = torch.linalg.eigh(symmetric)
+        else:
+            eigenvalues, Q = sketched
         self._adopt(Q, eigenvalues, start)
+
+    @classmethod
+    def _sketched_range(cls, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(s_r, Q_r) of a symmetric PSD G (d x d) of rank r <= d / 6, from a randomized range finder, or None
+        (then a full eigendecomposition is needed: G not float64, small, of a larger rank, or a sketch that
+        fails its checks).
+
+        Halko, Martinsson & Tropp (SIAM Review 2011), Algorithm 4.1 with a Rayleigh-Ritz step:
+        Y = G Omega for a Gaussian Omega (d x k, k = d / 6 + ``SKETCH_OVERSAMPLING``, a fixed seed), Q = orth(Y),
+        Q^T G Q = V diag(s) V^T, and ``G ~= (Q V) diag(s) (Q V)^T``. Where rank(G) <= k - p the sketch spans
+        range(G) up to rounding (failure probability ~ p^-p), and the Ritz pairs above the rank cut are G's
+        own eigenpairs there. Accepted only when (1) at least ``SKETCH_OVERSAMPLING`` Ritz values fall at or
+        below the rank cut (the span reached past the range) and (2) the residual G - Q_r diag(s_r) Q_r^T on
+        ``SKETCH_PROBES`` fresh Gaussian vectors p is at most the rank cut times the largest eigenvalue
+        (||E p|| ~ ||E||_F: a dropped eigenvalue above the cut fails it with probability ~1 - 1e-9): the full
+        eigendecomposition would then keep the same directions, up to rounding."""
+        d = G.shape[0]
+        k = d // 6 + cls.SKETCH_OVERSAMPLING
+        if G.dtype != torch.float64 or d < cls.SKETCH_MIN_DIM or k >= d // 3:
+            return None
+        generator = torch.Generator(device=G.device).manual_seed(0)
+        omega = torch.randn(d, k + cls.SKETCH_PROBES, generator=generator, dtype=G.dtype, device=G.device)
+        products = G @ omega  # the sketch's and the probes' in one pass over G
+        Q = torch.linalg.qr(products[:, :k]).Q
+        projected = Q.T @ (G @ Q)
+        s, V = torch.linalg.eigh(0.5 * (projected + projected.T))
+        s = s.clamp_min(0)
+        largest = float(s.max()) if s.numel() else 0.0
+        kept = s > cls.RANK_CUT * largest
+        if largest == 0.0 or k - int(kept.sum()) < cls.SKETCH_OVERSAMPLING:
+            return None
+        basis, values = Q @ V[:, kept], s[kept]
+        probes = omega[:, k:]
+        residual = products[:, k:] - basis @ (values[:, None] * (basis.T @ probes))
+        if float(residual.norm(dim=0).max()) > cls.RANK_CUT * largest:
+            return None
+        return values, basis
 
     def _adopt(self, Q: torch.Tensor, eigenvalues: torch.Tensor, start: float) -> None:
         """Hold eigenvectors Q (d x k: all d, or a thin range basis) and their eigenvalues (k,): the kept ones
@@ -253,7 +307,12 @@ class GramFactor:
     def inverse(self, rho: float) -> torch.Tensor:
         """(G + rho I)^{-1}, shape (d, d)."""
         if self._cached_rho != rho or self._cached_inverse is None:
-            self._cached_inverse = (self.Q / (self.eigenvalues + rho)) @ self.Q.T
+            if self._low_rank:  # Q may hold the range only
+                self._cached_inverse = self.solve(
+                    torch.eye(self.dim, dtype=self.Q.dtype, device=self.Q.device), rho
+                )
+            else:
+                self._cached_inverse = (self.Q / (self.eigenvalues + rho)) @ self.Q.T
             self._cached_rho = rho
         return self._cached_inverse
 
