@@ -75,3 +75,36 @@ def test_the_sketch_is_deterministic() -> None:
     G = low_rank_gram(300, 30)
     first, second = GramFactor(G), GramFactor(G)
     assert torch.equal(first.Q, second.Q) and torch.equal(first.eigenvalues, second.eigenvalues)
+
+
+def test_an_admm_solve_on_the_sketched_factor_equals_one_on_the_eigendecomposition(monkeypatch) -> None:
+    """A bounded lasso stage on a rank-30 Gram of d = 300 (the dual active set runs on the factor's range):
+    the same certified objective, within the certificate's tolerance, whichever way G was factored."""
+    from idl_ray.sim.problem import SIMProblem
+    from idl_ray.sim.solvers import ADMMSolver
+
+    generator = torch.Generator().manual_seed(5)
+    # 6 bounded columns of their own, 294 of rank 24: rank 30; the first three targets need the bounded
+    # columns beyond kappa (the bound is active there), the others do not
+    features = torch.cat(
+        [
+            torch.randn(600, 6, generator=generator, dtype=torch.float64),
+            torch.randn(600, 24, generator=generator, dtype=torch.float64)
+            @ torch.randn(24, 294, generator=generator, dtype=torch.float64),
+        ],
+        dim=1,
+    )
+    targets = features @ torch.randn(300, 6, generator=generator, dtype=torch.float64) * 0.05
+    targets[:, :3] += 2 * features[:, :3]
+    problem = SIMProblem.from_samples(features, targets, n_constrained=6, lam=1e-3, kappa=0.5)
+    assert tuple(GramFactor(problem.scaled()[0]).Q.shape) == (300, 30)  # the sketch serves this G
+    sketched = ADMMSolver(device="cpu").solve(problem)
+    assert sketched.stats.extra["rank"] == 30 and sketched.stats.extra["active_set_rows"] > 0
+    monkeypatch.setattr(GramFactor, "_sketched_range", classmethod(lambda cls, G: None))
+    full = ADMMSolver(device="cpu").solve(problem)
+    assert sketched.stats.converged and full.stats.converged
+    for result in (sketched, full):
+        bounded = result.weights[:, :6].abs().sum(dim=1)
+        assert float(bounded.max()) <= 0.5 + 1e-12 and bool((bounded[:3] > 0.5 - 1e-9).all())
+    objective = full.stats.objective
+    assert abs(sketched.stats.objective - objective) <= 2e-7 * abs(objective)
