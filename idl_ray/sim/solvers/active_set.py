@@ -60,6 +60,7 @@ along a path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -397,23 +398,35 @@ def _plus_rows_of(
     m, k = columns.shape
     if k == 0:
         return base.clone()
-    if base.device.type == "cpu" if sparse is None else sparse:
+    if sparse is None:
+        sparse = base.device.type == "cpu"
+    if sparse:
+        _silence_the_csr_beta_warning()
         starts = torch.arange(0, m * k + 1, k, device=base.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
-            warnings.simplefilter("ignore", UserWarning)
-            rows = torch.sparse_csr_tensor(
-                starts,
-                columns.reshape(-1),
-                coefficients.reshape(-1),
-                size=(m, B.shape[0]),
-                check_invariants=False,
-            )
+        rows = torch.sparse_csr_tensor(
+            starts,
+            columns.reshape(-1),
+            coefficients.reshape(-1),
+            size=(m, B.shape[0]),
+            check_invariants=False,
+        )
         return torch.addmm(base, rows, B)
     dense = scratch()
     dense.scatter_add_(1, columns, coefficients)
     out = torch.addmm(base, dense, B)
     dense.scatter_(1, columns, 0.0)
     return out
+
+
+@functools.cache
+def _silence_the_csr_beta_warning() -> None:
+    """torch warns once per process that sparse CSR tensors are in beta (the product used here is not): that
+    one warning is spent here, on a 1 x 1 tensor, instead of a global warnings filter around every step."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(
+            torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0.0]), size=(1, 1), check_invariants=False
+        )
 
 
 def _times(P: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,7 @@ class GramFactor:
         projected = Q.T @ (G @ Q)
         s, V = torch.linalg.eigh(0.5 * (projected + projected.T))
         s = s.clamp_min(0)
-        largest = float(s.max()) if s.numel() else 0.0
+        largest = float(s.max())  # k >= 1 Ritz values
         kept = s > cls.RANK_CUT * largest
         if largest == 0.0 or k - int(kept.sum()) < cls.SKETCH_OVERSAMPLING:
             return None
