@@ -16,7 +16,7 @@ from idl_ray.sim.solvers import ADMMSolver
 from idl_ray.sim.solvers.active_set import _plus_rows_of, dual_active_set, dual_active_set_applies
 from idl_ray.sim.solvers.admm_kernels import GramFactor, prox
 from idl_ray.sim.solvers.certificate import duality_gap
-from idl_ray.sim.solvers.polish_batched import polish_rows_batched
+from idl_ray.sim.solvers.polish import polish_rows
 
 N, P, M = 5, 40, 80
 
@@ -44,7 +44,7 @@ def clarabel(features, targets, thresholds: np.ndarray, kappa: float | None) -> 
 
 def polished_objectives(H, R, c, result, lam: float) -> torch.Tensor:
     """Every row finished, polished on its support (unbounded): the rows' objectives."""
-    W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
+    W, ok = polish_rows(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
     assert bool(result.finished.all()) and bool(ok.all())
     return duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0).primal
 
@@ -61,7 +61,7 @@ def test_reaches_clarabel_at_a_vertex(lam: float) -> None:
     assert bool(result.finished.all())
     assert result.steps > 0
     assert int((result.weights != 0).sum(1).max()) <= factor.rank
-    W, ok = polish_rows_batched(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
+    W, ok = polish_rows(H, R, result.weights, lam=lam, kappa=None, n_constrained=0)
     assert bool(ok.all())
     gaps = duality_gap(W, H, R, c, lam=lam, kappa=None, n_constrained=0)
     assert bool(gaps.certified(1e-9).all())
@@ -86,7 +86,7 @@ def test_follows_the_bound_to_clarabel(kappa: float) -> None:
     assert int((result.weights != 0).sum(1).max()) <= factor.rank
     l1 = result.weights[:, :N].abs().sum(1)
     assert float(l1.max()) <= kappa * (1 + 1e-8)
-    W, ok = polish_rows_batched(H, R, result.weights, lam=1e-4, kappa=kappa, n_constrained=N)
+    W, ok = polish_rows(H, R, result.weights, lam=1e-4, kappa=kappa, n_constrained=N)
     assert bool(ok.all())
     W = prox(W, 0.0, kappa, N)  # exact bound after rounding
     gaps = duality_gap(W, H, R, c, lam=1e-4, kappa=kappa, n_constrained=N)
@@ -134,7 +134,7 @@ def test_per_entry_thresholds_hold_infinite_entries_at_zero(monkeypatch, recompu
     result = dual_active_set(GramFactor(H), R, lam=thresholds)
     assert bool(result.finished.all())
     assert bool((result.weights[torch.isinf(thresholds)] == 0).all())
-    W, ok = polish_rows_batched(H, R, result.weights, lam=thresholds, kappa=None, n_constrained=0)
+    W, ok = polish_rows(H, R, result.weights, lam=thresholds, kappa=None, n_constrained=0)
     assert bool(ok.all())
     ours = duality_gap(W, H, R, c, lam=thresholds, kappa=None, n_constrained=0).primal.numpy()
     np.testing.assert_allclose(ours, clarabel(features, targets, thresholds.numpy(), None), rtol=1e-7)
@@ -353,7 +353,7 @@ def test_a_joint_batch_gives_each_stage_its_own_answer() -> None:
         nc = N if bound is not None else 0
         objectives = []
         for result in (joint, alone):
-            W, ok = polish_rows_batched(H_, R_, result.weights, lam=lam, kappa=bound, n_constrained=nc)
+            W, ok = polish_rows(H_, R_, result.weights, lam=lam, kappa=bound, n_constrained=nc)
             assert bool(ok.all())
             if bound is not None:
                 W = prox(W, 0.0, bound, N)
@@ -446,7 +446,7 @@ def test_a_joint_batch_solves_only_the_rows_asked_for() -> None:
     )
     objectives = []
     for result in (full2, part2):
-        W, ok = polish_rows_batched(H, R2[some], result.weights[some], lam=3e-4, kappa=None, n_constrained=0)
+        W, ok = polish_rows(H, R2[some], result.weights[some], lam=3e-4, kappa=None, n_constrained=0)
         assert bool(ok.all())
         objectives.append(duality_gap(W, H, R2[some], c2[some], lam=3e-4, kappa=None, n_constrained=0).primal)
     torch.testing.assert_close(objectives[0], objectives[1], rtol=1e-9, atol=1e-14)
