@@ -181,8 +181,9 @@ def _solve_on_supports(
     """(w_S (rows x k_max, 0 on padding), nu (rows,)) from the padded KKT systems, with
     a relative ridge of 1e-12 and two steps of iterative refinement against the unregularised system.
 
-    One matrix per row is formed and factored: H_SS gathered by rows then columns (two cheap gathers; 2-D
-    advanced indexing costs ~2x), padding decoupled (zero rows and columns, 1 on the diagonal), the ridge on
+    One matrix per row is formed and factored: H_SS read from the flattened H at the flat indices k d + l (one
+    index_select writing only rows x k_max^2 entries: gathering k_max full rows of H first wrote rows x k_max x d,
+    70 ms against 4 ms per pass at 96 x 120 of d = 881; 2-D advanced indexing costs ~2x), padding decoupled (zero rows and columns, 1 on the diagonal), the ridge on
     the diagonal; the refinement's residual takes the unregularised system as that matrix minus its diagonal
     ``correction`` (no second matrix)."""
     r, kmax = order.shape
@@ -192,8 +193,8 @@ def _solve_on_supports(
     d = H.shape[0]
     size = kmax + (1 if a is not None else 0)
     real = valid.to(dtype)
-    block = H.index_select(0, order.reshape(-1)).view(r, kmax, d)
-    block = block.gather(2, order[:, None, :].expand(r, kmax, kmax))
+    flat = (order[:, :, None] * d + order[:, None, :]).reshape(-1)
+    block = H.reshape(-1).index_select(0, flat).view(r, kmax, kmax)
     block.mul_(real[:, :, None]).mul_(real[:, None, :])
     ridge = 1e-12 * (torch.diagonal(block, dim1=1, dim2=2).abs() * real).amax(dim=1)
     ridge = ridge.clamp_min(torch.finfo(dtype).tiny)
