@@ -15,7 +15,15 @@ from idl_ray.sim.solvers import ADMMSolver
 from idl_ray.sim.solvers.polish import _MAX_ADDED as MAX_ADDED
 from idl_ray.sim.solvers.polish import _MAX_PASSES as MAX_PASSES
 from idl_ray.sim.solvers.polish import polish_rows
-from idl_ray.sim.solvers.weights import Threshold, threshold_scale
+from idl_ray.sim.solvers.weights import Threshold
+
+
+def threshold_scale(lam: Threshold) -> float:
+    """The largest finite threshold (a scale for tolerances); 0 when there is none."""
+    if not isinstance(lam, torch.Tensor):
+        return float(lam)
+    finite = lam[torch.isfinite(lam)]
+    return float(finite.max()) if finite.numel() else 0.0
 
 
 def solve_on_support(

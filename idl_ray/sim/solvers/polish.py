@@ -178,14 +178,14 @@ def _solve_on_supports(
     bordered: torch.Tensor,
     kappa: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_S (rows x k_max, 0 on padding), nu (rows,)) from the padded KKT systems, with
-    a relative ridge of 1e-12 and two steps of iterative refinement against the unregularised system.
+    """(w_S (rows x k_max, 0 on padding), nu (rows,)) from the padded KKT systems, with a relative ridge of
+    1e-12 and two steps of iterative refinement against the unregularised system.
 
     One matrix per row is formed and factored: H_SS read from the flattened H at the flat indices k d + l (one
-    index_select writing only rows x k_max^2 entries: gathering k_max full rows of H first wrote rows x k_max x d,
-    70 ms against 4 ms per pass at 96 x 120 of d = 881; 2-D advanced indexing costs ~2x), padding decoupled (zero rows and columns, 1 on the diagonal), the ridge on
-    the diagonal; the refinement's residual takes the unregularised system as that matrix minus its diagonal
-    ``correction`` (no second matrix)."""
+    index_select writing rows x k_max^2 entries; reading k_max full rows of H first wrote rows x k_max x d: 70 ms
+    against 4 ms per pass at 96 x 120 of d = 881; 2-D advanced indexing costs ~2x), padding decoupled (zero rows
+    and columns, 1 on the diagonal), the ridge on the diagonal; the refinement's residual takes the
+    unregularised system as that matrix minus its diagonal ``correction`` (no second matrix)."""
     r, kmax = order.shape
     dtype, device = H.dtype, H.device
     if kmax == 0:

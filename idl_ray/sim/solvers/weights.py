@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Threshold", "effective_thresholds", "l1_term", "take_rows", "threshold_scale"]
+__all__ = ["Threshold", "effective_thresholds", "l1_term", "take_rows"]
 
 #: one lam for all entries, or per-entry thresholds (rows x d, inf = entry held at 0)
 Threshold = float | torch.Tensor
@@ -37,11 +37,3 @@ def l1_term(W: torch.Tensor, lam: Threshold) -> torch.Tensor:
         return lam * W.abs().sum(dim=1)
     t = lam.to(device=W.device, dtype=W.dtype)
     return torch.where(W == 0, torch.zeros_like(W), t * W.abs()).sum(dim=1)
-
-
-def threshold_scale(lam: Threshold) -> float:
-    """The largest finite threshold (a scale for tolerances); 0 when there is none."""
-    if not isinstance(lam, torch.Tensor):
-        return float(lam)
-    finite = lam[torch.isfinite(lam)]
-    return float(finite.max()) if finite.numel() else 0.0
